@@ -1,0 +1,258 @@
+package pop3
+
+import (
+	"math"
+	"strconv"
+	"strings"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddytls"
+)
+
+// Bounds of the integer options, checked when the Caddyfile is adapted.
+const (
+	minMaxLineLength = 512
+	maxMaxLineLength = 1 << 20
+)
+
+// UnmarshalCaddyfile sets up the Handler from Caddyfile tokens. Syntax:
+//
+//	pop3 [<upstreams...>] {
+//		# multiple upstream options are supported
+//		upstream <address>
+//
+//		auth <plain|apop|cram-md5|external...>
+//		capabilities <extensions...>
+//		starttls <off|on|only>
+//
+//		# multiple connection_policy options are supported
+//		connection_policy {
+//			...
+//		}
+//
+//		greeting <text>
+//		timeout <duration>
+//		proxy_timeout <duration>
+//		pass_error_message <on|off>
+//		max_errors <int>
+//		max_line_length <bytes>
+//	}
+//
+// Each capabilities argument is one CAPA line; quote it when it holds a
+// space, e.g. "EXPIRE 30". connection_policy takes the same options as the
+// tls handler's connection_policy.
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	_, wrapper := d.Next(), d.Val() // consume wrapper name
+
+	// Treat all same-line options as upstream addresses
+	for d.NextArg() {
+		if err := h.addUpstream(d, wrapper, "upstream"); err != nil {
+			return err
+		}
+	}
+
+	var (
+		hasAuth, hasCapabilities, hasStartTLS, hasGreeting bool
+		hasTimeout, hasProxyTimeout, hasPassErrorMessage   bool
+		hasMaxErrors, hasMaxLineLength                     bool
+	)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		optionName := d.Val()
+		switch optionName {
+		case "upstream":
+			if d.CountRemainingArgs() != 1 {
+				return d.ArgErr()
+			}
+			d.NextArg() // consume option value
+			if err := h.addUpstream(d, wrapper, optionName); err != nil {
+				return err
+			}
+		case "auth":
+			if hasAuth {
+				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
+			}
+			if d.CountRemainingArgs() == 0 {
+				return d.ArgErr()
+			}
+			for d.NextArg() {
+				method := strings.ToLower(d.Val())
+				if !isKnownAuthMethod(method) {
+					return d.Errf("parsing %s option '%s': unknown method '%s' (want %s)",
+						wrapper, optionName, d.Val(), strings.Join(knownAuthMethods, ", "))
+				}
+				for _, m := range h.Auth {
+					if m == method {
+						return d.Errf("parsing %s option '%s': method '%s' listed twice", wrapper, optionName, method)
+					}
+				}
+				h.Auth = append(h.Auth, method)
+			}
+			hasAuth = true
+		case "capabilities":
+			if hasCapabilities {
+				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
+			}
+			if d.CountRemainingArgs() == 0 {
+				return d.ArgErr()
+			}
+			for d.NextArg() {
+				if strings.TrimSpace(d.Val()) == "" || strings.ContainsAny(d.Val(), "\r\n\x00") {
+					return d.Errf("parsing %s option '%s': invalid extension %q", wrapper, optionName, d.Val())
+				}
+				h.Capabilities = append(h.Capabilities, d.Val())
+			}
+			hasCapabilities = true
+		case "starttls":
+			if hasStartTLS {
+				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
+			}
+			if d.CountRemainingArgs() != 1 {
+				return d.ArgErr()
+			}
+			d.NextArg() // consume option value
+			switch d.Val() {
+			case StartTLSOff, StartTLSOn, StartTLSOnly:
+			default:
+				return d.Errf("parsing %s option '%s': unknown policy '%s' (want %s, %s or %s)",
+					wrapper, optionName, d.Val(), StartTLSOff, StartTLSOn, StartTLSOnly)
+			}
+			h.StartTLS, hasStartTLS = d.Val(), true
+		case "connection_policy":
+			cp := new(caddytls.ConnectionPolicy)
+			if err := cp.UnmarshalCaddyfile(d.NewFromNextSegment()); err != nil {
+				return err
+			}
+			h.ConnectionPolicy = append(h.ConnectionPolicy, cp)
+		case "greeting":
+			if hasGreeting {
+				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
+			}
+			if d.CountRemainingArgs() != 1 {
+				return d.ArgErr()
+			}
+			d.NextArg() // consume option value
+			if d.Val() == "" {
+				return d.Errf("parsing %s option '%s': text must not be empty", wrapper, optionName)
+			}
+			if strings.ContainsAny(d.Val(), "\r\n\x00") {
+				return d.Errf("parsing %s option '%s': text must be a single line", wrapper, optionName)
+			}
+			h.Greeting, hasGreeting = d.Val(), true
+		case "timeout":
+			if hasTimeout {
+				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
+			}
+			dur, err := parsePositiveDuration(d, wrapper, optionName)
+			if err != nil {
+				return err
+			}
+			h.Timeout, hasTimeout = dur, true
+		case "proxy_timeout":
+			if hasProxyTimeout {
+				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
+			}
+			dur, err := parsePositiveDuration(d, wrapper, optionName)
+			if err != nil {
+				return err
+			}
+			h.ProxyTimeout, hasProxyTimeout = dur, true
+		case "pass_error_message":
+			if hasPassErrorMessage {
+				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
+			}
+			if d.CountRemainingArgs() != 1 {
+				return d.ArgErr()
+			}
+			d.NextArg() // consume option value
+			switch d.Val() {
+			case "on":
+				h.PassErrorMessage = true
+			case "off":
+				h.PassErrorMessage = false
+			default:
+				return d.Errf("parsing %s option '%s': unknown value '%s' (want on or off)", wrapper, optionName, d.Val())
+			}
+			hasPassErrorMessage = true
+		case "max_errors":
+			if hasMaxErrors {
+				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
+			}
+			val, err := parseIntInRange(d, wrapper, optionName, 1, math.MaxInt32)
+			if err != nil {
+				return err
+			}
+			h.MaxErrors, hasMaxErrors = val, true
+		case "max_line_length":
+			if hasMaxLineLength {
+				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
+			}
+			val, err := parseIntInRange(d, wrapper, optionName, minMaxLineLength, maxMaxLineLength)
+			if err != nil {
+				return err
+			}
+			h.MaxLineLength, hasMaxLineLength = val, true
+		default:
+			return d.Errf("unrecognized %s option '%s'", wrapper, optionName)
+		}
+
+		// No nested blocks are supported (connection_policy consumed its own)
+		if d.NextBlock(nesting + 1) {
+			return d.Errf("malformed %s option '%s': blocks are not supported", wrapper, optionName)
+		}
+	}
+
+	if len(h.Upstream) == 0 {
+		d.Reset() // point the error at the handler's own line
+		d.Next()
+		return d.Errf("%s: at least one upstream is required", wrapper)
+	}
+	return nil
+}
+
+// addUpstream appends the current token as an upstream address. The address
+// is kept as given; Provision normalises it to host:port.
+func (h *Handler) addUpstream(d *caddyfile.Dispenser, wrapper, optionName string) error {
+	if strings.TrimSpace(d.Val()) == "" {
+		return d.Errf("parsing %s option '%s': address must not be empty", wrapper, optionName)
+	}
+	h.Upstream = append(h.Upstream, &Upstream{Address: d.Val()})
+	return nil
+}
+
+// parsePositiveDuration reads the option's single argument as a duration
+// greater than zero (zero would silently mean the default).
+func parsePositiveDuration(d *caddyfile.Dispenser, wrapper, optionName string) (caddy.Duration, error) {
+	if d.CountRemainingArgs() != 1 {
+		return 0, d.ArgErr()
+	}
+	d.NextArg() // consume option value
+	dur, err := caddy.ParseDuration(d.Val())
+	if err != nil {
+		return 0, d.Errf("parsing %s option '%s' duration: %v", wrapper, optionName, err)
+	}
+	if dur <= 0 {
+		return 0, d.Errf("parsing %s option '%s' duration: must be greater than zero, got '%s'", wrapper, optionName, d.Val())
+	}
+	return caddy.Duration(dur), nil
+}
+
+// parseIntInRange reads the option's single argument as a decimal integer
+// between lo and hi inclusive.
+func parseIntInRange(d *caddyfile.Dispenser, wrapper, optionName string, lo, hi int) (int, error) {
+	if d.CountRemainingArgs() != 1 {
+		return 0, d.ArgErr()
+	}
+	d.NextArg() // consume option value
+	val, err := strconv.Atoi(d.Val())
+	if err != nil {
+		return 0, d.Errf("parsing %s option '%s': %v", wrapper, optionName, err)
+	}
+	if val < lo || val > hi {
+		if hi == math.MaxInt32 {
+			return 0, d.Errf("parsing %s option '%s': must be at least %d, got %d", wrapper, optionName, lo, val)
+		}
+		return 0, d.Errf("parsing %s option '%s': must be between %d and %d, got %d", wrapper, optionName, lo, hi, val)
+	}
+	return val, nil
+}

@@ -1,0 +1,74 @@
+package pop3
+
+import (
+	"slices"
+	"strings"
+	"testing"
+)
+
+func TestCapabilities(t *testing.T) {
+	tests := []struct {
+		name     string
+		mod      func(*Handler)
+		secure   bool
+		want     []string
+		wantAuth []string
+	}{
+		{"starttls only before TLS", func(h *Handler) { h.StartTLS = StartTLSOnly }, false,
+			[]string{"TOP", "UIDL", "STLS", "RESP-CODES", "AUTH-RESP-CODE"}, nil},
+		{"starttls only after TLS", func(h *Handler) { h.StartTLS = StartTLSOnly }, true,
+			[]string{"TOP", "USER", "UIDL", "SASL PLAIN LOGIN", "RESP-CODES", "AUTH-RESP-CODE"}, []string{"PLAIN", "LOGIN"}},
+		{"starttls on", func(h *Handler) { h.StartTLS = StartTLSOn }, false,
+			[]string{"TOP", "USER", "UIDL", "SASL PLAIN LOGIN", "STLS", "RESP-CODES", "AUTH-RESP-CODE"}, []string{"PLAIN", "LOGIN"}},
+		{"starttls off", nil, false,
+			[]string{"TOP", "USER", "UIDL", "SASL PLAIN LOGIN", "RESP-CODES", "AUTH-RESP-CODE"}, []string{"PLAIN", "LOGIN"}},
+		{"configured capabilities", func(h *Handler) { h.Capabilities = []string{"TOP", "EXPIRE 30", "PIPELINING"} }, false,
+			[]string{"TOP", "EXPIRE 30", "PIPELINING", "SASL PLAIN LOGIN", "RESP-CODES", "AUTH-RESP-CODE"}, []string{"PLAIN", "LOGIN"}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, addr := fakeUpstream(t, nil)
+			h, logs := newTestHandler(t, addr, tc.mod)
+			ts := startSession(t, h, logs, false)
+			if tc.secure {
+				ts.startTLS()
+			}
+			ts.send("CAPA")
+			ts.expect("+OK")
+			if got := ts.multiline(); !slices.Equal(got, tc.want) {
+				t.Errorf("CAPA = %q, want %q", got, tc.want)
+			}
+			ts.send("AUTH")
+			ts.expect("+OK")
+			if got := ts.multiline(); !slices.Equal(got, tc.wantAuth) {
+				t.Errorf("AUTH = %q, want %q", got, tc.wantAuth)
+			}
+		})
+	}
+}
+
+func TestGreetingAndCaseInsensitivity(t *testing.T) {
+	_, addr := fakeUpstream(t, nil)
+	h, logs := newTestHandler(t, addr, nil)
+	ts := startSession(t, h, logs, false)
+	ts.send("capa")
+	ts.expect("+OK Capability")
+	if got := ts.multiline(); !slices.Contains(got, "USER") {
+		t.Errorf("lower-case capa: %q", got)
+	}
+	ts.send("NoOp")
+	ts.expect("+OK")
+	ts.send("quit")
+	ts.expect("+OK")
+	ts.closed()
+}
+
+func TestAPOPGreetingTimestamp(t *testing.T) {
+	ts := newAPOPTimestamp()
+	if !strings.HasPrefix(ts, "<") || !strings.HasSuffix(ts, ">") || !strings.Contains(ts, "@") {
+		t.Errorf("timestamp %q is not an RFC 1939 msg-id", ts)
+	}
+	if ts == newAPOPTimestamp() {
+		t.Error("two timestamps are equal")
+	}
+}

@@ -1,0 +1,287 @@
+// Package pop3 is a caddy-l4 handler that proxies POP3: it speaks the
+// greeting, CAPA, STLS and login with the client, logs in to an upstream
+// POP3 server with the client's credentials and then relays bytes both ways.
+package pop3
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddytls"
+	"github.com/mholt/caddy-l4/layer4"
+	"go.uber.org/zap"
+)
+
+func init() {
+	caddy.RegisterModule(&Handler{})
+}
+
+// Defaults of the handler's options.
+const (
+	defaultGreeting       = "POP3 ready"
+	defaultTimeout        = 60 * time.Second
+	defaultProxyTimeout   = 10 * time.Minute
+	defaultMaxErrors      = 5
+	defaultDialTimeout    = 10 * time.Second
+	defaultMaxLineLength  = 16 * 1024
+	defaultStartTLSPolicy = StartTLSOnly
+)
+
+// StartTLS policies: whether STLS is offered and whether login needs TLS.
+const (
+	StartTLSOff  = "off"  // no STLS; login in plaintext unless the route's tls handler ran first
+	StartTLSOn   = "on"   // STLS offered; login allowed with or without it
+	StartTLSOnly = "only" // STLS offered; login refused until the connection is TLS
+)
+
+// Authentication methods a client may be allowed to use (the `auth` option).
+const (
+	AuthPlain    = "plain"    // USER/PASS, AUTH PLAIN and AUTH LOGIN
+	AuthAPOP     = "apop"     // APOP (RFC 1939)
+	AuthCRAMMD5  = "cram-md5" // AUTH CRAM-MD5 (RFC 2195)
+	AuthExternal = "external" // AUTH EXTERNAL with a TLS client certificate (RFC 4422)
+)
+
+var knownAuthMethods = []string{AuthPlain, AuthAPOP, AuthCRAMMD5, AuthExternal}
+
+// Handler is a POP3 proxy for the layer4 app: module `layer4.handlers.pop3`.
+// It is terminal: it never calls the next handler in the route.
+type Handler struct {
+	// Upstream POP3 servers. This version logs in to the first one.
+	Upstream []*Upstream `json:"upstream,omitempty"`
+	// Authentication methods the client may use: plain, apop, cram-md5,
+	// external. Default: plain.
+	Auth []string `json:"auth,omitempty"`
+	// Extensions listed by CAPA besides those the proxy adds itself
+	// (SASL, STLS, RESP-CODES, AUTH-RESP-CODE). USER is listed only while
+	// plain login is allowed. Default: TOP USER UIDL.
+	Capabilities []string `json:"capabilities,omitempty"`
+	// STLS policy: off, on or only. Default: only (login needs TLS).
+	StartTLS string `json:"starttls,omitempty"`
+	// TLS connection policies for STLS, with the same options as caddy-l4's
+	// tls handler. Certificates come from Caddy's tls app. Default: one
+	// policy with ALPN pop3.
+	ConnectionPolicy caddytls.ConnectionPolicies `json:"connection_policy,omitempty"`
+	// Text of the +OK greeting. Default: "POP3 ready".
+	Greeting string `json:"greeting,omitempty"`
+	// How long a client may stay silent before it has logged in; also
+	// bounds the STLS handshake and the upstream login. Default: 60s.
+	Timeout caddy.Duration `json:"timeout,omitempty"`
+	// How long a logged-in session may stay silent in both directions
+	// before it is closed. Default: 10m.
+	ProxyTimeout caddy.Duration `json:"proxy_timeout,omitempty"`
+	// Whether the client sees the upstream's -ERR text after a failed
+	// login. Off gives a generic "[AUTH] Authentication failed". Default: false.
+	PassErrorMessage bool `json:"pass_error_message,omitempty"`
+	// Protocol errors (unknown or refused commands, failed logins) before
+	// the session is closed. Default: 5.
+	MaxErrors int `json:"max_errors,omitempty"`
+	// Longest command line, SASL response included, in bytes. Default: 16384.
+	MaxLineLength int `json:"max_line_length,omitempty"`
+
+	ctx       caddy.Context // Handle gets no context; l4tls and l4proxy keep it the same way
+	logger    *zap.Logger
+	tlsOn     bool        // STLS may be offered: starttls is not off
+	tlsConfig *tls.Config // built once so that session tickets work across connections
+
+	authenticator authenticator
+	dialer        upstreamDialer
+}
+
+// Upstream is one upstream POP3 server.
+type Upstream struct {
+	// Network address of the server, host:port. Default port: 110.
+	Address string `json:"address"`
+}
+
+// CaddyModule returns the Caddy module information.
+func (*Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "layer4.handlers.pop3",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Provision sets defaults and prepares TLS for STLS.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	h.ctx, h.logger = ctx, ctx.Logger()
+	if err := h.setup(); err != nil {
+		return err
+	}
+	if h.tlsOn {
+		if len(h.ConnectionPolicy) == 0 {
+			// Caddy's default ALPN is h2,http/1.1, which fails the handshake
+			// of a client that offers only pop3.
+			h.ConnectionPolicy = caddytls.ConnectionPolicies{{ALPN: []string{"pop3"}}}
+		}
+		for _, p := range h.ConnectionPolicy {
+			if p != nil && len(p.ALPN) == 0 {
+				p.ALPN = []string{"pop3"}
+			}
+		}
+		if err := h.ConnectionPolicy.Provision(ctx); err != nil {
+			return fmt.Errorf("connection_policy: %w", err)
+		}
+		h.tlsConfig = h.ConnectionPolicy.TLSConfig(ctx)
+	}
+	if h.StartTLS != StartTLSOnly && h.hasAuth(AuthPlain) {
+		h.logger.Warn("plaintext login allowed: passwords may cross the network unencrypted unless the route terminates TLS first",
+			zap.String("starttls", h.StartTLS))
+	}
+
+	return nil
+}
+
+// setup applies defaults, validates and builds the login pipeline: all of
+// Provision that needs no caddy.Context.
+func (h *Handler) setup() error {
+	if h.Greeting == "" {
+		h.Greeting = defaultGreeting
+	}
+	if h.Timeout == 0 {
+		h.Timeout = caddy.Duration(defaultTimeout)
+	}
+	if h.ProxyTimeout == 0 {
+		h.ProxyTimeout = caddy.Duration(defaultProxyTimeout)
+	}
+	if h.MaxErrors == 0 {
+		h.MaxErrors = defaultMaxErrors
+	}
+	if h.MaxLineLength == 0 {
+		h.MaxLineLength = defaultMaxLineLength
+	}
+	if h.StartTLS == "" {
+		h.StartTLS = defaultStartTLSPolicy
+	}
+	if len(h.Auth) == 0 {
+		h.Auth = []string{AuthPlain}
+	}
+	if h.Capabilities == nil {
+		h.Capabilities = []string{"TOP", "USER", "UIDL"}
+	}
+	for i, m := range h.Auth {
+		h.Auth[i] = strings.ToLower(m)
+	}
+	for i, u := range h.Upstream {
+		if u == nil {
+			return fmt.Errorf("upstream %d: missing", i)
+		}
+		addr, err := normalizeUpstreamAddress(u.Address)
+		if err != nil {
+			return fmt.Errorf("upstream %d: %w", i, err)
+		}
+		u.Address = addr
+	}
+	if err := h.Validate(); err != nil {
+		return err
+	}
+
+	h.tlsOn = h.StartTLS != StartTLSOff
+	h.dialer = &tcpDialer{timeout: defaultDialTimeout}
+	h.authenticator = passThrough{upstream: h.Upstream[0].Address}
+	return nil
+}
+
+// Validate checks the configuration; it holds no secrets in its errors.
+func (h *Handler) Validate() error {
+	if len(h.Upstream) == 0 {
+		return errors.New("upstream: at least one upstream is required")
+	}
+	for i, u := range h.Upstream {
+		if u == nil || u.Address == "" {
+			return fmt.Errorf("upstream %d: address missing", i)
+		}
+	}
+	switch h.StartTLS {
+	case "", StartTLSOff, StartTLSOn, StartTLSOnly:
+	default:
+		return fmt.Errorf("starttls: unknown policy %q (want off, on or only)", h.StartTLS)
+	}
+	seen := map[string]bool{}
+	for _, m := range h.Auth {
+		m = strings.ToLower(m)
+		if !isKnownAuthMethod(m) {
+			return fmt.Errorf("auth: unknown method %q (want %s)", m, strings.Join(knownAuthMethods, ", "))
+		}
+		if seen[m] {
+			return fmt.Errorf("auth: method %q listed twice", m)
+		}
+		seen[m] = true
+		if m != AuthPlain {
+			// These need the upstream's challenge or an auth server, which the
+			// pass-through login does not have.
+			return fmt.Errorf("auth: method %q is not available with pass-through login; use plain", m)
+		}
+	}
+	for _, c := range h.Capabilities {
+		if c == "" || strings.ContainsAny(c, "\r\n\x00") {
+			return fmt.Errorf("capabilities: invalid extension %q", c)
+		}
+		switch strings.ToUpper(strings.Fields(c)[0]) {
+		case "STLS", "SASL", "RESP-CODES", "AUTH-RESP-CODE":
+			return fmt.Errorf("capabilities: %q is added by the proxy itself and cannot be configured", c)
+		}
+	}
+	if strings.ContainsAny(h.Greeting, "\r\n\x00") {
+		return errors.New("greeting: must be a single line")
+	}
+	if len(h.Greeting) > 200 {
+		return errors.New("greeting: longer than 200 characters")
+	}
+	if h.Timeout < 0 {
+		return errors.New("timeout: must not be negative")
+	}
+	if h.ProxyTimeout < 0 {
+		return errors.New("proxy_timeout: must not be negative")
+	}
+	if h.MaxErrors < 0 {
+		return errors.New("max_errors: must not be negative")
+	}
+	if h.MaxLineLength < 0 || (h.MaxLineLength > 0 && h.MaxLineLength < 512) || h.MaxLineLength > 1<<20 {
+		return errors.New("max_line_length: must be between 512 and 1048576 bytes")
+	}
+	return nil
+}
+
+// Cleanup releases nothing that live sessions still use: sessions of an old
+// config keep running after a reload.
+func (h *Handler) Cleanup() error { return nil }
+
+// Handle serves one POP3 client connection. It returns nil for ordinary
+// ends (QUIT, client EOF, timeouts) since caddy-l4 logs any error at ERROR.
+func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
+	s := newSession(h, cx)
+	return s.run()
+}
+
+func (h *Handler) hasAuth(method string) bool {
+	for _, m := range h.Auth {
+		if m == method {
+			return true
+		}
+	}
+	return false
+}
+
+func isKnownAuthMethod(m string) bool {
+	for _, k := range knownAuthMethods {
+		if m == k {
+			return true
+		}
+	}
+	return false
+}
+
+// Interface guards
+var (
+	_ layer4.NextHandler    = (*Handler)(nil)
+	_ caddy.Provisioner     = (*Handler)(nil)
+	_ caddy.Validator       = (*Handler)(nil)
+	_ caddy.CleanerUpper    = (*Handler)(nil)
+	_ caddyfile.Unmarshaler = (*Handler)(nil)
+)

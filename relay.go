@@ -1,0 +1,167 @@
+package pop3
+
+import (
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// relayChunk is how much one splice or copy call moves before the loop
+// looks at deadlines again.
+const relayChunk = 4 << 20
+
+var relayBuffers = sync.Pool{New: func() any { b := make([]byte, 32*1024); return &b }}
+
+var errIdle = errors.New("relay idle past proxy_timeout")
+
+// relay copies bytes both ways until both sides are done. With plain TCP on
+// both legs the kernel moves the bytes (splice(2) through TCPConn.ReadFrom);
+// with TLS on either leg a pooled buffer does.
+func (s *session) relay() error {
+	up := s.upstream
+	client := s.cx.Conn // the *layer4.Connection wrapper would hide ReadFrom
+	if len(s.cx.MatchingBytes()) > 0 {
+		client = s.cx // bytes prefetched by a matcher must be read first
+	}
+
+	// Commands the client pipelined after its login, and anything the
+	// upstream sent after its +OK, must not be lost.
+	n, err := s.r.WriteBufferedTo(up.conn)
+	s.bytesUp += n
+	if err != nil {
+		s.result = "upstream_error"
+		return nil
+	}
+	n, err = up.r.WriteBufferedTo(client)
+	s.bytesDn += n
+	if err != nil {
+		return s.ioError(err)
+	}
+	s.r, up.r, s.w = nil, nil, nil // the relay needs no line buffers
+
+	r := &relayState{idle: time.Duration(s.h.ProxyTimeout)}
+	r.touch()
+	var wg sync.WaitGroup
+	var upErr, downErr error
+	var upN, downN int64
+	wg.Add(2)
+	go func() { // upstream to client
+		defer wg.Done()
+		downN, downErr = r.copy(client, up.conn, nil)
+		r.upstreamDone.Store(true)
+		if downErr == nil {
+			closeWrite(client)
+		}
+		_ = client.SetReadDeadline(now()) // wake the other direction: nothing more can be delivered
+	}()
+	go func() { // client to upstream
+		defer wg.Done()
+		upN, upErr = r.copy(up.conn, client, &r.upstreamDone)
+		if upErr == nil && !r.upstreamDone.Load() {
+			closeWrite(up.conn) // half-close: let the upstream answer and close
+			return
+		}
+		_ = up.conn.SetReadDeadline(now())
+	}()
+	wg.Wait()
+	s.bytesUp += upN
+	s.bytesDn += downN
+
+	switch {
+	case errors.Is(upErr, errIdle) || errors.Is(downErr, errIdle):
+		s.result = "idle_timeout"
+	case downErr != nil:
+		s.result = "upstream_error"
+		s.debug("relay from upstream", zap.Error(downErr))
+	case upErr != nil:
+		s.result = "client_error"
+		s.debug("relay from client", zap.Error(upErr))
+	default:
+		s.result = "ok"
+	}
+	return nil
+}
+
+// relayState is shared by both directions of a relay.
+type relayState struct {
+	idle         time.Duration
+	lastActive   atomic.Int64 // unix nanoseconds of the last byte moved either way
+	upstreamDone atomic.Bool
+}
+
+func (r *relayState) touch() { r.lastActive.Store(now().UnixNano()) }
+
+// copy moves src to dst until EOF (nil), an error, the relay going idle
+// (errIdle) or stop turning true. Reads wake every quarter of the idle limit
+// so that the session closes between 1 and 1.25 times proxy_timeout after
+// the last byte moved either way, even while splice hides the traffic.
+func (r *relayState) copy(dst, src net.Conn, stop *atomic.Bool) (int64, error) {
+	check := max(r.idle/4, 10*time.Millisecond)
+	dstTCP, splice := dst.(*net.TCPConn)
+	if _, ok := src.(*net.TCPConn); !ok {
+		splice = false
+	}
+	var buf *[]byte
+	if !splice {
+		buf = relayBuffers.Get().(*[]byte)
+		defer relayBuffers.Put(buf)
+	}
+	var total int64
+	for {
+		if stop != nil && stop.Load() {
+			return total, nil
+		}
+		t := now()
+		_ = src.SetReadDeadline(t.Add(check))
+		_ = dst.SetWriteDeadline(t.Add(r.idle))
+		lr := &io.LimitedReader{R: src, N: relayChunk}
+		var n int64
+		var err error
+		if splice {
+			n, err = dstTCP.ReadFrom(lr)
+		} else {
+			n, err = io.CopyBuffer(writerOnly{dst}, lr, *buf)
+		}
+		total += n
+		if n > 0 {
+			r.touch()
+		}
+		var ne net.Error
+		switch {
+		case err == nil && lr.N > 0:
+			return total, nil // EOF
+		case err == nil:
+			continue // a whole chunk moved
+		case errors.As(err, &ne) && ne.Timeout() && !isWriteTimeout(err):
+			if stop != nil && stop.Load() {
+				return total, nil
+			}
+			if now().Sub(time.Unix(0, r.lastActive.Load())) >= r.idle {
+				return total, errIdle
+			}
+		default:
+			return total, err
+		}
+	}
+}
+
+// isWriteTimeout tells a stuck writer (the peer stopped reading) from an
+// idle reader.
+func isWriteTimeout(err error) bool {
+	var oe *net.OpError
+	return errors.As(err, &oe) && oe.Op == "write"
+}
+
+// writerOnly hides ReadFrom so io.CopyBuffer uses our pooled buffer.
+type writerOnly struct{ io.Writer }
+
+func closeWrite(c net.Conn) {
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		_ = cw.CloseWrite()
+	}
+}

@@ -1,0 +1,286 @@
+package pop3
+
+import (
+	"bufio"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"time"
+
+	"github.com/mholt/caddy-l4/layer4"
+	"github.com/mholt/caddy-l4/modules/l4tls"
+	"go.uber.org/zap"
+
+	"github.com/caddy-pop3/caddy-pop3/internal/pop3wire"
+)
+
+type state int
+
+const (
+	stateAuthorization state = iota // greeting sent: CAPA, STLS, USER/PASS, AUTH, QUIT
+	stateRelay                      // upstream accepted the login: bytes flow both ways
+	stateDone                       // QUIT, fatal reply or too many errors
+)
+
+// now is replaceable in tests.
+var now = time.Now
+
+// session is one client connection.
+type session struct {
+	h      *Handler
+	cx     *layer4.Connection // the client; wrapped in TLS after STLS
+	r      *pop3wire.Reader
+	w      *bufio.Writer
+	logger *zap.Logger
+
+	state     state
+	secure    bool   // TLS: STLS done or the route's tls handler ran first
+	errors    int    // -ERR replies so far, towards max_errors
+	user      string // from USER, waiting for PASS
+	timestamp string // APOP greeting timestamp, when apop is enabled
+
+	start     time.Time
+	result    string // how the session ended, for the session log line
+	loginUser string // user name once logged in
+	method    string
+	upstream  *upstreamConn
+	bytesUp   int64 // client to upstream, after login
+	bytesDn   int64 // upstream to client, after login
+}
+
+// replyError is a -ERR reply: an optional RFC 2449 response code and text
+// the client may see. fatal closes the session after the reply.
+type replyError struct {
+	code  string
+	text  string
+	fatal bool
+}
+
+func (e *replyError) Error() string {
+	if e.code != "" {
+		return "[" + e.code + "] " + e.text
+	}
+	return e.text
+}
+
+// RFC 2449 and 3206 response codes.
+const (
+	codeAuth       = "AUTH"
+	codeSysTemp    = "SYS/TEMP"
+	codeSysPerm    = "SYS/PERM"
+	codeInUse      = "IN-USE"
+	codeLoginDelay = "LOGIN-DELAY"
+)
+
+var (
+	errUnknownCommand = &replyError{text: "Unknown command"}
+	errLineTooLong    = &replyError{text: "Line too long"}
+	errSyntax         = &replyError{text: "Syntax error"}
+	errPlaintextLogin = &replyError{code: codeAuth, text: "Plaintext authentication disallowed on non-secure connection, use STLS first"}
+	errAuthFailed     = &replyError{code: codeAuth, text: "Authentication failed"}
+	errUnavailable    = &replyError{code: codeSysTemp, text: "Service temporarily unavailable, try again later", fatal: true}
+	errInternal       = &replyError{code: codeSysTemp, text: "Internal error", fatal: true}
+)
+
+func newSession(h *Handler, cx *layer4.Connection) *session {
+	s := &session{
+		h:      h,
+		cx:     cx,
+		r:      pop3wire.NewReader(cx, h.MaxLineLength),
+		w:      bufio.NewWriterSize(cx, 1024),
+		logger: h.logger.With(zap.String("remote", cx.RemoteAddr().String())),
+		start:  now(),
+		secure: len(l4tls.GetConnectionStates(cx)) > 0,
+	}
+	return s
+}
+
+func (s *session) run() error {
+	defer s.logEnd()
+	if err := s.greet(); err != nil {
+		return s.ioError(err)
+	}
+	for s.state == stateAuthorization {
+		if !s.r.HasLine() {
+			if err := s.w.Flush(); err != nil {
+				return s.ioError(err)
+			}
+		}
+		_ = s.cx.SetReadDeadline(now().Add(time.Duration(s.h.Timeout)))
+		line, err := s.r.ReadLine()
+		if errors.Is(err, pop3wire.ErrLineTooLong) {
+			err = s.reply(errLineTooLong)
+		} else if err == nil {
+			err = s.reply(s.dispatch(line))
+		}
+		if err != nil {
+			return s.ioError(err)
+		}
+	}
+	if err := s.w.Flush(); err != nil {
+		return s.ioError(err)
+	}
+	if s.state == stateRelay {
+		return s.relay()
+	}
+	return nil
+}
+
+func (s *session) greet() error {
+	text := s.h.Greeting
+	if s.h.hasAuth(AuthAPOP) {
+		s.timestamp = newAPOPTimestamp()
+		text += " " + s.timestamp
+	}
+	return s.writeLine("+OK " + text)
+}
+
+// newAPOPTimestamp returns an RFC 1939 §7 msg-id style timestamp that no
+// other session will share.
+func newAPOPTimestamp() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return fmt.Sprintf("<%s.%d@%s>", hex.EncodeToString(b[:]), now().UnixNano(), hostname)
+}
+
+var hostname = func() string {
+	h, err := os.Hostname()
+	if err != nil || h == "" {
+		return "localhost"
+	}
+	return h
+}()
+
+// dispatch runs one command and returns nil or the -ERR to send.
+func (s *session) dispatch(line []byte) error {
+	cmd, err := pop3wire.ParseCommand(line)
+	if err != nil {
+		s.debug("malformed command")
+		return errUnknownCommand
+	}
+	s.debug("command", zap.String("verb", cmd.Name))
+	switch cmd.Name {
+	case "CAPA":
+		return s.handleCapa()
+	case "STLS":
+		return s.handleStartTLS()
+	case "USER":
+		return s.handleUser(cmd)
+	case "PASS":
+		return s.handlePass(cmd)
+	case "AUTH":
+		return s.handleAuth(cmd)
+	case "APOP":
+		return s.handleAPOP()
+	case "NOOP":
+		return s.writeLine("+OK")
+	case "QUIT":
+		return s.handleQuit()
+	}
+	return errUnknownCommand
+}
+
+func (s *session) handleQuit() error {
+	s.state, s.result = stateDone, "quit"
+	return s.writeLine("+OK Logging out")
+}
+
+// reply is the one place that writes -ERR. A replyError goes out as it is;
+// any other error is logged and answered as an internal error.
+func (s *session) reply(err error) error {
+	if err == nil {
+		return nil
+	}
+	var re *replyError
+	if !errors.As(err, &re) {
+		s.logger.Error("handling command", zap.Error(err))
+		re = errInternal
+	}
+	if werr := s.writeLine("-ERR " + re.Error()); werr != nil {
+		return werr
+	}
+	s.errors++
+	switch {
+	case re.fatal:
+		s.state = stateDone
+		if s.result == "" {
+			s.result = "error"
+		}
+	case s.h.MaxErrors > 0 && s.errors >= s.h.MaxErrors:
+		s.state, s.result = stateDone, "too_many_errors"
+		if werr := s.writeLine("-ERR Too many errors, closing connection"); werr != nil {
+			return werr
+		}
+	}
+	if s.state == stateDone {
+		return s.w.Flush()
+	}
+	return nil
+}
+
+func (s *session) writeLine(line string) error {
+	if _, err := s.w.WriteString(line); err != nil {
+		return err
+	}
+	_, err := s.w.WriteString("\r\n")
+	return err
+}
+
+// ioError ends the session on a connection error. Client EOF, resets and
+// timeouts are ordinary ends: logged at debug, nil for caddy-l4.
+func (s *session) ioError(err error) error {
+	var ne net.Error
+	switch {
+	case errors.Is(err, io.EOF), errors.Is(err, net.ErrClosed), errors.Is(err, io.ErrUnexpectedEOF):
+		s.setResult("client_closed")
+	case errors.As(err, &ne) && ne.Timeout():
+		s.setResult("timeout")
+		if s.state == stateAuthorization {
+			_ = s.cx.SetWriteDeadline(now().Add(time.Second))
+			_ = s.writeLine("-ERR Disconnected for inactivity")
+			_ = s.w.Flush()
+		}
+	default:
+		s.setResult("client_error")
+	}
+	s.debug("session ended", zap.Error(err))
+	return nil
+}
+
+func (s *session) setResult(r string) {
+	if s.result == "" {
+		s.result = r
+	}
+}
+
+func (s *session) debug(msg string, fields ...zap.Field) {
+	if ce := s.logger.Check(zap.DebugLevel, msg); ce != nil {
+		ce.Write(fields...)
+	}
+}
+
+// logEnd writes the one INFO line per session.
+func (s *session) logEnd() {
+	if s.upstream != nil {
+		s.upstream.close()
+	}
+	s.setResult("closed")
+	fields := []zap.Field{
+		zap.String("result", s.result),
+		zap.Bool("tls", s.secure),
+		zap.Int64("bytes_from_client", s.bytesUp),
+		zap.Int64("bytes_to_client", s.bytesDn),
+		zap.Duration("duration", now().Sub(s.start)),
+	}
+	if s.loginUser != "" {
+		fields = append(fields, zap.String("user", s.loginUser), zap.String("method", s.method))
+	}
+	if s.upstream != nil {
+		fields = append(fields, zap.String("upstream", s.upstream.address))
+	}
+	s.logger.Info("session", fields...)
+}

@@ -1,0 +1,220 @@
+package pop3
+
+import (
+	"bufio"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/base64"
+	"fmt"
+	"math/big"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/mholt/caddy-l4/layer4"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/caddy-pop3/caddy-pop3/internal/pop3test"
+)
+
+// testSession is a client talking to Handle over a pipe or a TCP pair.
+type testSession struct {
+	t      *testing.T
+	conn   net.Conn
+	r      *bufio.Reader
+	done   chan error
+	logs   *observer.ObservedLogs
+	handle *Handler
+}
+
+func newTestHandler(t *testing.T, upstream string, mod func(*Handler)) (*Handler, *observer.ObservedLogs) {
+	t.Helper()
+	h := &Handler{Upstream: []*Upstream{{Address: upstream}}, StartTLS: StartTLSOff, Timeout: caddy.Duration(5 * time.Second)}
+	if mod != nil {
+		mod(h)
+	}
+	core, logs := observer.New(zap.DebugLevel)
+	h.logger = zap.New(core)
+	if err := h.setup(); err != nil {
+		t.Fatalf("setup: %v", err)
+	}
+	if h.tlsOn {
+		h.tlsConfig = &tls.Config{Certificates: []tls.Certificate{testCertificate(t)}}
+	}
+	return h, logs
+}
+
+// startSession runs Handle on one end of a pipe (or TCP pair with tcp) and
+// reads the greeting.
+func startSession(t *testing.T, h *Handler, logs *observer.ObservedLogs, tcp bool) *testSession {
+	t.Helper()
+	var client, server net.Conn
+	if tcp {
+		client, server = tcpPair(t)
+	} else {
+		client, server = net.Pipe()
+	}
+	ts := &testSession{t: t, conn: client, r: bufio.NewReader(client), done: make(chan error, 1), logs: logs, handle: h}
+	cx := layer4.WrapConnection(server, nil, zap.NewNop())
+	go func() {
+		err := h.Handle(cx, nil)
+		_ = server.Close()
+		ts.done <- err
+	}()
+	t.Cleanup(func() { _ = client.Close() })
+	ts.expect("+OK POP3 ready")
+	return ts
+}
+
+func newBufioReader(c net.Conn) *bufio.Reader { return bufio.NewReader(c) }
+
+func tcpPair(t *testing.T) (net.Conn, net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, _ := ln.Accept()
+		accepted <- c
+	}()
+	client, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return client, <-accepted
+}
+
+func (ts *testSession) send(lines ...string) {
+	ts.t.Helper()
+	_ = ts.conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	if _, err := ts.conn.Write([]byte(strings.Join(lines, "\r\n") + "\r\n")); err != nil {
+		ts.t.Fatalf("send %q: %v", lines[0], err)
+	}
+}
+
+func (ts *testSession) readLine() string {
+	ts.t.Helper()
+	_ = ts.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	line, err := ts.r.ReadString('\n')
+	if err != nil {
+		ts.t.Fatalf("reading reply: %v (got %q)", err, line)
+	}
+	if !strings.HasSuffix(line, "\r\n") {
+		ts.t.Fatalf("reply %q does not end in CRLF", line)
+	}
+	return strings.TrimSuffix(line, "\r\n")
+}
+
+// expect reads one line and checks its prefix.
+func (ts *testSession) expect(prefix string) string {
+	ts.t.Helper()
+	line := ts.readLine()
+	if !strings.HasPrefix(line, prefix) {
+		ts.t.Fatalf("got %q, want prefix %q", line, prefix)
+	}
+	return line
+}
+
+// multiline reads a dot-terminated list after its status line.
+func (ts *testSession) multiline() []string {
+	ts.t.Helper()
+	var out []string
+	for {
+		l := ts.readLine()
+		if l == "." {
+			return out
+		}
+		out = append(out, l)
+	}
+}
+
+// closed waits for Handle to return nil and the connection to close.
+func (ts *testSession) closed() {
+	ts.t.Helper()
+	select {
+	case err := <-ts.done:
+		if err != nil {
+			ts.t.Fatalf("Handle returned %v, want nil", err)
+		}
+	case <-time.After(10 * time.Second):
+		ts.t.Fatal("session did not end")
+	}
+	_ = ts.conn.SetReadDeadline(time.Now().Add(2 * time.Second))
+	if rest, err := ts.r.ReadString('\n'); err == nil {
+		ts.t.Fatalf("unexpected line after close: %q", rest)
+	}
+}
+
+// startTLS runs STLS and the client handshake.
+func (ts *testSession) startTLS() {
+	ts.t.Helper()
+	ts.send("STLS")
+	ts.expect("+OK")
+	tc := tls.Client(ts.conn, &tls.Config{InsecureSkipVerify: true})
+	if err := tc.Handshake(); err != nil {
+		ts.t.Fatalf("TLS handshake: %v", err)
+	}
+	ts.conn, ts.r = tc, bufio.NewReader(tc)
+}
+
+// assertNoSecret fails if any log entry, message or field, holds a secret.
+func (ts *testSession) assertNoSecret(secrets ...string) {
+	ts.t.Helper()
+	entries := ts.logs.All()
+	if len(entries) == 0 {
+		ts.t.Fatal("no log entries to check")
+	}
+	for _, e := range entries {
+		text := e.Message + fmt.Sprint(e.ContextMap())
+		for _, s := range secrets {
+			if strings.Contains(text, s) {
+				ts.t.Errorf("log entry holds a secret: %q", text)
+			}
+		}
+	}
+}
+
+func b64(s string) string { return base64.StdEncoding.EncodeToString([]byte(s)) }
+
+func testCertificate(t *testing.T) tls.Certificate {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		Subject:      pkix.Name{CommonName: "localhost"},
+		DNSNames:     []string{"localhost"},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+func fakeUpstream(t *testing.T, mod func(*pop3test.Upstream)) (*pop3test.Upstream, string) {
+	t.Helper()
+	u := &pop3test.Upstream{
+		Users:    map[string]string{"alice": "secret-pw", "bob@example.com": "p@ss wörd:%"},
+		SASL:     []string{"PLAIN"},
+		Messages: []string{"Subject: hi\r\n\r\nhello\r\n"},
+	}
+	if mod != nil {
+		mod(u)
+	}
+	return u, u.Start(t)
+}
