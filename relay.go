@@ -44,6 +44,10 @@ func (s *session) relay() error {
 	}
 	s.r, up.r, s.w = nil, nil, nil // the relay needs no line buffers
 
+	_, clientTCP := client.(*net.TCPConn)
+	_, upstreamTCP := up.conn.(*net.TCPConn)
+	s.debug("relay started", zap.Bool("splice", clientTCP && upstreamTCP))
+
 	r := &relayState{idle: time.Duration(s.h.ProxyTimeout)}
 	r.touch()
 	var wg sync.WaitGroup

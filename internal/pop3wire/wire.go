@@ -181,6 +181,10 @@ func DecodeSASL(s string) ([]byte, error) {
 	if s == "=" {
 		return []byte{}, nil
 	}
+	// The decoder skips CR and LF; a response line must not hold them.
+	if strings.ContainsAny(s, "\r\n") {
+		return nil, ErrBadBase64
+	}
 	b, err := base64.StdEncoding.Strict().DecodeString(s)
 	if err != nil {
 		return nil, ErrBadBase64

@@ -1,0 +1,116 @@
+package pop3wire
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"strings"
+	"testing"
+)
+
+func TestReadLine(t *testing.T) {
+	in := "USER a\r\nNOOP\n" + strings.Repeat("x", 5000) + "\r\nPASS b c\r\n" + strings.Repeat("y", 100) + "\r\nQUIT"
+	r := NewReader(strings.NewReader(in), 1000)
+	want := []struct {
+		line string
+		err  error
+	}{
+		{"USER a", nil}, {"NOOP", nil}, {"", ErrLineTooLong}, {"PASS b c", nil}, {strings.Repeat("y", 100), nil}, {"", io.EOF},
+	}
+	for i, w := range want {
+		got, err := r.ReadLine()
+		if !errors.Is(err, w.err) || (err == nil && string(got) != w.line) {
+			t.Fatalf("line %d: got %q, %v; want %q, %v", i, got, err, w.line, w.err)
+		}
+	}
+}
+
+func TestLongLineWithinLimit(t *testing.T) {
+	long := strings.Repeat("z", 9000)
+	r := NewReader(strings.NewReader(long+"\r\nNEXT\r\n"), 10000)
+	if got, err := r.ReadLine(); err != nil || string(got) != long {
+		t.Fatalf("got %d bytes, %v", len(got), err)
+	}
+	if got, err := r.ReadLine(); err != nil || string(got) != "NEXT" {
+		t.Fatalf("got %q, %v", got, err)
+	}
+}
+
+func TestParseCommand(t *testing.T) {
+	tests := []struct {
+		in, name, rest string
+		err            bool
+	}{
+		{"user alice", "USER", "alice", false},
+		{"PASS p@ss wörd:%", "PASS", "p@ss wörd:%", false},
+		{"AUTH PLAIN AGFsaWNlAHB3", "AUTH", "PLAIN AGFsaWNlAHB3", false},
+		{"CAPA", "CAPA", "", false},
+		{"", "", "", true},
+		{"TOOLONG x", "", "", true},
+		{"US\x00R a", "", "", true},
+		{"USER a\x00b", "", "", true},
+		{"\xff\xfe", "", "", true},
+		{" USER", "", "", true},
+	}
+	for _, tc := range tests {
+		c, err := ParseCommand([]byte(tc.in))
+		if (err != nil) != tc.err || c.Name != tc.name || c.Rest != tc.rest {
+			t.Errorf("ParseCommand(%q) = %+v, %v", tc.in, c, err)
+		}
+	}
+}
+
+func TestParseResponse(t *testing.T) {
+	tests := []struct {
+		in   string
+		want Response
+		err  bool
+	}{
+		{"+OK Logged in.", Response{OK: true, Text: "Logged in."}, false},
+		{"+OK", Response{OK: true}, false},
+		{"-ERR [AUTH] Authentication failed.", Response{Code: "AUTH", Text: "Authentication failed."}, false},
+		{"-ERR [SYS/TEMP] busy", Response{Code: "SYS/TEMP", Text: "busy"}, false},
+		{"+ ", Response{Continuation: true}, false},
+		{"+ VXNlcm5hbWU6", Response{Continuation: true, Text: "VXNlcm5hbWU6"}, false},
+		{"220 smtp", Response{}, true},
+		{"+OKAY", Response{}, true},
+	}
+	for _, tc := range tests {
+		got, err := ParseResponse([]byte(tc.in))
+		if (err != nil) != tc.err || got != tc.want {
+			t.Errorf("ParseResponse(%q) = %+v, %v", tc.in, got, err)
+		}
+	}
+}
+
+func TestDecodeSASL(t *testing.T) {
+	if b, err := DecodeSASL("="); err != nil || b == nil || len(b) != 0 {
+		t.Errorf(`"=" = %q, %v; want empty`, b, err)
+	}
+	for _, bad := range []string{"!!", "YWJj=", "YW Jj", "*"} {
+		if _, err := DecodeSASL(bad); !errors.Is(err, ErrBadBase64) {
+			t.Errorf("DecodeSASL(%q) = %v", bad, err)
+		}
+	}
+	if b, _ := DecodeSASL(EncodeSASL([]byte("\x00bob\x00p@ss wörd:%"))); !bytes.Equal(b, []byte("\x00bob\x00p@ss wörd:%")) {
+		t.Errorf("round trip: %q", b)
+	}
+}
+
+func TestWriteBufferedTo(t *testing.T) {
+	r := NewReader(strings.NewReader("PASS x\r\nSTAT\r\nLIST\r\n"), 100)
+	if _, err := r.ReadLine(); err != nil {
+		t.Fatal(err)
+	}
+	if !r.HasLine() {
+		t.Error("HasLine false with STAT buffered")
+	}
+	var out bytes.Buffer
+	n, err := r.WriteBufferedTo(&out)
+	if err != nil || out.String() != "STAT\r\nLIST\r\n" || n != int64(out.Len()) {
+		t.Fatalf("got %q, %d, %v", out.String(), n, err)
+	}
+	if r.HasLine() {
+		t.Error("HasLine true on empty buffer")
+	}
+}

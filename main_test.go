@@ -1,0 +1,44 @@
+package pop3
+
+import (
+	"fmt"
+	"os"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestMain fails the run if a session or relay goroutine outlives the
+// tests: every session must end.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if code == 0 {
+		if leak := waitForSessionGoroutines(5 * time.Second); leak != "" {
+			fmt.Fprintf(os.Stderr, "leaked session goroutines:\n%s\n", leak)
+			code = 1
+		}
+	}
+	os.Exit(code)
+}
+
+func waitForSessionGoroutines(d time.Duration) string {
+	deadline := time.Now().Add(d)
+	for {
+		buf := make([]byte, 1<<20)
+		stacks := string(buf[:runtime.Stack(buf, true)])
+		var leaked []string
+		for _, g := range strings.Split(stacks, "\n\n") {
+			if strings.Contains(g, "caddy-pop3.(*session)") || strings.Contains(g, "caddy-pop3.(*relayState)") {
+				leaked = append(leaked, g)
+			}
+		}
+		if len(leaked) == 0 {
+			return ""
+		}
+		if time.Now().After(deadline) {
+			return strings.Join(leaked, "\n\n")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}

@@ -1,0 +1,125 @@
+package pop3
+
+import (
+	"crypto/sha256"
+	"io"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+
+	"github.com/caddy-pop3/caddy-pop3/internal/pop3test"
+)
+
+// bigMessage has dot-stuffed lines, 8-bit bytes and a 998-octet line.
+func bigMessage(size int) string {
+	var b strings.Builder
+	b.WriteString("Subject: big\r\n\r\n")
+	for i := 0; b.Len() < size; i++ {
+		switch i % 4 {
+		case 0:
+			b.WriteString("..dot-stuffed line\r\n")
+		case 1:
+			b.WriteString("8-bit: \xe9\xe8\xff\x80 wörd\r\n")
+		case 2:
+			b.WriteString(strings.Repeat("L", 998) + "\r\n")
+		default:
+			b.WriteString("plain text line\r\n")
+		}
+	}
+	return b.String()
+}
+
+func TestRelayLargeMessage(t *testing.T) {
+	msg := bigMessage(4 << 20)
+	for _, tc := range []struct {
+		name       string
+		tcp, tls   bool
+		wantSplice bool
+	}{
+		{"tcp both legs", true, false, true},
+		{"pipe client", false, false, false},
+		{"tls client", true, true, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, addr := fakeUpstream(t, func(u *pop3test.Upstream) { u.Messages = []string{msg} })
+			h, logs := newTestHandler(t, addr, func(h *Handler) {
+				if tc.tls {
+					h.StartTLS = StartTLSOnly
+				}
+			})
+			ts := startSession(t, h, logs, tc.tcp)
+			if tc.tls {
+				ts.startTLS()
+			}
+			ts.send("USER alice", "PASS secret-pw", "RETR 1")
+			ts.expect("+OK")
+			ts.expect("+OK Logged in.")
+			ts.expect("+OK")
+			got := make([]byte, len(msg)+3)
+			_ = ts.conn.SetReadDeadline(time.Now().Add(30 * time.Second))
+			if _, err := io.ReadFull(ts.r, got); err != nil {
+				t.Fatal(err)
+			}
+			if sha256.Sum256(got) != sha256.Sum256([]byte(msg+".\r\n")) {
+				t.Fatal("relayed message differs")
+			}
+			ts.send("QUIT")
+			ts.expect("+OK bye")
+			ts.closed()
+			started := logs.FilterMessage("relay started").All()
+			if len(started) != 1 || started[0].ContextMap()["splice"] != tc.wantSplice {
+				t.Errorf("relay log %v, want splice=%v", started, tc.wantSplice)
+			}
+			sessions := logs.FilterMessage("session").All()
+			if len(sessions) != 1 || sessions[0].ContextMap()["bytes_to_client"].(int64) < int64(len(msg)) {
+				t.Errorf("session log %v does not count the message", sessions)
+			}
+		})
+	}
+}
+
+func TestRelayIdleTimeout(t *testing.T) {
+	for _, tcp := range []bool{true, false} {
+		_, addr := fakeUpstream(t, nil)
+		h, logs := newTestHandler(t, addr, func(h *Handler) { h.ProxyTimeout = caddy.Duration(400 * time.Millisecond) })
+		ts := startSession(t, h, logs, tcp)
+		ts.send("USER alice", "PASS secret-pw")
+		ts.expect("+OK")
+		ts.expect("+OK Logged in.")
+		// Activity keeps the session open past proxy_timeout.
+		for i := 0; i < 4; i++ {
+			time.Sleep(200 * time.Millisecond)
+			ts.send("NOOP")
+			ts.expect("+OK")
+		}
+		start := time.Now()
+		ts.closed()
+		if d := time.Since(start); d < 300*time.Millisecond || d > 2*time.Second {
+			t.Errorf("idle session closed after %v, want about 400-500ms", d)
+		}
+		if s := logs.FilterMessage("session").All(); len(s) != 1 || s[0].ContextMap()["result"] != "idle_timeout" {
+			t.Errorf("session log %v", s)
+		}
+	}
+}
+
+func TestRelayHalfClose(t *testing.T) {
+	_, addr := fakeUpstream(t, nil)
+	h, logs := newTestHandler(t, addr, nil)
+	ts := startSession(t, h, logs, true)
+	ts.send("USER alice", "PASS secret-pw", "STAT", "QUIT")
+	if err := closeWriteConn(ts.conn); err != nil {
+		t.Fatal(err)
+	}
+	ts.expect("+OK")
+	ts.expect("+OK Logged in.")
+	ts.expect("+OK 1 ")
+	ts.expect("+OK bye")
+	ts.closed()
+}
+
+func closeWriteConn(c any) error {
+	return c.(interface{ CloseWrite() error }).CloseWrite()
+}
