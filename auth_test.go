@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
 
 	"github.com/caddy-pop3/caddy-pop3/internal/pop3test"
 )
@@ -277,5 +278,18 @@ func TestPipelining(t *testing.T) {
 		if l := up.Lines(); !slices.Contains(l, "STAT") || !slices.Contains(l, "RETR 1") {
 			t.Errorf("pipelined commands did not reach the upstream: %q", l)
 		}
+	}
+}
+
+func TestIdleDuringSASL(t *testing.T) {
+	_, addr := fakeUpstream(t, nil)
+	h, logs := newTestHandler(t, addr, func(h *Handler) { h.Timeout = caddy.Duration(300 * time.Millisecond) })
+	ts := startSession(t, h, logs, false)
+	ts.send("AUTH LOGIN")
+	ts.expect("+ ")
+	ts.expect("-ERR Disconnected for inactivity")
+	ts.closed()
+	if errs := logs.FilterLevelExact(zap.ErrorLevel).All(); len(errs) != 0 {
+		t.Errorf("a client timeout was logged as an error: %v", errs)
 	}
 }

@@ -115,7 +115,9 @@ func (s *session) run() error {
 		if errors.Is(err, pop3wire.ErrLineTooLong) {
 			err = s.reply(errLineTooLong)
 		} else if err == nil {
-			err = s.reply(s.dispatch(line))
+			if err = s.dispatch(line); !isConnError(err) {
+				err = s.reply(err)
+			}
 		}
 		if err != nil {
 			return s.ioError(err)
@@ -249,6 +251,14 @@ func (s *session) ioError(err error) error {
 	}
 	s.debug("session ended", zap.Error(err))
 	return nil
+}
+
+// isConnError reports whether err comes from the connection rather than
+// from a command: those end the session without a reply.
+func isConnError(err error) bool {
+	var ne net.Error
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, net.ErrClosed) || errors.As(err, &ne)
 }
 
 func (s *session) setResult(r string) {
