@@ -72,3 +72,12 @@ func TestAPOPGreetingTimestamp(t *testing.T) {
 		t.Error("two timestamps are equal")
 	}
 }
+
+func TestValidateRefusesBadCapabilities(t *testing.T) {
+	for _, c := range []string{"", " ", "TOP\r\nX", "STLS", "sasl PLAIN"} {
+		h := &Handler{Upstream: []*Upstream{{Address: "127.0.0.1:110"}}, Capabilities: []string{c}}
+		if err := h.setup(); err == nil || !strings.Contains(err.Error(), "capabilities") {
+			t.Errorf("capability %q: got %v", c, err)
+		}
+	}
+}

@@ -219,7 +219,7 @@ func (h *Handler) Validate() error {
 		}
 	}
 	for _, c := range h.Capabilities {
-		if c == "" || strings.ContainsAny(c, "\r\n\x00") {
+		if strings.TrimSpace(c) == "" || strings.ContainsAny(c, "\r\n\x00") {
 			return fmt.Errorf("capabilities: invalid extension %q", c)
 		}
 		switch strings.ToUpper(strings.Fields(c)[0]) {

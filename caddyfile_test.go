@@ -1,0 +1,276 @@
+package pop3
+
+import (
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddytls"
+)
+
+func TestUnmarshalCaddyfile(t *testing.T) {
+	up := func(addrs ...string) []*Upstream {
+		var us []*Upstream
+		for _, a := range addrs {
+			us = append(us, &Upstream{Address: a})
+		}
+		return us
+	}
+	cases := []struct {
+		name  string
+		input string
+		want  Handler
+	}{
+		{
+			name:  "same-line upstream",
+			input: "pop3 mail.internal:110",
+			want:  Handler{Upstream: up("mail.internal:110")},
+		},
+		{
+			name:  "same-line upstreams kept as given",
+			input: "pop3 mail.internal 10.0.0.2:1110 [::1]:110",
+			want:  Handler{Upstream: up("mail.internal", "10.0.0.2:1110", "[::1]:110")},
+		},
+		{
+			name:  "upstream repeatable and mixed with same-line",
+			input: "pop3 a:110 {\n\tupstream b:110\n\tupstream c\n}",
+			want:  Handler{Upstream: up("a:110", "b:110", "c")},
+		},
+		{
+			name:  "auth",
+			input: "pop3 a {\n\tauth plain apop CRAM-MD5 external\n}",
+			want:  Handler{Upstream: up("a"), Auth: []string{AuthPlain, AuthAPOP, AuthCRAMMD5, AuthExternal}},
+		},
+		{
+			name:  "capabilities",
+			input: "pop3 a {\n\tcapabilities TOP UIDL \"EXPIRE 30\"\n}",
+			want:  Handler{Upstream: up("a"), Capabilities: []string{"TOP", "UIDL", "EXPIRE 30"}},
+		},
+		{
+			name:  "starttls off",
+			input: "pop3 a {\n\tstarttls off\n}",
+			want:  Handler{Upstream: up("a"), StartTLS: StartTLSOff},
+		},
+		{
+			name:  "starttls on",
+			input: "pop3 a {\n\tstarttls on\n}",
+			want:  Handler{Upstream: up("a"), StartTLS: StartTLSOn},
+		},
+		{
+			name:  "starttls only",
+			input: "pop3 a {\n\tstarttls only\n}",
+			want:  Handler{Upstream: up("a"), StartTLS: StartTLSOnly},
+		},
+		{
+			name:  "connection_policy",
+			input: "pop3 a {\n\tconnection_policy {\n\t\talpn pop3\n\t\tdefault_sni mail.example.com\n\t}\n\tgreeting hi\n}",
+			want: Handler{
+				Upstream:         up("a"),
+				ConnectionPolicy: caddytls.ConnectionPolicies{{ALPN: []string{"pop3"}, DefaultSNI: "mail.example.com"}},
+				Greeting:         "hi",
+			},
+		},
+		{
+			name:  "connection_policy repeatable",
+			input: "pop3 a {\n\tconnection_policy {\n\t\tdefault_sni one.example.com\n\t}\n\tconnection_policy {\n\t\tdefault_sni two.example.com\n\t}\n}",
+			want: Handler{
+				Upstream: up("a"),
+				ConnectionPolicy: caddytls.ConnectionPolicies{
+					{DefaultSNI: "one.example.com"},
+					{DefaultSNI: "two.example.com"},
+				},
+			},
+		},
+		{
+			name:  "greeting",
+			input: "pop3 a {\n\tgreeting \"Mail proxy ready\"\n}",
+			want:  Handler{Upstream: up("a"), Greeting: "Mail proxy ready"},
+		},
+		{
+			name:  "timeout",
+			input: "pop3 a {\n\ttimeout 30s\n}",
+			want:  Handler{Upstream: up("a"), Timeout: caddy.Duration(30 * time.Second)},
+		},
+		{
+			name:  "proxy_timeout in days",
+			input: "pop3 a {\n\tproxy_timeout 1d\n}",
+			want:  Handler{Upstream: up("a"), ProxyTimeout: caddy.Duration(24 * time.Hour)},
+		},
+		{
+			name:  "pass_error_message on",
+			input: "pop3 a {\n\tpass_error_message on\n}",
+			want:  Handler{Upstream: up("a"), PassErrorMessage: true},
+		},
+		{
+			name:  "pass_error_message off",
+			input: "pop3 a {\n\tpass_error_message off\n}",
+			want:  Handler{Upstream: up("a"), PassErrorMessage: false},
+		},
+		{
+			name:  "max_errors",
+			input: "pop3 a {\n\tmax_errors 3\n}",
+			want:  Handler{Upstream: up("a"), MaxErrors: 3},
+		},
+		{
+			name:  "max_errors 1",
+			input: "pop3 a {\n\tmax_errors 1\n}",
+			want:  Handler{Upstream: up("a"), MaxErrors: 1},
+		},
+		{
+			name:  "max_line_length lower bound",
+			input: "pop3 a {\n\tmax_line_length 512\n}",
+			want:  Handler{Upstream: up("a"), MaxLineLength: 512},
+		},
+		{
+			name:  "max_line_length upper bound",
+			input: "pop3 a {\n\tmax_line_length 1048576\n}",
+			want:  Handler{Upstream: up("a"), MaxLineLength: 1048576},
+		},
+		{
+			name: "all options",
+			input: `pop3 {
+				upstream mail.internal:110
+				auth plain
+				capabilities TOP USER UIDL "EXPIRE 30"
+				starttls on
+				connection_policy {
+					alpn pop3
+				}
+				greeting "POP3 proxy ready"
+				timeout 45s
+				proxy_timeout 30m
+				pass_error_message on
+				max_errors 10
+				max_line_length 4096
+			}`,
+			want: Handler{
+				Upstream:         up("mail.internal:110"),
+				Auth:             []string{AuthPlain},
+				Capabilities:     []string{"TOP", "USER", "UIDL", "EXPIRE 30"},
+				StartTLS:         StartTLSOn,
+				ConnectionPolicy: caddytls.ConnectionPolicies{{ALPN: []string{"pop3"}}},
+				Greeting:         "POP3 proxy ready",
+				Timeout:          caddy.Duration(45 * time.Second),
+				ProxyTimeout:     caddy.Duration(30 * time.Minute),
+				PassErrorMessage: true,
+				MaxErrors:        10,
+				MaxLineLength:    4096,
+			},
+		},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			var h Handler
+			if err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input)); err != nil {
+				t.Fatalf("UnmarshalCaddyfile: %v", err)
+			}
+			if !reflect.DeepEqual(h, tc.want) {
+				t.Errorf("got  %+v\nwant %+v", h, tc.want)
+			}
+		})
+	}
+}
+
+func TestUnmarshalCaddyfileErrors(t *testing.T) {
+	cases := []struct {
+		name  string
+		input string
+		want  []string // substrings of the error message
+	}{
+		// general
+		{"unknown option", "pop3 a {\n\tfoo bar\n}", []string{"unrecognized pop3 option 'foo'"}},
+		{"no upstream", "pop3", []string{"upstream", "at least one upstream is required"}},
+		{"no upstream in block", "pop3 {\n\ttimeout 5s\n}", []string{"at least one upstream is required", "Testfile:1"}},
+		{"nested block", "pop3 a {\n\ttimeout 5s {\n\t\tfoo\n\t}\n}", []string{"malformed pop3 option 'timeout'"}},
+
+		// upstream
+		{"upstream without address", "pop3 {\n\tupstream\n}", []string{"'upstream'"}},
+		{"upstream with two addresses", "pop3 {\n\tupstream a b\n}", []string{"'upstream'"}},
+		{"upstream empty", "pop3 {\n\tupstream \"\"\n}", []string{"option 'upstream'", "empty"}},
+		{"same-line upstream empty", "pop3 \"\"", []string{"option 'upstream'", "empty"}},
+
+		// auth
+		{"auth without methods", "pop3 a {\n\tauth\n}", []string{"'auth'"}},
+		{"auth unknown method", "pop3 a {\n\tauth plain digest-md5\n}", []string{"option 'auth'", "unknown method 'digest-md5'"}},
+		{"auth method twice", "pop3 a {\n\tauth plain PLAIN\n}", []string{"option 'auth'", "'plain' listed twice"}},
+		{"auth duplicate", "pop3 a {\n\tauth plain\n\tauth apop\n}", []string{"duplicate pop3 option 'auth'"}},
+
+		// capabilities
+		{"capabilities without args", "pop3 a {\n\tcapabilities\n}", []string{"'capabilities'"}},
+		{"capabilities blank", "pop3 a {\n\tcapabilities TOP \" \"\n}", []string{"option 'capabilities'", "invalid extension"}},
+		{"capabilities multi-line", "pop3 a {\n\tcapabilities \"TOP\nUIDL\"\n}", []string{"option 'capabilities'", "invalid extension"}},
+		{"capabilities duplicate", "pop3 a {\n\tcapabilities TOP\n\tcapabilities UIDL\n}", []string{"duplicate pop3 option 'capabilities'"}},
+
+		// starttls
+		{"starttls without arg", "pop3 a {\n\tstarttls\n}", []string{"'starttls'"}},
+		{"starttls two args", "pop3 a {\n\tstarttls on only\n}", []string{"'starttls'"}},
+		{"starttls bad value", "pop3 a {\n\tstarttls yes\n}", []string{"option 'starttls'", "unknown policy 'yes'"}},
+		{"starttls duplicate", "pop3 a {\n\tstarttls on\n\tstarttls off\n}", []string{"duplicate pop3 option 'starttls'"}},
+
+		// connection_policy
+		{"connection_policy same-line arg", "pop3 a {\n\tconnection_policy x {\n\t}\n}", []string{"'connection_policy'"}},
+		{"connection_policy bad option", "pop3 a {\n\tconnection_policy {\n\t\tbogus\n\t}\n}", []string{"bogus"}},
+
+		// greeting
+		{"greeting without arg", "pop3 a {\n\tgreeting\n}", []string{"'greeting'"}},
+		{"greeting unquoted words", "pop3 a {\n\tgreeting hello there\n}", []string{"'greeting'"}},
+		{"greeting empty", "pop3 a {\n\tgreeting \"\"\n}", []string{"option 'greeting'", "empty"}},
+		{"greeting multi-line", "pop3 a {\n\tgreeting \"hello\nthere\"\n}", []string{"option 'greeting'", "single line"}},
+		{"greeting duplicate", "pop3 a {\n\tgreeting a\n\tgreeting b\n}", []string{"duplicate pop3 option 'greeting'"}},
+
+		// timeout
+		{"timeout without arg", "pop3 a {\n\ttimeout\n}", []string{"'timeout'"}},
+		{"timeout bad duration", "pop3 a {\n\ttimeout soon\n}", []string{"option 'timeout' duration"}},
+		{"timeout zero", "pop3 a {\n\ttimeout 0s\n}", []string{"option 'timeout' duration", "greater than zero"}},
+		{"timeout negative", "pop3 a {\n\ttimeout -5s\n}", []string{"option 'timeout' duration", "greater than zero"}},
+		{"timeout duplicate", "pop3 a {\n\ttimeout 1s\n\ttimeout 2s\n}", []string{"duplicate pop3 option 'timeout'"}},
+
+		// proxy_timeout
+		{"proxy_timeout without arg", "pop3 a {\n\tproxy_timeout\n}", []string{"'proxy_timeout'"}},
+		{"proxy_timeout bad duration", "pop3 a {\n\tproxy_timeout 10x\n}", []string{"option 'proxy_timeout' duration"}},
+		{"proxy_timeout duplicate", "pop3 a {\n\tproxy_timeout 1m\n\tproxy_timeout 2m\n}", []string{"duplicate pop3 option 'proxy_timeout'"}},
+
+		// pass_error_message
+		{"pass_error_message without arg", "pop3 a {\n\tpass_error_message\n}", []string{"'pass_error_message'"}},
+		{"pass_error_message bad bool", "pop3 a {\n\tpass_error_message yes\n}", []string{"option 'pass_error_message'", "unknown value 'yes'"}},
+		{"pass_error_message true", "pop3 a {\n\tpass_error_message true\n}", []string{"option 'pass_error_message'"}},
+		{"pass_error_message duplicate", "pop3 a {\n\tpass_error_message on\n\tpass_error_message off\n}", []string{"duplicate pop3 option 'pass_error_message'"}},
+
+		// max_errors
+		{"max_errors without arg", "pop3 a {\n\tmax_errors\n}", []string{"'max_errors'"}},
+		{"max_errors not a number", "pop3 a {\n\tmax_errors many\n}", []string{"option 'max_errors'"}},
+		{"max_errors zero", "pop3 a {\n\tmax_errors 0\n}", []string{"option 'max_errors'", "must be at least 1"}},
+		{"max_errors negative", "pop3 a {\n\tmax_errors -1\n}", []string{"option 'max_errors'", "must be at least 1"}},
+		{"max_errors duplicate", "pop3 a {\n\tmax_errors 1\n\tmax_errors 2\n}", []string{"duplicate pop3 option 'max_errors'"}},
+
+		// max_line_length
+		{"max_line_length without arg", "pop3 a {\n\tmax_line_length\n}", []string{"'max_line_length'"}},
+		{"max_line_length not a number", "pop3 a {\n\tmax_line_length 16k\n}", []string{"option 'max_line_length'"}},
+		{"max_line_length too small", "pop3 a {\n\tmax_line_length 511\n}", []string{"option 'max_line_length'", "between 512 and 1048576"}},
+		{"max_line_length too large", "pop3 a {\n\tmax_line_length 1048577\n}", []string{"option 'max_line_length'", "between 512 and 1048576"}},
+		{"max_line_length duplicate", "pop3 a {\n\tmax_line_length 1024\n\tmax_line_length 2048\n}", []string{"duplicate pop3 option 'max_line_length'"}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			var h Handler
+			err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input))
+			if err == nil {
+				t.Fatalf("UnmarshalCaddyfile(%q) = nil, want an error", tc.input)
+			}
+			for _, s := range tc.want {
+				if !strings.Contains(err.Error(), s) {
+					t.Errorf("error %q does not contain %q", err, s)
+				}
+			}
+			// Every error carries the Caddyfile position.
+			if !strings.Contains(err.Error(), "Testfile:") {
+				t.Errorf("error %q has no file:line", err)
+			}
+		})
+	}
+}
