@@ -91,3 +91,86 @@ func FuzzPlain(f *testing.F) {
 		}
 	})
 }
+
+func TestCRAMMD5(t *testing.T) {
+	c := NewCRAMMD5("<1896.697170952@postoffice.example.net>")
+	ch, done, err := c.Next(nil)
+	if err != nil || done || string(ch) != "<1896.697170952@postoffice.example.net>" {
+		t.Fatalf("challenge %q %v %v", ch, done, err)
+	}
+	// RFC 2195 §2 example.
+	_, done, err = c.Next([]byte("tim b913a602c7eda7a495b4e6e7334d3890"))
+	if err != nil || !done || c.Credentials() != (Credentials{Username: "tim", Password: "b913a602c7eda7a495b4e6e7334d3890"}) {
+		t.Fatalf("got %+v %v %v", c.Credentials(), done, err)
+	}
+	for _, bad := range []string{"tim", "tim xyz", " b913a602c7eda7a495b4e6e7334d3890", "t\rim b913a602c7eda7a495b4e6e7334d3890"} {
+		c := NewCRAMMD5("<x@y>")
+		_, _, _ = c.Next(nil)
+		if _, _, err := c.Next([]byte(bad)); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+	if _, _, err := NewCRAMMD5("<x@y>").Next([]byte("tim b913a602c7eda7a495b4e6e7334d3890")); err == nil {
+		t.Error("initial response accepted")
+	}
+}
+
+func TestExternal(t *testing.T) {
+	got, _, err := run(NewExternal(), nil, []byte("admin"))
+	if err != nil || got.Username != "admin" {
+		t.Errorf("got %+v %v", got, err)
+	}
+	got, _, err = run(NewExternal(), []byte{})
+	if err != nil || got.Username != "" {
+		t.Errorf("empty identity: %+v %v", got, err)
+	}
+	if _, _, err := run(NewExternal(), []byte("ad\nmin")); err == nil {
+		t.Error("LF accepted")
+	}
+}
+
+func TestOAuth(t *testing.T) {
+	got, _, err := run(NewOAuthBearer(), []byte("n,a=user@example.com,\x01host=server.example.com\x01port=143\x01auth=Bearer vF9dft4qmTc2Nvb3RlckBhbHRhdmlzdGEuY29tCg==\x01\x01"))
+	if err != nil || got != (Credentials{Username: "user@example.com", Password: "vF9dft4qmTc2Nvb3RlckBhbHRhdmlzdGEuY29tCg=="}) {
+		t.Errorf("OAUTHBEARER: %+v %v", got, err)
+	}
+	got, _, err = run(NewXOAuth2(), nil, []byte("user=someuser@example.com\x01auth=Bearer ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg\x01\x01"))
+	if err != nil || got != (Credentials{Username: "someuser@example.com", Password: "ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg"}) {
+		t.Errorf("XOAUTH2: %+v %v", got, err)
+	}
+	for _, bad := range []string{"n,,\x01auth=Bearer x\x01\x01", "n,a=u,\x01auth=Basic x\x01\x01", "garbage"} {
+		if _, _, err := run(NewOAuthBearer(), []byte(bad)); err == nil {
+			t.Errorf("OAUTHBEARER %q accepted", bad)
+		}
+	}
+	if _, _, err := run(NewXOAuth2(), []byte("user=\x01auth=Bearer x\x01\x01")); err == nil {
+		t.Error("XOAUTH2 without user accepted")
+	}
+}
+
+// FuzzMechanisms feeds any response to every mechanism: none may panic or
+// yield a value that could break an upstream command or header.
+func FuzzMechanisms(f *testing.F) {
+	f.Add([]byte("n,a=u,\x01auth=Bearer t\x01\x01"))
+	f.Add([]byte("user=u\x01auth=Bearer t\x01\x01"))
+	f.Add([]byte("tim b913a602c7eda7a495b4e6e7334d3890"))
+	f.Add([]byte("\x00bob\x00pw"))
+	f.Fuzz(func(t *testing.T, msg []byte) {
+		for _, s := range []Server{NewPlain(), NewLogin(), NewCRAMMD5("<1.2@h>"), NewExternal(), NewOAuthBearer(), NewXOAuth2()} {
+			_, _, _ = s.Next(nil)
+			for i := 0; i < 3; i++ {
+				_, done, err := s.Next(msg)
+				if err != nil {
+					break
+				}
+				if done {
+					c := s.Credentials()
+					if !valid(c.Identity, c.Username, c.Password) {
+						t.Fatalf("%T accepted %+v", s, c)
+					}
+					break
+				}
+			}
+		}
+	})
+}
