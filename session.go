@@ -164,7 +164,13 @@ func (s *session) dispatch(line []byte) error {
 		s.debug("malformed command")
 		return errUnknownCommand
 	}
-	s.debug("command", zap.String("verb", cmd.Name))
+	switch cmd.Name {
+	case "CAPA", "STLS", "USER", "PASS", "AUTH", "APOP", "NOOP", "QUIT":
+		s.debug("command", zap.String("verb", cmd.Name))
+	default:
+		// A short password typed at the wrong prompt parses as a verb.
+		s.debug("unknown command")
+	}
 	switch cmd.Name {
 	case "CAPA":
 		return s.handleCapa()
