@@ -2,7 +2,11 @@ package pop3
 
 import (
 	"context"
+	"crypto/tls"
+	"encoding/hex"
 	"errors"
+	"net"
+	"net/netip"
 	"strings"
 	"time"
 
@@ -13,19 +17,24 @@ import (
 )
 
 var (
-	errNoUser         = &replyError{text: "No user name given, send USER first"}
-	errUserDisabled   = &replyError{text: "USER/PASS is not enabled"}
-	errAPOPDisabled   = &replyError{text: "APOP is not enabled"}
-	errNoMechanism    = &replyError{text: "Unsupported authentication mechanism"}
-	errAuthCancelled  = &replyError{code: codeAuth, text: "Authentication cancelled"}
-	errBadBase64      = &replyError{code: codeAuth, text: "Invalid base64 data"}
-	errBadCredentials = &replyError{code: codeAuth, text: "Invalid credentials syntax"}
+	errNoUser          = &replyError{text: "No user name given, send USER first"}
+	errUserDisabled    = &replyError{text: "USER/PASS is not enabled"}
+	errAPOPDisabled    = &replyError{text: "APOP is not enabled"}
+	errNoMechanism     = &replyError{text: "Unsupported authentication mechanism"}
+	errAuthCancelled   = &replyError{code: codeAuth, text: "Authentication cancelled"}
+	errBadBase64       = &replyError{code: codeAuth, text: "Invalid base64 data"}
+	errBadCredentials  = &replyError{code: codeAuth, text: "Invalid credentials syntax"}
+	errAuthUnavailable = &replyError{code: codeSysTemp, text: "Authentication service temporarily unavailable, try again later"}
 )
 
-// loginRequest is what the client proved or claimed.
+// loginRequest is what the client proved or claimed, and about whom.
 type loginRequest struct {
-	method string // plain, apop, cram-md5, external
-	creds  sasl.Credentials
+	method  string           // plain, apop, cram-md5, external, oauthbearer, xoauth2
+	creds   sasl.Credentials // Password holds the password, the APOP or CRAM-MD5 digest, or the token
+	salt    string           // APOP timestamp or CRAM-MD5 challenge
+	attempt int              // 1 for the session's first login attempt
+	remote  net.Addr
+	tls     *tls.ConnectionState // nil on a plaintext connection
 }
 
 // loginTarget says which upstream to log in to and with which credentials.
@@ -34,11 +43,21 @@ type loginTarget struct {
 	creds   sasl.Credentials
 }
 
-// authenticator turns a client's login into a loginTarget. A refusal is a
-// *replyError; any other error means the decision could not be made.
+// authenticator turns a client's login into a loginTarget. A refusal is an
+// *authRefusal; an error that is neither means no decision could be made.
 type authenticator interface {
 	authenticate(ctx context.Context, req loginRequest) (loginTarget, error)
 }
+
+// authRefusal is an authenticator's "no", with what the client may see.
+type authRefusal struct {
+	code    string
+	text    string
+	wait    time.Duration
+	hasWait bool
+}
+
+func (e *authRefusal) Error() string { return "login refused: [" + e.code + "] " + e.text }
 
 // passThrough sends the client's own credentials to one fixed upstream
 // (NGINX's proxy_pass).
@@ -77,14 +96,26 @@ func (s *session) handlePass(cmd pop3wire.Command) error {
 	return s.login(loginRequest{method: AuthPlain, creds: sasl.Credentials{Username: user, Password: cmd.Rest}})
 }
 
-func (s *session) handleAPOP() error {
-	if !s.h.hasAuth(AuthAPOP) {
+// handleAPOP checks the shape of "APOP name digest" (RFC 1939 §7); the digest
+// is verified by the auth server or the upstream that issued the timestamp.
+func (s *session) handleAPOP(cmd pop3wire.Command) error {
+	switch {
+	case !s.h.hasAuth(AuthAPOP):
 		return errAPOPDisabled
-	}
-	if !s.loginAllowed() {
+	case !s.loginAllowed():
 		return errPlaintextLogin
+	case s.timestamp == "":
+		return errAPOPDisabled // the upstream's greeting had no timestamp to relay
 	}
-	return errAPOPDisabled
+	i := strings.LastIndexByte(cmd.Rest, ' ')
+	if i <= 0 {
+		return errSyntax
+	}
+	user, digest := cmd.Rest[:i], strings.ToLower(cmd.Rest[i+1:])
+	if _, err := hex.DecodeString(digest); err != nil || len(digest) != 32 {
+		return errSyntax
+	}
+	return s.login(loginRequest{method: AuthAPOP, creds: sasl.Credentials{Username: user, Password: digest}, salt: s.timestamp})
 }
 
 // handleAuth runs a SASL exchange (RFC 5034).
@@ -103,15 +134,6 @@ func (s *session) handleAuth(cmd pop3wire.Command) error {
 	if !s.allowsMechanism(name) {
 		return errNoMechanism
 	}
-	var server sasl.Server
-	switch name {
-	case "PLAIN":
-		server = sasl.NewPlain()
-	case "LOGIN":
-		server = sasl.NewLogin()
-	default:
-		return errNoMechanism
-	}
 	var response []byte // nil: no initial response
 	if len(args) == 2 {
 		r, err := pop3wire.DecodeSASL(args[1])
@@ -120,19 +142,78 @@ func (s *session) handleAuth(cmd pop3wire.Command) error {
 		}
 		response = r
 	}
+	if name == "CRAM-MD5" && s.early != nil {
+		return s.relayCRAMMD5(response)
+	}
+
+	var server sasl.Server
+	var salt string
+	method := AuthPlain
+	switch name {
+	case "PLAIN":
+		server = sasl.NewPlain()
+	case "LOGIN":
+		server = sasl.NewLogin()
+	case "CRAM-MD5":
+		salt, method = newAPOPTimestamp(), AuthCRAMMD5
+		server = sasl.NewCRAMMD5(salt)
+	case "EXTERNAL":
+		server, method = sasl.NewExternal(), AuthExternal
+	case "OAUTHBEARER":
+		server, method = sasl.NewOAuthBearer(), AuthOAuthBearer
+	case "XOAUTH2":
+		server, method = sasl.NewXOAuth2(), AuthXOAuth2
+	default:
+		return errNoMechanism
+	}
+	if _, err := s.saslExchange(server, response); err != nil {
+		return err
+	}
+	return s.login(loginRequest{method: method, creds: server.Credentials(), salt: salt})
+}
+
+// saslExchange runs server to its end and returns the client's last
+// response.
+func (s *session) saslExchange(server sasl.Server, response []byte) ([]byte, error) {
 	for {
 		challenge, done, err := server.Next(response)
 		if err != nil {
-			return errBadCredentials
+			return nil, errBadCredentials
 		}
 		if done {
-			break
+			return response, nil
 		}
 		if response, err = s.saslContinue(challenge); err != nil {
-			return err
+			return nil, err
 		}
 	}
-	return s.login(loginRequest{method: AuthPlain, creds: server.Credentials()})
+}
+
+// relayCRAMMD5 passes the upstream's own CRAM-MD5 challenge to the client
+// and the client's answer back, so the proxy never needs the password.
+func (s *session) relayCRAMMD5(initial []byte) error {
+	if initial != nil {
+		return errSyntax // RFC 2195 has no initial response
+	}
+	up := s.early
+	started := now()
+	up.setDeadline(started.Add(time.Duration(s.h.Timeout)))
+	challenge, err := up.startSASL("CRAM-MD5")
+	if err != nil {
+		return s.loginFailed(loginRequest{method: AuthCRAMMD5}, up.address, err)
+	}
+	server := sasl.NewCRAMMD5(string(challenge))
+	response, err := s.saslExchange(server, nil)
+	if err != nil {
+		// Cancel upstream too, so a retry starts clean there.
+		if _, cerr := up.finishSASL(nil, true); cerr != nil && !isRejection(cerr) {
+			s.dropEarly()
+		}
+		return err
+	}
+	req := loginRequest{method: AuthCRAMMD5, creds: server.Credentials(), salt: string(challenge)}
+	text, err := up.finishSASL(response, false)
+	return s.loginDone(req, up, text, started, err)
 }
 
 // saslContinue sends a challenge and reads the client's answer; "*" cancels.
@@ -172,57 +253,156 @@ func (s *session) listMechanisms() error {
 	return s.writeLine(".")
 }
 
-// login asks the authenticator where to go, logs in upstream and, on
-// success, switches the session to relaying.
+// login decides where the client goes and logs in there: on the upstream
+// dialled at accept when challenges are relayed, else through the
+// authenticator and a new upstream connection.
 func (s *session) login(req loginRequest) error {
-	ctx := s.cx.Context
+	s.attempts++
+	req.attempt, req.remote, req.tls = s.attempts, s.cx.RemoteAddr(), s.tlsState()
 	started := now()
-	target, err := s.h.authenticator.authenticate(ctx, req)
+	deadline := started.Add(time.Duration(s.h.Timeout))
+
+	if up := s.early; up != nil {
+		up.setDeadline(deadline)
+		var text string
+		var err error
+		if req.method == AuthAPOP {
+			text, err = up.apop(req.creds.Username, req.creds.Password)
+		} else {
+			text, err = up.login(req.creds)
+		}
+		return s.loginDone(req, up, text, started, err)
+	}
+
+	target, err := s.h.authenticator.authenticate(s.cx.Context, req)
 	if err != nil {
 		return s.loginFailed(req, "", err)
 	}
-	deadline := started.Add(time.Duration(s.h.Timeout))
-	up, greeting, err := s.h.loginUpstream(ctx, target, deadline)
+	up, err := s.h.connectUpstream(s.cx.Context, target.address, deadline)
 	if err != nil {
 		return s.loginFailed(req, target.address, err)
 	}
-	s.upstream = up
+	text, err := up.login(target.creds)
+	if err != nil {
+		if isRejection(err) {
+			up.quit()
+		} else {
+			up.close()
+		}
+	}
+	return s.loginDone(req, up, text, started, err)
+}
+
+// loginDone finishes a login attempt on up: relay on success, the right
+// -ERR otherwise.
+func (s *session) loginDone(req loginRequest, up *upstreamClient, text string, started time.Time, err error) error {
+	if err != nil {
+		if s.early != nil && !isRejection(err) && !errors.As(err, new(*replyError)) {
+			s.dropEarly()
+		}
+		return s.loginFailed(req, up.address, err)
+	}
+	up.setDeadline(time.Time{})
+	s.upstream, s.early = up, nil
 	s.loginUser, s.method = req.creds.Username, req.method
 	s.state = stateRelay
+	penalties.succeed(s.clientIP())
 	s.logger.Info("login",
 		zap.String("user", req.creds.Username),
 		zap.String("method", req.method),
-		zap.String("upstream", target.address),
+		zap.String("upstream", up.address),
+		zap.Int("attempt", req.attempt),
 		zap.Duration("duration", now().Sub(started)))
-	return s.writeLine("+OK " + greeting)
+	return s.writeLine("+OK " + text)
+}
+
+func isRejection(err error) bool { return errors.As(err, new(*upstreamRejection)) }
+
+// dropEarly closes the upstream dialled at accept after it failed.
+func (s *session) dropEarly() {
+	if s.early != nil {
+		s.early.close()
+		s.early = nil
+	}
 }
 
 // loginFailed logs why a login failed and picks what the client sees: the
-// upstream's text only with pass_error_message, its response code always.
+// upstream's text only with pass_error_message, its response code always;
+// an auth server's text and code as NGINX shows them. Refused credentials
+// wait auth_failure_delay (doubling per recent failure from the same
+// address) or the auth server's Auth-Wait before the -ERR.
 func (s *session) loginFailed(req loginRequest, upstream string, err error) error {
 	fields := []zap.Field{
 		zap.String("user", req.creds.Username),
 		zap.String("method", req.method),
 		zap.String("upstream", upstream),
+		zap.Int("attempt", req.attempt),
 		zap.Error(err),
 	}
 	var rejected *upstreamRejection
+	var refused *authRefusal
+	var re *replyError
 	switch {
 	case errors.As(err, &rejected):
 		s.logger.Info("login failed", fields...)
-		re := &replyError{code: rejected.code, text: errAuthFailed.text}
-		if re.code == "" {
-			re.code = codeAuth
+		reply := &replyError{code: rejected.code, text: errAuthFailed.text}
+		if reply.code == "" {
+			reply.code = codeAuth
 		}
 		if s.h.PassErrorMessage && rejected.text != "" {
-			re.text = rejected.text
+			reply.text = sanitizeReplyText(rejected.text)
 		}
-		return re
-	case errors.As(err, new(*replyError)):
+		s.failureDelay(0, false)
+		return reply
+	case errors.As(err, &refused):
+		s.logger.Info("login failed", fields...)
+		s.failureDelay(refused.wait, refused.hasWait)
+		return &replyError{code: refused.code, text: refused.text}
+	case errors.As(err, &re):
 		s.logger.Info("login refused", fields...)
 		return err
+	case errors.Is(err, errAuthServer):
+		s.logger.Warn("auth server unavailable", fields...)
+		return errAuthUnavailable
 	}
 	s.logger.Warn("upstream unavailable", fields...)
 	s.result = "upstream_unavailable"
 	return errUnavailable
+}
+
+// failureDelay sleeps before the -ERR of a refused login.
+func (s *session) failureDelay(wait time.Duration, hasWait bool) {
+	d := wait
+	if !hasWait {
+		d = penalties.fail(s.clientIP(), time.Duration(s.h.AuthFailureDelay))
+	}
+	d = min(d, maxFailureDelay)
+	if d > 0 {
+		_ = s.w.Flush() // earlier replies are not held back
+		time.Sleep(d)
+	}
+}
+
+// maxFailureDelay bounds an auth server's Auth-Wait.
+const maxFailureDelay = time.Minute
+
+// sanitizeReplyText keeps text from another server safe for one reply line.
+func sanitizeReplyText(text string) string {
+	text = strings.Map(func(r rune) rune {
+		if r < 0x20 || r == 0x7f {
+			return -1
+		}
+		return r
+	}, text)
+	if len(text) > 200 {
+		text = text[:200]
+	}
+	return text
+}
+
+func (s *session) clientIP() netip.Addr {
+	if ap, err := netip.ParseAddrPort(s.cx.RemoteAddr().String()); err == nil {
+		return ap.Addr().Unmap()
+	}
+	return netip.Addr{}
 }

@@ -22,7 +22,13 @@ const (
 //		# multiple upstream options are supported
 //		upstream <address>
 //
-//		auth <plain|apop|cram-md5|external...>
+//		auth <plain|apop|cram-md5|external|oauthbearer|xoauth2...>
+//		auth_http <url> {
+//			header <name> <value>     # repeatable
+//			timeout <duration>
+//			pass_client_cert <on|off>
+//		}
+//		auth_failure_delay <duration>
 //		capabilities <extensions...>
 //		starttls <off|on|only>
 //
@@ -56,6 +62,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		hasAuth, hasCapabilities, hasStartTLS, hasGreeting bool
 		hasTimeout, hasProxyTimeout, hasPassErrorMessage   bool
 		hasMaxErrors, hasMaxLineLength                     bool
+		hasAuthFailureDelay                                bool
 	)
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		optionName := d.Val()
@@ -124,6 +131,25 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			h.ConnectionPolicy = append(h.ConnectionPolicy, cp)
+		case "auth_http":
+			if h.AuthHTTP != nil {
+				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
+			}
+			a := new(AuthHTTP)
+			if err := a.unmarshalCaddyfile(d, wrapper); err != nil {
+				return err
+			}
+			h.AuthHTTP = a
+			continue // its block is consumed
+		case "auth_failure_delay":
+			if hasAuthFailureDelay {
+				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
+			}
+			dur, err := parsePositiveDuration(d, wrapper, optionName)
+			if err != nil {
+				return err
+			}
+			h.AuthFailureDelay, hasAuthFailureDelay = dur, true
 		case "greeting":
 			if hasGreeting {
 				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
@@ -202,10 +228,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 	}
 
-	if len(h.Upstream) == 0 {
+	if len(h.Upstream) == 0 && h.AuthHTTP == nil {
 		d.Reset() // point the error at the handler's own line
 		d.Next()
-		return d.Errf("%s: at least one upstream is required", wrapper)
+		return d.Errf("%s: at least one upstream (or auth_http) is required", wrapper)
 	}
 	return nil
 }
@@ -255,4 +281,63 @@ func parseIntInRange(d *caddyfile.Dispenser, wrapper, optionName string, lo, hi 
 		return 0, d.Errf("parsing %s option '%s': must be between %d and %d, got %d", wrapper, optionName, lo, hi, val)
 	}
 	return val, nil
+}
+
+// unmarshalCaddyfile reads "auth_http <url> { ... }" at the dispenser's
+// current token.
+func (a *AuthHTTP) unmarshalCaddyfile(d *caddyfile.Dispenser, wrapper string) error {
+	const optionName = "auth_http"
+	if d.CountRemainingArgs() != 1 {
+		return d.ArgErr()
+	}
+	d.NextArg()
+	a.URL = d.Val()
+	var hasTimeout, hasPassClientCert bool
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		sub := d.Val()
+		switch sub {
+		case "header":
+			if d.CountRemainingArgs() != 2 {
+				return d.ArgErr()
+			}
+			d.NextArg()
+			name := d.Val()
+			d.NextArg()
+			if a.Header == nil {
+				a.Header = map[string]string{}
+			}
+			if _, dup := a.Header[name]; dup {
+				return d.Errf("parsing %s option '%s': header '%s' set twice", wrapper, optionName, name)
+			}
+			a.Header[name] = d.Val()
+		case "timeout":
+			if hasTimeout {
+				return d.Errf("duplicate %s option '%s %s'", wrapper, optionName, sub)
+			}
+			dur, err := parsePositiveDuration(d, wrapper, optionName+" "+sub)
+			if err != nil {
+				return err
+			}
+			a.Timeout, hasTimeout = dur, true
+		case "pass_client_cert":
+			if hasPassClientCert {
+				return d.Errf("duplicate %s option '%s %s'", wrapper, optionName, sub)
+			}
+			if d.CountRemainingArgs() != 1 {
+				return d.ArgErr()
+			}
+			d.NextArg()
+			switch d.Val() {
+			case "on":
+				a.PassClientCert = true
+			case "off":
+			default:
+				return d.Errf("parsing %s option '%s %s': unknown value '%s' (want on or off)", wrapper, optionName, sub, d.Val())
+			}
+			hasPassClientCert = true
+		default:
+			return d.Errf("unrecognized %s option '%s %s'", wrapper, optionName, sub)
+		}
+	}
+	return nil
 }

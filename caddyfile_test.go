@@ -183,8 +183,8 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 	}{
 		// general
 		{"unknown option", "pop3 a {\n\tfoo bar\n}", []string{"unrecognized pop3 option 'foo'"}},
-		{"no upstream", "pop3", []string{"upstream", "at least one upstream is required"}},
-		{"no upstream in block", "pop3 {\n\ttimeout 5s\n}", []string{"at least one upstream is required", "Testfile:1"}},
+		{"no upstream", "pop3", []string{"upstream", "at least one upstream"}},
+		{"no upstream in block", "pop3 {\n\ttimeout 5s\n}", []string{"at least one upstream", "Testfile:1"}},
 		{"nested block", "pop3 a {\n\ttimeout 5s {\n\t\tfoo\n\t}\n}", []string{"malformed pop3 option 'timeout'"}},
 
 		// upstream

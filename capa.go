@@ -26,9 +26,18 @@ func (s *session) mechanisms() []string {
 		case AuthPlain:
 			m = append(m, "PLAIN", "LOGIN")
 		case AuthCRAMMD5:
-			m = append(m, "CRAM-MD5")
+			if s.early == nil || s.early.mechs["CRAM-MD5"] {
+				m = append(m, "CRAM-MD5")
+			}
 		case AuthExternal:
-			m = append(m, "EXTERNAL")
+			// Only a client that presented a certificate can use it.
+			if st := s.tlsState(); st != nil && len(st.PeerCertificates) > 0 {
+				m = append(m, "EXTERNAL")
+			}
+		case AuthOAuthBearer:
+			m = append(m, "OAUTHBEARER")
+		case AuthXOAuth2:
+			m = append(m, "XOAUTH2")
 		}
 	}
 	return m

@@ -28,7 +28,8 @@ const (
 	defaultProxyTimeout   = 10 * time.Minute
 	defaultMaxErrors      = 5
 	defaultDialTimeout    = 10 * time.Second
-	defaultMaxLineLength  = 16 * 1024
+	defaultMaxLineLength  = 32 * 1024 // a SASL line: base64 of a 16 KiB OAuth token and more
+	defaultFailureDelay   = time.Second
 	defaultStartTLSPolicy = StartTLSOnly
 )
 
@@ -41,13 +42,15 @@ const (
 
 // Authentication methods a client may be allowed to use (the `auth` option).
 const (
-	AuthPlain    = "plain"    // USER/PASS, AUTH PLAIN and AUTH LOGIN
-	AuthAPOP     = "apop"     // APOP (RFC 1939)
-	AuthCRAMMD5  = "cram-md5" // AUTH CRAM-MD5 (RFC 2195)
-	AuthExternal = "external" // AUTH EXTERNAL with a TLS client certificate (RFC 4422)
+	AuthPlain       = "plain"       // USER/PASS, AUTH PLAIN and AUTH LOGIN
+	AuthAPOP        = "apop"        // APOP (RFC 1939)
+	AuthCRAMMD5     = "cram-md5"    // AUTH CRAM-MD5 (RFC 2195)
+	AuthExternal    = "external"    // AUTH EXTERNAL with a TLS client certificate (RFC 4422)
+	AuthOAuthBearer = "oauthbearer" // AUTH OAUTHBEARER (RFC 7628)
+	AuthXOAuth2     = "xoauth2"     // AUTH XOAUTH2, the form large mail providers use
 )
 
-var knownAuthMethods = []string{AuthPlain, AuthAPOP, AuthCRAMMD5, AuthExternal}
+var knownAuthMethods = []string{AuthPlain, AuthAPOP, AuthCRAMMD5, AuthExternal, AuthOAuthBearer, AuthXOAuth2}
 
 // Handler is a POP3 proxy for the layer4 app: module `layer4.handlers.pop3`.
 // It is terminal: it never calls the next handler in the route.
@@ -55,8 +58,16 @@ type Handler struct {
 	// Upstream POP3 servers. This version logs in to the first one.
 	Upstream []*Upstream `json:"upstream,omitempty"`
 	// Authentication methods the client may use: plain, apop, cram-md5,
-	// external. Default: plain.
+	// external, oauthbearer, xoauth2. Default: plain.
 	Auth []string `json:"auth,omitempty"`
+	// An NGINX-compatible auth server that checks each login and names
+	// the upstream for it. Without it the client's credentials go to the
+	// first upstream as they are.
+	AuthHTTP *AuthHTTP `json:"auth_http,omitempty"`
+	// Delay before the -ERR of a refused login; it doubles with each
+	// recent failure from the same client address, up to 15s. An auth
+	// server's Auth-Wait replaces it. Default: 1s.
+	AuthFailureDelay caddy.Duration `json:"auth_failure_delay,omitempty"`
 	// Extensions listed by CAPA besides those the proxy adds itself
 	// (SASL, STLS, RESP-CODES, AUTH-RESP-CODE). USER is listed only while
 	// plain login is allowed. Default: TOP USER UIDL.
@@ -81,13 +92,18 @@ type Handler struct {
 	// Protocol errors (unknown or refused commands, failed logins) before
 	// the session is closed. Default: 5.
 	MaxErrors int `json:"max_errors,omitempty"`
-	// Longest command line, SASL response included, in bytes. Default: 16384.
+	// Longest command line, SASL response included, in bytes. Default: 32768.
 	MaxLineLength int `json:"max_line_length,omitempty"`
 
 	ctx       caddy.Context // Handle gets no context; l4tls and l4proxy keep it the same way
 	logger    *zap.Logger
 	tlsOn     bool        // STLS may be offered: starttls is not off
 	tlsConfig *tls.Config // built once so that session tickets work across connections
+
+	// relayChallenges: APOP or CRAM-MD5 without an auth server. Each
+	// session then dials the upstream at accept and relays its timestamp
+	// and challenge, so the proxy never needs the password.
+	relayChallenges bool
 
 	authenticator authenticator
 	dialer        upstreamDialer
@@ -155,6 +171,9 @@ func (h *Handler) setup() error {
 	if h.MaxLineLength == 0 {
 		h.MaxLineLength = defaultMaxLineLength
 	}
+	if h.AuthFailureDelay == 0 {
+		h.AuthFailureDelay = caddy.Duration(defaultFailureDelay)
+	}
 	if h.StartTLS == "" {
 		h.StartTLS = defaultStartTLSPolicy
 	}
@@ -183,14 +202,30 @@ func (h *Handler) setup() error {
 
 	h.tlsOn = h.StartTLS != StartTLSOff
 	h.dialer = &tcpDialer{timeout: defaultDialTimeout}
-	h.authenticator = passThrough{upstream: h.Upstream[0].Address}
+	if h.AuthHTTP != nil {
+		repl := caddy.NewReplacer() // {env.*} keeps secrets out of the config file
+		for name, v := range h.AuthHTTP.Header {
+			h.AuthHTTP.Header[name] = repl.ReplaceAll(v, "")
+		}
+		if err := h.AuthHTTP.provision(); err != nil {
+			return fmt.Errorf("auth_http: %w", err)
+		}
+		verifyClient := false
+		for _, p := range h.ConnectionPolicy {
+			verifyClient = verifyClient || (p != nil && p.ClientAuthentication != nil)
+		}
+		h.authenticator = authHTTPAuthenticator{a: h.AuthHTTP, verifyClient: verifyClient}
+	} else {
+		h.authenticator = passThrough{upstream: h.Upstream[0].Address}
+		h.relayChallenges = h.hasAuth(AuthAPOP) || h.hasAuth(AuthCRAMMD5)
+	}
 	return nil
 }
 
 // Validate checks the configuration; it holds no secrets in its errors.
 func (h *Handler) Validate() error {
-	if len(h.Upstream) == 0 {
-		return errors.New("upstream: at least one upstream is required")
+	if len(h.Upstream) == 0 && h.AuthHTTP == nil {
+		return errors.New("upstream: at least one upstream is required (or auth_http to name one per login)")
 	}
 	for i, u := range h.Upstream {
 		if u == nil || u.Address == "" {
@@ -212,11 +247,22 @@ func (h *Handler) Validate() error {
 			return fmt.Errorf("auth: method %q listed twice", m)
 		}
 		seen[m] = true
-		if m != AuthPlain {
-			// These need the upstream's challenge or an auth server, which the
-			// pass-through login does not have.
-			return fmt.Errorf("auth: method %q is not available with pass-through login; use plain", m)
+		switch m {
+		case AuthExternal, AuthOAuthBearer, AuthXOAuth2:
+			// Nothing in the client's message is a password for the upstream.
+			if h.AuthHTTP == nil {
+				return fmt.Errorf("auth: method %q needs auth_http", m)
+			}
+		case AuthAPOP, AuthCRAMMD5:
+			// Without an auth server the upstream's own challenge is relayed,
+			// which needs the upstream known before the greeting.
+			if h.AuthHTTP == nil && len(h.Upstream) != 1 {
+				return fmt.Errorf("auth: method %q without auth_http needs exactly one upstream, known before the greeting", m)
+			}
 		}
+	}
+	if h.AuthFailureDelay < 0 {
+		return errors.New("auth_failure_delay: must not be negative")
 	}
 	for _, c := range h.Capabilities {
 		if strings.TrimSpace(c) == "" || strings.ContainsAny(c, "\r\n\x00") {
@@ -250,7 +296,12 @@ func (h *Handler) Validate() error {
 
 // Cleanup releases nothing that live sessions still use: sessions of an old
 // config keep running after a reload.
-func (h *Handler) Cleanup() error { return nil }
+func (h *Handler) Cleanup() error {
+	if h.AuthHTTP != nil {
+		h.AuthHTTP.cleanup() // idle connections only; live sessions open new ones
+	}
+	return nil
+}
 
 // Handle serves one POP3 client connection. It returns nil for ordinary
 // ends (QUIT, client EOF, timeouts) since caddy-l4 logs any error at ERROR.

@@ -3,6 +3,7 @@ package pop3
 import (
 	"bufio"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -47,9 +48,11 @@ type session struct {
 	result    string // how the session ended, for the session log line
 	loginUser string // user name once logged in
 	method    string
-	upstream  *upstreamConn
-	bytesUp   int64 // client to upstream, after login
-	bytesDn   int64 // upstream to client, after login
+	early     *upstreamClient // dialled at accept to relay its APOP timestamp and CRAM-MD5 challenge
+	upstream  *upstreamClient // logged in
+	attempts  int             // login attempts, for auth_http's Auth-Login-Attempt
+	bytesUp   int64           // client to upstream, after login
+	bytesDn   int64           // upstream to client, after login
 }
 
 // replyError is a -ERR reply: an optional RFC 2449 response code and text
@@ -132,13 +135,39 @@ func (s *session) run() error {
 	return nil
 }
 
+// greet sends the greeting. When challenges are relayed it first connects
+// to the upstream, whose APOP timestamp the client must sign; an upstream
+// that cannot be reached gets the client a -ERR greeting (RFC 1939 §4 allows
+// it) instead of a login that cannot work.
 func (s *session) greet() error {
 	text := s.h.Greeting
-	if s.h.hasAuth(AuthAPOP) {
+	if s.h.relayChallenges {
+		up, err := s.h.connectUpstream(s.cx.Context, s.h.Upstream[0].Address, now().Add(time.Duration(s.h.Timeout)))
+		if err != nil {
+			s.logger.Warn("upstream unavailable", zap.String("upstream", s.h.Upstream[0].Address), zap.Error(err))
+			s.state, s.result = stateDone, "upstream_unavailable"
+			return s.writeLine("-ERR " + errUnavailable.Error())
+		}
+		up.setDeadline(time.Time{})
+		s.early = up
+		if s.h.hasAuth(AuthAPOP) {
+			s.timestamp = up.timestamp
+		}
+	} else if s.h.hasAuth(AuthAPOP) {
 		s.timestamp = newAPOPTimestamp()
+	}
+	if s.timestamp != "" {
 		text += " " + s.timestamp
 	}
 	return s.writeLine("+OK " + text)
+}
+
+// tlsState returns the client connection's TLS state, nil if plaintext.
+func (s *session) tlsState() *tls.ConnectionState {
+	if states := l4tls.GetConnectionStates(s.cx); len(states) > 0 {
+		return states[len(states)-1]
+	}
+	return nil
 }
 
 // newAPOPTimestamp returns an RFC 1939 §7 msg-id style timestamp that no
@@ -183,7 +212,7 @@ func (s *session) dispatch(line []byte) error {
 	case "AUTH":
 		return s.handleAuth(cmd)
 	case "APOP":
-		return s.handleAPOP()
+		return s.handleAPOP(cmd)
 	case "NOOP":
 		return s.writeLine("+OK")
 	case "QUIT":
@@ -284,6 +313,7 @@ func (s *session) logEnd() {
 	if s.upstream != nil {
 		s.upstream.close()
 	}
+	s.dropEarly()
 	s.setResult("closed")
 	fields := []zap.Field{
 		zap.String("result", s.result),

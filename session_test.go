@@ -26,17 +26,23 @@ import (
 
 // testSession is a client talking to Handle over a pipe or a TCP pair.
 type testSession struct {
-	t      *testing.T
-	conn   net.Conn
-	r      *bufio.Reader
-	done   chan error
-	logs   *observer.ObservedLogs
-	handle *Handler
+	t        *testing.T
+	conn     net.Conn
+	r        *bufio.Reader
+	done     chan error
+	logs     *observer.ObservedLogs
+	handle   *Handler
+	greeting string
 }
 
 func newTestHandler(t *testing.T, upstream string, mod func(*Handler)) (*Handler, *observer.ObservedLogs) {
 	t.Helper()
-	h := &Handler{Upstream: []*Upstream{{Address: upstream}}, StartTLS: StartTLSOff, Timeout: caddy.Duration(5 * time.Second)}
+	h := &Handler{
+		Upstream:         []*Upstream{{Address: upstream}},
+		StartTLS:         StartTLSOff,
+		Timeout:          caddy.Duration(5 * time.Second),
+		AuthFailureDelay: caddy.Duration(time.Millisecond),
+	}
 	if mod != nil {
 		mod(h)
 	}
@@ -55,6 +61,21 @@ func newTestHandler(t *testing.T, upstream string, mod func(*Handler)) (*Handler
 // reads the greeting.
 func startSession(t *testing.T, h *Handler, logs *observer.ObservedLogs, tcp bool) *testSession {
 	t.Helper()
+	ts := startSessionRaw(t, h, logs, tcp)
+	if !strings.HasPrefix(ts.greeting, "+OK POP3 ready") {
+		t.Fatalf("greeting %q", ts.greeting)
+	}
+	return ts
+}
+
+// startSessionGreeting starts a TCP session and keeps whatever greeting came.
+func startSessionGreeting(t *testing.T, h *Handler, logs *observer.ObservedLogs) *testSession {
+	t.Helper()
+	return startSessionRaw(t, h, logs, true)
+}
+
+func startSessionRaw(t *testing.T, h *Handler, logs *observer.ObservedLogs, tcp bool) *testSession {
+	t.Helper()
 	var client, server net.Conn
 	if tcp {
 		client, server = tcpPair(t)
@@ -69,7 +90,7 @@ func startSession(t *testing.T, h *Handler, logs *observer.ObservedLogs, tcp boo
 		ts.done <- err
 	}()
 	t.Cleanup(func() { _ = client.Close() })
-	ts.expect("+OK POP3 ready")
+	ts.greeting = ts.readLine()
 	return ts
 }
 
@@ -185,6 +206,59 @@ func (ts *testSession) assertNoSecret(secrets ...string) {
 }
 
 func b64(s string) string { return base64.StdEncoding.EncodeToString([]byte(s)) }
+
+func b64decode(s string) (string, error) {
+	b, err := base64.StdEncoding.DecodeString(s)
+	return string(b), err
+}
+
+// testCA returns a CA certificate and key for client certificates.
+func testCA(t *testing.T) (*x509.Certificate, *ecdsa.PrivateKey) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(100),
+		Subject:               pkix.Name{CommonName: "test client CA"},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(time.Hour),
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		KeyUsage:              x509.KeyUsageCertSign,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ca, key
+}
+
+// testClientCert returns a client certificate for cn signed by ca.
+func testClientCert(t *testing.T, ca *x509.Certificate, caKey *ecdsa.PrivateKey, cn string) tls.Certificate {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(101),
+		Subject:      pkix.Name{CommonName: cn},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
 
 func testCertificate(t *testing.T) tls.Certificate {
 	t.Helper()

@@ -29,15 +29,6 @@ func (d *tcpDialer) dial(ctx context.Context, address string) (net.Conn, error) 
 	return nd.DialContext(ctx, "tcp", address)
 }
 
-// upstreamConn is a logged-in upstream connection.
-type upstreamConn struct {
-	address string
-	conn    net.Conn
-	r       *pop3wire.Reader // may hold bytes the upstream sent after its +OK
-}
-
-func (u *upstreamConn) close() { _ = u.conn.Close() }
-
 // upstreamRejection is the upstream's -ERR to the login: the credentials
 // were refused, the upstream itself works.
 type upstreamRejection struct {
@@ -69,49 +60,74 @@ func normalizeUpstreamAddress(addr string) (string, error) {
 	return addr + ":110", nil
 }
 
-// loginUpstream dials the target, reads its greeting and logs in with the
-// target's credentials. It returns the connection and the text of the
-// upstream's final +OK. Everything happens before deadline.
-func (h *Handler) loginUpstream(ctx context.Context, t loginTarget, deadline time.Time) (*upstreamConn, string, error) {
-	if err := checkCredentials(t.creds); err != nil {
-		return nil, "", err
-	}
+// upstreamClient is the client side of POP3 towards one upstream: dialled,
+// greeted and asked for CAPA by connectUpstream, then logged in.
+type upstreamClient struct {
+	address   string
+	conn      net.Conn
+	r         *pop3wire.Reader // after login it may hold bytes the upstream sent after its +OK
+	w         *bufio.Writer
+	timestamp string          // APOP timestamp from the greeting, "" if none
+	mechs     map[string]bool // SASL mechanisms from CAPA
+}
+
+// connectUpstream dials address, reads the greeting and asks CAPA, all
+// before deadline.
+func (h *Handler) connectUpstream(ctx context.Context, address string, deadline time.Time) (*upstreamClient, error) {
 	ctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
-	conn, err := h.dialer.dial(ctx, t.address)
+	conn, err := h.dialer.dial(ctx, address)
 	if err != nil {
-		return nil, "", fmt.Errorf("dialing upstream: %w", err)
+		return nil, fmt.Errorf("dialing upstream: %w", err)
 	}
 	_ = conn.SetDeadline(deadline)
-	c := &upstreamClient{r: pop3wire.NewReader(conn, upstreamLineLimit), w: bufio.NewWriterSize(conn, 512)}
-	text, err := c.login(t.creds)
+	c := &upstreamClient{
+		address: address,
+		conn:    conn,
+		r:       pop3wire.NewReader(conn, upstreamLineLimit),
+		w:       bufio.NewWriterSize(conn, 512),
+	}
+	greeting, err := c.readResponse()
+	if err == nil && (!greeting.OK || greeting.Continuation) {
+		err = fmt.Errorf("%w: upstream greeting is -ERR [%s] %s", errUpstreamProtocol, greeting.Code, greeting.Text)
+	}
+	if err == nil {
+		c.timestamp = apopTimestamp(greeting.Text)
+		c.mechs, err = c.capa()
+	}
 	if err != nil {
-		var rejected *upstreamRejection
-		if errors.As(err, &rejected) {
-			_ = c.cmd("QUIT") // polite; the result does not matter
-		}
 		_ = conn.Close()
-		return nil, "", err
+		return nil, err
 	}
-	_ = conn.SetDeadline(time.Time{})
-	return &upstreamConn{address: t.address, conn: conn, r: c.r}, text, nil
+	return c, nil
 }
 
-// checkCredentials refuses values that would end or split an upstream
-// command line: a SASL-decoded name can hold any byte.
-func checkCredentials(c sasl.Credentials) error {
-	if c.Username == "" || pop3wire.ContainsLineBreakOrNUL(c.Username) ||
-		pop3wire.ContainsLineBreakOrNUL(c.Password) || pop3wire.ContainsLineBreakOrNUL(c.Identity) {
-		return errBadCredentials
+// apopTimestamp finds an RFC 1939 §7 timestamp "<...@...>" in a greeting.
+func apopTimestamp(text string) string {
+	start := strings.IndexByte(text, '<')
+	if start < 0 {
+		return ""
 	}
-	return nil
+	end := strings.IndexByte(text[start:], '>')
+	if end < 0 {
+		return ""
+	}
+	ts := text[start : start+end+1]
+	if !strings.Contains(ts, "@") {
+		return ""
+	}
+	return ts
 }
 
-// upstreamClient is the client side of POP3 towards the upstream.
-type upstreamClient struct {
-	r *pop3wire.Reader
-	w *bufio.Writer
+func (c *upstreamClient) close() { _ = c.conn.Close() }
+
+// quit ends a connection after a refused login; the answer does not matter.
+func (c *upstreamClient) quit() {
+	_ = c.cmd("QUIT")
+	c.close()
 }
+
+func (c *upstreamClient) setDeadline(t time.Time) { _ = c.conn.SetDeadline(t) }
 
 func (c *upstreamClient) cmd(line string) error {
 	if _, err := c.w.WriteString(line + "\r\n"); err != nil {
@@ -132,58 +148,102 @@ func (c *upstreamClient) readResponse() (pop3wire.Response, error) {
 	return resp, nil
 }
 
-// login reads the greeting, asks CAPA and logs in: AUTH PLAIN where the
-// upstream offers it (it carries any byte and an authorization identity),
-// else USER/PASS.
+// checkCredentials refuses values that would end or split an upstream
+// command line: a SASL-decoded name can hold any byte.
+func checkCredentials(c sasl.Credentials) error {
+	if c.Username == "" || pop3wire.ContainsLineBreakOrNUL(c.Username) ||
+		pop3wire.ContainsLineBreakOrNUL(c.Password) || pop3wire.ContainsLineBreakOrNUL(c.Identity) {
+		return errBadCredentials
+	}
+	return nil
+}
+
+// login logs in with a password: AUTH PLAIN where the upstream offers it
+// (it carries any byte and an authorization identity), else USER/PASS.
+// It returns the text of the upstream's +OK.
 func (c *upstreamClient) login(creds sasl.Credentials) (string, error) {
-	greeting, err := c.readResponse()
-	if err != nil {
-		return "", fmt.Errorf("reading upstream greeting: %w", err)
-	}
-	if !greeting.OK || greeting.Continuation {
-		return "", fmt.Errorf("%w: upstream greeting is -ERR [%s] %s", errUpstreamProtocol, greeting.Code, greeting.Text)
-	}
-	mechs, err := c.capa()
-	if err != nil {
+	if err := checkCredentials(creds); err != nil {
 		return "", err
 	}
-	var resp pop3wire.Response
-	if mechs["PLAIN"] {
+	if c.mechs["PLAIN"] {
 		ir := pop3wire.EncodeSASL([]byte(creds.Identity + "\x00" + creds.Username + "\x00" + creds.Password))
 		if err := c.cmd("AUTH PLAIN " + ir); err != nil {
 			return "", err
 		}
-		if resp, err = c.readResponse(); err != nil {
-			return "", err
-		}
-		if resp.Continuation { // an upstream that ignores initial responses
-			if err := c.cmd(ir); err != nil {
-				return "", err
-			}
-			if resp, err = c.readResponse(); err != nil {
-				return "", err
+		resp, err := c.readResponse()
+		if err == nil && resp.Continuation { // an upstream that ignores initial responses
+			if err = c.cmd(ir); err == nil {
+				resp, err = c.readResponse()
 			}
 		}
-	} else {
-		if creds.Identity != "" {
-			return "", &upstreamRejection{code: codeAuth, text: "authorization identity not supported by upstream"}
-		}
-		if err := c.cmd("USER " + creds.Username); err != nil {
-			return "", err
-		}
-		if resp, err = c.readResponse(); err != nil {
-			return "", err
-		}
-		if resp.OK {
-			if err := c.cmd("PASS " + creds.Password); err != nil {
-				return "", err
-			}
-			if resp, err = c.readResponse(); err != nil {
-				return "", err
-			}
+		return loginResult(resp, err)
+	}
+	if creds.Identity != "" {
+		return "", &upstreamRejection{code: codeAuth, text: "authorization identity not supported by upstream"}
+	}
+	if err := c.cmd("USER " + creds.Username); err != nil {
+		return "", err
+	}
+	resp, err := c.readResponse()
+	if err == nil && resp.OK {
+		if err = c.cmd("PASS " + creds.Password); err == nil {
+			resp, err = c.readResponse()
 		}
 	}
+	return loginResult(resp, err)
+}
+
+// apop logs in with the client's APOP digest, made over our timestamp.
+func (c *upstreamClient) apop(user, digest string) (string, error) {
+	if err := checkCredentials(sasl.Credentials{Username: user, Password: digest}); err != nil {
+		return "", err
+	}
+	if err := c.cmd("APOP " + user + " " + digest); err != nil {
+		return "", err
+	}
+	return loginResult(c.readResponse())
+}
+
+// startSASL sends AUTH <mechanism> and returns the upstream's decoded
+// first challenge.
+func (c *upstreamClient) startSASL(mechanism string) ([]byte, error) {
+	if err := c.cmd("AUTH " + mechanism); err != nil {
+		return nil, err
+	}
+	resp, err := c.readResponse()
+	if err != nil {
+		return nil, err
+	}
+	if !resp.Continuation {
+		if !resp.OK {
+			return nil, &upstreamRejection{code: resp.Code, text: resp.Text}
+		}
+		return nil, fmt.Errorf("%w: AUTH %s answered +OK without a challenge", errUpstreamProtocol, mechanism)
+	}
+	challenge, err := pop3wire.DecodeSASL(resp.Text)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", errUpstreamProtocol, err)
+	}
+	return challenge, nil
+}
+
+// finishSASL sends the client's last response (or "*" to cancel) and reads
+// the result.
+func (c *upstreamClient) finishSASL(response []byte, cancel bool) (string, error) {
+	line := "*"
+	if !cancel {
+		line = pop3wire.EncodeSASL(response)
+	}
+	if err := c.cmd(line); err != nil {
+		return "", err
+	}
+	return loginResult(c.readResponse())
+}
+
+func loginResult(resp pop3wire.Response, err error) (string, error) {
 	switch {
+	case err != nil:
+		return "", err
 	case resp.Continuation:
 		return "", fmt.Errorf("%w: unexpected continuation", errUpstreamProtocol)
 	case !resp.OK:

@@ -152,6 +152,7 @@ func sharedCaddyfile() string {
 		%[1]s {
 			route {
 				pop3 %[6]s {
+					auth_failure_delay 1ms
 					connection_policy {
 						default_sni localhost
 					}
@@ -164,6 +165,7 @@ func sharedCaddyfile() string {
 				pop3 {
 					upstream %[6]s
 					starttls on
+					auth_failure_delay 1ms
 					connection_policy {
 						default_sni localhost
 					}
@@ -175,6 +177,7 @@ func sharedCaddyfile() string {
 			route {
 				pop3 %[6]s {
 					starttls off
+					auth_failure_delay 1ms
 				}
 			}
 		}
@@ -187,7 +190,9 @@ func sharedCaddyfile() string {
 						default_sni localhost
 					}
 				}
-				pop3 %[6]s
+				pop3 %[6]s {
+					auth_failure_delay 1ms
+				}
 			}
 		}
 		# the upstream is a closed port

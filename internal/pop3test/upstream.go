@@ -4,7 +4,10 @@ package pop3test
 
 import (
 	"bufio"
+	"crypto/hmac"
+	"crypto/md5"
 	"encoding/base64"
+	"encoding/hex"
 	"fmt"
 	"net"
 	"strings"
@@ -31,6 +34,9 @@ type Upstream struct {
 	Messages []string
 	// FailText is the -ERR line sent for a wrong password.
 	FailText string
+	// Timestamp, when set, is the APOP timestamp of the greeting; APOP
+	// and AUTH CRAM-MD5 are then served (CRAM-MD5 needs "CRAM-MD5" in SASL).
+	Timestamp string
 
 	ln    net.Listener
 	mu    sync.Mutex
@@ -92,6 +98,9 @@ func (u *Upstream) serve(c net.Conn) {
 	greeting := u.Greeting
 	if greeting == "" {
 		greeting = "+OK fake ready"
+		if u.Timestamp != "" {
+			greeting += " " + u.Timestamp
+		}
 	}
 	send(greeting)
 	if strings.HasPrefix(greeting, "-") {
@@ -129,6 +138,39 @@ func (u *Upstream) serve(c net.Conn) {
 			send("+OK")
 		case verb == "PASS" && !loggedIn:
 			loggedIn = u.check(user, arg, send)
+		case verb == "APOP" && !loggedIn && u.Timestamp != "":
+			user, digest, _ := strings.Cut(arg, " ")
+			sum := md5.Sum([]byte(u.Timestamp + u.Users[user]))
+			loggedIn = u.check(user, u.Users[user], func(string) {}) && hex.EncodeToString(sum[:]) == digest
+			if loggedIn {
+				send("+OK Logged in.")
+			} else {
+				send("-ERR [AUTH] Authentication failed.")
+			}
+		case verb == "AUTH" && strings.EqualFold(arg, "CRAM-MD5") && !loggedIn && u.Timestamp != "":
+			send("+ " + base64.StdEncoding.EncodeToString([]byte(u.Timestamp)))
+			line, err := r.ReadString('\n')
+			if err != nil {
+				return
+			}
+			line = strings.TrimRight(line, "\r\n")
+			u.mu.Lock()
+			u.lines = append(u.lines, line)
+			u.mu.Unlock()
+			if line == "*" {
+				send("-ERR Authentication cancelled")
+				continue
+			}
+			b, _ := base64.StdEncoding.DecodeString(line)
+			user, digest, _ := strings.Cut(string(b), " ")
+			mac := hmac.New(md5.New, []byte(u.Users[user]))
+			mac.Write([]byte(u.Timestamp))
+			if _, ok := u.Users[user]; ok && hex.EncodeToString(mac.Sum(nil)) == digest {
+				loggedIn = true
+				send("+OK Logged in.")
+			} else {
+				send("-ERR [AUTH] Authentication failed.")
+			}
 		case verb == "AUTH" && !loggedIn:
 			mech, ir, _ := strings.Cut(arg, " ")
 			b, err := base64.StdEncoding.DecodeString(ir)

@@ -1,0 +1,803 @@
+package pop3
+
+import (
+	"context"
+	"crypto/sha1" // Auth-SSL-Fingerprint is SHA-1 because NGINX's is; nothing is secured by it
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/asn1"
+	"encoding/hex"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+	"unicode/utf8"
+
+	"github.com/caddyserver/caddy/v2"
+)
+
+// The auth_http client speaks the protocol of NGINX's
+// ngx_mail_auth_http_module (src/mail/ngx_mail_auth_http_module.c,
+// https://nginx.org/en/docs/mail/ngx_mail_auth_http_module.html) so that an
+// auth server written for NGINX works unchanged. Where this code differs
+// from NGINX it says so in a comment starting "Unlike NGINX".
+
+const (
+	// defaultAuthHTTPTimeout is NGINX's auth_http_timeout default
+	// (ngx_conf_merge_msec_value(conf->timeout, prev->timeout, 60000)).
+	defaultAuthHTTPTimeout = 60 * time.Second
+	// authHTTPMaxHeaderBytes bounds the response header. Unlike NGINX, which
+	// reads the whole answer into a 1024-byte buffer and fails past it, this
+	// allows 16 KiB.
+	authHTTPMaxHeaderBytes = 16 << 10
+	// authHTTPMaxBody is how much of a body is read so that the connection
+	// can be reused; a longer or unsized body is not read and the connection
+	// is closed instead. NGINX ignores the body ("The data in the response
+	// body is ignored").
+	authHTTPMaxBody = 4 << 10
+)
+
+// errAuthHTTPResponse is wrapped by every error about an answer the auth
+// server should not have sent; check puts "auth_http: asking <url>" before it.
+var errAuthHTTPResponse = errors.New("invalid response")
+
+// AuthHTTP asks an HTTP server, as NGINX's auth_http does, whether a login
+// is allowed and which upstream serves the mailbox.
+type AuthHTTP struct {
+	// URL of the auth server, http:// or https://. Requests are GET with no
+	// body; redirects are not followed.
+	URL string `json:"url"`
+	// Header fields sent with every request, as NGINX's auth_http_header,
+	// e.g. a shared secret. Names go out spelled as given. Values may hold
+	// {env.*} placeholders. Names the proxy sends itself are refused.
+	Header map[string]string `json:"header,omitempty"`
+	// How long one request may take, from connecting to the end of the
+	// response header. Default: 60s.
+	Timeout caddy.Duration `json:"timeout,omitempty"`
+	// Send the client's TLS certificate, PEM and URL-escaped, in
+	// Auth-SSL-Cert (NGINX's auth_http_pass_client_cert). Default: false.
+	PassClientCert bool `json:"pass_client_cert,omitempty"`
+
+	client  *http.Client
+	safeURL string // URL without user info or query, for error text
+}
+
+// authHTTPRequest is what one auth_http request says about a login.
+type authHTTPRequest struct {
+	// Method is the Auth-Method: "plain" (USER/PASS, AUTH PLAIN, AUTH
+	// LOGIN), "apop", "cram-md5", "external" as NGINX, or "oauthbearer" and
+	// "xoauth2", which NGINX does not have. "login" is sent as "plain".
+	Method string
+	// User and Pass are the client's user name and password; for apop and
+	// cram-md5 Pass is the client's hex digest, for oauthbearer and xoauth2
+	// the token, for external it is empty. Both go out URL-escaped.
+	User, Pass string
+	// Salt is the challenge the digest was made with (the APOP greeting
+	// timestamp, angle brackets included); sent only for apop and cram-md5.
+	Salt string
+	// Attempt is Auth-Login-Attempt: 1 for the first login of a session,
+	// counting every login command, not WAIT repeats.
+	Attempt int
+	// ClientIP is the client's address without port.
+	ClientIP string
+	// ClientHost is the client's host name from a PTR lookup; "" omits
+	// Client-Host, as NGINX does for POP3 (it resolves names only for SMTP).
+	ClientHost string
+	// TLS is the client connection's state; nil when it is plaintext.
+	TLS *tls.ConnectionState
+	// VerifyClient says the TLS config asks for client certificates (NGINX:
+	// ssl_verify_client is not off); only then are Auth-SSL-Verify and, when
+	// a certificate came, its details sent.
+	VerifyClient bool
+}
+
+// authHTTPResult is the auth server's answer.
+type authHTTPResult struct {
+	// OK: log in to Address. Address is ip:port from Auth-Server and
+	// Auth-Port, IPv6 in brackets.
+	OK      bool
+	Address string
+	// User and Pass replace the client's user name and password for the
+	// upstream login when not empty (Auth-User, Auth-Pass; NGINX sends them
+	// escaped but takes them back verbatim). Pass is always set for apop,
+	// cram-md5 and external.
+	User, Pass string
+	// Retry: Auth-Status was WAIT. NGINX asks again after Wait (at once
+	// when 0) with the same Auth-Login-Attempt, without telling the client.
+	Retry bool
+	// ErrorText is the Auth-Status of a refusal. NGINX sends it to a POP3
+	// client as "-ERR <text>".
+	ErrorText string
+	// ErrorCode is Auth-Error-Code; NGINX uses it for SMTP only.
+	ErrorCode string
+	// Wait is Auth-Wait (whole seconds), HasWait whether a valid one came. On a
+	// refusal NGINX waits this long, sends the error and lets the client try
+	// again; when Wait is 0 or absent it sends the error and closes the
+	// connection.
+	Wait    time.Duration
+	HasWait bool
+}
+
+// Header names the client sends itself; auth_http_header may not repeat
+// them. Compared case-insensitively.
+var authHTTPReservedHeaders = []string{
+	"Host", "Connection", "Content-Length", "Transfer-Encoding", "Trailer",
+	"Auth-Method", "Auth-User", "Auth-Pass", "Auth-Salt", "Auth-Protocol",
+	"Auth-Login-Attempt", "Client-IP", "Client-Host", "Auth-SSL",
+}
+
+// provision applies defaults, checks the configuration and builds the HTTP
+// client. No error holds the URL's user info or a header value.
+func (c *AuthHTTP) provision() error {
+	if c.Timeout == 0 {
+		c.Timeout = caddy.Duration(defaultAuthHTTPTimeout)
+	}
+	if c.Timeout < 0 {
+		return errors.New("auth_http: timeout must not be negative")
+	}
+	u, err := url.Parse(c.URL)
+	if err != nil || c.URL == "" {
+		return errors.New("auth_http: url: not a valid URL")
+	}
+	if u.Scheme != "http" && u.Scheme != "https" {
+		// Unlike NGINX, which takes http only (no TLS) and unix: sockets.
+		return errors.New("auth_http: url: scheme must be http or https")
+	}
+	if u.Hostname() == "" {
+		return errors.New("auth_http: url: host missing")
+	}
+	c.safeURL = (&url.URL{Scheme: u.Scheme, Host: u.Host, Path: u.Path}).String()
+	for name, value := range c.Header {
+		if !validHeaderName(name) {
+			return fmt.Errorf("auth_http: header %q: invalid name", name)
+		}
+		if isReservedAuthHTTPHeader(name) {
+			// Unlike NGINX, which would send the field twice.
+			return fmt.Errorf("auth_http: header %q: sent by the proxy itself", name)
+		}
+		if hasControl(value) {
+			return fmt.Errorf("auth_http: header %q: value holds a control character", name)
+		}
+	}
+
+	timeout := time.Duration(c.Timeout)
+	transport := &http.Transport{
+		// Never through an HTTP proxy from the environment: the request holds
+		// passwords, and NGINX connects directly too.
+		Proxy:                  nil,
+		DialContext:            (&net.Dialer{Timeout: timeout, KeepAlive: 30 * time.Second}).DialContext,
+		TLSHandshakeTimeout:    timeout,
+		MaxResponseHeaderBytes: authHTTPMaxHeaderBytes,
+		// Go would add Accept-Encoding: gzip, which NGINX does not send.
+		DisableCompression:  true,
+		MaxIdleConnsPerHost: 16,
+		IdleConnTimeout:     90 * time.Second,
+	}
+	// HTTP/1.1 only: HTTP/2 lower-cases field names on the wire, and auth
+	// servers written for NGINX may compare them case-sensitively.
+	transport.Protocols = new(http.Protocols)
+	transport.Protocols.SetHTTP1(true)
+	c.client = &http.Client{
+		Transport: transport,
+		// As NGINX, which reads only the headers of whatever status comes.
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	}
+	return nil
+}
+
+// cleanup closes idle connections to the auth server.
+func (c *AuthHTTP) cleanup() {
+	if c.client != nil {
+		c.client.CloseIdleConnections()
+	}
+}
+
+// check asks the auth server about one login. A refusal is a result with
+// OK false; an error means no decision could be had (server down, too slow,
+// or an answer NGINX would also reject). Errors never hold the password,
+// salt, token or a configured header value.
+func (c *AuthHTTP) check(ctx context.Context, r authHTTPRequest) (authHTTPResult, error) {
+	timeout := time.Duration(c.Timeout)
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+
+	req, err := c.newRequest(ctx, r)
+	if err != nil {
+		return authHTTPResult{}, err
+	}
+	resp, err := c.client.Do(req)
+	if err != nil {
+		// url.Error repeats the URL, which may hold user info or a query.
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			err = ue.Err
+		}
+		if errors.Is(err, context.DeadlineExceeded) && ctx.Err() != nil {
+			return authHTTPResult{}, fmt.Errorf("auth_http: %s did not answer within %s: %w", c.safeURL, timeout, err)
+		}
+		return authHTTPResult{}, fmt.Errorf("auth_http: asking %s: %w", c.safeURL, scrubTransportError(err))
+	}
+	if resp.ContentLength >= 0 && resp.ContentLength <= authHTTPMaxBody {
+		_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, authHTTPMaxBody))
+	}
+	_ = resp.Body.Close()
+
+	res, err := parseAuthHTTPResponse(resp, authHTTPMethodName(r.Method))
+	if err != nil {
+		return authHTTPResult{}, fmt.Errorf("auth_http: asking %s: %w", c.safeURL, err)
+	}
+	return res, nil
+}
+
+// newRequest builds the GET request with NGINX's fields.
+//
+// Unlike NGINX, which writes "GET <uri> HTTP/1.0" and closes the connection,
+// Go sends HTTP/1.1 and keeps connections alive; servers written for NGINX
+// (nginx http, PHP, Python, Go, Node) answer both. Go also writes the fields
+// sorted by name after Host rather than in NGINX's order (Auth-Method,
+// Auth-User, Auth-Pass, Auth-Salt, Auth-Protocol, Auth-Login-Attempt,
+// Client-IP, Client-Host, Auth-SSL*, configured fields); HTTP gives field
+// order no meaning. Host carries the port when the URL has a non-default
+// one (RFC 9110 §7.2), where NGINX sends the host name alone.
+func (c *AuthHTTP) newRequest(ctx context.Context, r authHTTPRequest) (*http.Request, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.URL, nil)
+	if err != nil {
+		return nil, errors.New("auth_http: building request: invalid url") // err would repeat the URL
+	}
+	// Fields are set by direct map assignment to keep NGINX's spelling:
+	// Header.Set would canonicalise Auth-SSL-Verify to Auth-Ssl-Verify.
+	h := req.Header
+	set := func(name, value string) { h[name] = append(h[name], sanitizeHeaderValue(value)) }
+
+	method := authHTTPMethodName(r.Method)
+	set("Auth-Method", method)
+	set("Auth-User", escapeMailAuth(r.User))
+	set("Auth-Pass", escapeMailAuth(r.Pass))
+	if (method == AuthAPOP || method == AuthCRAMMD5) && r.Salt != "" {
+		set("Auth-Salt", r.Salt)
+	}
+	set("Auth-Protocol", "pop3")
+	set("Auth-Login-Attempt", strconv.Itoa(max(r.Attempt, 1)))
+	set("Client-IP", r.ClientIP)
+	if r.ClientHost != "" {
+		set("Client-Host", clientHostValue(r.ClientHost))
+	}
+	if st := r.TLS; st != nil {
+		set("Auth-SSL", "on")
+		if v := opensslProtocolName(st.Version); v != "" {
+			set("Auth-SSL-Protocol", v)
+		}
+		if v := opensslCipherName(st.CipherSuite); v != "" {
+			set("Auth-SSL-Cipher", v)
+		}
+		var cert *x509.Certificate
+		if len(st.PeerCertificates) > 0 {
+			cert = st.PeerCertificates[0]
+		}
+		if r.VerifyClient || cert != nil {
+			set("Auth-SSL-Verify", clientVerifyResult(st))
+		}
+		if cert != nil {
+			if v := opensslDN(cert.RawSubject); v != "" {
+				set("Auth-SSL-Subject", v)
+			}
+			if v := opensslDN(cert.RawIssuer); v != "" {
+				set("Auth-SSL-Issuer", v)
+			}
+			set("Auth-SSL-Serial", opensslSerial(cert))
+			sum := sha1.Sum(cert.Raw)
+			set("Auth-SSL-Fingerprint", hex.EncodeToString(sum[:]))
+			if c.PassClientCert {
+				pemCert := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw})
+				set("Auth-SSL-Cert", escapeMailAuth(string(pemCert)))
+			}
+		}
+	}
+	for name, value := range c.Header {
+		if strings.EqualFold(name, "User-Agent") {
+			name = "User-Agent" // the spelling net/http looks for
+		}
+		set(name, value)
+	}
+	if _, ok := h["User-Agent"]; !ok {
+		h["User-Agent"] = []string{""} // an empty User-Agent is not sent; NGINX sends none
+	}
+	return req, nil
+}
+
+// parseAuthHTTPResponse reads the decision from the response fields.
+//
+// As NGINX (ngx_mail_auth_http_ignore_status_line), the HTTP status code is
+// not looked at: only the fields count, whatever the status. Where a field
+// comes more than once the last one wins, as NGINX overwrites.
+func parseAuthHTTPResponse(resp *http.Response, method string) (authHTTPResult, error) {
+	h := resp.Header
+	var res authHTTPResult
+	for _, v := range h.Values("Auth-Wait") {
+		// ngx_atoi: digits only; an invalid value is ignored.
+		if n, ok := parseDecimal(v); ok && n <= math.MaxInt64/int64(time.Second) {
+			res.Wait, res.HasWait = time.Duration(n)*time.Second, true
+		}
+	}
+	statuses := h.Values("Auth-Status")
+	if len(statuses) == 0 {
+		// Unlike NGINX, which goes on to look for Auth-Server and Auth-Port
+		// when Auth-Status is missing: an answer that does not say OK is not
+		// taken as one.
+		return authHTTPResult{}, fmt.Errorf("%w: no Auth-Status (HTTP status %d)", errAuthHTTPResponse, resp.StatusCode)
+	}
+	var refused bool
+	for _, s := range statuses {
+		switch s {
+		case "OK":
+		case "WAIT":
+			res.Retry = true
+		default:
+			// Any other text is a refusal, even next to an OK; the last
+			// one is what the client sees.
+			refused, res.ErrorText = true, stripControl(s)
+		}
+	}
+	if refused {
+		res.Retry = false
+		res.ErrorCode = stripControl(lastValue(h, "Auth-Error-Code"))
+		return res, nil
+	}
+	if res.Retry {
+		return res, nil
+	}
+
+	server, port := lastValue(h, "Auth-Server"), lastValue(h, "Auth-Port")
+	if server == "" || port == "" {
+		return authHTTPResult{}, fmt.Errorf("%w: Auth-Server or Auth-Port missing", errAuthHTTPResponse)
+	}
+	addr, ok := parseAuthServer(server)
+	if !ok {
+		// As NGINX (ngx_parse_addr): an IP address, not a host name.
+		return authHTTPResult{}, fmt.Errorf("%w: Auth-Server %q is not an IP address", errAuthHTTPResponse, server)
+	}
+	n, ok := parseDecimal(port)
+	if !ok || n < 1 || n > 65535 {
+		return authHTTPResult{}, fmt.Errorf("%w: Auth-Port %q is not a port", errAuthHTTPResponse, port)
+	}
+	res.User, res.Pass = lastValue(h, "Auth-User"), lastValue(h, "Auth-Pass")
+	// Unlike NGINX, which copies these verbatim into the upstream login:
+	// a control byte there would end the command and smuggle another.
+	if hasControl(res.User) {
+		return authHTTPResult{}, fmt.Errorf("%w: Auth-User holds a control character", errAuthHTTPResponse)
+	}
+	if hasControl(res.Pass) {
+		return authHTTPResult{}, fmt.Errorf("%w: Auth-Pass holds a control character", errAuthHTTPResponse)
+	}
+	if res.Pass == "" && (method == AuthAPOP || method == AuthCRAMMD5 || method == AuthExternal) {
+		// NGINX: "auth http server ... did not send password"; the proxy has
+		// no password of its own to log in with.
+		return authHTTPResult{}, fmt.Errorf("%w: no Auth-Pass for method %s", errAuthHTTPResponse, method)
+	}
+	res.OK = true
+	res.Address = net.JoinHostPort(addr.String(), strconv.FormatInt(n, 10))
+	res.Wait, res.HasWait = 0, false
+	return res, nil
+}
+
+// scrubTransportError keeps errors about the connection (refused, reset,
+// DNS, TLS, EOF, cancelled) and replaces any other: net/http quotes the
+// offending response line in its parse errors ("malformed MIME header line:
+// \"Auth-Pass: ...\""), and that line can hold a password.
+func scrubTransportError(err error) error {
+	switch {
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled),
+		errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
+		errors.As(err, new(*net.OpError)), errors.As(err, new(*net.DNSError)),
+		errors.As(err, new(*tls.CertificateVerificationError)), errors.As(err, new(tls.RecordHeaderError)),
+		errors.As(err, new(tls.AlertError)), errors.As(err, new(x509.UnknownAuthorityError)),
+		errors.As(err, new(x509.HostnameError)), errors.As(err, new(x509.CertificateInvalidError)):
+		return err
+	case strings.Contains(err.Error(), "response headers exceeded"):
+		return fmt.Errorf("%w: response header over %d bytes", errAuthHTTPResponse, authHTTPMaxHeaderBytes)
+	}
+	return fmt.Errorf("%w: malformed HTTP response", errAuthHTTPResponse)
+}
+
+// authHTTPMethodName maps a login method to NGINX's Auth-Method value
+// (ngx_mail_auth_http_method: LOGIN is "plain").
+func authHTTPMethodName(m string) string {
+	m = strings.ToLower(m)
+	if m == "login" {
+		return AuthPlain
+	}
+	return m
+}
+
+// escapeMailAuth escapes as ngx_escape_uri(NGX_ESCAPE_MAIL_AUTH), used by
+// NGINX for Auth-User, Auth-Pass and Auth-SSL-Cert: bytes 0x00-0x1F, space
+// and '%' become %XX (upper-case hex); everything else, UTF-8 included,
+// stays. Unlike NGINX, DEL (0x7F) is escaped too: sent raw it is a control
+// byte that Go refuses in a field and some servers take as the line's end.
+func escapeMailAuth(s string) string {
+	const hexDigits = "0123456789ABCDEF"
+	n := 0
+	for i := 0; i < len(s); i++ {
+		if mailAuthEscaped(s[i]) {
+			n++
+		}
+	}
+	if n == 0 {
+		return s
+	}
+	var b strings.Builder
+	b.Grow(len(s) + 2*n)
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if mailAuthEscaped(c) {
+			b.WriteByte('%')
+			b.WriteByte(hexDigits[c>>4])
+			b.WriteByte(hexDigits[c&0xf])
+		} else {
+			b.WriteByte(c)
+		}
+	}
+	return b.String()
+}
+
+func mailAuthEscaped(c byte) bool { return c < 0x20 || c == ' ' || c == '%' || c == 0x7f }
+
+// sanitizeHeaderValue drops control bytes (0x00-0x1F, 0x7F) so that no
+// value, whether from the client, DNS or configuration, can end the field
+// and start another (CVE-2026-28753 was NGINX putting a PTR answer with CR
+// LF into Client-Host).
+func sanitizeHeaderValue(s string) string {
+	if !hasControl(s) {
+		return s
+	}
+	return stripControl(s)
+}
+
+func stripControl(s string) string {
+	return strings.Map(func(r rune) rune {
+		if r < 0x20 || r == 0x7f {
+			return -1
+		}
+		return r
+	}, s)
+}
+
+func hasControl(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < 0x20 || s[i] == 0x7f {
+			return true
+		}
+	}
+	return false
+}
+
+// clientHostValue checks a resolved client name as NGINX does since the
+// fix for CVE-2026-28753 (ngx_mail_smtp_validate_host: RFC 1034 §3.5
+// letters, digits, '-' and '.'); a name with any other byte is sent as
+// "[TEMPUNAVAIL]", as NGINX does. NGINX's own placeholders pass.
+func clientHostValue(name string) string {
+	if name == "[UNAVAILABLE]" || name == "[TEMPUNAVAIL]" {
+		return name
+	}
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		if (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '.' {
+			continue
+		}
+		return "[TEMPUNAVAIL]"
+	}
+	return name
+}
+
+// validHeaderName reports whether name is an RFC 9110 token.
+func validHeaderName(name string) bool {
+	if name == "" {
+		return false
+	}
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		switch {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9':
+		case strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0:
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+func isReservedAuthHTTPHeader(name string) bool {
+	for _, r := range authHTTPReservedHeaders {
+		if strings.EqualFold(name, r) {
+			return true
+		}
+	}
+	lower := strings.ToLower(name)
+	return strings.HasPrefix(lower, "auth-ssl-") || strings.HasPrefix(lower, "proxy-protocol-")
+}
+
+// lastValue returns the last value of a response field, "" if absent.
+func lastValue(h http.Header, name string) string {
+	vv := h.Values(name)
+	if len(vv) == 0 {
+		return ""
+	}
+	return vv[len(vv)-1]
+}
+
+// parseDecimal parses as ngx_atoi: one or more ASCII digits, no sign, no
+// overflow.
+func parseDecimal(s string) (int64, bool) {
+	if s == "" {
+		return 0, false
+	}
+	var n int64
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+		if n > (math.MaxInt64-int64(c-'0'))/10 {
+			return 0, false
+		}
+		n = n*10 + int64(c-'0')
+	}
+	return n, true
+}
+
+// parseAuthServer takes an IPv4 or IPv6 address without zone. Unlike
+// NGINX, an IPv6 address in brackets is taken as well.
+func parseAuthServer(s string) (netip.Addr, bool) {
+	if len(s) > 2 && s[0] == '[' && s[len(s)-1] == ']' {
+		s = s[1 : len(s)-1]
+	}
+	addr, err := netip.ParseAddr(s)
+	if err != nil || addr.Zone() != "" {
+		return netip.Addr{}, false
+	}
+	return addr.Unmap(), true
+}
+
+// clientVerifyResult is Auth-SSL-Verify as ngx_ssl_get_client_verify gives
+// it: NONE without a certificate, SUCCESS for a verified one. crypto/tls
+// fails the handshake when a certificate it was asked to verify does not
+// verify, so a certificate without verified chains is one nobody checked
+// (client_auth mode request or require, NGINX's optional_no_ca). OpenSSL
+// would name its own reason there; this names a fixed one.
+func clientVerifyResult(st *tls.ConnectionState) string {
+	switch {
+	case len(st.PeerCertificates) == 0:
+		return "NONE"
+	case len(st.VerifiedChains) > 0:
+		return "SUCCESS"
+	default:
+		return "FAILED:certificate not verified"
+	}
+}
+
+// opensslProtocolName is SSL_get_version's name for a TLS version.
+func opensslProtocolName(v uint16) string {
+	switch v {
+	case tls.VersionTLS10:
+		return "TLSv1"
+	case tls.VersionTLS11:
+		return "TLSv1.1"
+	case tls.VersionTLS12:
+		return "TLSv1.2"
+	case tls.VersionTLS13:
+		return "TLSv1.3"
+	case 0:
+		return ""
+	}
+	return "unknown"
+}
+
+// opensslCipherNames maps crypto/tls suites to the OpenSSL names NGINX
+// sends (SSL_get_cipher_name); TLS 1.3 suites have the IANA name in both.
+var opensslCipherNames = map[uint16]string{
+	tls.TLS_AES_128_GCM_SHA256:                        "TLS_AES_128_GCM_SHA256",
+	tls.TLS_AES_256_GCM_SHA384:                        "TLS_AES_256_GCM_SHA384",
+	tls.TLS_CHACHA20_POLY1305_SHA256:                  "TLS_CHACHA20_POLY1305_SHA256",
+	tls.TLS_RSA_WITH_RC4_128_SHA:                      "RC4-SHA",
+	tls.TLS_RSA_WITH_3DES_EDE_CBC_SHA:                 "DES-CBC3-SHA",
+	tls.TLS_RSA_WITH_AES_128_CBC_SHA:                  "AES128-SHA",
+	tls.TLS_RSA_WITH_AES_256_CBC_SHA:                  "AES256-SHA",
+	tls.TLS_RSA_WITH_AES_128_CBC_SHA256:               "AES128-SHA256",
+	tls.TLS_RSA_WITH_AES_128_GCM_SHA256:               "AES128-GCM-SHA256",
+	tls.TLS_RSA_WITH_AES_256_GCM_SHA384:               "AES256-GCM-SHA384",
+	tls.TLS_ECDHE_ECDSA_WITH_RC4_128_SHA:              "ECDHE-ECDSA-RC4-SHA",
+	tls.TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA:          "ECDHE-ECDSA-AES128-SHA",
+	tls.TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA:          "ECDHE-ECDSA-AES256-SHA",
+	tls.TLS_ECDHE_RSA_WITH_RC4_128_SHA:                "ECDHE-RSA-RC4-SHA",
+	tls.TLS_ECDHE_RSA_WITH_3DES_EDE_CBC_SHA:           "ECDHE-RSA-DES-CBC3-SHA",
+	tls.TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA:            "ECDHE-RSA-AES128-SHA",
+	tls.TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA:            "ECDHE-RSA-AES256-SHA",
+	tls.TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256:       "ECDHE-ECDSA-AES128-SHA256",
+	tls.TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256:         "ECDHE-RSA-AES128-SHA256",
+	tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256:         "ECDHE-RSA-AES128-GCM-SHA256",
+	tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256:       "ECDHE-ECDSA-AES128-GCM-SHA256",
+	tls.TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384:         "ECDHE-RSA-AES256-GCM-SHA384",
+	tls.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384:       "ECDHE-ECDSA-AES256-GCM-SHA384",
+	tls.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256:   "ECDHE-RSA-CHACHA20-POLY1305",
+	tls.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256: "ECDHE-ECDSA-CHACHA20-POLY1305",
+}
+
+func opensslCipherName(id uint16) string {
+	if name, ok := opensslCipherNames[id]; ok {
+		return name
+	}
+	if id == 0 {
+		return ""
+	}
+	return tls.CipherSuiteName(id)
+}
+
+// opensslSerial formats a serial number as i2a_ASN1_INTEGER: upper-case
+// hex, two digits a byte, "-" before a negative one, "00" for zero. (OpenSSL
+// breaks serials longer than 35 bytes with a backslash and LF; RFC 5280
+// allows at most 20, and no LF may go into a field anyway.)
+func opensslSerial(cert *x509.Certificate) string {
+	if cert.SerialNumber == nil {
+		return ""
+	}
+	b := cert.SerialNumber.Bytes()
+	if len(b) == 0 {
+		return "00"
+	}
+	s := strings.ToUpper(hex.EncodeToString(b))
+	if cert.SerialNumber.Sign() < 0 {
+		s = "-" + s
+	}
+	return s
+}
+
+// opensslDN formats a DER Name as NGINX's ngx_ssl_get_subject_dn does:
+// X509_NAME_print_ex(XN_FLAG_RFC2253). RDNs go most specific first,
+// separated by ',' (no space), multi-valued RDNs joined by '+'; attribute
+// types by OpenSSL short name, unknown ones as a dotted OID with the value
+// as '#' and the DER in hex; values escaped per ASN1_STRFLGS_RFC2253 (see
+// opensslEscape). "" when the Name does not parse.
+func opensslDN(der []byte) string {
+	var rdns []opensslRDNSET
+	if rest, err := asn1.Unmarshal(der, &rdns); err != nil || len(rest) > 0 {
+		return ""
+	}
+	var b strings.Builder
+	for i := len(rdns) - 1; i >= 0; i-- {
+		for j := len(rdns[i]) - 1; j >= 0; j-- {
+			if b.Len() > 0 {
+				if j == len(rdns[i])-1 {
+					b.WriteByte(',')
+				} else {
+					b.WriteByte('+')
+				}
+			}
+			atv := rdns[i][j]
+			name, known := opensslShortNames[atv.Type.String()]
+			if !known {
+				name = atv.Type.String()
+			}
+			b.WriteString(name)
+			b.WriteByte('=')
+			opensslValue(&b, atv.Value, known)
+		}
+	}
+	return b.String()
+}
+
+// opensslRDNSET is one RDN; the SET suffix makes encoding/asn1 expect a SET.
+type opensslRDNSET []opensslATV
+
+type opensslATV struct {
+	Type  asn1.ObjectIdentifier
+	Value asn1.RawValue
+}
+
+// opensslShortNames are OBJ_nid2sn names of the attribute types seen in
+// certificate names.
+var opensslShortNames = map[string]string{
+	"2.5.4.3":                    "CN",
+	"2.5.4.4":                    "SN",
+	"2.5.4.5":                    "serialNumber",
+	"2.5.4.6":                    "C",
+	"2.5.4.7":                    "L",
+	"2.5.4.8":                    "ST",
+	"2.5.4.9":                    "street",
+	"2.5.4.10":                   "O",
+	"2.5.4.11":                   "OU",
+	"2.5.4.12":                   "title",
+	"2.5.4.13":                   "description",
+	"2.5.4.15":                   "businessCategory",
+	"2.5.4.17":                   "postalCode",
+	"2.5.4.18":                   "postOfficeBox",
+	"2.5.4.41":                   "name",
+	"2.5.4.42":                   "GN",
+	"2.5.4.43":                   "initials",
+	"2.5.4.44":                   "generationQualifier",
+	"2.5.4.45":                   "x500UniqueIdentifier",
+	"2.5.4.46":                   "dnQualifier",
+	"2.5.4.65":                   "pseudonym",
+	"2.5.4.72":                   "role",
+	"2.5.4.97":                   "organizationIdentifier",
+	"1.2.840.113549.1.9.1":       "emailAddress",
+	"1.2.840.113549.1.9.2":       "unstructuredName",
+	"0.9.2342.19200300.100.1.1":  "UID",
+	"0.9.2342.19200300.100.1.25": "DC",
+	"1.3.6.1.4.1.311.60.2.1.1":   "jurisdictionL",
+	"1.3.6.1.4.1.311.60.2.1.2":   "jurisdictionST",
+	"1.3.6.1.4.1.311.60.2.1.3":   "jurisdictionC",
+}
+
+// opensslValue writes one attribute value as do_print_ex does with
+// ASN1_STRFLGS_RFC2253: string types are shown, anything else (and any
+// value of an unknown attribute type) is dumped as '#' and its DER in hex.
+func opensslValue(b *strings.Builder, v asn1.RawValue, knownType bool) {
+	width := -1 // tag2nbyte: 0 UTF-8, 1/2/4 bytes a character, -1 dump
+	if knownType && v.Class == asn1.ClassUniversal && !v.IsCompound {
+		switch v.Tag {
+		case asn1.TagUTF8String:
+			width = 0
+		case asn1.TagNumericString, asn1.TagPrintableString, asn1.TagT61String,
+			asn1.TagIA5String, asn1.TagUTCTime, asn1.TagGeneralizedTime, 26: // 26: VisibleString
+			width = 1
+		case 28: // UniversalString
+			width = 4
+		case asn1.TagBMPString:
+			width = 2
+		}
+	}
+	if width < 0 || (width > 1 && len(v.Bytes)%width != 0) {
+		b.WriteByte('#')
+		b.WriteString(strings.ToUpper(hex.EncodeToString(v.FullBytes)))
+		return
+	}
+	if width == 0 {
+		// OpenSSL does not convert UTF-8 to UTF-8: it escapes byte by byte.
+		for i := 0; i < len(v.Bytes); i++ {
+			opensslEscape(b, v.Bytes[i], i == 0, i == len(v.Bytes)-1)
+		}
+		return
+	}
+	// Other types: each character, converted to UTF-8, byte by byte.
+	n := len(v.Bytes) / width
+	var buf [utf8.UTFMax]byte
+	for i := 0; i < n; i++ {
+		var r rune
+		for _, c := range v.Bytes[i*width : (i+1)*width] {
+			r = r<<8 | rune(c)
+		}
+		enc := buf[:utf8.EncodeRune(buf[:], r)]
+		for _, c := range enc {
+			opensslEscape(b, c, i == 0, i == n-1)
+		}
+	}
+}
+
+// opensslEscape writes one byte as do_esc_char does with
+// ASN1_STRFLGS_RFC2253: bytes above 0x7F and control bytes as \XX, the RFC
+// 2253 specials ,+"\<>; with a backslash, '#' only as the first character
+// and space as the first or last. As in OpenSSL's do_buf, "last" replaces
+// "first" for a one-character value, so a lone '#' stays as it is.
+func opensslEscape(b *strings.Builder, c byte, first, last bool) {
+	const hexDigits = "0123456789ABCDEF"
+	switch {
+	case c > 0x7f || c < 0x20 || c == 0x7f:
+		b.WriteByte('\\')
+		b.WriteByte(hexDigits[c>>4])
+		b.WriteByte(hexDigits[c&0xf])
+		return
+	case strings.IndexByte(",+\"\\<>;", c) >= 0,
+		c == ' ' && (first || last),
+		c == '#' && first && !last:
+		b.WriteByte('\\')
+	}
+	b.WriteByte(c)
+}

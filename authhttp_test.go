@@ -1,0 +1,969 @@
+package pop3
+
+import (
+	"bufio"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/hmac"
+	"crypto/md5"
+	"crypto/rand"
+	"crypto/sha1"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/asn1"
+	"encoding/hex"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"math/big"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+
+	"github.com/caddy-pop3/caddy-pop3/internal/pop3test"
+)
+
+// newTestAuthHTTP provisions an AuthHTTP for url; mods run before provision.
+func newTestAuthHTTP(t *testing.T, url string, mods ...func(*AuthHTTP)) *AuthHTTP {
+	t.Helper()
+	a := &AuthHTTP{URL: url}
+	for _, m := range mods {
+		m(a)
+	}
+	if err := a.provision(); err != nil {
+		t.Fatalf("provision: %v", err)
+	}
+	t.Cleanup(a.cleanup)
+	return a
+}
+
+// rawAuthServer answers every request with response, byte for byte, and
+// closes the connection. An empty response closes without answering.
+func rawAuthServer(t *testing.T, response string) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer func() { _ = c.Close() }()
+				r := bufio.NewReader(c)
+				for {
+					line, err := r.ReadString('\n')
+					if err != nil || line == "\r\n" {
+						break
+					}
+				}
+				_, _ = c.Write([]byte(response))
+			}()
+		}
+	}()
+	return "http://" + ln.Addr().String() + "/auth"
+}
+
+// silentAuthServer accepts connections and never answers.
+func silentAuthServer(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	t.Cleanup(func() { close(done); _ = ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { <-done; _ = c.Close() }()
+		}
+	}()
+	return "http://" + ln.Addr().String() + "/auth"
+}
+
+// downAuthServer returns the URL of a port nothing listens on.
+func downAuthServer(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	_ = ln.Close()
+	return "http://" + addr + "/auth"
+}
+
+func TestAuthHTTPRequestFields(t *testing.T) {
+	tests := []struct {
+		name string
+		req  authHTTPRequest
+		// set after provision, as an {env.*} expansion could
+		header map[string]string
+		want   map[string]string // every field but Host
+	}{
+		{
+			name: "plain escapes user and password",
+			req:  authHTTPRequest{Method: "plain", User: "john doe", Pass: "p@ss wörd:%", Attempt: 1, ClientIP: "192.0.2.42"},
+			want: map[string]string{
+				"Auth-Method":        "plain",
+				"Auth-User":          "john%20doe",
+				"Auth-Pass":          "p@ss%20wörd:%25",
+				"Auth-Protocol":      "pop3",
+				"Auth-Login-Attempt": "1",
+				"Client-IP":          "192.0.2.42",
+				"X-Auth-Key":         "shared secret",
+			},
+		},
+		{
+			name: "login is sent as plain and never with a salt",
+			req:  authHTTPRequest{Method: "login", User: "u", Pass: "p+q=r", Salt: "<1.2@pop.example>", Attempt: 3, ClientIP: "2001:db8::1"},
+			want: map[string]string{
+				"Auth-Method":        "plain",
+				"Auth-User":          "u",
+				"Auth-Pass":          "p+q=r",
+				"Auth-Protocol":      "pop3",
+				"Auth-Login-Attempt": "3",
+				"Client-IP":          "2001:db8::1",
+				"X-Auth-Key":         "shared secret",
+			},
+		},
+		{
+			name: "apop sends the salt",
+			req:  authHTTPRequest{Method: "apop", User: "u", Pass: "c4c9334bac560ecc979e58001b3e22fb", Salt: "<1896.697170952@dbc.mtview.ca.us>", Attempt: 1, ClientIP: "192.0.2.1"},
+			want: map[string]string{
+				"Auth-Method":        "apop",
+				"Auth-User":          "u",
+				"Auth-Pass":          "c4c9334bac560ecc979e58001b3e22fb",
+				"Auth-Salt":          "<1896.697170952@dbc.mtview.ca.us>",
+				"Auth-Protocol":      "pop3",
+				"Auth-Login-Attempt": "1",
+				"Client-IP":          "192.0.2.1",
+				"X-Auth-Key":         "shared secret",
+			},
+		},
+		{
+			name: "cram-md5 sends the salt",
+			req:  authHTTPRequest{Method: "cram-md5", User: "tim", Pass: "b913a602c7eda7a495b4e6e7334d3890", Salt: "<1896.697170952@postoffice.example.net>", Attempt: 2, ClientIP: "192.0.2.1"},
+			want: map[string]string{
+				"Auth-Method":        "cram-md5",
+				"Auth-User":          "tim",
+				"Auth-Pass":          "b913a602c7eda7a495b4e6e7334d3890",
+				"Auth-Salt":          "<1896.697170952@postoffice.example.net>",
+				"Auth-Protocol":      "pop3",
+				"Auth-Login-Attempt": "2",
+				"Client-IP":          "192.0.2.1",
+				"X-Auth-Key":         "shared secret",
+			},
+		},
+		{
+			name: "external with no password, oauth token, attempt 0 sent as 1",
+			req:  authHTTPRequest{Method: "external", User: "", Attempt: 0, ClientIP: "192.0.2.1"},
+			want: map[string]string{
+				"Auth-Method":        "external",
+				"Auth-User":          "",
+				"Auth-Pass":          "",
+				"Auth-Protocol":      "pop3",
+				"Auth-Login-Attempt": "1",
+				"Client-IP":          "192.0.2.1",
+				"X-Auth-Key":         "shared secret",
+			},
+		},
+		{
+			name: "oauthbearer token",
+			req:  authHTTPRequest{Method: "OAUTHBEARER", User: "u@example.com", Pass: "ya29.tok%en", Attempt: 1, ClientIP: "192.0.2.1", ClientHost: "mail.example.org"},
+			want: map[string]string{
+				"Auth-Method":        "oauthbearer",
+				"Auth-User":          "u@example.com",
+				"Auth-Pass":          "ya29.tok%25en",
+				"Auth-Protocol":      "pop3",
+				"Auth-Login-Attempt": "1",
+				"Client-IP":          "192.0.2.1",
+				"Client-Host":        "mail.example.org",
+				"X-Auth-Key":         "shared secret",
+			},
+		},
+		{
+			name: "control bytes never reach the wire",
+			req: authHTTPRequest{
+				Method:     "apop",
+				User:       "a\r\nAuth-Status: OK",
+				Pass:       "p\x00\x7f\t",
+				Salt:       "<1.2@pop.example>\r\n",
+				Attempt:    1,
+				ClientIP:   "192.0.2.42\r\nX-Injected: ip",
+				ClientHost: "evil.example\r\nX-Injected: ptr", // CVE-2026-28753
+			},
+			header: map[string]string{"X-Auth-Key": "secret\r\nX-Injected: header"},
+			want: map[string]string{
+				"Auth-Method":        "apop",
+				"Auth-User":          "a%0D%0AAuth-Status:%20OK",
+				"Auth-Pass":          "p%00%7F%09",
+				"Auth-Salt":          "<1.2@pop.example>",
+				"Auth-Protocol":      "pop3",
+				"Auth-Login-Attempt": "1",
+				"Client-IP":          "192.0.2.42X-Injected: ip",
+				"Client-Host":        "[TEMPUNAVAIL]",
+				"X-Auth-Key":         "secretX-Injected: header",
+			},
+		},
+		{
+			name:   "configured User-Agent, in any case, sent once",
+			req:    authHTTPRequest{Method: "plain", User: "u", Pass: "p", Attempt: 1, ClientIP: "192.0.2.1"},
+			header: map[string]string{"user-agent": "pop3-proxy"},
+			want: map[string]string{
+				"Auth-Method":        "plain",
+				"Auth-User":          "u",
+				"Auth-Pass":          "p",
+				"Auth-Protocol":      "pop3",
+				"Auth-Login-Attempt": "1",
+				"Client-IP":          "192.0.2.1",
+				"User-Agent":         "pop3-proxy",
+			},
+		},
+	}
+	srv := &pop3test.AuthServer{}
+	url := srv.Start(t)
+	a := newTestAuthHTTP(t, url, func(a *AuthHTTP) { a.Header = map[string]string{"X-Auth-Key": "shared secret"} })
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			saved := a.Header
+			if tt.header != nil {
+				a.Header = tt.header
+			}
+			defer func() { a.Header = saved }()
+			if _, err := a.check(context.Background(), tt.req); err != nil {
+				t.Fatalf("check: %v", err)
+			}
+			got := srv.Last(t)
+			if got.RequestLine != "GET /auth HTTP/1.1" {
+				t.Errorf("request line = %q", got.RequestLine)
+			}
+			assertFields(t, got, tt.want)
+		})
+	}
+}
+
+// assertFields checks that req has exactly the fields in want (plus Host),
+// each once, spelled as in want.
+func assertFields(t *testing.T, req pop3test.AuthRequest, want map[string]string) {
+	t.Helper()
+	names := req.Names()
+	wantNames := []string{"Host"}
+	for n := range want {
+		wantNames = append(wantNames, n)
+	}
+	sort.Strings(wantNames)
+	gotNames := slices.Clone(names)
+	sort.Strings(gotNames)
+	if !slices.Equal(gotNames, wantNames) {
+		t.Errorf("field names\n got %q\nwant %q", gotNames, wantNames)
+	}
+	for n, v := range want {
+		if got, ok := req.Get(n); !ok || got != v {
+			t.Errorf("%s = %q (present %v), want %q", n, got, ok, v)
+		}
+	}
+	if names[0] != "Host" {
+		t.Errorf("first field %q, want Host", names[0])
+	}
+}
+
+func TestAuthHTTPEscapeMailAuth(t *testing.T) {
+	for c := 0; c < 256; c++ {
+		in := string([]byte{byte(c)})
+		want := in
+		if c < 0x20 || c == ' ' || c == '%' || c == 0x7f {
+			want = fmt.Sprintf("%%%02X", c)
+		}
+		if got := escapeMailAuth(in); got != want {
+			t.Errorf("escapeMailAuth(%#x) = %q, want %q", c, got, want)
+		}
+	}
+	if got, want := escapeMailAuth("p@ss wörd:%"), "p@ss%20wörd:%25"; got != want {
+		t.Errorf("got %q, want %q", got, want)
+	}
+}
+
+func TestAuthHTTPClientHostValue(t *testing.T) {
+	for in, want := range map[string]string{
+		"mail.example.org":    "mail.example.org",
+		"Host-1.Example.ORG":  "Host-1.Example.ORG",
+		"[UNAVAILABLE]":       "[UNAVAILABLE]",
+		"[TEMPUNAVAIL]":       "[TEMPUNAVAIL]",
+		"a\r\nb":              "[TEMPUNAVAIL]",
+		"under_score.example": "[TEMPUNAVAIL]",
+		"sp ace":              "[TEMPUNAVAIL]",
+		"ünicode.example":     "[TEMPUNAVAIL]",
+	} {
+		if got := clientHostValue(in); got != want {
+			t.Errorf("clientHostValue(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+// testPKI is a CA, a client certificate it issued and a server certificate.
+type testPKI struct {
+	caPool     *x509.CertPool
+	client     tls.Certificate
+	clientLeaf *x509.Certificate
+	server     tls.Certificate
+}
+
+var (
+	oidCN    = asn1.ObjectIdentifier{2, 5, 4, 3}
+	oidC     = asn1.ObjectIdentifier{2, 5, 4, 6}
+	oidO     = asn1.ObjectIdentifier{2, 5, 4, 10}
+	oidOU    = asn1.ObjectIdentifier{2, 5, 4, 11}
+	oidEmail = asn1.ObjectIdentifier{1, 2, 840, 113549, 1, 9, 1}
+)
+
+func newTestPKI(t *testing.T) *testPKI {
+	t.Helper()
+	newKey := func() *ecdsa.PrivateKey {
+		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	caKey := newKey()
+	caTmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "Test CA", Organization: []string{"Example"}},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(time.Hour),
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		KeyUsage:              x509.KeyUsageCertSign,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caCert, _ := x509.ParseCertificate(caDER)
+
+	subject, err := asn1.Marshal(pkix.RDNSequence{
+		{{Type: oidC, Value: "DE"}},
+		{{Type: oidO, Value: "Example+Co"}},
+		{{Type: oidCN, Value: "Jöhn, Doe"}},
+		{{Type: oidEmail, Value: "john@example.com"}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	clientKey := newKey()
+	clientDER, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{
+		SerialNumber: big.NewInt(0x0abcdef012),
+		RawSubject:   subject,
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}, caCert, &clientKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clientLeaf, _ := x509.ParseCertificate(clientDER)
+
+	serverKey := newKey()
+	serverTmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(2),
+		Subject:      pkix.Name{CommonName: "localhost"},
+		DNSNames:     []string{"localhost"},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+	}
+	serverDER, err := x509.CreateCertificate(rand.Reader, serverTmpl, serverTmpl, &serverKey.PublicKey, serverKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(caCert)
+	return &testPKI{
+		caPool:     pool,
+		client:     tls.Certificate{Certificate: [][]byte{clientDER}, PrivateKey: clientKey, Leaf: clientLeaf},
+		clientLeaf: clientLeaf,
+		server:     tls.Certificate{Certificate: [][]byte{serverDER}, PrivateKey: serverKey},
+	}
+}
+
+// handshake runs a TLS handshake over a pipe and returns the server's view.
+func handshake(t *testing.T, server, client *tls.Config) *tls.ConnectionState {
+	t.Helper()
+	c1, c2 := net.Pipe()
+	defer func() { _ = c1.Close(); _ = c2.Close() }()
+	server.SessionTicketsDisabled = true // a ticket written after the handshake would block the pipe
+	srv, cli := tls.Server(c1, server), tls.Client(c2, client)
+	errc := make(chan error, 1)
+	go func() { errc <- cli.Handshake() }()
+	if err := srv.Handshake(); err != nil {
+		t.Fatalf("server handshake: %v", err)
+	}
+	if err := <-errc; err != nil {
+		t.Fatalf("client handshake: %v", err)
+	}
+	st := srv.ConnectionState()
+	return &st
+}
+
+func TestAuthHTTPTLSFields(t *testing.T) {
+	pki := newTestPKI(t)
+	sum := sha1.Sum(pki.clientLeaf.Raw)
+	fingerprint := hex.EncodeToString(sum[:])
+	pemCert := string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: pki.clientLeaf.Raw}))
+	escapedPEM := strings.NewReplacer(" ", "%20", "\n", "%0A").Replace(pemCert)
+	const subject = `emailAddress=john@example.com,CN=J\C3\B6hn\, Doe,O=Example\+Co,C=DE`
+	const issuer = `CN=Test CA,O=Example`
+
+	tls12 := func(clientAuth tls.ClientAuthType, withCert bool) func() *tls.ConnectionState {
+		return func() *tls.ConnectionState {
+			client := &tls.Config{InsecureSkipVerify: true, MaxVersion: tls.VersionTLS12}
+			if withCert {
+				client.Certificates = []tls.Certificate{pki.client}
+			}
+			return handshake(t, &tls.Config{
+				Certificates: []tls.Certificate{pki.server},
+				ClientAuth:   clientAuth,
+				ClientCAs:    pki.caPool,
+				MaxVersion:   tls.VersionTLS12,
+				CipherSuites: []uint16{tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256},
+			}, client)
+		}
+	}
+	tls13 := func(clientAuth tls.ClientAuthType, withCert bool) func() *tls.ConnectionState {
+		return func() *tls.ConnectionState {
+			client := &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS13}
+			if withCert {
+				client.Certificates = []tls.Certificate{pki.client}
+			}
+			return handshake(t, &tls.Config{
+				Certificates: []tls.Certificate{pki.server},
+				ClientAuth:   clientAuth,
+				ClientCAs:    pki.caPool,
+			}, client)
+		}
+	}
+
+	tests := []struct {
+		name         string
+		state        func() *tls.ConnectionState
+		verifyClient bool
+		passCert     bool
+		want         map[string]string // Auth-SSL* fields; Cipher "" means any TLS 1.3 suite
+	}{
+		{
+			name:         "TLS 1.2, verified certificate, passed on",
+			state:        tls12(tls.RequireAndVerifyClientCert, true),
+			verifyClient: true,
+			passCert:     true,
+			want: map[string]string{
+				"Auth-SSL":             "on",
+				"Auth-SSL-Protocol":    "TLSv1.2",
+				"Auth-SSL-Cipher":      "ECDHE-ECDSA-AES128-GCM-SHA256",
+				"Auth-SSL-Verify":      "SUCCESS",
+				"Auth-SSL-Subject":     subject,
+				"Auth-SSL-Issuer":      issuer,
+				"Auth-SSL-Serial":      "0ABCDEF012",
+				"Auth-SSL-Fingerprint": fingerprint,
+				"Auth-SSL-Cert":        escapedPEM,
+			},
+		},
+		{
+			name:         "TLS 1.3, verification on, no certificate",
+			state:        tls13(tls.VerifyClientCertIfGiven, false),
+			verifyClient: true,
+			passCert:     true,
+			want: map[string]string{
+				"Auth-SSL":          "on",
+				"Auth-SSL-Protocol": "TLSv1.3",
+				"Auth-SSL-Cipher":   "",
+				"Auth-SSL-Verify":   "NONE",
+			},
+		},
+		{
+			name:  "TLS 1.3, verification off",
+			state: tls13(tls.NoClientCert, false),
+			want: map[string]string{
+				"Auth-SSL":          "on",
+				"Auth-SSL-Protocol": "TLSv1.3",
+				"Auth-SSL-Cipher":   "",
+			},
+		},
+		{
+			name:         "certificate nobody verified, not passed on",
+			state:        tls13(tls.RequireAnyClientCert, true),
+			verifyClient: true,
+			want: map[string]string{
+				"Auth-SSL":             "on",
+				"Auth-SSL-Protocol":    "TLSv1.3",
+				"Auth-SSL-Cipher":      "",
+				"Auth-SSL-Verify":      "FAILED:certificate not verified",
+				"Auth-SSL-Subject":     subject,
+				"Auth-SSL-Issuer":      issuer,
+				"Auth-SSL-Serial":      "0ABCDEF012",
+				"Auth-SSL-Fingerprint": fingerprint,
+			},
+		},
+	}
+	srv := &pop3test.AuthServer{}
+	url := srv.Start(t)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			a := newTestAuthHTTP(t, url, func(a *AuthHTTP) { a.PassClientCert = tt.passCert })
+			st := tt.state()
+			req := authHTTPRequest{Method: "external", Attempt: 1, ClientIP: "192.0.2.1", TLS: st, VerifyClient: tt.verifyClient}
+			if _, err := a.check(context.Background(), req); err != nil {
+				t.Fatalf("check: %v", err)
+			}
+			got := srv.Last(t)
+			var gotSSL []string
+			for _, n := range got.Names() {
+				if strings.HasPrefix(n, "Auth-SSL") {
+					gotSSL = append(gotSSL, n)
+				}
+			}
+			var wantSSL []string
+			for n := range tt.want {
+				wantSSL = append(wantSSL, n)
+			}
+			sort.Strings(gotSSL)
+			sort.Strings(wantSSL)
+			if !slices.Equal(gotSSL, wantSSL) {
+				t.Errorf("Auth-SSL fields\n got %q\nwant %q", gotSSL, wantSSL)
+			}
+			for n, v := range tt.want {
+				g := got.Value(n)
+				if n == "Auth-SSL-Cipher" && v == "" {
+					if !slices.Contains([]string{"TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"}, g) {
+						t.Errorf("%s = %q, want a TLS 1.3 suite", n, g)
+					}
+					continue
+				}
+				if g != v {
+					t.Errorf("%s\n got %q\nwant %q", n, g, v)
+				}
+			}
+		})
+	}
+}
+
+func TestAuthHTTPOpenSSLDN(t *testing.T) {
+	raw := func(tag int, b []byte) asn1.RawValue {
+		return asn1.RawValue{Class: asn1.ClassUniversal, Tag: tag, Bytes: b}
+	}
+	utf8s := func(s string) asn1.RawValue { return raw(asn1.TagUTF8String, []byte(s)) }
+	tests := []struct {
+		name string
+		rdns pkix.RDNSequence
+		want string
+	}{
+		{"most specific first", pkix.RDNSequence{{{Type: oidC, Value: "US"}}, {{Type: oidO, Value: "Acme"}}, {{Type: oidCN, Value: "x"}}}, "CN=x,O=Acme,C=US"},
+		{"specials", pkix.RDNSequence{{{Type: oidCN, Value: utf8s(`a,b+c"d\e<f>g;h=i`)}}}, `CN=a\,b\+c\"d\\e\<f\>g\;h=i`},
+		{"leading space and hash", pkix.RDNSequence{{{Type: oidCN, Value: utf8s(" a")}}, {{Type: oidOU, Value: utf8s("#b")}}}, `OU=\#b,CN=\ a`},
+		{"trailing space, inner hash", pkix.RDNSequence{{{Type: oidCN, Value: utf8s("a# ")}}}, `CN=a#\ `},
+		{"lone space", pkix.RDNSequence{{{Type: oidCN, Value: utf8s(" ")}}}, `CN=\ `},
+		{"lone hash", pkix.RDNSequence{{{Type: oidCN, Value: utf8s("#")}}}, `CN=#`},
+		{"control bytes", pkix.RDNSequence{{{Type: oidCN, Value: utf8s("a\r\nb\x7f")}}}, `CN=a\0D\0Ab\7F`},
+		{"UTF8String bytes", pkix.RDNSequence{{{Type: oidCN, Value: utf8s("é")}}}, `CN=\C3\A9`},
+		{"T61String is Latin-1", pkix.RDNSequence{{{Type: oidCN, Value: raw(asn1.TagT61String, []byte{'x', 0xe9})}}}, `CN=x\C3\A9`},
+		{"BMPString", pkix.RDNSequence{{{Type: oidCN, Value: raw(asn1.TagBMPString, []byte{0, 'a', 0x00, 0xe9})}}}, `CN=a\C3\A9`},
+		{"unknown type dumped", pkix.RDNSequence{{{Type: asn1.ObjectIdentifier{1, 2, 3, 4}, Value: utf8s("abc")}}}, `1.2.3.4=#0C03616263`},
+		{"non-string value dumped", pkix.RDNSequence{{{Type: oidCN, Value: 5}}}, `CN=#020105`},
+		{"multi-valued RDN", pkix.RDNSequence{{{Type: oidC, Value: "US"}}, {{Type: oidCN, Value: "a"}, {Type: oidOU, Value: "b"}}}, `OU=b+CN=a,C=US`},
+		{"empty", pkix.RDNSequence{}, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			der, err := asn1.Marshal(tt.rdns)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := opensslDN(der); got != tt.want {
+				t.Errorf("got  %q\nwant %q", got, tt.want)
+			}
+		})
+	}
+}
+
+func TestAuthHTTPOpenSSLSerial(t *testing.T) {
+	for _, tt := range []struct {
+		n    *big.Int
+		want string
+	}{
+		{big.NewInt(0), "00"},
+		{big.NewInt(1), "01"},
+		{big.NewInt(0x100), "0100"},
+		{big.NewInt(-0x1ab), "-01AB"},
+		{new(big.Int).SetBytes([]byte{0xc0, 0x7a, 0xd5, 0x6b, 0x84, 0x6b, 0x5b, 0xff}), "C07AD56B846B5BFF"},
+	} {
+		if got := opensslSerial(&x509.Certificate{SerialNumber: tt.n}); got != tt.want {
+			t.Errorf("serial %v = %q, want %q", tt.n, got, tt.want)
+		}
+	}
+}
+
+func TestAuthHTTPResponse(t *testing.T) {
+	const okHead = "HTTP/1.0 200 OK\r\nAuth-Status: OK\r\n"
+	tests := []struct {
+		name     string
+		response string
+		method   string
+		want     authHTTPResult
+		wantErr  bool
+	}{
+		{name: "ok", response: okHead + "Auth-Server: 198.51.100.1\r\nAuth-Port: 110\r\n\r\n",
+			want: authHTTPResult{OK: true, Address: "198.51.100.1:110"}},
+		{name: "ok ipv6", response: okHead + "Auth-Server: 2001:db8::1\r\nAuth-Port: 995\r\n\r\n",
+			want: authHTTPResult{OK: true, Address: "[2001:db8::1]:995"}},
+		{name: "ok ipv6 in brackets", response: okHead + "Auth-Server: [2001:db8::1]\r\nAuth-Port: 110\r\n\r\n",
+			want: authHTTPResult{OK: true, Address: "[2001:db8::1]:110"}},
+		{name: "ok with new user and password taken verbatim", response: okHead + "Auth-Server: 127.0.0.1\r\nAuth-Port: 1110\r\nAuth-User: real@backend\r\nAuth-Pass: plain text%20pass\r\n\r\n",
+			want: authHTTPResult{OK: true, Address: "127.0.0.1:1110", User: "real@backend", Pass: "plain text%20pass"}},
+		{name: "field names in any case, body ignored", response: "HTTP/1.1 200 OK\r\nauth-status: OK\r\nAUTH-SERVER: 127.0.0.1\r\nauth-port: 110\r\nContent-Length: 5\r\n\r\nhello",
+			want: authHTTPResult{OK: true, Address: "127.0.0.1:110"}},
+		{name: "status code ignored as NGINX", response: "HTTP/1.1 500 Internal Server Error\r\nAuth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 110\r\n\r\n",
+			want: authHTTPResult{OK: true, Address: "127.0.0.1:110"}},
+		{name: "apop ok with password", method: "apop", response: okHead + "Auth-Server: 127.0.0.1\r\nAuth-Port: 110\r\nAuth-Pass: secret\r\n\r\n",
+			want: authHTTPResult{OK: true, Address: "127.0.0.1:110", Pass: "secret"}},
+		{name: "refused with wait", response: "HTTP/1.0 200 OK\r\nAuth-Status: Invalid login or password\r\nAuth-Wait: 3\r\n\r\n",
+			want: authHTTPResult{ErrorText: "Invalid login or password", Wait: 3 * time.Second, HasWait: true}},
+		{name: "refused without wait", response: "HTTP/1.0 200 OK\r\nAuth-Status: Invalid login or password\r\n\r\n",
+			want: authHTTPResult{ErrorText: "Invalid login or password"}},
+		{name: "refused with error code, 403", response: "HTTP/1.0 403 Forbidden\r\nAuth-Status: Temporary server problem, try again later\r\nAuth-Error-Code: 451 4.3.0\r\nAuth-Wait: 0\r\n\r\n",
+			want: authHTTPResult{ErrorText: "Temporary server problem, try again later", ErrorCode: "451 4.3.0", HasWait: true}},
+		{name: "refusal wins over OK", response: "HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Status: Account locked\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 110\r\n\r\n",
+			want: authHTTPResult{ErrorText: "Account locked"}},
+		{name: "invalid wait ignored", response: "HTTP/1.0 200 OK\r\nAuth-Status: No\r\nAuth-Wait: 3s\r\n\r\n",
+			want: authHTTPResult{ErrorText: "No"}},
+		{name: "WAIT asks again", response: "HTTP/1.0 200 OK\r\nAuth-Status: WAIT\r\nAuth-Wait: 2\r\n\r\n",
+			want: authHTTPResult{Retry: true, Wait: 2 * time.Second, HasWait: true}},
+
+		{name: "no Auth-Status", response: "HTTP/1.0 200 OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 110\r\n\r\n", wantErr: true},
+		{name: "no Auth-Status, 502", response: "HTTP/1.0 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n", wantErr: true},
+		{name: "OK without server", response: okHead + "Auth-Port: 110\r\n\r\n", wantErr: true},
+		{name: "OK without port", response: okHead + "Auth-Server: 127.0.0.1\r\n\r\n", wantErr: true},
+		{name: "host name server", response: okHead + "Auth-Server: pop.example.com\r\nAuth-Port: 110\r\n\r\n", wantErr: true},
+		{name: "server with zone", response: okHead + "Auth-Server: fe80::1%eth0\r\nAuth-Port: 110\r\n\r\n", wantErr: true},
+		{name: "port 0", response: okHead + "Auth-Server: 127.0.0.1\r\nAuth-Port: 0\r\n\r\n", wantErr: true},
+		{name: "port too big", response: okHead + "Auth-Server: 127.0.0.1\r\nAuth-Port: 65536\r\n\r\n", wantErr: true},
+		{name: "port not a number", response: okHead + "Auth-Server: 127.0.0.1\r\nAuth-Port: +110\r\n\r\n", wantErr: true},
+		{name: "control byte in user", response: okHead + "Auth-Server: 127.0.0.1\r\nAuth-Port: 110\r\nAuth-User: a\x01b\r\n\r\n", wantErr: true},
+		{name: "control byte in password", response: okHead + "Auth-Server: 127.0.0.1\r\nAuth-Port: 110\r\nAuth-Pass: a\x7fb\r\n\r\n", wantErr: true},
+		{name: "control byte in server", response: okHead + "Auth-Server: 127.0.0.1\x00\r\nAuth-Port: 110\r\n\r\n", wantErr: true},
+		{name: "apop without password", method: "apop", response: okHead + "Auth-Server: 127.0.0.1\r\nAuth-Port: 110\r\n\r\n", wantErr: true},
+		{name: "external without password", method: "external", response: okHead + "Auth-Server: 127.0.0.1\r\nAuth-Port: 110\r\n\r\n", wantErr: true},
+		{name: "header over 16 KiB", response: okHead + "Auth-Server: 127.0.0.1\r\nAuth-Port: 110\r\nX-Pad: " + strings.Repeat("x", 17<<10) + "\r\n\r\n", wantErr: true},
+		{name: "not HTTP", response: "+OK POP3 ready\r\n", wantErr: true},
+		{name: "closed without answer", response: "", wantErr: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			a := newTestAuthHTTP(t, rawAuthServer(t, tt.response), func(a *AuthHTTP) { a.Timeout = caddy.Duration(5 * time.Second) })
+			method := tt.method
+			if method == "" {
+				method = "plain"
+			}
+			got, err := a.check(context.Background(), authHTTPRequest{Method: method, User: "u", Pass: "p", Attempt: 1, ClientIP: "192.0.2.1"})
+			if tt.wantErr {
+				if err == nil {
+					t.Fatalf("want an error, got %+v", got)
+				}
+				t.Logf("error: %v", err)
+				return
+			}
+			if err != nil {
+				t.Fatalf("check: %v", err)
+			}
+			if got != tt.want {
+				t.Errorf("got  %+v\nwant %+v", got, tt.want)
+			}
+		})
+	}
+}
+
+func TestAuthHTTPTimeout(t *testing.T) {
+	for name, url := range map[string]string{
+		"silent":     silentAuthServer(t),
+		"slow reply": (&pop3test.AuthServer{Delay: 5 * time.Second}).Start(t),
+	} {
+		t.Run(name, func(t *testing.T) {
+			a := newTestAuthHTTP(t, url, func(a *AuthHTTP) { a.Timeout = caddy.Duration(100 * time.Millisecond) })
+			start := time.Now()
+			_, err := a.check(context.Background(), authHTTPRequest{Method: "plain", User: "u", Pass: "p", Attempt: 1})
+			if !errors.Is(err, context.DeadlineExceeded) {
+				t.Fatalf("err = %v, want a deadline error", err)
+			}
+			if d := time.Since(start); d > 2*time.Second {
+				t.Errorf("took %s", d)
+			}
+		})
+	}
+}
+
+func TestAuthHTTPServerDown(t *testing.T) {
+	a := newTestAuthHTTP(t, downAuthServer(t))
+	_, err := a.check(context.Background(), authHTTPRequest{Method: "plain", User: "u", Pass: "p", Attempt: 1})
+	if err == nil {
+		t.Fatal("want an error")
+	}
+	if errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("err = %v: a refused connection is not a timeout", err)
+	}
+}
+
+func TestAuthHTTPRedirectNotFollowed(t *testing.T) {
+	target := &pop3test.AuthServer{Users: map[string]pop3test.AuthUser{"u": {Password: "p", Server: "127.0.0.1:110"}}}
+	targetURL := target.Start(t)
+	redirect := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Redirect(w, r, targetURL, http.StatusFound)
+	}))
+	t.Cleanup(redirect.Close)
+	a := newTestAuthHTTP(t, redirect.URL+"/auth")
+	_, err := a.check(context.Background(), authHTTPRequest{Method: "plain", User: "u", Pass: "p", Attempt: 1})
+	if !errors.Is(err, errAuthHTTPResponse) {
+		t.Errorf("err = %v, want an invalid response (no Auth-Status on the 302)", err)
+	}
+	if n := len(target.Requests()); n != 0 {
+		t.Errorf("redirect followed: target got %d requests", n)
+	}
+}
+
+func TestAuthHTTPFakeServer(t *testing.T) {
+	const salt = "<1896.697170952@dbc.mtview.ca.us>"
+	apop := func(password string) string {
+		sum := md5.Sum([]byte(salt + password))
+		return hex.EncodeToString(sum[:])
+	}
+	cram := func(password string) string {
+		m := hmac.New(md5.New, []byte(password))
+		m.Write([]byte(salt))
+		return hex.EncodeToString(m.Sum(nil))
+	}
+	users := map[string]pop3test.AuthUser{
+		"john doe": {Password: "p@ss wörd:%", Server: "127.0.0.1:1110"},
+		"bob":      {Password: "pw", Server: "[::1]:110", RewriteUser: "bob@backend", RewritePass: "backend pw"},
+	}
+	tests := []struct {
+		name   string
+		server *pop3test.AuthServer
+		req    authHTTPRequest
+		want   authHTTPResult
+	}{
+		{name: "plain", req: authHTTPRequest{Method: "plain", User: "john doe", Pass: "p@ss wörd:%"},
+			want: authHTTPResult{OK: true, Address: "127.0.0.1:1110"}},
+		{name: "plain, wrong password", req: authHTTPRequest{Method: "plain", User: "john doe", Pass: "nope"},
+			want: authHTTPResult{ErrorText: "Invalid login or password", HasWait: true}},
+		{name: "unknown user, wait 3s", server: &pop3test.AuthServer{Wait: 3 * time.Second}, req: authHTTPRequest{Method: "plain", User: "eve", Pass: "x"},
+			want: authHTTPResult{ErrorText: "Invalid login or password", Wait: 3 * time.Second, HasWait: true}},
+		{name: "refusal without wait", server: &pop3test.AuthServer{NoWait: true, FailText: "Go away", ErrorCode: "535 5.7.8"}, req: authHTTPRequest{Method: "plain", User: "eve", Pass: "x"},
+			want: authHTTPResult{ErrorText: "Go away", ErrorCode: "535 5.7.8"}},
+		{name: "apop", req: authHTTPRequest{Method: "apop", User: "john doe", Pass: apop("p@ss wörd:%"), Salt: salt},
+			want: authHTTPResult{OK: true, Address: "127.0.0.1:1110", Pass: "p@ss wörd:%"}},
+		{name: "apop, wrong digest", req: authHTTPRequest{Method: "apop", User: "john doe", Pass: apop("nope"), Salt: salt},
+			want: authHTTPResult{ErrorText: "Invalid login or password", HasWait: true}},
+		{name: "cram-md5", req: authHTTPRequest{Method: "cram-md5", User: "john doe", Pass: cram("p@ss wörd:%"), Salt: salt},
+			want: authHTTPResult{OK: true, Address: "127.0.0.1:1110", Pass: "p@ss wörd:%"}},
+		{name: "rewrite", req: authHTTPRequest{Method: "login", User: "bob", Pass: "pw"},
+			want: authHTTPResult{OK: true, Address: "[::1]:110", User: "bob@backend", Pass: "backend pw"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			srv := tt.server
+			if srv == nil {
+				srv = &pop3test.AuthServer{}
+			}
+			srv.Users = users
+			a := newTestAuthHTTP(t, srv.Start(t))
+			tt.req.Attempt, tt.req.ClientIP = 1, "192.0.2.1"
+			got, err := a.check(context.Background(), tt.req)
+			if err != nil {
+				t.Fatalf("check: %v", err)
+			}
+			if got != tt.want {
+				t.Errorf("got  %+v\nwant %+v", got, tt.want)
+			}
+		})
+	}
+}
+
+// TestAuthHTTPErrorsHoldNoSecret runs every failure with known secrets in
+// the request, the URL and a configured field and looks for them in the
+// error text.
+func TestAuthHTTPErrorsHoldNoSecret(t *testing.T) {
+	const (
+		password = "s3cret pässword"
+		salt     = "<salt-secret.1@pop.example>"
+		fieldVal = "field-secret"
+	)
+	secrets := []string{password, escapeMailAuth(password), "s3cret", salt, "salt-secret", fieldVal, "url-secret", "query-secret"}
+	withSecrets := func(u string) string {
+		p, err := url.Parse(u)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p.User = url.UserPassword("user", "url-secret")
+		p.RawQuery = "key=query-secret"
+		return p.String()
+	}
+	servers := map[string]string{
+		"down":            downAuthServer(t),
+		"silent":          silentAuthServer(t),
+		"not HTTP":        rawAuthServer(t, "+OK "+password+"\r\n"),
+		"no status":       rawAuthServer(t, "HTTP/1.0 200 OK\r\n\r\n"),
+		"bad server":      rawAuthServer(t, "HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Server: host.example\r\nAuth-Port: 110\r\n\r\n"),
+		"bad port":        rawAuthServer(t, "HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: x\r\n\r\n"),
+		"control in pass": rawAuthServer(t, "HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 110\r\nAuth-Pass: "+password+"\x01\r\n\r\n"),
+		"no pass":         rawAuthServer(t, "HTTP/1.0 200 OK\r\nAuth-Status: OK\r\nAuth-Server: 127.0.0.1\r\nAuth-Port: 110\r\n\r\n"),
+		"too big":         rawAuthServer(t, "HTTP/1.0 200 OK\r\nX-Pad: "+strings.Repeat(password, 2000)+"\r\n\r\n"),
+	}
+	for name, u := range servers {
+		t.Run(name, func(t *testing.T) {
+			a := newTestAuthHTTP(t, withSecrets(u), func(a *AuthHTTP) {
+				a.Timeout = caddy.Duration(200 * time.Millisecond)
+				a.Header = map[string]string{"X-Auth-Key": fieldVal}
+			})
+			_, err := a.check(context.Background(), authHTTPRequest{Method: "apop", User: "alice", Pass: password, Salt: salt, Attempt: 1, ClientIP: "192.0.2.1"})
+			if err == nil {
+				t.Fatal("want an error")
+			}
+			for _, s := range secrets {
+				if strings.Contains(err.Error(), s) {
+					t.Errorf("error %q holds secret %q", err, s)
+				}
+			}
+		})
+	}
+}
+
+func TestAuthHTTPProvision(t *testing.T) {
+	const secret = "prov-secret"
+	tests := []struct {
+		name    string
+		a       AuthHTTP
+		wantErr string
+	}{
+		{name: "no url", a: AuthHTTP{}, wantErr: "url"},
+		{name: "bad scheme", a: AuthHTTP{URL: "ftp://" + secret + "@127.0.0.1/"}, wantErr: "scheme"},
+		{name: "no scheme", a: AuthHTTP{URL: "127.0.0.1:9000/auth"}, wantErr: "url"},
+		{name: "no host", a: AuthHTTP{URL: "http://u:" + secret + "@:80/auth"}, wantErr: "host"},
+		{name: "negative timeout", a: AuthHTTP{URL: "http://127.0.0.1/", Timeout: -1}, wantErr: "timeout"},
+		{name: "bad header name", a: AuthHTTP{URL: "http://127.0.0.1/", Header: map[string]string{"X Key": secret}}, wantErr: "invalid name"},
+		{name: "reserved header", a: AuthHTTP{URL: "http://127.0.0.1/", Header: map[string]string{"auth-user": secret}}, wantErr: "sent by the proxy"},
+		{name: "reserved SSL header", a: AuthHTTP{URL: "http://127.0.0.1/", Header: map[string]string{"Auth-SSL-Verify": "SUCCESS"}}, wantErr: "sent by the proxy"},
+		{name: "reserved Host", a: AuthHTTP{URL: "http://127.0.0.1/", Header: map[string]string{"Host": "x"}}, wantErr: "sent by the proxy"},
+		{name: "control byte in value", a: AuthHTTP{URL: "http://127.0.0.1/", Header: map[string]string{"X-Key": secret + "\r\nX: y"}}, wantErr: "control character"},
+		{name: "valid", a: AuthHTTP{URL: "https://auth.example:8443/mail/auth?x=1", Header: map[string]string{"X-Auth-Key": "{env.AUTH_KEY}"}}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			a := tt.a
+			err := a.provision()
+			if tt.wantErr == "" {
+				if err != nil {
+					t.Fatalf("provision: %v", err)
+				}
+				if time.Duration(a.Timeout) != 60*time.Second {
+					t.Errorf("default timeout = %s", time.Duration(a.Timeout))
+				}
+				if a.safeURL != "https://auth.example:8443/mail/auth" {
+					t.Errorf("safeURL = %q", a.safeURL)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Fatalf("err = %v, want one about %q", err, tt.wantErr)
+			}
+			if strings.Contains(err.Error(), secret) {
+				t.Errorf("error %q holds the secret", err)
+			}
+		})
+	}
+}
+
+// TestAuthHTTPOpenSSLFormatsMatchOpenSSL compares the subject, issuer and serial
+// formatting with the openssl command NGINX's library ships, where present:
+// `openssl x509 -nameopt RFC2253` is X509_NAME_print_ex(XN_FLAG_RFC2253).
+func TestAuthHTTPOpenSSLFormatsMatchOpenSSL(t *testing.T) {
+	bin, err := exec.LookPath("openssl")
+	if err != nil {
+		t.Skip("no openssl command to compare with")
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw := func(tag int, b []byte) asn1.RawValue {
+		return asn1.RawValue{Class: asn1.ClassUniversal, Tag: tag, Bytes: b}
+	}
+	utf8s := func(s string) asn1.RawValue { return raw(asn1.TagUTF8String, []byte(s)) }
+	names := []pkix.RDNSequence{
+		{{{Type: oidC, Value: "US"}}, {{Type: oidO, Value: "Acme, Inc."}}, {{Type: oidCN, Value: "x"}}},
+		{{{Type: oidCN, Value: utf8s(`a,b+c"d\e<f>g;h=i`)}}, {{Type: oidOU, Value: utf8s("#b")}}, {{Type: oidO, Value: utf8s(" lead")}}},
+		{{{Type: oidCN, Value: utf8s("a# ")}}, {{Type: oidOU, Value: utf8s("#")}}, {{Type: oidO, Value: utf8s(" ")}}},
+		{{{Type: oidCN, Value: utf8s("a\r\nb\x7f\x00")}}, {{Type: oidO, Value: utf8s("Jöhn 日本")}}},
+		{{{Type: oidCN, Value: raw(asn1.TagT61String, []byte{'x', 0xe9})}}, {{Type: oidOU, Value: raw(asn1.TagBMPString, []byte{0, 'a', 0x30, 0xb3})}}},
+		{{{Type: asn1.ObjectIdentifier{1, 2, 3, 4}, Value: utf8s("abc")}}, {{Type: oidEmail, Value: "john@example.com"}}},
+		{{{Type: oidC, Value: "US"}}, {{Type: oidCN, Value: "a"}, {Type: oidOU, Value: "b"}}},
+		{
+			{{Type: asn1.ObjectIdentifier{0, 9, 2342, 19200300, 100, 1, 25}, Value: raw(asn1.TagIA5String, []byte("example"))}},
+			{{Type: asn1.ObjectIdentifier{2, 5, 4, 5}, Value: "1234"}},
+			{{Type: asn1.ObjectIdentifier{2, 5, 4, 42}, Value: "Given"}},
+			{{Type: asn1.ObjectIdentifier{0, 9, 2342, 19200300, 100, 1, 1}, Value: utf8s("uid")}},
+		},
+	}
+	serials := []*big.Int{big.NewInt(1), big.NewInt(0x0abcdef012), new(big.Int).Lsh(big.NewInt(0xff), 150)}
+	dir := t.TempDir()
+	for i, name := range names {
+		der, err := asn1.Marshal(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tmpl := &x509.Certificate{
+			SerialNumber: serials[i%len(serials)],
+			RawSubject:   der,
+			RawIssuer:    der,
+			NotBefore:    time.Now().Add(-time.Hour),
+			NotAfter:     time.Now().Add(time.Hour),
+		}
+		certDER, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cert, err := x509.ParseCertificate(certDER)
+		if err != nil {
+			t.Fatal(err)
+		}
+		file := filepath.Join(dir, fmt.Sprintf("%d.pem", i))
+		if err := os.WriteFile(file, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: certDER}), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		out, err := exec.Command(bin, "x509", "-in", file, "-noout", "-nameopt", "RFC2253", "-subject", "-issuer", "-serial").Output()
+		if err != nil {
+			t.Fatalf("openssl: %v", err)
+		}
+		want := fmt.Sprintf("subject=%s\nissuer=%s\nserial=%s\n", opensslDN(cert.RawSubject), opensslDN(cert.RawIssuer), opensslSerial(cert))
+		if string(out) != want {
+			t.Errorf("name %d\nopenssl: %q\n    ours: %q", i, out, want)
+		}
+	}
+}
