@@ -45,6 +45,25 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			want:  Handler{Upstream: up("a"), Auth: []string{AuthPlain, AuthAPOP, AuthCRAMMD5, AuthExternal}},
 		},
 		{
+			name:  "auth_http",
+			input: "pop3 {\n\tauth plain oauthbearer xoauth2\n\tauth_http http://127.0.0.1:9000/auth {\n\t\theader X-Auth-Key {env.KEY}\n\t\theader X-Site mail\n\t\ttimeout 5s\n\t\tpass_client_cert on\n\t}\n\tauth_failure_delay 2s\n}",
+			want: Handler{
+				Auth: []string{AuthPlain, AuthOAuthBearer, AuthXOAuth2},
+				AuthHTTP: &AuthHTTP{
+					URL:            "http://127.0.0.1:9000/auth",
+					Header:         map[string]string{"X-Auth-Key": "{env.KEY}", "X-Site": "mail"},
+					Timeout:        caddy.Duration(5 * time.Second),
+					PassClientCert: true,
+				},
+				AuthFailureDelay: caddy.Duration(2 * time.Second),
+			},
+		},
+		{
+			name:  "auth_http without block, with upstream",
+			input: "pop3 a {\n\tauth_http http://auth/\n}",
+			want:  Handler{Upstream: up("a"), AuthHTTP: &AuthHTTP{URL: "http://auth/"}},
+		},
+		{
 			name:  "capabilities",
 			input: "pop3 a {\n\tcapabilities TOP UIDL \"EXPIRE 30\"\n}",
 			want:  Handler{Upstream: up("a"), Capabilities: []string{"TOP", "UIDL", "EXPIRE 30"}},
@@ -186,6 +205,17 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"no upstream", "pop3", []string{"upstream", "at least one upstream"}},
 		{"no upstream in block", "pop3 {\n\ttimeout 5s\n}", []string{"at least one upstream", "Testfile:1"}},
 		{"nested block", "pop3 a {\n\ttimeout 5s {\n\t\tfoo\n\t}\n}", []string{"malformed pop3 option 'timeout'"}},
+
+		// auth_http
+		{"auth_http without url", "pop3 {\n\tauth_http\n}", []string{"'auth_http'"}},
+		{"auth_http twice", "pop3 {\n\tauth_http http://a/\n\tauth_http http://b/\n}", []string{"duplicate pop3 option 'auth_http'"}},
+		{"auth_http unknown sub-option", "pop3 {\n\tauth_http http://a/ {\n\t\tfoo\n\t}\n}", []string{"unrecognized pop3 option 'auth_http foo'"}},
+		{"auth_http bad timeout", "pop3 {\n\tauth_http http://a/ {\n\t\ttimeout soon\n\t}\n}", []string{"'auth_http timeout'"}},
+		{"auth_http header twice", "pop3 {\n\tauth_http http://a/ {\n\t\theader X-A 1\n\t\theader X-A 2\n\t}\n}", []string{"option 'auth_http'", "'X-A' set twice"}},
+		{"auth_http header without value", "pop3 {\n\tauth_http http://a/ {\n\t\theader X-A\n\t}\n}", []string{"'header'"}},
+		{"auth_http bad pass_client_cert", "pop3 {\n\tauth_http http://a/ {\n\t\tpass_client_cert yes\n\t}\n}", []string{"'auth_http pass_client_cert'", "'yes'"}},
+		{"auth_failure_delay bad", "pop3 a {\n\tauth_failure_delay x\n}", []string{"'auth_failure_delay'"}},
+		{"auth_failure_delay twice", "pop3 a {\n\tauth_failure_delay 1s\n\tauth_failure_delay 2s\n}", []string{"duplicate pop3 option 'auth_failure_delay'"}},
 
 		// upstream
 		{"upstream without address", "pop3 {\n\tupstream\n}", []string{"'upstream'"}},

@@ -81,3 +81,39 @@ func TestValidateRefusesBadCapabilities(t *testing.T) {
 		}
 	}
 }
+
+func TestValidateAuthMethods(t *testing.T) {
+	one := []*Upstream{{Address: "127.0.0.1:110"}}
+	two := []*Upstream{{Address: "127.0.0.1:110"}, {Address: "127.0.0.2:110"}}
+	auth := &AuthHTTP{URL: "http://127.0.0.1:9000/auth"}
+	tests := []struct {
+		name     string
+		h        Handler
+		wantErr  string
+		relaying bool
+	}{
+		{"external needs auth_http", Handler{Upstream: one, Auth: []string{AuthExternal}}, `"external" needs auth_http`, false},
+		{"oauthbearer needs auth_http", Handler{Upstream: one, Auth: []string{AuthOAuthBearer}}, `"oauthbearer" needs auth_http`, false},
+		{"apop relays with one upstream", Handler{Upstream: one, Auth: []string{AuthPlain, AuthAPOP}}, "", true},
+		{"cram-md5 relays with one upstream", Handler{Upstream: one, Auth: []string{AuthCRAMMD5}}, "", true},
+		{"apop with two upstreams", Handler{Upstream: two, Auth: []string{AuthAPOP}}, "exactly one upstream", false},
+		{"apop via auth_http, no upstream", Handler{AuthHTTP: auth, Auth: []string{AuthAPOP, AuthExternal, AuthXOAuth2}}, "", false},
+		{"no upstream, no auth_http", Handler{}, "at least one upstream", false},
+		{"bad auth_http url", Handler{AuthHTTP: &AuthHTTP{URL: "ftp://x/"}}, "auth_http", false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			h := tc.h
+			err := h.setup()
+			if tc.wantErr == "" {
+				if err != nil || h.relayChallenges != tc.relaying {
+					t.Fatalf("setup: %v, relayChallenges %v", err, h.relayChallenges)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Fatalf("got %v, want %q", err, tc.wantErr)
+			}
+		})
+	}
+}
