@@ -169,7 +169,24 @@ func (s *session) handleAuth(cmd pop3wire.Command) error {
 	if _, err := s.saslExchange(server, response); err != nil {
 		return err
 	}
-	return s.login(loginRequest{method: method, creds: server.Credentials(), salt: salt})
+	err := s.login(loginRequest{method: method, creds: server.Credentials(), salt: salt})
+	if (method == AuthOAuthBearer || method == AuthXOAuth2) && isRefusal(err) {
+		// RFC 7628 §3.2.2: a failure is an error challenge, which the client
+		// answers with a dummy response before it gets the -ERR.
+		if _, cerr := s.saslContinue(oauthErrorChallenge); isConnError(cerr) {
+			return cerr
+		}
+	}
+	return err
+}
+
+var oauthErrorChallenge = []byte(`{"status":"invalid_token"}`)
+
+// isRefusal reports whether a login failed on the credentials (the client
+// may retry), not on an unavailable service.
+func isRefusal(err error) bool {
+	var re *replyError
+	return errors.As(err, &re) && re.code != codeSysTemp && !re.fatal
 }
 
 // saslExchange runs server to its end and returns the client's last

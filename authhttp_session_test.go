@@ -267,3 +267,75 @@ func TestFailureDelayDoublesPerClient(t *testing.T) {
 	}
 	penalties.succeed(netip.MustParseAddr("127.0.0.1"))
 }
+
+// TestAuthHTTPRetryEachMethod fails once and then logs in, in one session,
+// for every method: a failed exchange must leave the session usable.
+func TestAuthHTTPRetryEachMethod(t *testing.T) {
+	_, _, mod := authHTTPSetup(t, func(a *pop3test.AuthServer) { a.ErrorCode = "LOGIN-DELAY" })
+	h, logs := newTestHandler(t, "", mod)
+	token := "tok-" + strings.Repeat("x", 20000)
+	type step func(ts *testSession, good bool)
+	plainPass := func(good bool) string {
+		if good {
+			return "secret-pw"
+		}
+		return "bad"
+	}
+	methods := map[string]step{
+		"USER/PASS": func(ts *testSession, good bool) {
+			ts.send("USER alice", "PASS "+plainPass(good))
+			ts.expect("+OK")
+		},
+		"AUTH PLAIN": func(ts *testSession, good bool) {
+			ts.send("AUTH PLAIN " + b64("\x00alice\x00"+plainPass(good)))
+		},
+		"AUTH LOGIN": func(ts *testSession, good bool) {
+			ts.send("AUTH LOGIN " + b64("alice"))
+			ts.expect("+ ")
+			ts.send(b64(plainPass(good)))
+		},
+		"APOP": func(ts *testSession, good bool) {
+			stamp := ts.greeting[strings.IndexByte(ts.greeting, '<'):]
+			ts.send("APOP alice " + apopDigest(stamp, plainPass(good)))
+		},
+		"AUTH CRAM-MD5": func(ts *testSession, good bool) {
+			ts.send("AUTH CRAM-MD5")
+			ch, _ := b64decode(strings.TrimPrefix(ts.expect("+ "), "+ "))
+			ts.send(cramResponse("alice", plainPass(good), ch))
+		},
+		"AUTH XOAUTH2": func(ts *testSession, good bool) {
+			tok := token
+			if !good {
+				tok = "expired"
+			}
+			ts.send("AUTH XOAUTH2 " + b64("user=tokenuser\x01auth=Bearer "+tok+"\x01\x01"))
+			if !good {
+				ts.expect("+ " + b64(`{"status":"invalid_token"}`))
+				ts.send("AQ==")
+			}
+		},
+		"AUTH OAUTHBEARER": func(ts *testSession, good bool) {
+			tok := token
+			if !good {
+				tok = "expired"
+			}
+			ts.send("AUTH OAUTHBEARER " + b64("n,a=tokenuser,\x01auth=Bearer "+tok+"\x01\x01"))
+			if !good {
+				ts.expect("+ " + b64(`{"status":"invalid_token"}`))
+				ts.send("AQ==")
+			}
+		},
+	}
+	for name, login := range methods {
+		t.Run(name, func(t *testing.T) {
+			ts := startSessionGreeting(t, h, logs)
+			login(ts, false)
+			ts.expect("-ERR [LOGIN-DELAY] Invalid login or password")
+			login(ts, true)
+			ts.expect("+OK Logged in.")
+			ts.send("QUIT")
+			ts.expect("+OK bye")
+			ts.closed()
+		})
+	}
+}
