@@ -59,12 +59,12 @@ type authRefusal struct {
 
 func (e *authRefusal) Error() string { return "login refused: [" + e.code + "] " + e.text }
 
-// passThrough sends the client's own credentials to one fixed upstream
-// (NGINX's proxy_pass).
-type passThrough struct{ upstream string }
+// passThrough sends the client's own credentials to the upstream the pool
+// chooses (NGINX's proxy_pass); an empty address means "ask the pool".
+type passThrough struct{}
 
-func (p passThrough) authenticate(_ context.Context, req loginRequest) (loginTarget, error) {
-	return loginTarget{address: p.upstream, creds: req.creds}, nil
+func (passThrough) authenticate(_ context.Context, req loginRequest) (loginTarget, error) {
+	return loginTarget{creds: req.creds}, nil
 }
 
 func (s *session) handleUser(cmd pop3wire.Command) error {
@@ -295,7 +295,12 @@ func (s *session) login(req loginRequest) error {
 	if err != nil {
 		return s.loginFailed(req, "", err)
 	}
-	up, err := s.h.connectUpstream(s.cx.Context, target.address, deadline)
+	var up *upstreamClient
+	if target.address == "" {
+		up, err = s.h.pool.connect(s.cx.Context, s.poolRequest(req.creds.Username), s.dialClient(), deadline)
+	} else {
+		up, err = s.h.connectUpstream(s.cx.Context, target.address, s.h.pool.optionsFor(target.address), s.dialClient(), deadline)
+	}
 	if err != nil {
 		return s.loginFailed(req, target.address, err)
 	}
@@ -382,7 +387,11 @@ func (s *session) loginFailed(req loginRequest, upstream string, err error) erro
 		s.logger.Warn("auth server unavailable", fields...)
 		return errAuthUnavailable
 	}
-	s.logger.Warn("upstream unavailable", fields...)
+	if errors.Is(err, errNoUpstream) {
+		s.logger.Warn("no upstream available", fields...)
+	} else {
+		s.logger.Warn("upstream unavailable", fields...)
+	}
 	s.result = "upstream_unavailable"
 	return errUnavailable
 }
@@ -415,6 +424,23 @@ func sanitizeReplyText(text string) string {
 		text = text[:200]
 	}
 	return text
+}
+
+// poolRequest describes this session to the load-balancing policy and fills
+// the placeholders an upstream address may use.
+func (s *session) poolRequest(user string) poolRequest {
+	repl := s.cx.Replacer()
+	if user != "" {
+		// Both end up in a host name: anything else resolves to nothing.
+		_, domain, _ := strings.Cut(user, "@")
+		repl.Set("pop3.user", hostnameSafe(user))
+		repl.Set("pop3.domain", hostnameSafe(domain))
+	}
+	return poolRequest{user: user, clientIP: s.clientIP(), repl: repl}
+}
+
+func (s *session) dialClient() dialClient {
+	return dialClient{remote: s.cx.RemoteAddr(), local: s.cx.LocalAddr()}
 }
 
 func (s *session) clientIP() netip.Addr {

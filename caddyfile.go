@@ -2,11 +2,14 @@ package pop3
 
 import (
 	"math"
+	"slices"
 	"strconv"
 	"strings"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 	"github.com/caddyserver/caddy/v2/modules/caddytls"
 )
 
@@ -63,6 +66,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		hasTimeout, hasProxyTimeout, hasPassErrorMessage   bool
 		hasMaxErrors, hasMaxLineLength                     bool
 		hasAuthFailureDelay                                bool
+		seen                                               = map[string]bool{}
 	)
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		optionName := d.Val()
@@ -75,6 +79,64 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err := h.addUpstream(d, wrapper, optionName); err != nil {
 				return err
 			}
+			if err := h.Upstream[len(h.Upstream)-1].unmarshalCaddyfile(d, wrapper); err != nil {
+				return err
+			}
+			continue // its block is consumed
+		case "lb_policy":
+			if seen[optionName] {
+				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
+			}
+			if d.CountRemainingArgs() != 1 {
+				return d.ArgErr()
+			}
+			d.NextArg()
+			if !slices.Contains(knownPolicies, d.Val()) {
+				return d.Errf("parsing %s option '%s': unknown policy '%s' (want %s)", wrapper, optionName, d.Val(), strings.Join(knownPolicies, ", "))
+			}
+			h.LBPolicy, seen[optionName] = d.Val(), true
+		case "lb_try_duration", "health_interval", "health_timeout", "fail_duration", "dial_timeout":
+			if seen[optionName] {
+				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
+			}
+			dur, err := parsePositiveDuration(d, wrapper, optionName)
+			if err != nil {
+				return err
+			}
+			*map[string]*caddy.Duration{
+				"lb_try_duration": &h.LBTryDuration, "health_interval": &h.HealthInterval,
+				"health_timeout": &h.HealthTimeout, "fail_duration": &h.FailDuration, "dial_timeout": &h.DialTimeout,
+			}[optionName], seen[optionName] = dur, true
+		case "health_passes", "health_fails", "max_fails":
+			if seen[optionName] {
+				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
+			}
+			val, err := parseIntInRange(d, wrapper, optionName, 1, math.MaxInt32)
+			if err != nil {
+				return err
+			}
+			*map[string]*int{"health_passes": &h.HealthPasses, "health_fails": &h.HealthFails, "max_fails": &h.MaxFails}[optionName], seen[optionName] = val, true
+		case "proxy_protocol":
+			if seen[optionName] {
+				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
+			}
+			if d.CountRemainingArgs() != 1 {
+				return d.ArgErr()
+			}
+			d.NextArg()
+			if v := d.Val(); v != "v1" && v != "v2" {
+				return d.Errf("parsing %s option '%s': unknown version '%s' (want v1 or v2)", wrapper, optionName, v)
+			}
+			h.ProxyProtocol, seen[optionName] = d.Val(), true
+		case "xclient":
+			if seen[optionName] {
+				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
+			}
+			on, err := parseOnOff(d, wrapper, optionName)
+			if err != nil {
+				return err
+			}
+			h.XClient, seen[optionName] = on, true
 		case "auth":
 			if hasAuth {
 				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
@@ -337,6 +399,101 @@ func (a *AuthHTTP) unmarshalCaddyfile(d *caddyfile.Dispenser, wrapper string) er
 			hasPassClientCert = true
 		default:
 			return d.Errf("unrecognized %s option '%s %s'", wrapper, optionName, sub)
+		}
+	}
+	return nil
+}
+
+// parseOnOff reads the option's single argument, on or off.
+func parseOnOff(d *caddyfile.Dispenser, wrapper, optionName string) (bool, error) {
+	if d.CountRemainingArgs() != 1 {
+		return false, d.ArgErr()
+	}
+	d.NextArg()
+	switch d.Val() {
+	case "on":
+		return true, nil
+	case "off":
+		return false, nil
+	}
+	return false, d.Errf("parsing %s option '%s': unknown value '%s' (want on or off)", wrapper, optionName, d.Val())
+}
+
+// unmarshalCaddyfile reads an upstream's optional block. The tls_* options
+// are spelled as in reverse_proxy's http transport and imply tls.
+func (u *Upstream) unmarshalCaddyfile(d *caddyfile.Dispenser, wrapper string) error {
+	tlsConfig := func() *reverseproxy.TLSConfig {
+		if u.TLS == nil {
+			u.TLS = new(reverseproxy.TLSConfig)
+		}
+		return u.TLS
+	}
+	seen := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		sub := d.Val()
+		opt := "upstream " + sub
+		if seen[sub] {
+			return d.Errf("duplicate %s option '%s'", wrapper, opt)
+		}
+		seen[sub] = true
+		switch sub {
+		case "tls", "starttls", "tls_insecure_skip_verify":
+			if d.CountRemainingArgs() != 0 {
+				return d.ArgErr()
+			}
+			t := tlsConfig()
+			switch sub {
+			case "starttls":
+				u.StartTLS = true
+			case "tls_insecure_skip_verify":
+				t.InsecureSkipVerify = true
+			}
+		case "tls_server_name":
+			if d.CountRemainingArgs() != 1 {
+				return d.ArgErr()
+			}
+			d.NextArg()
+			tlsConfig().ServerName = d.Val()
+		case "tls_client_auth":
+			switch d.CountRemainingArgs() {
+			case 1:
+				d.NextArg()
+				tlsConfig().ClientCertificateAutomate = d.Val()
+			case 2:
+				d.NextArg()
+				tlsConfig().ClientCertificateFile = d.Val()
+				d.NextArg()
+				tlsConfig().ClientCertificateKeyFile = d.Val()
+			default:
+				return d.ArgErr()
+			}
+		case "tls_trust_pool":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			modStem := d.Val()
+			modID := "tls.ca_pool.source." + modStem
+			unm, err := caddyfile.UnmarshalModule(d, modID)
+			if err != nil {
+				return err
+			}
+			ca, ok := unm.(caddytls.CA)
+			if !ok {
+				return d.Errf("parsing %s option '%s': module %s is not a caddytls.CA", wrapper, opt, modID)
+			}
+			tlsConfig().CARaw = caddyconfig.JSONModuleObject(ca, "provider", modStem, nil)
+		case "max_connections", "weight":
+			val, err := parseIntInRange(d, wrapper, opt, 1, math.MaxInt32)
+			if err != nil {
+				return err
+			}
+			if sub == "weight" {
+				u.Weight = val
+			} else {
+				u.MaxConnections = val
+			}
+		default:
+			return d.Errf("unrecognized %s option '%s'", wrapper, opt)
 		}
 	}
 	return nil

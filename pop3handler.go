@@ -7,11 +7,13 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 	"github.com/caddyserver/caddy/v2/modules/caddytls"
 	"github.com/mholt/caddy-l4/layer4"
 	"go.uber.org/zap"
@@ -30,6 +32,8 @@ const (
 	defaultDialTimeout    = 10 * time.Second
 	defaultMaxLineLength  = 32 * 1024 // a SASL line: base64 of a 16 KiB OAuth token and more
 	defaultFailureDelay   = time.Second
+	defaultTryDuration    = 5 * time.Second
+	defaultHealthTimeout  = 5 * time.Second
 	defaultStartTLSPolicy = StartTLSOnly
 )
 
@@ -55,8 +59,38 @@ var knownAuthMethods = []string{AuthPlain, AuthAPOP, AuthCRAMMD5, AuthExternal, 
 // Handler is a POP3 proxy for the layer4 app: module `layer4.handlers.pop3`.
 // It is terminal: it never calls the next handler in the route.
 type Handler struct {
-	// Upstream POP3 servers. This version logs in to the first one.
+	// Upstream POP3 servers, chosen per session by lb_policy.
 	Upstream []*Upstream `json:"upstream,omitempty"`
+	// How to choose an upstream: round_robin, least_conn, random, first,
+	// ip_hash or user_hash (the same mailbox always reaches the same
+	// healthy upstream). Default: user_hash with several upstreams.
+	LBPolicy string `json:"lb_policy,omitempty"`
+	// How long to keep trying other upstreams when one fails before the
+	// login. Default: 5s.
+	LBTryDuration caddy.Duration `json:"lb_try_duration,omitempty"`
+	// Period of the active health check, which connects (with TLS or STLS
+	// as configured), expects +OK and sends QUIT. Off when unset.
+	HealthInterval caddy.Duration `json:"health_interval,omitempty"`
+	// Time limit of one active check. Default: 5s.
+	HealthTimeout caddy.Duration `json:"health_timeout,omitempty"`
+	// Consecutive passed checks that make an upstream healthy. Default: 1.
+	HealthPasses int `json:"health_passes,omitempty"`
+	// Consecutive failed checks that make it unhealthy. Default: 1.
+	HealthFails int `json:"health_fails,omitempty"`
+	// How long a failed connection (dial error, timeout, -ERR greeting)
+	// counts against an upstream: the passive health check. Off when unset.
+	FailDuration caddy.Duration `json:"fail_duration,omitempty"`
+	// Failures within fail_duration that make an upstream unhealthy.
+	// Default: 1.
+	MaxFails int `json:"max_fails,omitempty"`
+	// Time limit for dialling an upstream. Default: 10s.
+	DialTimeout caddy.Duration `json:"dial_timeout,omitempty"`
+	// Send the client's address to the upstream with a PROXY protocol
+	// header: v1 or v2. Default: none.
+	ProxyProtocol string `json:"proxy_protocol,omitempty"`
+	// Send XCLIENT ADDR/PORT before login (Dovecot's
+	// login_trusted_networks). Default: false.
+	XClient bool `json:"xclient,omitempty"`
 	// Authentication methods the client may use: plain, apop, cram-md5,
 	// external, oauthbearer, xoauth2. Default: plain.
 	Auth []string `json:"auth,omitempty"`
@@ -107,12 +141,24 @@ type Handler struct {
 
 	authenticator authenticator
 	dialer        upstreamDialer
+	pool          *pool
 }
 
 // Upstream is one upstream POP3 server.
 type Upstream struct {
-	// Network address of the server, host:port. Default port: 110.
+	// Network address of the server, host:port (default port 110 or, with
+	// tls, 995). It may hold {pop3.user}, {pop3.domain} and
+	// {l4.tls.server_name}, resolved at login.
 	Address string `json:"address"`
+	// TLS to the upstream, from the first byte (POP3S) unless starttls.
+	// Certificates are verified unless insecure_skip_verify is set.
+	TLS *reverseproxy.TLSConfig `json:"tls,omitempty"`
+	// With tls: upgrade with STLS after the greeting instead.
+	StartTLS bool `json:"starttls,omitempty"`
+	// Sessions at most on this upstream at once; 0 is no limit.
+	MaxConnections int `json:"max_connections,omitempty"`
+	// Relative share of sessions for the weighted policies. Default: 1.
+	Weight int `json:"weight,omitempty"`
 }
 
 // CaddyModule returns the Caddy module information.
@@ -144,6 +190,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			return fmt.Errorf("connection_policy: %w", err)
 		}
 		h.tlsConfig = h.ConnectionPolicy.TLSConfig(ctx)
+	}
+	if h.HealthInterval > 0 {
+		go h.pool.healthChecker(ctx, time.Duration(h.HealthInterval), time.Duration(h.HealthTimeout),
+			int64(max(h.HealthPasses, 1)), int64(max(h.HealthFails, 1)))
 	}
 	if h.StartTLS != StartTLSOnly && h.hasAuth(AuthPlain) {
 		h.logger.Warn("plaintext login allowed: passwords may cross the network unencrypted unless the route terminates TLS first",
@@ -190,18 +240,37 @@ func (h *Handler) setup() error {
 		if u == nil {
 			return fmt.Errorf("upstream %d: missing", i)
 		}
-		addr, err := normalizeUpstreamAddress(u.Address)
+		if hasPlaceholder(u.Address) {
+			continue // resolved and checked at login
+		}
+		port := "110"
+		if u.TLS != nil && !u.StartTLS {
+			port = "995"
+		}
+		addr, err := normalizeUpstreamAddressPort(u.Address, port)
 		if err != nil {
 			return fmt.Errorf("upstream %d: %w", i, err)
 		}
 		u.Address = addr
+	}
+	if h.LBPolicy == "" {
+		h.LBPolicy = PolicyUserHash
+	}
+	if h.LBTryDuration == 0 {
+		h.LBTryDuration = caddy.Duration(defaultTryDuration)
+	}
+	if h.HealthTimeout == 0 {
+		h.HealthTimeout = caddy.Duration(defaultHealthTimeout)
+	}
+	if h.DialTimeout == 0 {
+		h.DialTimeout = caddy.Duration(defaultDialTimeout)
 	}
 	if err := h.Validate(); err != nil {
 		return err
 	}
 
 	h.tlsOn = h.StartTLS != StartTLSOff
-	h.dialer = &tcpDialer{timeout: defaultDialTimeout}
+	h.dialer = &tcpDialer{timeout: time.Duration(h.DialTimeout)}
 	if h.AuthHTTP != nil {
 		repl := caddy.NewReplacer() // {env.*} keeps secrets out of the config file
 		for name, v := range h.AuthHTTP.Header {
@@ -216,9 +285,17 @@ func (h *Handler) setup() error {
 		}
 		h.authenticator = authHTTPAuthenticator{a: h.AuthHTTP, verifyClient: verifyClient}
 	} else {
-		h.authenticator = passThrough{upstream: h.Upstream[0].Address}
-		h.relayChallenges = h.hasAuth(AuthAPOP) || h.hasAuth(AuthCRAMMD5)
+		h.authenticator = passThrough{}
+		h.relayChallenges = h.relayChallengesWanted()
 	}
+	if h.logger == nil {
+		h.logger = zap.NewNop()
+	}
+	pool, err := h.buildPool()
+	if err != nil {
+		return err
+	}
+	h.pool = pool
 	return nil
 }
 
@@ -253,16 +330,49 @@ func (h *Handler) Validate() error {
 			if h.AuthHTTP == nil {
 				return fmt.Errorf("auth: method %q needs auth_http", m)
 			}
-		case AuthAPOP, AuthCRAMMD5:
-			// Without an auth server the upstream's own challenge is relayed,
-			// which needs the upstream known before the greeting.
-			if h.AuthHTTP == nil && len(h.Upstream) != 1 {
-				return fmt.Errorf("auth: method %q without auth_http needs exactly one upstream, known before the greeting", m)
-			}
 		}
 	}
 	if h.AuthFailureDelay < 0 {
 		return errors.New("auth_failure_delay: must not be negative")
+	}
+	if h.relayChallengesWanted() {
+		// The upstream must be chosen before the greeting, without the user.
+		if h.LBPolicy == PolicyUserHash && len(h.Upstream) > 1 {
+			return errors.New("auth: apop and cram-md5 without auth_http relay the upstream's challenge, which needs the upstream chosen at accept: set lb_policy to one that does not depend on the user (round_robin, least_conn, random, first, ip_hash) or use auth_http")
+		}
+		for i, u := range h.Upstream {
+			if strings.Contains(u.Address, "{pop3.") {
+				return fmt.Errorf("upstream %d: {pop3.*} placeholders are known only at login, but apop and cram-md5 without auth_http need the upstream at accept", i)
+			}
+		}
+	}
+	if h.LBPolicy != "" && !slices.Contains(knownPolicies, h.LBPolicy) {
+		return fmt.Errorf("lb_policy: unknown policy %q (want %s)", h.LBPolicy, strings.Join(knownPolicies, ", "))
+	}
+	switch h.ProxyProtocol {
+	case "", "v1", "v2":
+	default:
+		return fmt.Errorf("proxy_protocol: unknown version %q (want v1 or v2)", h.ProxyProtocol)
+	}
+	for i, u := range h.Upstream {
+		if u.MaxConnections < 0 {
+			return fmt.Errorf("upstream %d: max_connections must not be negative", i)
+		}
+		if u.Weight < 0 {
+			return fmt.Errorf("upstream %d: weight must not be negative", i)
+		}
+		if u.StartTLS && u.TLS == nil {
+			return fmt.Errorf("upstream %d: starttls needs tls settings", i)
+		}
+	}
+	for name, v := range map[string]caddy.Duration{"lb_try_duration": h.LBTryDuration, "health_interval": h.HealthInterval,
+		"health_timeout": h.HealthTimeout, "fail_duration": h.FailDuration, "dial_timeout": h.DialTimeout} {
+		if v < 0 {
+			return fmt.Errorf("%s: must not be negative", name)
+		}
+	}
+	if h.HealthPasses < 0 || h.HealthFails < 0 || h.MaxFails < 0 {
+		return errors.New("health_passes, health_fails and max_fails must not be negative")
 	}
 	for _, c := range h.Capabilities {
 		if strings.TrimSpace(c) == "" || strings.ContainsAny(c, "\r\n\x00") {
@@ -294,9 +404,19 @@ func (h *Handler) Validate() error {
 	return nil
 }
 
+// relayChallengesWanted: apop or cram-md5 without an auth server.
+func (h *Handler) relayChallengesWanted() bool {
+	return h.AuthHTTP == nil && (h.hasAuth(AuthAPOP) || h.hasAuth(AuthCRAMMD5))
+}
+
+func hasPlaceholder(s string) bool { return strings.Contains(s, "{") }
+
 // Cleanup releases nothing that live sessions still use: sessions of an old
 // config keep running after a reload.
 func (h *Handler) Cleanup() error {
+	if h.pool != nil {
+		h.pool.release()
+	}
 	if h.AuthHTTP != nil {
 		h.AuthHTTP.cleanup() // idle connections only; live sessions open new ones
 	}

@@ -142,9 +142,9 @@ func (s *session) run() error {
 func (s *session) greet() error {
 	text := s.h.Greeting
 	if s.h.relayChallenges {
-		up, err := s.h.connectUpstream(s.cx.Context, s.h.Upstream[0].Address, now().Add(time.Duration(s.h.Timeout)))
+		up, err := s.h.pool.connect(s.cx.Context, s.poolRequest(""), s.dialClient(), now().Add(time.Duration(s.h.Timeout)))
 		if err != nil {
-			s.logger.Warn("upstream unavailable", zap.String("upstream", s.h.Upstream[0].Address), zap.Error(err))
+			s.logger.Warn("upstream unavailable", zap.Error(err))
 			s.state, s.result = stateDone, "upstream_unavailable"
 			return s.writeLine("-ERR " + errUnavailable.Error())
 		}

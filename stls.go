@@ -49,6 +49,7 @@ func (s *session) handleStartTLS() error {
 	_ = s.cx.SetDeadline(time.Time{})
 	st := tc.ConnectionState()
 	s.cx.SetVar(layer4.TLSConnectionStatesVarName, append(l4tls.GetConnectionStates(s.cx), &st))
+	s.cx.Replacer().Set("l4.tls.server_name", st.ServerName) // as the tls handler does, for upstream placeholders
 
 	// Forget everything from before TLS (RFC 2595 §4).
 	s.cx = s.cx.Wrap(tc)

@@ -3,11 +3,16 @@ package pop3
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"strings"
+	"sync"
 	"time"
+
+	"github.com/pires/go-proxyproto"
 
 	"github.com/caddy-pop3/caddy-pop3/internal/pop3wire"
 	"github.com/caddy-pop3/caddy-pop3/internal/sasl"
@@ -45,6 +50,11 @@ var errUpstreamProtocol = errors.New("upstream protocol error")
 
 // normalizeUpstreamAddress adds the POP3 port when the address has none.
 func normalizeUpstreamAddress(addr string) (string, error) {
+	return normalizeUpstreamAddressPort(addr, "110")
+}
+
+// normalizeUpstreamAddressPort adds port when the address has none.
+func normalizeUpstreamAddressPort(addr, port string) (string, error) {
 	if addr == "" {
 		return "", errors.New("address missing")
 	}
@@ -52,12 +62,12 @@ func normalizeUpstreamAddress(addr string) (string, error) {
 		return addr, nil
 	}
 	if strings.Count(addr, ":") > 1 && !strings.HasPrefix(addr, "[") {
-		return net.JoinHostPort(addr, "110"), nil // bare IPv6 literal
+		return net.JoinHostPort(addr, port), nil // bare IPv6 literal
 	}
-	if _, _, err := net.SplitHostPort(addr + ":110"); err != nil {
+	if _, _, err := net.SplitHostPort(addr + ":" + port); err != nil {
 		return "", fmt.Errorf("invalid address %q: %w", addr, err)
 	}
-	return addr + ":110", nil
+	return addr + ":" + port, nil
 }
 
 // upstreamClient is the client side of POP3 towards one upstream: dialled,
@@ -69,11 +79,30 @@ type upstreamClient struct {
 	w         *bufio.Writer
 	timestamp string          // APOP timestamp from the greeting, "" if none
 	mechs     map[string]bool // SASL mechanisms from CAPA
+	onClose   func()          // releases the pool's count of this connection
+	closeOnce sync.Once
+
+	xclientRefused string // the upstream's -ERR text to XCLIENT, for a warning
 }
 
-// connectUpstream dials address, reads the greeting and asks CAPA, all
-// before deadline.
-func (h *Handler) connectUpstream(ctx context.Context, address string, deadline time.Time) (*upstreamClient, error) {
+// upstreamOptions say how to talk to one upstream.
+type upstreamOptions struct {
+	tls           *tls.Config // nil: plaintext
+	startTLS      bool        // with tls: STLS after the greeting instead of TLS from the start
+	proxyProtocol string      // "", "v1" or "v2": send the client's address first
+	xclient       bool        // send XCLIENT ADDR/PORT before login
+	skipCAPA      bool        // health checks need only the greeting
+}
+
+// dialClient is the client a connection is made for: its address goes
+// upstream by PROXY protocol or XCLIENT.
+type dialClient struct {
+	remote, local net.Addr
+}
+
+// connectUpstream dials address, sends the PROXY header, does TLS or STLS,
+// reads the greeting, sends XCLIENT and asks CAPA, all before deadline.
+func (h *Handler) connectUpstream(ctx context.Context, address string, o upstreamOptions, client dialClient, deadline time.Time) (*upstreamClient, error) {
 	ctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
 	conn, err := h.dialer.dial(ctx, address)
@@ -81,25 +110,106 @@ func (h *Handler) connectUpstream(ctx context.Context, address string, deadline 
 		return nil, fmt.Errorf("dialing upstream: %w", err)
 	}
 	_ = conn.SetDeadline(deadline)
-	c := &upstreamClient{
-		address: address,
-		conn:    conn,
-		r:       pop3wire.NewReader(conn, upstreamLineLimit),
-		w:       bufio.NewWriterSize(conn, 512),
-	}
-	greeting, err := c.readResponse()
-	if err == nil && (!greeting.OK || greeting.Continuation) {
-		err = fmt.Errorf("%w: upstream greeting is -ERR [%s] %s", errUpstreamProtocol, greeting.Code, greeting.Text)
-	}
-	if err == nil {
-		c.timestamp = apopTimestamp(greeting.Text)
-		c.mechs, err = c.capa()
-	}
-	if err != nil {
+	c := &upstreamClient{address: address, conn: conn}
+	if err := c.setup(ctx, o, client); err != nil {
 		_ = conn.Close()
 		return nil, err
 	}
 	return c, nil
+}
+
+func (c *upstreamClient) setup(ctx context.Context, o upstreamOptions, client dialClient) error {
+	if o.proxyProtocol != "" && client.remote != nil {
+		version := byte(1)
+		if o.proxyProtocol == "v2" {
+			version = 2
+		}
+		header := proxyproto.HeaderProxyFromAddrs(version, client.remote, client.local)
+		if _, err := header.WriteTo(c.conn); err != nil {
+			return fmt.Errorf("sending PROXY header: %w", err)
+		}
+	}
+	if o.tls != nil && !o.startTLS {
+		if err := c.startTLS(ctx, o.tls); err != nil {
+			return err
+		}
+	}
+	c.r = pop3wire.NewReader(c.conn, upstreamLineLimit)
+	c.w = bufio.NewWriterSize(c.conn, 512)
+	greeting, err := c.readResponse()
+	if err != nil {
+		return fmt.Errorf("reading upstream greeting: %w", err)
+	}
+	if !greeting.OK || greeting.Continuation {
+		return fmt.Errorf("%w: upstream greeting is -ERR [%s] %s", errUpstreamProtocol, greeting.Code, greeting.Text)
+	}
+	c.timestamp = apopTimestamp(greeting.Text)
+	if o.tls != nil && o.startTLS {
+		if err := c.cmd("STLS"); err != nil {
+			return err
+		}
+		resp, err := c.readResponse()
+		if err != nil {
+			return err
+		}
+		if !resp.OK {
+			return fmt.Errorf("%w: STLS refused: %s", errUpstreamProtocol, resp.Text)
+		}
+		if c.r.Buffered() > 0 {
+			return fmt.Errorf("%w: data after STLS reply", errUpstreamProtocol)
+		}
+		if err := c.startTLS(ctx, o.tls); err != nil {
+			return err
+		}
+		c.r = pop3wire.NewReader(c.conn, upstreamLineLimit)
+		c.w = bufio.NewWriterSize(c.conn, 512)
+	}
+	if o.xclient && client.remote != nil {
+		if err := c.xclient(client.remote); err != nil {
+			return err
+		}
+	}
+	if o.skipCAPA {
+		return nil
+	}
+	c.mechs, err = c.capa()
+	return err
+}
+
+// startTLS wraps the connection in TLS as a client, verifying the upstream's
+// certificate against tls_server_name or the address's host.
+func (c *upstreamClient) startTLS(ctx context.Context, cfg *tls.Config) error {
+	if cfg.ServerName == "" && !cfg.InsecureSkipVerify {
+		cfg = cfg.Clone()
+		cfg.ServerName, _, _ = net.SplitHostPort(c.address)
+	}
+	tc := tls.Client(c.conn, cfg)
+	if err := tc.HandshakeContext(ctx); err != nil {
+		return fmt.Errorf("TLS handshake with upstream: %w", err)
+	}
+	c.conn = tc
+	return nil
+}
+
+// xclient tells the upstream the client's address (Dovecot trusts it from
+// login_trusted_networks). A refusal is logged by the caller's warning but
+// does not fail the login: the upstream then sees the proxy's address.
+func (c *upstreamClient) xclient(remote net.Addr) error {
+	ap, err := netip.ParseAddrPort(remote.String())
+	if err != nil {
+		return nil
+	}
+	if err := c.cmd(fmt.Sprintf("XCLIENT ADDR=%s PORT=%d", ap.Addr().Unmap(), ap.Port())); err != nil {
+		return err
+	}
+	resp, err := c.readResponse()
+	if err != nil {
+		return err
+	}
+	if !resp.OK {
+		c.xclientRefused = resp.Text
+	}
+	return nil
 }
 
 // apopTimestamp finds an RFC 1939 §7 timestamp "<...@...>" in a greeting.
@@ -119,7 +229,14 @@ func apopTimestamp(text string) string {
 	return ts
 }
 
-func (c *upstreamClient) close() { _ = c.conn.Close() }
+func (c *upstreamClient) close() {
+	_ = c.conn.Close()
+	c.closeOnce.Do(func() {
+		if c.onClose != nil {
+			c.onClose()
+		}
+	})
+}
 
 // quit ends a connection after a refused login; the answer does not matter.
 func (c *upstreamClient) quit() {
