@@ -218,13 +218,20 @@ func (p *pool) connect(ctx context.Context, req poolRequest, client dialClient, 
 			continue
 		}
 		tried++
+		// dial_timeout bounds the dial and greeting of one attempt, so
+		// that a silent upstream leaves time for the next.
+		attemptDeadline := now().Add(time.Duration(p.h.DialTimeout))
+		if deadline.Before(attemptDeadline) {
+			attemptDeadline = deadline
+		}
 		c, err := p.h.connectUpstream(ctx, address, upstreamOptions{
 			tls:           u.tlsConfig,
 			startTLS:      u.cfg.StartTLS,
 			proxyProtocol: p.h.ProxyProtocol,
 			xclient:       p.h.XClient,
-		}, client, deadline)
+		}, client, attemptDeadline)
 		if err == nil {
+			c.setDeadline(deadline)
 			c.onClose = u.release
 			if c.xclientRefused != "" {
 				p.logger.Warn("upstream refused XCLIENT; it sees the proxy's address", zap.String("upstream", address), zap.String("reply", sanitizeReplyText(c.xclientRefused)))

@@ -6,6 +6,7 @@ import (
 	"bufio"
 	"crypto/hmac"
 	"crypto/md5"
+	"crypto/tls"
 	"encoding/base64"
 	"encoding/hex"
 	"fmt"
@@ -37,6 +38,13 @@ type Upstream struct {
 	// Timestamp, when set, is the APOP timestamp of the greeting; APOP
 	// and AUTH CRAM-MD5 are then served (CRAM-MD5 needs "CRAM-MD5" in SASL).
 	Timestamp string
+	// TLS, when set, serves POP3S (TLS from the first byte), or STLS when
+	// STLS is also set.
+	TLS  *tls.Config
+	STLS bool
+	// Name is put in the STAT reply ("+OK 1 23 <Name>") so a test can tell
+	// upstreams apart.
+	Name string
 
 	ln    net.Listener
 	mu    sync.Mutex
@@ -89,6 +97,13 @@ func (u *Upstream) Lines() []string {
 
 func (u *Upstream) serve(c net.Conn) {
 	defer func() { _ = c.Close() }()
+	if u.TLS != nil && !u.STLS {
+		tc := tls.Server(c, u.TLS)
+		if err := tc.Handshake(); err != nil {
+			return
+		}
+		c = tc
+	}
 	if u.Silent {
 		_, _ = bufio.NewReader(c).ReadString(0)
 		return
@@ -132,7 +147,20 @@ func (u *Upstream) serve(c net.Conn) {
 			if len(u.SASL) > 0 {
 				send("SASL " + strings.Join(u.SASL, " "))
 			}
+			if u.STLS {
+				send("STLS")
+			}
 			send(".")
+		case verb == "STLS" && u.STLS && u.TLS != nil:
+			send("+OK Begin TLS")
+			tc := tls.Server(c, u.TLS)
+			if err := tc.Handshake(); err != nil {
+				return
+			}
+			c = tc
+			r, w = bufio.NewReader(c), bufio.NewWriter(c)
+		case verb == "XCLIENT" && !loggedIn:
+			send("+OK Updated")
 		case verb == "USER" && !loggedIn:
 			user = arg
 			send("+OK")
@@ -190,7 +218,7 @@ func (u *Upstream) serve(c net.Conn) {
 			for _, m := range u.Messages {
 				size += len(m)
 			}
-			send(fmt.Sprintf("+OK %d %d", len(u.Messages), size))
+			send(strings.TrimSpace(fmt.Sprintf("+OK %d %d %s", len(u.Messages), size, u.Name)))
 		case verb == "RETR" && loggedIn:
 			var n int
 			if _, err := fmt.Sscan(arg, &n); err != nil || n < 1 || n > len(u.Messages) {

@@ -1,0 +1,353 @@
+package pop3
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"github.com/pires/go-proxyproto"
+
+	"github.com/caddy-pop3/caddy-pop3/internal/pop3test"
+)
+
+// namedUpstreams starts n fake upstreams whose STAT replies carry their index.
+func namedUpstreams(t *testing.T, n int) ([]*pop3test.Upstream, []*Upstream) {
+	var fakes []*pop3test.Upstream
+	var cfg []*Upstream
+	for i := 0; i < n; i++ {
+		u, addr := fakeUpstream(t, func(u *pop3test.Upstream) { u.Name = fmt.Sprintf("up%d", i) })
+		fakes = append(fakes, u)
+		cfg = append(cfg, &Upstream{Address: addr})
+	}
+	return fakes, cfg
+}
+
+// chooseFor returns the index of the upstream the pool picks for user.
+func chooseFor(t *testing.T, h *Handler, user string) int {
+	t.Helper()
+	for _, u := range h.pool.order(poolRequest{user: user}) {
+		if h.pool.available(u) {
+			for i, c := range h.Upstream {
+				if c == u.cfg {
+					return i
+				}
+			}
+		}
+	}
+	return -1
+}
+
+func TestUserHashIsStableAndMovesOnlyTheLeaversUsers(t *testing.T) {
+	_, ups := namedUpstreams(t, 3)
+	h, _ := newTestHandler(t, "", func(h *Handler) { h.Upstream = ups })
+	const users = 3000
+	before := make([]int, users)
+	counts := make([]int, 3)
+	for i := range before {
+		before[i] = chooseFor(t, h, fmt.Sprintf("user%d@example.com", i))
+		counts[before[i]]++
+		if again := chooseFor(t, h, fmt.Sprintf("  USER%d@Example.COM", i)); again != before[i] {
+			t.Fatalf("the same mailbox in other case went to %d, then %d", before[i], again)
+		}
+	}
+	for i, c := range counts {
+		if c < users/3-users/10 || c > users/3+users/10 {
+			t.Errorf("upstream %d got %d of %d users: uneven %v", i, c, users, counts)
+		}
+	}
+	h.pool.upstreams[1].peer.unhealthy.Store(true) // upstream 1 leaves
+	defer h.pool.upstreams[1].peer.unhealthy.Store(false)
+	moved := 0
+	for i := range before {
+		after := chooseFor(t, h, fmt.Sprintf("user%d@example.com", i))
+		if after != before[i] {
+			moved++
+			if before[i] != 1 {
+				t.Fatalf("user%d moved from live upstream %d to %d", i, before[i], after)
+			}
+		}
+	}
+	if moved != counts[1] {
+		t.Errorf("%d users moved, want exactly upstream 1's %d", moved, counts[1])
+	}
+	t.Logf("user_hash: %d of %d users moved (%.1f%%) when 1 of 3 upstreams left; ideal 33.3%%", moved, users, 100*float64(moved)/users)
+}
+
+func TestPolicies(t *testing.T) {
+	_, ups := namedUpstreams(t, 3)
+	t.Run("round_robin", func(t *testing.T) {
+		h, _ := newTestHandler(t, "", func(h *Handler) { h.Upstream = ups; h.LBPolicy = PolicyRoundRobin })
+		counts := make([]int, 3)
+		for i := 0; i < 30; i++ {
+			counts[chooseFor(t, h, "same-user")]++
+		}
+		if counts[0] != 10 || counts[1] != 10 || counts[2] != 10 {
+			t.Errorf("round_robin spread %v", counts)
+		}
+	})
+	t.Run("first", func(t *testing.T) {
+		h, _ := newTestHandler(t, "", func(h *Handler) { h.Upstream = ups; h.LBPolicy = PolicyFirst })
+		for i := 0; i < 10; i++ {
+			if got := chooseFor(t, h, fmt.Sprint(i)); got != 0 {
+				t.Fatalf("first chose %d", got)
+			}
+		}
+	})
+	t.Run("random weighted", func(t *testing.T) {
+		weighted := []*Upstream{{Address: ups[0].Address, Weight: 8}, {Address: ups[1].Address, Weight: 1}, {Address: ups[2].Address, Weight: 1}}
+		h, _ := newTestHandler(t, "", func(h *Handler) { h.Upstream = weighted; h.LBPolicy = PolicyRandom })
+		counts := make([]int, 3)
+		for i := 0; i < 2000; i++ {
+			counts[chooseFor(t, h, "")]++
+		}
+		if counts[0] < 1400 || counts[1] < 50 || counts[2] < 50 {
+			t.Errorf("weights 8:1:1 gave %v", counts)
+		}
+	})
+	t.Run("least_conn", func(t *testing.T) {
+		h, _ := newTestHandler(t, "", func(h *Handler) { h.Upstream = ups; h.LBPolicy = PolicyLeastConn })
+		h.pool.upstreams[0].peer.active.Add(5)
+		h.pool.upstreams[2].peer.active.Add(3)
+		defer h.pool.upstreams[0].peer.active.Add(-5)
+		defer h.pool.upstreams[2].peer.active.Add(-3)
+		for i := 0; i < 10; i++ {
+			if got := chooseFor(t, h, ""); got != 1 {
+				t.Fatalf("least_conn chose %d", got)
+			}
+		}
+	})
+	t.Run("ip_hash", func(t *testing.T) {
+		h, _ := newTestHandler(t, "", func(h *Handler) { h.Upstream = ups; h.LBPolicy = PolicyIPHash })
+		seen := map[int]bool{}
+		for i := 0; i < 50; i++ {
+			ip := netip.AddrFrom4([4]byte{192, 0, 2, byte(i)})
+			first := h.pool.order(poolRequest{clientIP: ip})[0]
+			if again := h.pool.order(poolRequest{clientIP: ip})[0]; again != first {
+				t.Fatal("ip_hash is not stable")
+			}
+			seen[chooseIndex(h, first)] = true
+		}
+		if len(seen) != 3 {
+			t.Errorf("50 addresses reached only %v", seen)
+		}
+	})
+}
+
+func chooseIndex(h *Handler, u *poolUpstream) int {
+	for i, c := range h.Upstream {
+		if c == u.cfg {
+			return i
+		}
+	}
+	return -1
+}
+
+// login runs USER/PASS and STAT and returns the STAT line, which names the
+// upstream.
+func loginAndStat(t *testing.T, h *Handler, user string) string {
+	t.Helper()
+	_, logs := newTestHandler(t, "127.0.0.1:1", nil)
+	ts := startSession(t, h, logs, false)
+	ts.send("USER "+user, "PASS secret-pw", "STAT", "QUIT")
+	ts.expect("+OK")
+	ts.expect("+OK Logged in.")
+	stat := ts.expect("+OK 1 ")
+	ts.expect("+OK bye")
+	ts.closed()
+	return stat
+}
+
+func TestFailoverBeforeLogin(t *testing.T) {
+	_, ups := namedUpstreams(t, 1)
+	silent := &pop3test.Upstream{Silent: true}
+	silentAddr := silent.Start(t)
+	_, badGreeting := fakeUpstream(t, func(u *pop3test.Upstream) { u.Greeting = "-ERR [SYS/TEMP] maintenance" })
+	h, _ := newTestHandler(t, "", func(h *Handler) {
+		h.Upstream = []*Upstream{{Address: closedPort(t)}, {Address: badGreeting}, {Address: silentAddr}, ups[0]}
+		h.LBPolicy = PolicyFirst
+		h.Timeout = caddy.Duration(2 * time.Second)
+		h.DialTimeout = caddy.Duration(300 * time.Millisecond)
+		h.FailDuration = caddy.Duration(time.Minute)
+	})
+	start := time.Now()
+	if stat := loginAndStat(t, h, "alice"); !strings.HasSuffix(stat, "up0") {
+		t.Fatalf("STAT %q", stat)
+	}
+	if d := time.Since(start); d > 3*time.Second {
+		t.Errorf("failover took %v", d)
+	}
+	// Passive checks now skip the three bad ones: no wait for the silent one.
+	start = time.Now()
+	loginAndStat(t, h, "alice")
+	if d := time.Since(start); d > 500*time.Millisecond {
+		t.Errorf("second login took %v: failed upstreams were not skipped", d)
+	}
+}
+
+func TestAllUpstreamsFull(t *testing.T) {
+	_, ups := namedUpstreams(t, 2)
+	for _, u := range ups {
+		u.MaxConnections = 1
+	}
+	h, logs := newTestHandler(t, "", func(h *Handler) { h.Upstream = ups; h.LBPolicy = PolicyRoundRobin })
+	var held []*testSession
+	for i := 0; i < 2; i++ {
+		ts := startSession(t, h, logs, false)
+		ts.send("USER alice", "PASS secret-pw")
+		ts.expect("+OK")
+		ts.expect("+OK Logged in.")
+		held = append(held, ts)
+	}
+	ts := startSession(t, h, logs, false)
+	ts.send("USER alice", "PASS secret-pw")
+	ts.expect("+OK")
+	ts.expect("-ERR [SYS/TEMP]")
+	ts.closed()
+	held[0].send("QUIT")
+	held[0].expect("+OK bye")
+	held[0].closed()
+	loginAndStat(t, h, "alice") // a slot is free again
+}
+
+func TestActiveHealthCheck(t *testing.T) {
+	_, good := fakeUpstream(t, nil)
+	bad := &pop3test.Upstream{Greeting: "-ERR down"}
+	badAddr := bad.Start(t)
+	h, _ := newTestHandler(t, "", func(h *Handler) {
+		h.Upstream = []*Upstream{{Address: badAddr}, {Address: good}}
+		h.LBPolicy = PolicyFirst
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go h.pool.healthChecker(ctx, 20*time.Millisecond, time.Second, 1, 2)
+	deadline := time.Now().Add(5 * time.Second)
+	for !h.pool.upstreams[0].peer.unhealthy.Load() {
+		if time.Now().After(deadline) {
+			t.Fatal("an upstream greeting -ERR never became unhealthy")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if h.pool.upstreams[1].peer.unhealthy.Load() {
+		t.Error("the good upstream is unhealthy")
+	}
+	if got := chooseFor(t, h, ""); got != 1 {
+		t.Errorf("chose %d, want the healthy one", got)
+	}
+	h.pool.upstreams[0].peer.unhealthy.Store(false)
+}
+
+func TestAddressPlaceholders(t *testing.T) {
+	_, addr := fakeUpstream(t, func(u *pop3test.Upstream) { u.Users["alice@localhost"] = "secret-pw"; u.Name = "by-domain" })
+	_, port, _ := net.SplitHostPort(addr)
+	h, logs := newTestHandler(t, "", func(h *Handler) { h.Upstream = []*Upstream{{Address: "{pop3.domain}:" + port}} })
+	if stat := loginAndStat(t, h, "alice@localhost"); !strings.HasSuffix(stat, "by-domain") {
+		t.Errorf("STAT %q", stat)
+	}
+	for _, user := range []string{"bob", "eve@evil.example:25", "eve@{pop3.user}", "eve@..", "x@-"} {
+		ts := startSession(t, h, logs, false)
+		ts.send("USER "+user, "PASS secret-pw")
+		ts.expect("+OK")
+		ts.expect("-ERR [SYS/TEMP]")
+		ts.closed()
+	}
+}
+
+func TestUpstreamTLS(t *testing.T) {
+	cert := testCertificate(t) // for "localhost"
+	leaf, _ := x509.ParseCertificate(cert.Certificate[0])
+	roots := x509.NewCertPool()
+	roots.AddCert(leaf)
+	serverTLS := &tls.Config{Certificates: []tls.Certificate{cert}}
+	for _, tc := range []struct {
+		name       string
+		stls       bool
+		serverName string
+		skip       bool
+		ok         bool
+	}{
+		{"implicit verified", false, "localhost", false, true},
+		{"stls verified", true, "localhost", false, true},
+		{"implicit wrong name", false, "wrong.example", false, false},
+		{"stls wrong name", true, "wrong.example", false, false},
+		{"insecure skip verify", false, "wrong.example", true, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fake, addr := fakeUpstream(t, func(u *pop3test.Upstream) { u.TLS = serverTLS; u.STLS = tc.stls; u.Name = "tls" })
+			h, logs := newTestHandler(t, "", func(h *Handler) {
+				h.Upstream = []*Upstream{{Address: addr, StartTLS: tc.stls, TLS: &reverseproxy.TLSConfig{ServerName: tc.serverName, InsecureSkipVerify: tc.skip}}}
+			})
+			h.pool.upstreams[0].tlsConfig.RootCAs = roots
+			ts := startSession(t, h, logs, false)
+			ts.send("USER alice", "PASS secret-pw")
+			ts.expect("+OK")
+			if !tc.ok {
+				ts.expect("-ERR [SYS/TEMP]")
+				return
+			}
+			ts.expect("+OK Logged in.")
+			ts.send("STAT")
+			ts.expect("+OK 1 ")
+			if lines := fake.Lines(); tc.stls && (len(lines) < 1 || lines[0] != "STLS") {
+				t.Errorf("upstream lines %q: no STLS first", lines)
+			}
+		})
+	}
+}
+
+func TestProxyProtocolAndXCLIENT(t *testing.T) {
+	for _, version := range []string{"v1", "v2"} {
+		t.Run(version, func(t *testing.T) {
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			got := make(chan string, 1)
+			go func() {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				defer c.Close()
+				br := bufio.NewReader(c)
+				header, err := proxyproto.Read(br)
+				if err != nil {
+					got <- "error: " + err.Error()
+					return
+				}
+				got <- fmt.Sprintf("v%d %s", header.Version, header.SourceAddr)
+				_, _ = c.Write([]byte("-ERR enough\r\n"))
+			}()
+			h, logs := newTestHandler(t, ln.Addr().String(), func(h *Handler) { h.ProxyProtocol = version })
+			ts := startSession(t, h, logs, true)
+			ts.send("USER alice", "PASS secret-pw")
+			ts.expect("+OK")
+			ts.expect("-ERR [SYS/TEMP]")
+			want := fmt.Sprintf("%s %s", version, ts.conn.LocalAddr())
+			if g := <-got; g != want {
+				t.Errorf("upstream got PROXY header %q, want %q", g, want)
+			}
+		})
+	}
+	t.Run("xclient", func(t *testing.T) {
+		fake, addr := fakeUpstream(t, nil)
+		h, logs := newTestHandler(t, addr, func(h *Handler) { h.XClient = true })
+		ts := startSession(t, h, logs, true)
+		ts.send("USER alice", "PASS secret-pw")
+		ts.expect("+OK")
+		ts.expect("+OK Logged in.")
+		ap := netip.MustParseAddrPort(ts.conn.LocalAddr().String())
+		if want := fmt.Sprintf("XCLIENT ADDR=%s PORT=%d", ap.Addr(), ap.Port()); fake.Lines()[0] != want {
+			t.Errorf("upstream lines %q, want %q first", fake.Lines(), want)
+		}
+	})
+}
