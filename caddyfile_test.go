@@ -8,6 +8,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 	"github.com/caddyserver/caddy/v2/modules/caddytls"
 )
 
@@ -62,6 +63,52 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			name:  "auth_http without block, with upstream",
 			input: "pop3 a {\n\tauth_http http://auth/\n}",
 			want:  Handler{Upstream: up("a"), AuthHTTP: &AuthHTTP{URL: "http://auth/"}},
+		},
+		{
+			name: "upstream pool",
+			input: `pop3 {
+	upstream 10.0.0.1:995 {
+		tls
+		tls_server_name pop.example.com
+		tls_client_auth /c.pem /k.pem
+		max_connections 100
+		weight 3
+	}
+	upstream 10.0.0.2 {
+		starttls
+		tls_insecure_skip_verify
+	}
+	upstream pop.{pop3.domain}:110
+	lb_policy round_robin
+	lb_try_duration 3s
+	health_interval 10s
+	health_timeout 2s
+	health_passes 2
+	health_fails 3
+	fail_duration 30s
+	max_fails 4
+	dial_timeout 4s
+	proxy_protocol v2
+	xclient on
+}`,
+			want: Handler{
+				Upstream: []*Upstream{
+					{Address: "10.0.0.1:995", TLS: &reverseproxy.TLSConfig{ServerName: "pop.example.com", ClientCertificateFile: "/c.pem", ClientCertificateKeyFile: "/k.pem"}, MaxConnections: 100, Weight: 3},
+					{Address: "10.0.0.2", TLS: &reverseproxy.TLSConfig{InsecureSkipVerify: true}, StartTLS: true},
+					{Address: "pop.{pop3.domain}:110"},
+				},
+				LBPolicy:       PolicyRoundRobin,
+				LBTryDuration:  caddy.Duration(3 * time.Second),
+				HealthInterval: caddy.Duration(10 * time.Second),
+				HealthTimeout:  caddy.Duration(2 * time.Second),
+				HealthPasses:   2,
+				HealthFails:    3,
+				FailDuration:   caddy.Duration(30 * time.Second),
+				MaxFails:       4,
+				DialTimeout:    caddy.Duration(4 * time.Second),
+				ProxyProtocol:  "v2",
+				XClient:        true,
+			},
 		},
 		{
 			name:  "capabilities",
@@ -216,6 +263,18 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"auth_http bad pass_client_cert", "pop3 {\n\tauth_http http://a/ {\n\t\tpass_client_cert yes\n\t}\n}", []string{"'auth_http pass_client_cert'", "'yes'"}},
 		{"auth_failure_delay bad", "pop3 a {\n\tauth_failure_delay x\n}", []string{"'auth_failure_delay'"}},
 		{"auth_failure_delay twice", "pop3 a {\n\tauth_failure_delay 1s\n\tauth_failure_delay 2s\n}", []string{"duplicate pop3 option 'auth_failure_delay'"}},
+
+		// pool
+		{"bad lb_policy", "pop3 a {\n\tlb_policy hash\n}", []string{"option 'lb_policy'", "unknown policy 'hash'"}},
+		{"lb_policy twice", "pop3 a {\n\tlb_policy first\n\tlb_policy first\n}", []string{"duplicate pop3 option 'lb_policy'"}},
+		{"bad health_interval", "pop3 a {\n\thealth_interval often\n}", []string{"'health_interval'"}},
+		{"max_fails 0", "pop3 a {\n\tmax_fails 0\n}", []string{"'max_fails'", "at least 1"}},
+		{"bad proxy_protocol", "pop3 a {\n\tproxy_protocol v3\n}", []string{"'proxy_protocol'", "'v3'"}},
+		{"bad xclient", "pop3 a {\n\txclient yes\n}", []string{"'xclient'", "'yes'"}},
+		{"upstream unknown sub-option", "pop3 {\n\tupstream a {\n\t\tssl\n\t}\n}", []string{"unrecognized pop3 option 'upstream ssl'"}},
+		{"upstream tls twice", "pop3 {\n\tupstream a {\n\t\ttls\n\t\ttls\n\t}\n}", []string{"duplicate pop3 option 'upstream tls'"}},
+		{"upstream weight 0", "pop3 {\n\tupstream a {\n\t\tweight 0\n\t}\n}", []string{"'upstream weight'"}},
+		{"upstream tls_client_auth three args", "pop3 {\n\tupstream a {\n\t\ttls_client_auth a b c\n\t}\n}", []string{"'tls_client_auth'"}},
 
 		// upstream
 		{"upstream without address", "pop3 {\n\tupstream\n}", []string{"'upstream'"}},
