@@ -328,6 +328,11 @@ func (s *session) loginDone(req loginRequest, up *upstreamClient, text string, s
 	s.upstream, s.early = up, nil
 	s.loginUser, s.method = req.creds.Username, req.method
 	s.state = stateRelay
+	s.shared.mu.Lock()
+	s.shared.user, s.shared.upstream, s.shared.relaying = req.creds.Username, up.address, true
+	s.shared.mu.Unlock()
+	metrics.login(req.method, "ok", now().Sub(started).Seconds())
+	s.h.emit("pop3_login", map[string]any{"session": s.id, "remote": s.remote, "user": req.creds.Username, "method": req.method, "upstream": up.address})
 	penalties.succeed(s.clientIP())
 	s.logger.Info("login",
 		zap.String("user", req.creds.Username),
@@ -367,6 +372,7 @@ func (s *session) loginFailed(req loginRequest, upstream string, err error) erro
 	switch {
 	case errors.As(err, &rejected):
 		s.logger.Info("login failed", fields...)
+		s.authFailed(req)
 		reply := &replyError{code: rejected.code, text: errAuthFailed.text}
 		if reply.code == "" {
 			reply.code = codeAuth
@@ -378,15 +384,19 @@ func (s *session) loginFailed(req loginRequest, upstream string, err error) erro
 		return reply
 	case errors.As(err, &refused):
 		s.logger.Info("login failed", fields...)
+		s.authFailed(req)
 		s.failureDelay(refused.wait, refused.hasWait)
 		return &replyError{code: refused.code, text: refused.text}
 	case errors.As(err, &re):
 		s.logger.Info("login refused", fields...)
+		metrics.login(req.method, "invalid", -1)
 		return err
 	case errors.Is(err, errAuthServer):
 		s.logger.Warn("auth server unavailable", fields...)
+		metrics.login(req.method, "unavailable", -1)
 		return errAuthUnavailable
 	}
+	metrics.login(req.method, "unavailable", -1)
 	if errors.Is(err, errNoUpstream) {
 		s.logger.Warn("no upstream available", fields...)
 	} else {
@@ -394,6 +404,13 @@ func (s *session) loginFailed(req loginRequest, upstream string, err error) erro
 	}
 	s.result = "upstream_unavailable"
 	return errUnavailable
+}
+
+// authFailed records refused credentials for metrics and for event
+// subscribers (fail2ban-style blocking). Never a password.
+func (s *session) authFailed(req loginRequest) {
+	metrics.login(req.method, "failed", -1)
+	s.h.emit("pop3_auth_failed", map[string]any{"session": s.id, "remote": s.remote, "user": req.creds.Username, "method": req.method})
 }
 
 // failureDelay sleeps before the -ERR of a refused login.

@@ -90,7 +90,7 @@ func TestFailedLoginThenRetry(t *testing.T) {
 	ts := startSession(t, h, logs, false)
 	ts.send("USER alice", "PASS wrong-pw")
 	ts.expect("+OK")
-	if got := ts.readLine(); got != "-ERR [AUTH] Authentication failed" {
+	if got := withoutSessionID(t, ts.readLine()); got != "-ERR [AUTH] Authentication failed" {
 		t.Fatalf("got %q", got)
 	}
 	ts.send("AUTH PLAIN " + b64("\x00alice\x00also-wrong"))
@@ -118,7 +118,7 @@ func TestPassErrorMessage(t *testing.T) {
 		if pass {
 			want = "-ERR [IN-USE] Mailbox locked by backend"
 		}
-		if got := ts.readLine(); got != want {
+		if got := withoutSessionID(t, ts.readLine()); got != want {
 			t.Errorf("pass_error_message %v: got %q, want %q", pass, got, want)
 		}
 	}

@@ -32,6 +32,7 @@ const (
 //			pass_client_cert <on|off>
 //		}
 //		auth_failure_delay <duration>
+//		drain_timeout <duration>
 //		capabilities <extensions...>
 //		starttls <off|on|only>
 //
@@ -95,7 +96,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("parsing %s option '%s': unknown policy '%s' (want %s)", wrapper, optionName, d.Val(), strings.Join(knownPolicies, ", "))
 			}
 			h.LBPolicy, seen[optionName] = d.Val(), true
-		case "lb_try_duration", "health_interval", "health_timeout", "fail_duration", "dial_timeout":
+		case "lb_try_duration", "health_interval", "health_timeout", "fail_duration", "dial_timeout", "drain_timeout":
 			if seen[optionName] {
 				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
 			}
@@ -106,6 +107,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			*map[string]*caddy.Duration{
 				"lb_try_duration": &h.LBTryDuration, "health_interval": &h.HealthInterval,
 				"health_timeout": &h.HealthTimeout, "fail_duration": &h.FailDuration, "dial_timeout": &h.DialTimeout,
+				"drain_timeout": &h.DrainTimeout,
 			}[optionName], seen[optionName] = dur, true
 		case "health_passes", "health_fails", "max_fails":
 			if seen[optionName] {

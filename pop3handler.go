@@ -13,6 +13,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyevents"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 	"github.com/caddyserver/caddy/v2/modules/caddytls"
 	"github.com/mholt/caddy-l4/layer4"
@@ -126,6 +127,10 @@ type Handler struct {
 	// Protocol errors (unknown or refused commands, failed logins) before
 	// the session is closed. Default: 5.
 	MaxErrors int `json:"max_errors,omitempty"`
+	// After a config reload, how long sessions of the replaced config may
+	// go on before they are closed: with -ERR [SYS/TEMP] before login, a
+	// TCP close after. Default: unlimited.
+	DrainTimeout caddy.Duration `json:"drain_timeout,omitempty"`
 	// Longest command line, SASL response included, in bytes. Default: 32768.
 	MaxLineLength int `json:"max_line_length,omitempty"`
 
@@ -142,6 +147,7 @@ type Handler struct {
 	authenticator authenticator
 	dialer        upstreamDialer
 	pool          *pool
+	events        *caddyevents.App // nil: no events app
 }
 
 // Upstream is one upstream POP3 server.
@@ -190,6 +196,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			return fmt.Errorf("connection_policy: %w", err)
 		}
 		h.tlsConfig = h.ConnectionPolicy.TLSConfig(ctx)
+	}
+	if err := metrics.register(ctx.GetMetricsRegistry()); err != nil {
+		return fmt.Errorf("registering metrics: %w", err)
+	}
+	if app, err := ctx.App("events"); err == nil {
+		h.events, _ = app.(*caddyevents.App)
 	}
 	if h.HealthInterval > 0 {
 		go h.pool.healthChecker(ctx, time.Duration(h.HealthInterval), time.Duration(h.HealthTimeout),
@@ -371,6 +383,9 @@ func (h *Handler) Validate() error {
 			return fmt.Errorf("%s: must not be negative", name)
 		}
 	}
+	if h.DrainTimeout < 0 {
+		return errors.New("drain_timeout: must not be negative")
+	}
 	if h.HealthPasses < 0 || h.HealthFails < 0 || h.MaxFails < 0 {
 		return errors.New("health_passes, health_fails and max_fails must not be negative")
 	}
@@ -404,6 +419,22 @@ func (h *Handler) Validate() error {
 	return nil
 }
 
+// drain closes the sessions this handler still serves after its config was
+// replaced.
+func (h *Handler) drain() {
+	for _, s := range liveSessions.matching(func(s *session) bool { return s.h == h }) {
+		s.kick("Server configuration changed, please reconnect")
+	}
+}
+
+// emit sends a Caddy event, e.g. pop3_login, to the events app's
+// subscribers. data never holds a secret.
+func (h *Handler) emit(name string, data map[string]any) {
+	if h.events != nil {
+		h.events.Emit(h.ctx, name, data)
+	}
+}
+
 // relayChallengesWanted: apop or cram-md5 without an auth server.
 func (h *Handler) relayChallengesWanted() bool {
 	return h.AuthHTTP == nil && (h.hasAuth(AuthAPOP) || h.hasAuth(AuthCRAMMD5))
@@ -414,6 +445,9 @@ func hasPlaceholder(s string) bool { return strings.Contains(s, "{") }
 // Cleanup releases nothing that live sessions still use: sessions of an old
 // config keep running after a reload.
 func (h *Handler) Cleanup() error {
+	if h.DrainTimeout > 0 {
+		time.AfterFunc(time.Duration(h.DrainTimeout), h.drain)
+	}
 	if h.pool != nil {
 		h.pool.release()
 	}

@@ -31,14 +31,19 @@ func (s *session) relay() error {
 
 	// Commands the client pipelined after its login, and anything the
 	// upstream sent after its +OK, must not be lost.
+	s.shared.upConn.Store(&up.conn)
+	if _, kicked := s.kicked(); kicked {
+		s.result = "closed_by_admin"
+		return nil
+	}
 	n, err := s.r.WriteBufferedTo(up.conn)
-	s.bytesUp += n
+	s.shared.fromClient.Add(n)
 	if err != nil {
 		s.result = "upstream_error"
 		return nil
 	}
 	n, err = up.r.WriteBufferedTo(client)
-	s.bytesDn += n
+	s.shared.toClient.Add(n)
 	if err != nil {
 		return s.ioError(err)
 	}
@@ -52,11 +57,10 @@ func (s *session) relay() error {
 	r.touch()
 	var wg sync.WaitGroup
 	var upErr, downErr error
-	var upN, downN int64
 	wg.Add(2)
 	go func() { // upstream to client
 		defer wg.Done()
-		downN, downErr = r.copy(client, up.conn, nil)
+		downErr = r.copy(client, up.conn, nil, &s.shared.toClient)
 		r.upstreamDone.Store(true)
 		if downErr == nil {
 			closeWrite(client)
@@ -65,7 +69,7 @@ func (s *session) relay() error {
 	}()
 	go func() { // client to upstream
 		defer wg.Done()
-		upN, upErr = r.copy(up.conn, client, &r.upstreamDone)
+		upErr = r.copy(up.conn, client, &r.upstreamDone, &s.shared.fromClient)
 		if upErr == nil && !r.upstreamDone.Load() {
 			closeWrite(up.conn) // half-close: let the upstream answer and close
 			return
@@ -73,9 +77,11 @@ func (s *session) relay() error {
 		_ = up.conn.SetReadDeadline(now())
 	}()
 	wg.Wait()
-	s.bytesUp += upN
-	s.bytesDn += downN
 
+	if _, kicked := s.kicked(); kicked {
+		s.result = "closed_by_admin"
+		return nil
+	}
 	switch {
 	case errors.Is(upErr, errIdle) || errors.Is(downErr, errIdle):
 		s.result = "idle_timeout"
@@ -104,7 +110,7 @@ func (r *relayState) touch() { r.lastActive.Store(now().UnixNano()) }
 // (errIdle) or stop turning true. Reads wake every quarter of the idle limit
 // so that the session closes between 1 and 1.25 times proxy_timeout after
 // the last byte moved either way, even while splice hides the traffic.
-func (r *relayState) copy(dst, src net.Conn, stop *atomic.Bool) (int64, error) {
+func (r *relayState) copy(dst, src net.Conn, stop *atomic.Bool, moved *atomic.Int64) error {
 	check := max(r.idle/4, 10*time.Millisecond)
 	dstTCP, splice := dst.(*net.TCPConn)
 	if _, ok := src.(*net.TCPConn); !ok {
@@ -115,10 +121,9 @@ func (r *relayState) copy(dst, src net.Conn, stop *atomic.Bool) (int64, error) {
 		buf = relayBuffers.Get().(*[]byte)
 		defer relayBuffers.Put(buf)
 	}
-	var total int64
 	for {
 		if stop != nil && stop.Load() {
-			return total, nil
+			return nil
 		}
 		t := now()
 		_ = src.SetReadDeadline(t.Add(check))
@@ -131,25 +136,25 @@ func (r *relayState) copy(dst, src net.Conn, stop *atomic.Bool) (int64, error) {
 		} else {
 			n, err = io.CopyBuffer(writerOnly{dst}, lr, *buf)
 		}
-		total += n
 		if n > 0 {
+			moved.Add(n)
 			r.touch()
 		}
 		var ne net.Error
 		switch {
 		case err == nil && lr.N > 0:
-			return total, nil // EOF
+			return nil // EOF
 		case err == nil:
 			continue // a whole chunk moved
 		case errors.As(err, &ne) && ne.Timeout() && !isWriteTimeout(err):
 			if stop != nil && stop.Load() {
-				return total, nil
+				return nil
 			}
 			if now().Sub(time.Unix(0, r.lastActive.Load())) >= r.idle {
-				return total, errIdle
+				return errIdle
 			}
 		default:
-			return total, err
+			return err
 		}
 	}
 }

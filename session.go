@@ -51,8 +51,10 @@ type session struct {
 	early     *upstreamClient // dialled at accept to relay its APOP timestamp and CRAM-MD5 challenge
 	upstream  *upstreamClient // logged in
 	attempts  int             // login attempts, for auth_http's Auth-Login-Attempt
-	bytesUp   int64           // client to upstream, after login
-	bytesDn   int64           // upstream to client, after login
+	id        string          // in every log line and in -ERR replies with a code
+	remote    string          // client address
+	raw       net.Conn        // the accepted connection under any TLS, for kick
+	shared    shared          // what the admin API reads and kick changes
 }
 
 // replyError is a -ERR reply: an optional RFC 2449 response code and text
@@ -90,19 +92,26 @@ var (
 )
 
 func newSession(h *Handler, cx *layer4.Connection) *session {
+	id, remote := newSessionID(), cx.RemoteAddr().String()
 	s := &session{
 		h:      h,
 		cx:     cx,
 		r:      pop3wire.NewReader(cx, h.MaxLineLength),
 		w:      bufio.NewWriterSize(cx, 1024),
-		logger: h.logger.With(zap.String("remote", cx.RemoteAddr().String())),
+		logger: h.logger.With(zap.String("session", id), zap.String("remote", remote)),
 		start:  now(),
 		secure: len(l4tls.GetConnectionStates(cx)) > 0,
+		id:     id,
+		remote: remote,
+		raw:    cx.Conn,
 	}
+	s.shared.tls = s.secure
 	return s
 }
 
 func (s *session) run() error {
+	liveSessions.add(s)
+	metrics.sessionStarted()
 	defer s.logEnd()
 	if err := s.greet(); err != nil {
 		return s.ioError(err)
@@ -146,7 +155,7 @@ func (s *session) greet() error {
 		if err != nil {
 			s.logger.Warn("upstream unavailable", zap.Error(err))
 			s.state, s.result = stateDone, "upstream_unavailable"
-			return s.writeLine("-ERR " + errUnavailable.Error())
+			return s.writeLine("-ERR " + errUnavailable.Error() + s.idSuffix())
 		}
 		up.setDeadline(time.Time{})
 		s.early = up
@@ -237,7 +246,11 @@ func (s *session) reply(err error) error {
 		s.logger.Error("handling command", zap.Error(err))
 		re = errInternal
 	}
-	if werr := s.writeLine("-ERR " + re.Error()); werr != nil {
+	text := re.Error()
+	if re.code != "" {
+		text += s.idSuffix() // lets an operator find the session in the log
+	}
+	if werr := s.writeLine("-ERR " + text); werr != nil {
 		return werr
 	}
 	s.errors++
@@ -249,7 +262,7 @@ func (s *session) reply(err error) error {
 		}
 	case s.h.MaxErrors > 0 && s.errors >= s.h.MaxErrors:
 		s.state, s.result = stateDone, "too_many_errors"
-		if werr := s.writeLine("-ERR Too many errors, closing connection"); werr != nil {
+		if werr := s.writeLine("-ERR Too many errors, closing connection" + s.idSuffix()); werr != nil {
 			return werr
 		}
 	}
@@ -267,10 +280,22 @@ func (s *session) writeLine(line string) error {
 	return err
 }
 
+func (s *session) idSuffix() string { return " (session " + s.id + ")" }
+
 // ioError ends the session on a connection error. Client EOF, resets and
 // timeouts are ordinary ends: logged at debug, nil for caddy-l4.
 func (s *session) ioError(err error) error {
 	var ne net.Error
+	if reason, ok := s.kicked(); ok {
+		s.setResult("closed_by_admin")
+		if s.state == stateAuthorization {
+			_ = s.cx.SetWriteDeadline(now().Add(time.Second))
+			_ = s.writeLine("-ERR [SYS/TEMP] " + reason + s.idSuffix())
+			_ = s.w.Flush()
+		}
+		s.logger.Info("session closed", zap.String("reason", reason))
+		return nil
+	}
 	switch {
 	case errors.Is(err, io.EOF), errors.Is(err, net.ErrClosed), errors.Is(err, io.ErrUnexpectedEOF):
 		s.setResult("client_closed")
@@ -278,7 +303,7 @@ func (s *session) ioError(err error) error {
 		s.setResult("timeout")
 		if s.state == stateAuthorization {
 			_ = s.cx.SetWriteDeadline(now().Add(time.Second))
-			_ = s.writeLine("-ERR Disconnected for inactivity")
+			_ = s.writeLine("-ERR Disconnected for inactivity" + s.idSuffix())
 			_ = s.w.Flush()
 		}
 	default:
@@ -310,6 +335,7 @@ func (s *session) debug(msg string, fields ...zap.Field) {
 
 // logEnd writes the one INFO line per session.
 func (s *session) logEnd() {
+	liveSessions.remove(s)
 	if s.upstream != nil {
 		s.upstream.close()
 	}
@@ -318,8 +344,8 @@ func (s *session) logEnd() {
 	fields := []zap.Field{
 		zap.String("result", s.result),
 		zap.Bool("tls", s.secure),
-		zap.Int64("bytes_from_client", s.bytesUp),
-		zap.Int64("bytes_to_client", s.bytesDn),
+		zap.Int64("bytes_from_client", s.shared.fromClient.Load()),
+		zap.Int64("bytes_to_client", s.shared.toClient.Load()),
 		zap.Duration("duration", now().Sub(s.start)),
 	}
 	if s.loginUser != "" {
@@ -329,4 +355,5 @@ func (s *session) logEnd() {
 		fields = append(fields, zap.String("upstream", s.upstream.address))
 	}
 	s.logger.Info("session", fields...)
+	metrics.sessionEnded(s.result, s.shared.fromClient.Load(), s.shared.toClient.Load())
 }

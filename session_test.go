@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"math/big"
 	"net"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -203,6 +204,18 @@ func (ts *testSession) assertNoSecret(secrets ...string) {
 			}
 		}
 	}
+}
+
+var sessionIDSuffix = regexp.MustCompile(` \(session [0-9a-f]{12}\)$`)
+
+// withoutSessionID checks that a reply ends with the session id an operator
+// can look up in the log, and returns it without.
+func withoutSessionID(t *testing.T, line string) string {
+	t.Helper()
+	if !sessionIDSuffix.MatchString(line) {
+		t.Errorf("reply %q does not end with a session id", line)
+	}
+	return sessionIDSuffix.ReplaceAllString(line, "")
 }
 
 func b64(s string) string { return base64.StdEncoding.EncodeToString([]byte(s)) }

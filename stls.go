@@ -29,6 +29,7 @@ func (s *session) handleStartTLS() error {
 	case !s.canSTLS():
 		return errNoSTLS
 	case s.r.Buffered() > 0:
+		metrics.startTLS("refused")
 		s.logger.Warn("plaintext pipelined after STLS, closing")
 		s.result = "stls_injection"
 		return errSTLSPipelined
@@ -42,6 +43,7 @@ func (s *session) handleStartTLS() error {
 	_ = s.cx.SetDeadline(now().Add(time.Duration(s.h.Timeout)))
 	tc := tls.Server(s.cx, s.h.tlsConfig) // cx, not cx.Conn: it may hold prefetched bytes
 	if err := tc.HandshakeContext(s.cx.Context); err != nil {
+		metrics.startTLS("failed")
 		s.debug("STLS handshake failed", zap.Error(err))
 		s.state, s.result = stateDone, "tls_handshake_failed"
 		return nil
@@ -50,6 +52,11 @@ func (s *session) handleStartTLS() error {
 	st := tc.ConnectionState()
 	s.cx.SetVar(layer4.TLSConnectionStatesVarName, append(l4tls.GetConnectionStates(s.cx), &st))
 	s.cx.Replacer().Set("l4.tls.server_name", st.ServerName) // as the tls handler does, for upstream placeholders
+
+	metrics.startTLS("ok")
+	s.shared.mu.Lock()
+	s.shared.tls = true
+	s.shared.mu.Unlock()
 
 	// Forget everything from before TLS (RFC 2595 §4).
 	s.cx = s.cx.Wrap(tc)

@@ -1,0 +1,126 @@
+package pop3
+
+import (
+	"errors"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// pop3Metrics are the handler's Prometheus collectors. They are created once
+// per process and registered on each config's registry, so the counts go on
+// across reloads (each config gets a new registry) and several pop3 handlers
+// share them.
+type pop3Metrics struct {
+	sessions        *prometheus.CounterVec
+	activeSessions  prometheus.Gauge
+	logins          *prometheus.CounterVec
+	loginDuration   *prometheus.HistogramVec
+	dialErrors      *prometheus.CounterVec
+	upstreamHealthy *prometheus.GaugeVec
+	bytes           *prometheus.CounterVec
+	stls            *prometheus.CounterVec
+}
+
+var metrics = newPOP3Metrics()
+
+func newPOP3Metrics() *pop3Metrics {
+	const ns, sub = "caddy", "layer4_pop3"
+	return &pop3Metrics{
+		sessions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "sessions_total",
+			Help: "POP3 sessions ended, by result (ok, quit, client_closed, timeout, idle_timeout, upstream_unavailable, too_many_errors, ...).",
+		}, []string{"result"}),
+		activeSessions: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "active_sessions",
+			Help: "POP3 sessions open now, before or after login.",
+		}),
+		logins: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "logins_total",
+			Help: "Login attempts by method and result (ok, failed, unavailable).",
+		}, []string{"method", "result"}),
+		loginDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: ns, Subsystem: sub, Name: "login_duration_seconds",
+			Help:    "Time from the client's credentials to the upstream's answer, failure delays excluded.",
+			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10},
+		}, []string{"method"}),
+		dialErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "upstream_dial_errors_total",
+			Help: "Failed connections to an upstream (dial, TLS, greeting), by upstream.",
+		}, []string{"upstream"}),
+		upstreamHealthy: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "upstream_healthy",
+			Help: "Whether an upstream passes the active health check (1) or not (0).",
+		}, []string{"upstream"}),
+		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "bytes_total",
+			Help: "Bytes relayed after login, by direction (from_client, to_client).",
+		}, []string{"direction"}),
+		stls: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "stls_total",
+			Help: "STLS upgrades by result (ok, failed, refused).",
+		}, []string{"result"}),
+	}
+}
+
+// register adds the collectors to a config's registry; one already there
+// (another pop3 handler of the same config) is fine.
+func (m *pop3Metrics) register(reg *prometheus.Registry) error {
+	if m == nil || reg == nil {
+		return nil
+	}
+	for _, c := range []prometheus.Collector{m.sessions, m.activeSessions, m.logins, m.loginDuration, m.dialErrors, m.upstreamHealthy, m.bytes, m.stls} {
+		if err := reg.Register(c); err != nil && !errors.As(err, new(prometheus.AlreadyRegisteredError)) {
+			return err
+		}
+	}
+	return nil
+}
+
+func (m *pop3Metrics) sessionStarted() {
+	if m != nil {
+		m.activeSessions.Inc()
+	}
+}
+
+func (m *pop3Metrics) sessionEnded(result string, fromClient, toClient int64) {
+	if m == nil {
+		return
+	}
+	m.activeSessions.Dec()
+	m.sessions.WithLabelValues(result).Inc()
+	m.bytes.WithLabelValues("from_client").Add(float64(fromClient))
+	m.bytes.WithLabelValues("to_client").Add(float64(toClient))
+}
+
+func (m *pop3Metrics) login(method, result string, seconds float64) {
+	if m == nil {
+		return
+	}
+	m.logins.WithLabelValues(method, result).Inc()
+	if seconds >= 0 {
+		m.loginDuration.WithLabelValues(method).Observe(seconds)
+	}
+}
+
+func (m *pop3Metrics) dialError(upstream string) {
+	if m != nil {
+		m.dialErrors.WithLabelValues(upstream).Inc()
+	}
+}
+
+func (m *pop3Metrics) health(upstream string, healthy bool) {
+	if m == nil {
+		return
+	}
+	v := 0.0
+	if healthy {
+		v = 1
+	}
+	m.upstreamHealthy.WithLabelValues(upstream).Set(v)
+}
+
+func (m *pop3Metrics) startTLS(result string) {
+	if m != nil {
+		m.stls.WithLabelValues(result).Inc()
+	}
+}

@@ -1,0 +1,173 @@
+package pop3
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+)
+
+func init() {
+	caddy.RegisterModule(adminAPI{})
+}
+
+// liveSessions is every open session of every pop3 handler, for the admin
+// API and for draining a replaced config.
+var liveSessions = &sessionRegistry{m: make(map[string]*session)}
+
+type sessionRegistry struct {
+	mu sync.Mutex
+	m  map[string]*session
+}
+
+func (r *sessionRegistry) add(s *session) {
+	r.mu.Lock()
+	r.m[s.id] = s
+	r.mu.Unlock()
+}
+
+func (r *sessionRegistry) remove(s *session) {
+	r.mu.Lock()
+	delete(r.m, s.id)
+	r.mu.Unlock()
+}
+
+// matching returns the sessions for which keep is true.
+func (r *sessionRegistry) matching(keep func(*session) bool) []*session {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []*session
+	for _, s := range r.m {
+		if keep(s) {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+func newSessionID() string {
+	var b [6]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// sessionView is what the admin API shows of a session, like doveadm who.
+type sessionView struct {
+	ID         string    `json:"id"`
+	User       string    `json:"user,omitempty"`
+	Remote     string    `json:"remote"`
+	Upstream   string    `json:"upstream,omitempty"`
+	State      string    `json:"state"`
+	TLS        bool      `json:"tls"`
+	Start      time.Time `json:"start"`
+	FromClient int64     `json:"bytes_from_client"`
+	ToClient   int64     `json:"bytes_to_client"`
+}
+
+// shared is the part of a session other goroutines may read or change.
+type shared struct {
+	mu       sync.Mutex
+	user     string
+	upstream string
+	relaying bool
+	tls      bool
+
+	fromClient atomic.Int64
+	toClient   atomic.Int64
+	kickReason atomic.Pointer[string]
+	upConn     atomic.Pointer[net.Conn] // set once relaying, for kick
+}
+
+func (s *session) view() sessionView {
+	s.shared.mu.Lock()
+	defer s.shared.mu.Unlock()
+	state := "authorization"
+	if s.shared.relaying {
+		state = "relay"
+	}
+	return sessionView{
+		ID: s.id, User: s.shared.user, Remote: s.remote, Upstream: s.shared.upstream, State: state,
+		TLS: s.shared.tls, Start: s.start, FromClient: s.shared.fromClient.Load(), ToClient: s.shared.toClient.Load(),
+	}
+}
+
+// kick ends the session from another goroutine. Before login the session
+// answers -ERR [SYS/TEMP] with reason and closes; after it both connections
+// are closed.
+func (s *session) kick(reason string) {
+	if !s.shared.kickReason.CompareAndSwap(nil, &reason) {
+		return
+	}
+	_ = s.raw.SetReadDeadline(time.Now()) // wakes a session waiting for a command
+	if up := s.shared.upConn.Load(); up != nil {
+		_ = (*up).Close()
+		_ = s.raw.Close()
+	}
+}
+
+func (s *session) kicked() (string, bool) {
+	if r := s.shared.kickReason.Load(); r != nil {
+		return *r, true
+	}
+	return "", false
+}
+
+// adminAPI serves /pop3/sessions on Caddy's admin endpoint: GET lists the
+// live sessions; DELETE with id, user or remote (client IP) closes them,
+// as doveadm who and doveadm kick do.
+type adminAPI struct{}
+
+// CaddyModule returns the Caddy module information.
+func (adminAPI) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "admin.api.pop3",
+		New: func() caddy.Module { return adminAPI{} },
+	}
+}
+
+// Routes implements caddy.AdminRouter.
+func (adminAPI) Routes() []caddy.AdminRoute {
+	return []caddy.AdminRoute{{Pattern: "/pop3/sessions", Handler: caddy.AdminHandlerFunc(handleSessions)}}
+}
+
+func handleSessions(w http.ResponseWriter, r *http.Request) error {
+	q := r.URL.Query()
+	id, user, remote := q.Get("id"), q.Get("user"), q.Get("remote")
+	filter := func(s *session) bool {
+		v := s.view()
+		host, _, _ := net.SplitHostPort(v.Remote)
+		return (id == "" || v.ID == id) && (user == "" || v.User == user) && (remote == "" || host == remote || v.Remote == remote)
+	}
+	switch r.Method {
+	case http.MethodGet:
+		views := []sessionView{}
+		for _, s := range liveSessions.matching(filter) {
+			views = append(views, s.view())
+		}
+		sort.Slice(views, func(i, j int) bool { return views[i].Start.Before(views[j].Start) })
+		w.Header().Set("Content-Type", "application/json")
+		return json.NewEncoder(w).Encode(views)
+	case http.MethodDelete:
+		if id == "" && user == "" && remote == "" {
+			return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: fmt.Errorf("name the sessions to close with id, user or remote")}
+		}
+		kicked := liveSessions.matching(filter)
+		for _, s := range kicked {
+			s.kick("Session closed by the administrator")
+		}
+		w.Header().Set("Content-Type", "application/json")
+		return json.NewEncoder(w).Encode(map[string]int{"closed": len(kicked)})
+	}
+	return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method %s not allowed", r.Method)}
+}
+
+// Interface guards
+var _ caddy.AdminRouter = adminAPI{}

@@ -1,0 +1,147 @@
+package pop3
+
+import (
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+)
+
+func adminRequest(t *testing.T, method, query string) *httptest.ResponseRecorder {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	req := httptest.NewRequest(method, "/pop3/sessions"+query, nil)
+	if err := handleSessions(rec, req); err != nil {
+		if ae, ok := err.(caddy.APIError); ok {
+			rec.Code = ae.HTTPStatus
+			return rec
+		}
+		t.Fatal(err)
+	}
+	return rec
+}
+
+func TestAdminListsAndKicksSessions(t *testing.T) {
+	_, addr := fakeUpstream(t, nil)
+	h, logs := newTestHandler(t, addr, nil)
+	before := startSession(t, h, logs, true) // not logged in
+	after := startSession(t, h, logs, true)
+	after.send("USER alice", "PASS secret-pw", "RETR 1")
+	after.expect("+OK")
+	after.expect("+OK Logged in.")
+	after.expect("+OK")
+	after.multiline()
+
+	var views []sessionView
+	if err := json.NewDecoder(adminRequest(t, http.MethodGet, "").Body).Decode(&views); err != nil {
+		t.Fatal(err)
+	}
+	var alice *sessionView
+	for i, v := range views {
+		if v.User == "alice" {
+			alice = &views[i]
+		}
+	}
+	if len(views) != 2 || alice == nil || alice.State != "relay" || alice.Upstream != addr || alice.FromClient == 0 {
+		t.Fatalf("sessions %+v", views)
+	}
+	if rec := adminRequest(t, http.MethodDelete, ""); rec.Code != http.StatusBadRequest {
+		t.Errorf("DELETE without a filter: %d", rec.Code)
+	}
+
+	// Kick by user: the relaying session is closed.
+	if body := adminRequest(t, http.MethodDelete, "?user=alice").Body.String(); !strings.Contains(body, `"closed":1`) {
+		t.Errorf("DELETE ?user=alice: %s", body)
+	}
+	after.closed()
+	// Kick by id: the session before login gets a -ERR with the reason.
+	var rest []sessionView
+	_ = json.NewDecoder(adminRequest(t, http.MethodGet, "").Body).Decode(&rest)
+	if len(rest) != 1 {
+		t.Fatalf("left: %+v", rest)
+	}
+	adminRequest(t, http.MethodDelete, "?id="+rest[0].ID)
+	if got := before.expect("-ERR [SYS/TEMP] Session closed by the administrator"); !strings.HasSuffix(got, "(session "+rest[0].ID+")") {
+		t.Errorf("kick reply %q", got)
+	}
+	before.closed()
+	for _, e := range logs.FilterMessage("session").All() {
+		if e.ContextMap()["result"] != "closed_by_admin" {
+			t.Errorf("session result %v", e.ContextMap()["result"])
+		}
+	}
+}
+
+func TestDrainAfterReload(t *testing.T) {
+	_, addr := fakeUpstream(t, nil)
+	h, logs := newTestHandler(t, addr, func(h *Handler) { h.DrainTimeout = caddy.Duration(100 * time.Millisecond) })
+	other, _ := newTestHandler(t, addr, nil)
+	ts := startSession(t, h, logs, false)
+	untouched := startSession(t, other, logs, false)
+	start := time.Now()
+	if err := h.Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+	ts.expect("-ERR [SYS/TEMP] Server configuration changed")
+	ts.closed()
+	if d := time.Since(start); d < 100*time.Millisecond {
+		t.Errorf("drained after %v", d)
+	}
+	untouched.send("NOOP")
+	untouched.expect("+OK")
+}
+
+func TestMetrics(t *testing.T) {
+	_, addr := fakeUpstream(t, nil)
+	h, logs := newTestHandler(t, addr, nil)
+	reg := prometheus.NewPedanticRegistry()
+	if err := metrics.register(reg); err != nil {
+		t.Fatal(err)
+	}
+	if err := metrics.register(reg); err != nil { // a second handler of the same config
+		t.Fatal(err)
+	}
+	okBefore := testutil.ToFloat64(metrics.logins.WithLabelValues("plain", "ok"))
+	failedBefore := testutil.ToFloat64(metrics.logins.WithLabelValues("plain", "failed"))
+	quitBefore := testutil.ToFloat64(metrics.sessions.WithLabelValues("ok"))
+	ts := startSession(t, h, logs, false)
+	ts.send("USER alice", "PASS bad")
+	ts.expect("+OK")
+	ts.expect("-ERR")
+	ts.send("USER alice", "PASS secret-pw", "QUIT")
+	ts.expect("+OK")
+	ts.expect("+OK Logged in.")
+	ts.expect("+OK bye")
+	ts.closed()
+	if d := testutil.ToFloat64(metrics.logins.WithLabelValues("plain", "ok")) - okBefore; d != 1 {
+		t.Errorf("logins ok +%v", d)
+	}
+	if d := testutil.ToFloat64(metrics.logins.WithLabelValues("plain", "failed")) - failedBefore; d != 1 {
+		t.Errorf("logins failed +%v", d)
+	}
+	if d := testutil.ToFloat64(metrics.sessions.WithLabelValues("ok")) - quitBefore; d != 1 {
+		t.Errorf("sessions ok +%v", d)
+	}
+	if n, err := testutil.GatherAndCount(reg, "caddy_layer4_pop3_login_duration_seconds"); err != nil || n == 0 {
+		t.Errorf("login histogram: %d series, %v", n, err)
+	}
+}
+
+func TestMetricsNilSafe(t *testing.T) {
+	var m *pop3Metrics
+	m.sessionStarted()
+	m.sessionEnded("ok", 1, 2)
+	m.login("plain", "ok", 0.1)
+	m.dialError("x")
+	m.health("x", true)
+	m.startTLS("ok")
+	if err := m.register(prometheus.NewRegistry()); err != nil {
+		t.Fatal(err)
+	}
+}
