@@ -90,6 +90,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 	dial_timeout 4s
 	proxy_protocol v2
 	xclient on
+	drain_timeout 30s
 }`,
 			want: Handler{
 				Upstream: []*Upstream{
@@ -108,6 +109,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 				DialTimeout:    caddy.Duration(4 * time.Second),
 				ProxyProtocol:  "v2",
 				XClient:        true,
+				DrainTimeout:   caddy.Duration(30 * time.Second),
 			},
 		},
 		{
@@ -270,6 +272,7 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"bad health_interval", "pop3 a {\n\thealth_interval often\n}", []string{"'health_interval'"}},
 		{"max_fails 0", "pop3 a {\n\tmax_fails 0\n}", []string{"'max_fails'", "at least 1"}},
 		{"bad proxy_protocol", "pop3 a {\n\tproxy_protocol v3\n}", []string{"'proxy_protocol'", "'v3'"}},
+		{"bad drain_timeout", "pop3 a {\n\tdrain_timeout never\n}", []string{"'drain_timeout'"}},
 		{"bad xclient", "pop3 a {\n\txclient yes\n}", []string{"'xclient'", "'yes'"}},
 		{"upstream unknown sub-option", "pop3 {\n\tupstream a {\n\t\tssl\n\t}\n}", []string{"unrecognized pop3 option 'upstream ssl'"}},
 		{"upstream tls twice", "pop3 {\n\tupstream a {\n\t\ttls\n\t\ttls\n\t}\n}", []string{"duplicate pop3 option 'upstream tls'"}},
