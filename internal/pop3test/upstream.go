@@ -121,17 +121,25 @@ func (u *Upstream) serve(c net.Conn) {
 	if strings.HasPrefix(greeting, "-") {
 		return
 	}
-	var user string
-	loggedIn := false
-	for {
+	// readLine reads and records one line from the client.
+	readLine := func() (string, bool) {
 		line, err := r.ReadString('\n')
 		if err != nil {
-			return
+			return "", false
 		}
 		line = strings.TrimRight(line, "\r\n")
 		u.mu.Lock()
 		u.lines = append(u.lines, line)
 		u.mu.Unlock()
+		return line, true
+	}
+	var user string
+	loggedIn := false
+	for {
+		line, ok := readLine()
+		if !ok {
+			return
+		}
 		verb, arg, _ := strings.Cut(line, " ")
 		verb = strings.ToUpper(verb)
 		if u.CloseAfter != "" && verb == u.CloseAfter {
@@ -177,14 +185,10 @@ func (u *Upstream) serve(c net.Conn) {
 			}
 		case verb == "AUTH" && strings.EqualFold(arg, "CRAM-MD5") && !loggedIn && u.Timestamp != "":
 			send("+ " + base64.StdEncoding.EncodeToString([]byte(u.Timestamp)))
-			line, err := r.ReadString('\n')
-			if err != nil {
+			line, ok := readLine()
+			if !ok {
 				return
 			}
-			line = strings.TrimRight(line, "\r\n")
-			u.mu.Lock()
-			u.lines = append(u.lines, line)
-			u.mu.Unlock()
 			if line == "*" {
 				send("-ERR Authentication cancelled")
 				continue
