@@ -358,6 +358,11 @@ func (h *Handler) buildPool() (*pool, error) {
 			if err != nil {
 				return nil, fmt.Errorf("upstream %d: tls: %w", i, err)
 			}
+			if cfg == nil {
+				// Caddy returns nil for empty settings; a bare `tls` or
+				// `starttls` still means TLS, verified against system roots.
+				cfg = new(tls.Config)
+			}
 			pu.tlsConfig = cfg
 		}
 		if !pu.template {

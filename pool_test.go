@@ -351,3 +351,14 @@ func TestProxyProtocolAndXCLIENT(t *testing.T) {
 		}
 	})
 }
+
+func TestBareTLSStillMeansTLS(t *testing.T) {
+	for _, stls := range []bool{false, true} {
+		h, _ := newTestHandler(t, "", func(h *Handler) {
+			h.Upstream = []*Upstream{{Address: "127.0.0.1:995", TLS: &reverseproxy.TLSConfig{}, StartTLS: stls}}
+		})
+		if h.pool.upstreams[0].tlsConfig == nil {
+			t.Errorf("starttls %v: an empty tls block turned TLS off", stls)
+		}
+	}
+}
