@@ -14,7 +14,7 @@ import (
 func TestMain(m *testing.M) {
 	code := m.Run()
 	if code == 0 {
-		if leak := waitForSessionGoroutines(5 * time.Second); leak != "" {
+		if leak := waitForSessionGoroutines(15 * time.Second); leak != "" {
 			fmt.Fprintf(os.Stderr, "leaked session goroutines:\n%s\n", leak)
 			code = 1
 		}
