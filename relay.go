@@ -55,20 +55,12 @@ func (s *session) relay() error {
 
 	r := &relayState{idle: time.Duration(s.h.ProxyTimeout)}
 	r.touch()
-	var wg sync.WaitGroup
-	var upErr, downErr error
-	wg.Add(2)
-	go func() { // upstream to client
-		defer wg.Done()
-		downErr = r.copy(client, up.conn, nil, &s.shared.toClient)
-		r.upstreamDone.Store(true)
-		if downErr == nil {
-			closeWrite(client)
-		}
-		_ = client.SetReadDeadline(now()) // wake the other direction: nothing more can be delivered
-	}()
-	go func() { // client to upstream
-		defer wg.Done()
+	// Client to upstream in a new goroutine, upstream to client in this one:
+	// an idle logged-in session costs two goroutines.
+	var upErr error
+	upDone := make(chan struct{})
+	go func() {
+		defer close(upDone)
 		upErr = r.copy(up.conn, client, &r.upstreamDone, &s.shared.fromClient)
 		if upErr == nil && !r.upstreamDone.Load() {
 			closeWrite(up.conn) // half-close: let the upstream answer and close
@@ -76,7 +68,13 @@ func (s *session) relay() error {
 		}
 		_ = up.conn.SetReadDeadline(now())
 	}()
-	wg.Wait()
+	downErr := r.copy(client, up.conn, nil, &s.shared.toClient)
+	r.upstreamDone.Store(true)
+	if downErr == nil {
+		closeWrite(client)
+	}
+	_ = client.SetReadDeadline(now()) // wake the other direction: nothing more can be delivered
+	<-upDone
 
 	if _, kicked := s.kicked(); kicked {
 		s.result = "closed_by_admin"
