@@ -138,6 +138,7 @@ func (s *session) handleAuth(cmd pop3wire.Command) error {
 	if len(args) == 2 {
 		r, err := pop3wire.DecodeSASL(args[1])
 		if err != nil {
+			countBadExchange(mechanismMethod(name), errBadBase64)
 			return errBadBase64
 		}
 		response = r
@@ -167,6 +168,7 @@ func (s *session) handleAuth(cmd pop3wire.Command) error {
 		return errNoMechanism
 	}
 	if _, err := s.saslExchange(server, response); err != nil {
+		countBadExchange(method, err)
 		return err
 	}
 	err := s.login(loginRequest{method: method, creds: server.Credentials(), salt: salt})
@@ -206,6 +208,21 @@ func (s *session) saslExchange(server sasl.Server, response []byte) ([]byte, err
 	}
 }
 
+// mechanismMethod names the auth method a SASL mechanism belongs to.
+func mechanismMethod(mechanism string) string {
+	switch mechanism {
+	case "CRAM-MD5":
+		return AuthCRAMMD5
+	case "EXTERNAL":
+		return AuthExternal
+	case "OAUTHBEARER":
+		return AuthOAuthBearer
+	case "XOAUTH2":
+		return AuthXOAuth2
+	}
+	return AuthPlain
+}
+
 // relayCRAMMD5 passes the upstream's own CRAM-MD5 challenge to the client
 // and the client's answer back, so the proxy never needs the password.
 func (s *session) relayCRAMMD5(initial []byte) error {
@@ -222,6 +239,7 @@ func (s *session) relayCRAMMD5(initial []byte) error {
 	server := sasl.NewCRAMMD5(string(challenge))
 	response, err := s.saslExchange(server, nil)
 	if err != nil {
+		countBadExchange(AuthCRAMMD5, err)
 		// Cancel upstream too, so a retry starts clean there.
 		if _, cerr := up.finishSASL(nil, true); cerr != nil && !isRejection(cerr) {
 			s.dropEarly()
@@ -231,6 +249,17 @@ func (s *session) relayCRAMMD5(initial []byte) error {
 	req := loginRequest{method: AuthCRAMMD5, creds: server.Credentials(), salt: string(challenge)}
 	text, err := up.finishSASL(response, false)
 	return s.loginDone(req, up, text, started, err)
+}
+
+// countBadExchange counts a SASL exchange that ended before a login could
+// be tried: cancelled by the client, or malformed.
+func countBadExchange(method string, err error) {
+	switch {
+	case errors.Is(err, errAuthCancelled):
+		metrics.login(method, "cancelled", -1)
+	case errors.Is(err, errBadCredentials), errors.Is(err, errBadBase64), errors.Is(err, errLineTooLong):
+		metrics.login(method, "invalid", -1)
+	}
 }
 
 // saslContinue sends a challenge and reads the client's answer; "*" cancels.
@@ -330,6 +359,7 @@ func (s *session) loginDone(req loginRequest, up *upstreamClient, text string, s
 	s.state = stateRelay
 	s.shared.mu.Lock()
 	s.shared.user, s.shared.upstream, s.shared.relaying = req.creds.Username, up.address, true
+	s.shared.wireIn, s.shared.wireOut, s.shared.wireOK = wireBytes(s.raw)
 	s.shared.mu.Unlock()
 	metrics.login(req.method, "ok", now().Sub(started).Seconds())
 	s.h.emit("pop3_login", map[string]any{"session": s.id, "remote": s.remote, "user": req.creds.Username, "method": req.method, "upstream": up.address})

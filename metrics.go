@@ -36,11 +36,11 @@ func newPOP3Metrics() *pop3Metrics {
 		}),
 		logins: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub, Name: "logins_total",
-			Help: "Login attempts by method and result (ok, failed, unavailable).",
+			Help: "Login attempts by method and result: ok, failed (credentials refused), invalid (malformed), cancelled, unavailable (auth server or upstream).",
 		}, []string{"method", "result"}),
 		loginDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Namespace: ns, Subsystem: sub, Name: "login_duration_seconds",
-			Help:    "Time from the client's credentials to the upstream's answer, failure delays excluded.",
+			Help:    "Time of successful logins, from the client's credentials to the upstream's +OK.",
 			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10},
 		}, []string{"method"}),
 		dialErrors: prometheus.NewCounterVec(prometheus.CounterOpts{

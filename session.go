@@ -123,6 +123,11 @@ func (s *session) run() error {
 			}
 		}
 		_ = s.cx.SetReadDeadline(now().Add(time.Duration(s.h.Timeout)))
+		if _, kicked := s.kicked(); kicked {
+			// kick stores its reason before it moves the deadline, so a kick
+			// that the line above undid is seen here.
+			return s.ioError(net.ErrClosed)
+		}
 		line, err := s.r.ReadLine()
 		if errors.Is(err, pop3wire.ErrLineTooLong) {
 			err = s.reply(errLineTooLong)

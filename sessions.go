@@ -82,21 +82,29 @@ type shared struct {
 
 	fromClient atomic.Int64
 	toClient   atomic.Int64
-	kickReason atomic.Pointer[string]
-	upConn     atomic.Pointer[net.Conn] // set once relaying, for kick
+	// TCP_INFO counts of the client socket at login; wireOK says they exist.
+	wireIn, wireOut int64
+	wireOK          bool
+	kickReason      atomic.Pointer[string]
+	upConn          atomic.Pointer[net.Conn] // set once relaying, for kick
 }
 
 func (s *session) view() sessionView {
 	s.shared.mu.Lock()
 	defer s.shared.mu.Unlock()
-	state := "authorization"
-	if s.shared.relaying {
-		state = "relay"
-	}
-	return sessionView{
-		ID: s.id, User: s.shared.user, Remote: s.remote, Upstream: s.shared.upstream, State: state,
+	v := sessionView{
+		ID: s.id, User: s.shared.user, Remote: s.remote, Upstream: s.shared.upstream, State: "authorization",
 		TLS: s.shared.tls, Start: s.start, FromClient: s.shared.fromClient.Load(), ToClient: s.shared.toClient.Load(),
 	}
+	if s.shared.relaying {
+		v.State = "relay"
+		// The relay's own counts grow in chunks; the kernel's are live (on
+		// the wire, so TLS records count whole).
+		if in, out, ok := wireBytes(s.raw); ok && s.shared.wireOK {
+			v.FromClient, v.ToClient = max(v.FromClient, in-s.shared.wireIn), max(v.ToClient, out-s.shared.wireOut)
+		}
+	}
+	return v
 }
 
 // kick ends the session from another goroutine. Before login the session

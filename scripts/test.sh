@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # test.sh: every check CI runs (.ci/run calls it). Installs what is missing,
 # then gofmt, go vet, the unit tests with the race detector (including fuzz
-# seed corpora and Caddyfile adapt tests), and the integration tests against
-# a private Dovecot.
+# seed corpora and Caddyfile adapt tests), the integration tests against
+# a private Dovecot, and a build with xcaddy (scripts/xcaddy-check.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,3 +39,6 @@ go test -race -count=1 ./...
 
 step "Integration tests: go test -race -count=1 -tags integration -timeout 20m ./integration/..."
 go test -race -count=1 -tags integration -timeout 20m ./integration/...
+
+step "xcaddy build: scripts/xcaddy-check.sh"
+scripts/xcaddy-check.sh

@@ -1,0 +1,32 @@
+package pop3
+
+import (
+	"net"
+
+	"golang.org/x/sys/unix"
+)
+
+// wireBytes returns how many bytes the kernel has received from the peer of
+// c and how many the peer has acknowledged, from TCP_INFO. It lets the admin
+// API show live counts of a relay that splice(2) moves without the proxy
+// seeing the bytes.
+func wireBytes(c net.Conn) (received, acked int64, ok bool) {
+	if raw, isWrapped := c.(interface{ Raw() net.Conn }); isWrapped { // PROXY protocol handler
+		c = raw.Raw()
+	}
+	tc, isTCP := c.(*net.TCPConn)
+	if !isTCP {
+		return 0, 0, false
+	}
+	sc, err := tc.SyscallConn()
+	if err != nil {
+		return 0, 0, false
+	}
+	var info *unix.TCPInfo
+	if cerr := sc.Control(func(fd uintptr) {
+		info, err = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+	}); cerr != nil || err != nil {
+		return 0, 0, false
+	}
+	return int64(info.Bytes_received), int64(info.Bytes_acked), true
+}

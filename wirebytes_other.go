@@ -1,0 +1,9 @@
+//go:build !linux
+
+package pop3
+
+import "net"
+
+// wireBytes has no TCP_INFO to read here; callers fall back to the relay's
+// own counts.
+func wireBytes(net.Conn) (received, acked int64, ok bool) { return 0, 0, false }
