@@ -1,221 +1,643 @@
-// Command pop3bench measures a RETR through caddy-pop3 against the same RETR
-// straight from Dovecot, in one run with interleaved rounds, and prints the
-// medians and their ratio.
+// Command pop3bench measures caddy-pop3 side by side with Dovecot directly
+// and with NGINX's mail proxy, in one run on loopback, with one Go client:
+//
+//   - RETR throughput of a large message (sha256 checked), MB/s;
+//   - login rate (connect, USER/PASS, STAT, QUIT with -c clients at once),
+//     sessions/s and latency percentiles, in plain POP3, over implicit TLS
+//     (995) and over STLS;
+//   - the proxy's memory (RSS) and file descriptors per logged-in idle
+//     session;
+//   - the proxy's CPU time per GB relayed during the RETR rounds.
+//
+// It starts a private Dovecot, Caddy (the binary given with -caddy) with a
+// generated Caddyfile, a private NGINX with a generated nginx.conf, and an
+// auth_http stand-in for NGINX inside this process. Rounds interleave the
+// three paths so that noise from the machine hits them alike. The results go
+// to stdout, OUT/results.md and the chart OUT/login-latency.png.
 //
 //	go build -o bin/caddy ./cmd/caddy && go run ./cmd/pop3bench -caddy bin/caddy
+//	go run ./cmd/pop3bench -quick   # smoke run, under a minute
+//
+// scripts/bench.sh installs what is needed on Debian and runs it.
 package main
 
 import (
-	"bufio"
-	"bytes"
+	"context"
 	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"log"
-	"net"
 	"os"
-	"os/exec"
+	"os/signal"
 	"path/filepath"
-	"sort"
+	"slices"
+	"strconv"
 	"strings"
+	"sync"
+	"syscall"
 	"time"
-
-	"github.com/caddy-pop3/caddy-pop3/internal/dovecot"
 )
 
+const (
+	nameDirect = "Dovecot direct"
+	nameCaddy  = "caddy-pop3"
+	nameNginx  = "NGINX"
+)
+
+type config struct {
+	caddyBin, nginxBin string
+	out                string
+	sizeMiB            int
+	rounds             int
+	loginRounds        int
+	loginDur           time.Duration
+	loginCount         int
+	conc               int
+	sessions           []int
+	openConc           int
+	settle             time.Duration
+	phases             map[string]bool
+	resume             bool
+	pq                 bool
+	caddyAuthHTTP      bool
+	caddyLog           string
+	nginxWorkers       string
+	nginxProxyBuffer   string
+	pprof              bool
+	pprofSeconds       int
+	keep               bool
+	quick              bool
+	args               []string
+}
+
+var allPhases = []string{"retr", "plain", "tls", "stls", "memory"}
+
 func main() {
-	caddyBin := flag.String("caddy", "bin/caddy", "Caddy binary with the pop3 handler")
-	sizeMiB := flag.Int("size", 32, "message size in MiB")
-	rounds := flag.Int("rounds", 7, "rounds; each fetches the message once directly and once through the proxy")
-	flag.Parse()
-	if err := run(*caddyBin, *sizeMiB, *rounds); err != nil {
+	log.SetFlags(log.Ltime)
+	log.SetPrefix("pop3bench: ")
+	cfg, err := parseFlags(os.Args[1:])
+	if errors.Is(err, flag.ErrHelp) {
+		os.Exit(0)
+	}
+	if err != nil {
 		log.Fatal(err)
+	}
+	// Ctrl-C: stop the servers (they run in their own process groups, out
+	// of the terminal's reach) and remove the work directory.
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		s := <-sig
+		log.Printf("%v: stopping the servers", s)
+		runCleanups()
+		os.Exit(130)
+	}()
+	failed, err := run(cfg)
+	if err != nil {
+		log.Fatal(err)
+	}
+	if failed {
+		log.Print("errors occurred: see the tables")
+		os.Exit(1)
 	}
 }
 
-func run(caddyBin string, sizeMiB, rounds int) error {
-	dir, err := os.MkdirTemp("/tmp", "pop3bench-")
-	if err != nil {
-		return err
+// parseFlags turns the command line into a config, with -quick's sizes for
+// the flags not given.
+func parseFlags(args []string) (*config, error) {
+	cfg := &config{args: args}
+	fs := flag.NewFlagSet("pop3bench", flag.ContinueOnError)
+	var sessions, only string
+	fs.StringVar(&cfg.caddyBin, "caddy", "bin/caddy", "Caddy binary with the pop3 handler (go build -o bin/caddy ./cmd/caddy)")
+	fs.StringVar(&cfg.nginxBin, "nginx", "/usr/sbin/nginx", "nginx binary; its mail module must be /usr/lib/nginx/modules/ngx_mail_module.so")
+	fs.StringVar(&cfg.out, "out", "bench", "directory for results.md, login-latency.png and pprof files")
+	fs.IntVar(&cfg.sizeMiB, "size", 32, "RETR message size in MiB")
+	fs.IntVar(&cfg.rounds, "rounds", 7, "RETR rounds; each fetches the message once per path")
+	fs.IntVar(&cfg.loginRounds, "login-rounds", 5, "login-rate rounds per mode; each runs every path once")
+	fs.DurationVar(&cfg.loginDur, "login-duration", 2*time.Second, "length of one login-rate run (one path, one mode, one round)")
+	fs.IntVar(&cfg.loginCount, "login-count", 0, "sessions per login-rate run instead of -login-duration (0: use the duration)")
+	fs.IntVar(&cfg.conc, "c", 16, "concurrent clients in the login-rate runs")
+	fs.StringVar(&sessions, "sessions", "1000,10000", "comma-separated counts of logged-in idle sessions for the memory measurement")
+	fs.IntVar(&cfg.openConc, "open-c", 64, "sessions opened at once in the memory measurement")
+	fs.DurationVar(&cfg.settle, "settle", 2*time.Second, "wait after opening the idle sessions before reading RSS")
+	fs.StringVar(&only, "only", strings.Join(allPhases, ","), "phases to run: "+strings.Join(allPhases, ","))
+	fs.BoolVar(&cfg.resume, "resume", true, "TLS session resumption in the client (tls.ClientSessionCache), for TLS (995) and STLS")
+	fs.BoolVar(&cfg.pq, "pq", false, "let the client offer X25519MLKEM768 (Go's default); off: X25519 (and P-256, which TLS 1.2 needs for the ECDSA certificates), which all three servers support, so the handshakes compare")
+	fs.BoolVar(&cfg.caddyAuthHTTP, "caddy-auth-http", false, "caddy-pop3 asks the auth_http stand-in for the upstream at each login, as NGINX must (default: a static upstream)")
+	fs.StringVar(&cfg.caddyLog, "caddy-log", "INFO", "Caddy's log level (INFO logs a line per session and per login, to a file)")
+	fs.StringVar(&cfg.nginxWorkers, "nginx-workers", "auto", "NGINX worker_processes")
+	fs.StringVar(&cfg.nginxProxyBuffer, "nginx-proxy-buffer", "", "NGINX proxy_buffer for the relay (empty: NGINX's default, one memory page)")
+	fs.BoolVar(&cfg.pprof, "pprof", false, "after the measurements, record CPU profiles of Caddy under each load and a heap profile with idle sessions, into OUT/pprof")
+	fs.IntVar(&cfg.pprofSeconds, "pprof-seconds", 10, "length of each CPU profile")
+	fs.BoolVar(&cfg.keep, "keep", false, "keep the work directory (configs and logs) under /tmp")
+	fs.BoolVar(&cfg.quick, "quick", false, "smoke run with small sizes (1 MiB, short runs, 200 idle sessions): under a minute; flags given explicitly still win")
+	if err := fs.Parse(args); err != nil {
+		return nil, err
 	}
-	defer os.RemoveAll(dir)
-	if err := os.Chmod(dir, 0o755); err != nil {
-		return err
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected arguments: %q", fs.Args())
 	}
 
-	msg := message(sizeMiB << 20)
-	want := sha256.Sum256(append(dotStuff(msg), ".\r\n"...))
-	dc, err := dovecot.Start(dovecot.Config{
-		Dir:   filepath.Join(dir, "dovecot"),
-		Users: []dovecot.User{{Name: "bench", Password: "bench-password", Messages: [][]byte{msg}}},
-	})
-	if err != nil {
-		return err
-	}
-	defer dc.Stop()
-
-	proxyAddr, err := freeAddr()
-	if err != nil {
-		return err
-	}
-	stop, err := startCaddy(caddyBin, dir, proxyAddr, dc.POP3Addr)
-	if err != nil {
-		return err
-	}
-	defer stop()
-
-	var direct, proxied []float64
-	for i := 0; i < rounds; i++ {
-		for _, p := range []struct {
-			addr string
-			out  *[]float64
-		}{{dc.POP3Addr, &direct}, {proxyAddr, &proxied}} {
-			mbps, err := retr(p.addr, want)
-			if err != nil {
-				return fmt.Errorf("round %d via %s: %w", i, p.addr, err)
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	if cfg.quick {
+		quick := map[string]func(){
+			"size":           func() { cfg.sizeMiB = 1 },
+			"rounds":         func() { cfg.rounds = 3 },
+			"login-rounds":   func() { cfg.loginRounds = 2 },
+			"login-duration": func() { cfg.loginDur = 300 * time.Millisecond },
+			"sessions":       func() { sessions = "200" },
+			"settle":         func() { cfg.settle = 500 * time.Millisecond },
+			"pprof-seconds":  func() { cfg.pprofSeconds = 2 },
+		}
+		for name, apply := range quick {
+			if !set[name] {
+				apply()
 			}
-			*p.out = append(*p.out, mbps)
 		}
 	}
-	d, p := median(direct), median(proxied)
-	fmt.Printf("RETR of a %d MiB message, %d rounds interleaved, medians (sha256 checked every round)\n", sizeMiB, rounds)
-	fmt.Printf("%-28s %10s\n", "path", "MB/s")
-	fmt.Printf("%-28s %10.1f\n", "direct to Dovecot", d)
-	fmt.Printf("%-28s %10.1f\n", "through caddy-pop3 (plain)", p)
-	fmt.Printf("ratio proxy/direct: %.3f\n", p/d)
+	for _, s := range strings.Split(sessions, ",") {
+		if s = strings.TrimSpace(s); s == "" {
+			continue
+		}
+		n, err := strconv.Atoi(s)
+		if err != nil || n <= 0 {
+			return nil, fmt.Errorf("-sessions: bad count %q", s)
+		}
+		cfg.sessions = append(cfg.sessions, n)
+	}
+	cfg.phases = map[string]bool{}
+	for _, p := range strings.Split(only, ",") {
+		p = strings.TrimSpace(p)
+		if p == "login" { // all three login modes
+			cfg.phases["plain"], cfg.phases["tls"], cfg.phases["stls"] = true, true, true
+			continue
+		}
+		if !slices.Contains(allPhases, p) {
+			return nil, fmt.Errorf("-only: unknown phase %q (want %s or login)", p, strings.Join(allPhases, ","))
+		}
+		cfg.phases[p] = true
+	}
+	if cfg.phases["memory"] && len(cfg.sessions) == 0 {
+		return nil, errors.New("-sessions: no count given")
+	}
+	if cfg.sizeMiB <= 0 || cfg.rounds <= 0 || cfg.loginRounds <= 0 || cfg.conc <= 0 || cfg.openConc <= 0 || cfg.pprofSeconds <= 0 {
+		return nil, errors.New("-size, -rounds, -login-rounds, -c, -open-c and -pprof-seconds must be positive")
+	}
+	return cfg, nil
+}
+
+var (
+	cleanupMu sync.Mutex
+	cleanups  []func()
+)
+
+// atExit registers f to run, last registered first, when run returns or
+// when pop3bench is interrupted.
+func atExit(f func()) {
+	cleanupMu.Lock()
+	defer cleanupMu.Unlock()
+	cleanups = append(cleanups, f)
+}
+
+// runCleanups runs the registered functions once.
+func runCleanups() {
+	cleanupMu.Lock()
+	defer cleanupMu.Unlock()
+	for i := len(cleanups) - 1; i >= 0; i-- {
+		cleanups[i]()
+	}
+	cleanups = nil
+}
+
+// bench holds what one run set up.
+type bench struct {
+	cfg      *config
+	dir      string
+	targets  []*target // direct, caddy-pop3, NGINX
+	caddy    *caddyProxy
+	nginx    *nginxProxy
+	users    []userCred // login and idle-session users
+	retrUser userCred
+	want     [32]byte
+	res      results
+}
+
+func run(cfg *config) (failed bool, err error) {
+	defer runCleanups()
+	for _, bin := range []string{cfg.caddyBin, cfg.nginxBin} {
+		if _, err := os.Stat(bin); err != nil {
+			return false, fmt.Errorf("%w (build Caddy with: go build -o bin/caddy ./cmd/caddy; install nginx with scripts/bench.sh)", err)
+		}
+	}
+	if _, err := os.Stat("/usr/lib/nginx/modules/ngx_mail_module.so"); err != nil {
+		return false, fmt.Errorf("NGINX's mail module is missing (apt-get install libnginx-mod-mail): %w", err)
+	}
+	caddyBin, err := filepath.Abs(cfg.caddyBin)
+	if err != nil {
+		return false, err
+	}
+	if err := os.MkdirAll(cfg.out, 0o755); err != nil {
+		return false, err
+	}
+	dir, err := os.MkdirTemp("/tmp", "pop3bench-")
+	if err != nil {
+		return false, err
+	}
+	if cfg.keep {
+		log.Printf("work directory (kept): %s", dir)
+	} else {
+		atExit(func() { os.RemoveAll(dir) })
+	}
+	// Dovecot's unprivileged users must traverse it.
+	if err := os.Chmod(dir, 0o755); err != nil {
+		return false, err
+	}
+
+	b := &bench{cfg: cfg, dir: dir, retrUser: userCred{"bench", "bench-password"}}
+	b.res.started = time.Now()
+	b.res.loadStart = loadAvg()
+	for i := 1; i <= 16; i++ {
+		b.users = append(b.users, userCred{fmt.Sprintf("user%02d", i), fmt.Sprintf("password-%02d", i)})
+	}
+
+	log.Printf("building a %d MiB message", cfg.sizeMiB)
+	msg := message(cfg.sizeMiB << 20)
+	b.want = sha256.Sum256(append(dotStuff(msg), ".\r\n"...))
+	b.res.retrBytes = len(dotStuff(msg)) + 3
+
+	maxSessions := 0
+	if cfg.phases["memory"] {
+		maxSessions = slices.Max(cfg.sessions)
+	}
+	log.Print("starting Dovecot")
+	dc, err := startDovecot(dir, msg, b.retrUser, b.users, maxSessions)
+	if err != nil {
+		return false, err
+	}
+	atExit(func() { _ = dc.Stop() })
+	msg = nil
+
+	auth, err := startAuthServer(dc.POP3Addr)
+	if err != nil {
+		return false, err
+	}
+	atExit(auth.Close)
+
+	authURL := ""
+	if cfg.caddyAuthHTTP {
+		authURL = "http://" + auth.addr + "/auth"
+	}
+	log.Print("starting Caddy")
+	b.caddy, err = newCaddyProxy(caddyBin, filepath.Join(dir, "caddy"), dc.POP3Addr, authURL, cfg.caddyLog)
+	if err != nil {
+		return false, err
+	}
+	atExit(b.caddy.stop)
+
+	log.Print("starting NGINX")
+	b.nginx, err = newNginxProxy(cfg.nginxBin, filepath.Join(dir, "nginx"), auth.addr, dc.CACertFile,
+		filepath.Join(filepath.Dir(dc.CACertFile), "key.pem"), cfg.nginxWorkers, cfg.nginxProxyBuffer, maxSessions)
+	if err != nil {
+		return false, err
+	}
+	atExit(b.nginx.stop)
+
+	// One client TLS configuration for all: Dovecot's self-signed
+	// certificate (also served by NGINX) and Caddy's local root.
+	pool := x509.NewCertPool()
+	for _, f := range []string{dc.CACertFile, b.caddy.rootCA()} {
+		pem, err := os.ReadFile(f)
+		if err != nil {
+			return false, err
+		}
+		if !pool.AppendCertsFromPEM(pem) {
+			return false, fmt.Errorf("%s: no certificate", f)
+		}
+	}
+	tlsConf := &tls.Config{RootCAs: pool, ServerName: "localhost"}
+	if !cfg.pq {
+		tlsConf.CurvePreferences = []tls.CurveID{tls.X25519, tls.CurveP256}
+	}
+	newTarget := func(name string, addrs [numModes]string, pids func() ([]int, error), restart func() error) *target {
+		t := &target{name: name, addrs: addrs, tlsConf: tlsConf, pids: pids, restart: restart}
+		for m := range t.caches {
+			t.caches[m] = tls.NewLRUClientSessionCache(64)
+		}
+		return t
+	}
+	b.targets = []*target{
+		newTarget(nameDirect, [numModes]string{modePlain: dc.POP3Addr, modeTLS: dc.POP3SAddr, modeSTLS: dc.POP3Addr}, nil, nil),
+		newTarget(nameCaddy, b.caddy.addrs, b.caddy.pids, b.caddy.restart),
+		newTarget(nameNginx, b.nginx.addrs, b.nginx.pids, b.nginx.restart),
+	}
+	b.res.versions = versions(caddyBin, cfg.nginxBin)
+	b.res.dovecotConf = dovecotExtra(maxSessions)
+	b.res.caddyfile = b.caddy.caddyfile(dc.POP3Addr, authURL, cfg.caddyLog)
+	ngConf, _ := os.ReadFile(filepath.Join(b.nginx.dir, "nginx.conf"))
+	b.res.nginxConf = string(ngConf)
+	soft, hard := fdLimit()
+	b.res.fdLimit = fmt.Sprintf("%d (soft) / %d (hard) for pop3bench; Caddy's: %s", soft, hard, procFDLimit(b.caddy.child.pid()))
+
+	if cfg.phases["retr"] {
+		if err := b.retrPhase(); err != nil {
+			return false, err
+		}
+	}
+	for m := modePlain; m < numModes; m++ {
+		if cfg.phases[m.short()] {
+			if err := b.loginPhase(m); err != nil {
+				return false, err
+			}
+		}
+	}
+	if cfg.pprof {
+		if err := b.profile(); err != nil {
+			log.Printf("pprof: %v", err)
+		}
+	}
+	if cfg.phases["memory"] {
+		if err := b.memoryPhase(); err != nil {
+			return false, err
+		}
+	}
+	b.res.finished = time.Now()
+	b.res.loadEnd = loadAvg()
+	return b.report()
+}
+
+// rotate returns the targets starting at offset r, so that no path always
+// runs first or last.
+func (b *bench) rotate(r int) []*target {
+	n := len(b.targets)
+	out := make([]*target, n)
+	for i := range out {
+		out[i] = b.targets[(i+r)%n]
+	}
+	return out
+}
+
+func (b *bench) retrPhase() error {
+	cfg := b.cfg
+	log.Printf("RETR: %d rounds of a %d MiB message through each path", cfg.rounds, cfg.sizeMiB)
+	b.res.retr = map[string]*retrAgg{}
+	for _, t := range b.targets {
+		b.res.retr[t.name] = &retrAgg{}
+	}
+	// The proxies' CPU is read once before and once after all rounds: they
+	// are idle while the other paths run, and one reading loses less to
+	// the 10 ms clock tick than one per RETR would.
+	cpuStart := map[string]uint64{}
+	for _, t := range b.targets {
+		if t.pids != nil {
+			ticks, err := t.cpu()
+			if err != nil {
+				return err
+			}
+			cpuStart[t.name] = ticks
+		}
+	}
+	for i := 0; i < cfg.rounds; i++ {
+		for _, t := range b.rotate(i) {
+			agg := b.res.retr[t.name]
+			n, d, err := retr(t, b.retrUser, b.want)
+			if err != nil {
+				return fmt.Errorf("RETR round %d via %s: %w", i+1, t.name, err)
+			}
+			agg.mbps = append(agg.mbps, float64(n)/1e6/d.Seconds())
+			agg.bytes += int64(n)
+		}
+	}
+	for _, t := range b.targets {
+		if t.pids != nil {
+			ticks, err := t.cpu()
+			if err != nil {
+				return err
+			}
+			b.res.retr[t.name].cpuTicks = ticks - cpuStart[t.name]
+		}
+	}
+	for _, t := range b.targets {
+		a := b.res.retr[t.name]
+		log.Printf("  %-15s median %8.1f MB/s", t.name, median(a.mbps))
+	}
 	return nil
 }
 
-// message builds a CRLF message with lines that need dot-stuffing, 8-bit
-// bytes and a 998-octet line.
-func message(size int) []byte {
-	var b bytes.Buffer
-	b.WriteString("From: bench@example.com\r\nSubject: bench\r\n\r\n")
-	for i := 0; b.Len() < size; i++ {
-		switch i % 4 {
-		case 0:
-			b.WriteString(".leading dot line\r\n")
-		case 1:
-			b.WriteString("8-bit \xe9\xff\x80 bytes\r\n")
-		case 2:
-			b.WriteString(strings.Repeat("x", 998) + "\r\n")
-		default:
-			b.WriteString("plain line of text for the benchmark\r\n")
+func (b *bench) loginPhase(m mode) (err error) {
+	cfg := b.cfg
+	what := fmt.Sprintf("%v", cfg.loginDur)
+	if cfg.loginCount > 0 {
+		what = fmt.Sprintf("%d sessions", cfg.loginCount)
+	}
+	log.Printf("logins, %v: %d rounds of %s per path, %d clients", m, cfg.loginRounds, what, cfg.conc)
+	if b.res.login == nil {
+		b.res.login = map[mode]map[string]*loginAgg{}
+	}
+	aggs := map[string]*loginAgg{}
+	b.res.login[m] = aggs
+	for _, t := range b.targets {
+		aggs[t.name] = &loginAgg{}
+		// Warm-up: processes, TLS session caches, connection pools.
+		r := runLoad(t, m, cfg.resume, cfg.conc, 0, 4*cfg.conc, b.users)
+		if r.errors > 0 {
+			return fmt.Errorf("logins %v via %s (warm-up): %d errors, first: %v", m, t.name, r.errors, r.firstErr)
 		}
 	}
-	return b.Bytes()
-}
-
-func dotStuff(msg []byte) []byte {
-	var out bytes.Buffer
-	for _, line := range bytes.SplitAfter(msg, []byte("\r\n")) {
-		if bytes.HasPrefix(line, []byte(".")) {
-			out.WriteByte('.')
-		}
-		out.Write(line)
-	}
-	return out.Bytes()
-}
-
-// retr logs in, fetches message 1 and returns MB/s of the RETR alone.
-func retr(addr string, want [32]byte) (float64, error) {
-	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
-	if err != nil {
-		return 0, err
-	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(2 * time.Minute))
-	r := bufio.NewReaderSize(c, 64*1024)
-	expect := func() error {
-		line, err := r.ReadString('\n')
-		if err != nil {
-			return err
-		}
-		if !strings.HasPrefix(line, "+OK") {
-			return fmt.Errorf("got %q", strings.TrimSpace(line))
-		}
-		return nil
-	}
-	if err := expect(); err != nil {
-		return 0, err
-	}
-	if _, err := io.WriteString(c, "USER bench\r\nPASS bench-password\r\n"); err != nil {
-		return 0, err
-	}
-	if err := expect(); err != nil {
-		return 0, err
-	}
-	if err := expect(); err != nil {
-		return 0, err
-	}
-	start := time.Now()
-	if _, err := io.WriteString(c, "RETR 1\r\n"); err != nil {
-		return 0, err
-	}
-	if err := expect(); err != nil {
-		return 0, err
-	}
-	h := sha256.New()
-	var n int
-	for {
-		line, err := r.ReadSlice('\n')
-		if err != nil && !errors.Is(err, bufio.ErrBufferFull) {
-			return 0, err
-		}
-		h.Write(line)
-		n += len(line)
-		if string(line) == ".\r\n" {
-			break
-		}
-	}
-	elapsed := time.Since(start)
-	if !bytes.Equal(h.Sum(nil), want[:]) {
-		return 0, errors.New("message differs from what was stored")
-	}
-	_, _ = io.WriteString(c, "QUIT\r\n")
-	return float64(n) / 1e6 / elapsed.Seconds(), nil
-}
-
-func startCaddy(bin, dir, listen, upstream string) (func(), error) {
-	conf := filepath.Join(dir, "Caddyfile")
-	cfg := fmt.Sprintf("{\n\tadmin off\n\tlayer4 {\n\t\t%s {\n\t\t\troute {\n\t\t\t\tpop3 %s {\n\t\t\t\t\tstarttls off\n\t\t\t\t}\n\t\t\t}\n\t\t}\n\t}\n}\n", listen, upstream)
-	if err := os.WriteFile(conf, []byte(cfg), 0o644); err != nil {
-		return nil, err
-	}
-	cmd := exec.Command(bin, "run", "--config", conf, "--adapter", "caddyfile")
-	cmd.Env = append(os.Environ(), "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir, "HOME="+dir)
-	var logs bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &logs, &logs
-	if err := cmd.Start(); err != nil {
-		return nil, err
-	}
-	stop := func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }
-	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
-		if c, err := net.Dial("tcp", listen); err == nil {
-			line, _ := bufio.NewReader(c).ReadString('\n')
-			c.Close()
-			if strings.HasPrefix(line, "+OK") {
-				return stop, nil
+	for i := 0; i < cfg.loginRounds; i++ {
+		for _, t := range b.rotate(i) {
+			a := aggs[t.name]
+			var cpu0 uint64
+			if t.pids != nil {
+				if cpu0, err = t.cpu(); err != nil {
+					return err
+				}
+			}
+			r := runLoad(t, m, cfg.resume, cfg.conc, cfg.loginDur, cfg.loginCount, b.users)
+			if t.pids != nil {
+				cpu1, err := t.cpu()
+				if err != nil {
+					return err
+				}
+				a.cpuTicks += cpu1 - cpu0
+			}
+			a.rates = append(a.rates, r.rate())
+			a.lat = append(a.lat, r.lat...)
+			a.sessions += r.sessions
+			a.errors += r.errors
+			a.resumed += r.resumed
+			if a.firstErr == nil {
+				a.firstErr = r.firstErr
+			}
+			if r.tls != "" {
+				a.tls = r.tls
 			}
 		}
 	}
-	stop()
-	return nil, fmt.Errorf("caddy did not start:\n%s", logs.String())
-}
-
-func freeAddr() (string, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
+	for _, t := range b.targets {
+		a := aggs[t.name]
+		a.sortLat()
+		cpu := ""
+		if t.pids != nil {
+			cpu = fmt.Sprintf(", proxy CPU %.2f ms/session", a.cpuPerSession())
+		}
+		log.Printf("  %-15s median %8.0f sessions/s, p50 %6.2f ms, p99 %6.2f ms, %d errors%s", t.name, median(a.rates), ms(percentile(a.lat, 50)), ms(percentile(a.lat, 99)), a.errors, cpu)
 	}
-	defer ln.Close()
-	return ln.Addr().String(), nil
+	return nil
 }
 
-func median(v []float64) float64 {
-	s := append([]float64(nil), v...)
-	sort.Float64s(s)
-	return s[len(s)/2]
+func (b *bench) memoryPhase() error {
+	cfg := b.cfg
+	for _, n := range cfg.sessions {
+		for _, t := range b.targets {
+			if t.pids == nil {
+				continue
+			}
+			log.Printf("memory: %d idle sessions through %s", n, t.name)
+			mr, err := b.measureIdle(t, n)
+			if err != nil {
+				return err
+			}
+			b.res.memory = append(b.res.memory, mr)
+			if mr.errors > 0 {
+				log.Printf("  %d errors, first: %v", mr.errors, mr.firstErr)
+			} else {
+				so, pi := mr.fdsPerSession()
+				log.Printf("  RSS %d -> %d KiB: %.1f KiB per session; per session %.2f sockets and %.2f pipe ends", mr.before, mr.after, mr.perSession(), so, pi)
+			}
+		}
+	}
+	return nil
+}
+
+// measureIdle restarts the proxy (so earlier phases leave no reusable heap
+// behind), warms it up, reads its RSS, opens n logged-in idle sessions,
+// waits, reads the RSS again and checks every session with NOOP.
+func (b *bench) measureIdle(t *target, n int) (*memResult, error) {
+	cfg := b.cfg
+	mr := &memResult{n: n, proxy: t.name}
+	if err := t.restart(); err != nil {
+		return nil, fmt.Errorf("restarting %s: %w", t.name, err)
+	}
+	pids, err := t.pids()
+	if err != nil {
+		return nil, err
+	}
+	if mr.fdsFresh, err = openFDs(pids); err != nil {
+		return nil, err
+	}
+	if r := runLoad(t, modePlain, false, cfg.conc, 0, 200, b.users); r.errors > 0 {
+		return nil, fmt.Errorf("%s warm-up: %d errors, first: %v", t.name, r.errors, r.firstErr)
+	}
+	warm, _, err := openIdle(t, min(100, n), cfg.openConc, b.users)
+	if err != nil {
+		return nil, fmt.Errorf("%s warm-up: %w", t.name, err)
+	}
+	closeAll(warm, cfg.openConc)
+	time.Sleep(cfg.settle)
+	if pids, err = t.pids(); err != nil {
+		return nil, err
+	}
+	mr.fdLimit = procFDLimit(pids[len(pids)-1])
+	if mr.before, err = rssKiB(pids); err != nil {
+		return nil, err
+	}
+	if t.name == nameCaddy {
+		mr.goroutinesBefore, _ = b.caddy.goroutines()
+		mr.stackBefore, _ = b.caddy.goStack()
+	}
+
+	start := time.Now()
+	conns, errs, firstErr := openIdle(t, n, cfg.openConc, b.users)
+	mr.openTime = time.Since(start)
+	mr.errors, mr.firstErr = errs, firstErr
+	defer closeAll(conns, cfg.openConc)
+	time.Sleep(cfg.settle)
+	if pids, err = t.pids(); err != nil {
+		return nil, err
+	}
+	if mr.after, err = rssKiB(pids); err != nil {
+		return nil, err
+	}
+	mr.fdsAfter, _ = openFDs(pids)
+	if t.name == nameCaddy {
+		mr.goroutinesAfter, _ = b.caddy.goroutines()
+		mr.stackAfter, _ = b.caddy.goStack()
+		if cfg.pprof && n == slices.Max(cfg.sessions) {
+			b.saveProfile(fmt.Sprintf("caddy-heap-%d-idle.pb.gz", n), "/debug/pprof/heap", 30*time.Second)
+		}
+	}
+	if e, err := checkIdle(conns, cfg.openConc); e > 0 {
+		mr.errors += e
+		if mr.firstErr == nil {
+			mr.firstErr = err
+		}
+	}
+	mr.open = len(conns)
+	return mr, nil
+}
+
+// profile records CPU profiles of Caddy (admin endpoint /debug/pprof) under
+// each kind of load, after the measured rounds so as not to disturb them.
+func (b *bench) profile() error {
+	cfg := b.cfg
+	caddy := b.targets[1]
+	secs := cfg.pprofSeconds
+	dur := time.Duration(secs) * time.Second
+	for m := modePlain; m < numModes; m++ {
+		log.Printf("pprof: %ds CPU profile of Caddy under %v logins", secs, m)
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			runLoad(caddy, m, cfg.resume, cfg.conc, dur+time.Second, 0, b.users)
+		}()
+		time.Sleep(500 * time.Millisecond)
+		b.saveProfile(fmt.Sprintf("caddy-cpu-login-%s.pb.gz", m.short()), fmt.Sprintf("/debug/pprof/profile?seconds=%d", secs), dur+30*time.Second)
+		<-done
+	}
+	log.Printf("pprof: %ds CPU profile of Caddy during RETRs", secs)
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if _, _, err := retr(caddy, b.retrUser, b.want); err != nil {
+				log.Printf("pprof RETR: %v", err)
+				return
+			}
+		}
+	}()
+	b.saveProfile("caddy-cpu-retr.pb.gz", fmt.Sprintf("/debug/pprof/profile?seconds=%d", secs), dur+30*time.Second)
+	close(stop)
+	<-done
+	return nil
+}
+
+func (b *bench) saveProfile(name, path string, timeout time.Duration) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	data, err := b.caddy.adminGet(ctx, path)
+	if err != nil {
+		log.Printf("pprof %s: %v", path, err)
+		return
+	}
+	dir := filepath.Join(b.cfg.out, "pprof")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		log.Printf("pprof: %v", err)
+		return
+	}
+	file := filepath.Join(dir, name)
+	if err := os.WriteFile(file, data, 0o644); err != nil {
+		log.Printf("pprof: %v", err)
+		return
+	}
+	b.res.profiles = append(b.res.profiles, file)
 }

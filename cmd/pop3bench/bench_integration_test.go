@@ -1,0 +1,68 @@
+//go:build integration
+
+package main
+
+import (
+	"image/png"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// TestQuick runs `pop3bench -quick` end to end: it builds Caddy, starts
+// Dovecot, Caddy and NGINX, and checks that every phase ran without an
+// error and that the report and the chart were written. Skipped without
+// NGINX's mail module (scripts/bench.sh installs it).
+func TestQuick(t *testing.T) {
+	if testing.Short() {
+		t.Skip("-short")
+	}
+	if _, err := os.Stat("/usr/lib/nginx/modules/ngx_mail_module.so"); err != nil {
+		t.Skip("NGINX's mail module is not installed (scripts/bench.sh installs it)")
+	}
+	dir := t.TempDir()
+	caddy := filepath.Join(dir, "caddy")
+	build := exec.Command("go", "build", "-o", caddy, "github.com/caddy-pop3/caddy-pop3/cmd/caddy")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("building Caddy: %v\n%s", err, out)
+	}
+	out := filepath.Join(dir, "out")
+	cfg, err := parseFlags([]string{"-quick", "-caddy", caddy, "-out", out, "-sessions", "100", "-pprof", "-pprof-seconds", "1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	failed, err := run(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if failed {
+		t.Error("some sessions failed: see the tables above")
+	}
+	md, err := os.ReadFile(filepath.Join(out, "results.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"## RETR throughput", "## Proxy CPU per GB relayed", "| TLS (995) | caddy-pop3 |", "| STLS | NGINX |", "| 100 | caddy-pop3 |", "| 100 | NGINX |"} {
+		if !strings.Contains(string(md), want) {
+			t.Errorf("results.md lacks %q", want)
+		}
+	}
+	f, err := os.Open(filepath.Join(out, "login-latency.png"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	img, err := png.Decode(f)
+	if err != nil {
+		t.Fatalf("login-latency.png: %v", err)
+	}
+	if b := img.Bounds(); b.Dx() < 1000 || b.Dy() < 400 {
+		t.Errorf("login-latency.png is %v", b)
+	}
+	profiles, _ := filepath.Glob(filepath.Join(out, "pprof", "*.pb.gz"))
+	if len(profiles) != 5 {
+		t.Errorf("profiles: %q, want 4 CPU and 1 heap", profiles)
+	}
+}

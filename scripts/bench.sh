@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# bench.sh: caddy-pop3 against Dovecot directly and NGINX's mail proxy, in
+# one run (cmd/pop3bench). On a fresh Debian machine (root or sudo) it
+# installs NGINX with its mail module and Dovecot with apt, without letting
+# their system services start, builds bin/caddy and bin/pop3bench, raises
+# the open files limit and runs the benchmark. Results: bench/results.md and
+# bench/login-latency.png (bench/pop3bench.log has the whole output).
+#
+#   scripts/bench.sh              # the full run, a few minutes
+#   scripts/bench.sh -quick       # smoke run, under a minute
+#   scripts/bench.sh -pprof       # also CPU and heap profiles of Caddy
+#
+# Arguments go to pop3bench (see go run ./cmd/pop3bench -h); BENCH_OUT
+# changes the output directory (default bench). Measure on a quiet
+# machine: every server and the client share its CPUs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf 'bench: %s\n' "$*"; }
+fail() {
+	printf 'bench: %s\n' "$*" >&2
+	exit 1
+}
+
+command -v go >/dev/null || PATH=$PATH:/usr/local/go/bin
+command -v go >/dev/null || fail "go is not installed (https://go.dev/dl/)"
+
+SUDO=()
+if [ "$(id -u)" -ne 0 ]; then
+	SUDO=(sudo)
+fi
+
+have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+
+# service_active NAME: the system service is running.
+service_active() {
+	if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+		systemctl is-active --quiet "$1" 2>/dev/null
+	elif command -v service >/dev/null; then
+		service "$1" status >/dev/null 2>&1
+	else
+		return 1
+	fi
+}
+
+# stop_service NAME: stop it now and keep it from starting at boot.
+stop_service() {
+	if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+		"${SUDO[@]}" systemctl stop "$1" >/dev/null 2>&1 || true
+		"${SUDO[@]}" systemctl disable "$1" >/dev/null 2>&1 || true
+	elif command -v service >/dev/null; then
+		"${SUDO[@]}" service "$1" stop >/dev/null 2>&1 || true
+		if command -v update-rc.d >/dev/null; then
+			"${SUDO[@]}" update-rc.d "$1" disable >/dev/null 2>&1 || true
+		fi
+	fi
+}
+
+missing=()
+for pkg in nginx libnginx-mod-mail dovecot-core dovecot-pop3d; do
+	have_pkg "$pkg" || missing+=("$pkg")
+done
+
+if [ "${#missing[@]}" -gt 0 ]; then
+	command -v apt-get >/dev/null || fail "missing ${missing[*]}, and there is no apt-get: install them by hand"
+	# Services that run now are someone else's: they are left alone.
+	was_active=()
+	for svc in nginx dovecot; do
+		service_active "$svc" && was_active+=("$svc")
+	done
+
+	# A policy-rc.d that exits 101 keeps the packages from starting their
+	# services (Debian policy, invoke-rc.d); an existing one is left alone.
+	policy=/usr/sbin/policy-rc.d
+	own_policy=0
+	if [ ! -e "$policy" ]; then
+		log "adding a temporary $policy so that no service starts"
+		printf '#!/bin/sh\nexit 101\n' | "${SUDO[@]}" tee "$policy" >/dev/null
+		"${SUDO[@]}" chmod 755 "$policy"
+		own_policy=1
+	fi
+	remove_policy() {
+		if [ "$own_policy" -eq 1 ]; then
+			"${SUDO[@]}" rm -f "$policy"
+			own_policy=0
+			log "removed $policy"
+		fi
+	}
+	trap remove_policy EXIT
+
+	log "installing ${missing[*]}"
+	"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+	"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+	remove_policy
+	trap - EXIT
+
+	# The benchmark runs private instances; the system services it just
+	# installed must neither run nor start at boot.
+	for svc in nginx dovecot; do
+		if [[ " ${was_active[*]} " != *" $svc "* ]]; then
+			stop_service "$svc"
+			if service_active "$svc"; then
+				fail "the system $svc service is still running; stop it and run again"
+			fi
+		fi
+	done
+fi
+for svc in nginx dovecot; do
+	if service_active "$svc"; then
+		log "note: a system $svc service is running (left alone); it shares the CPUs with the benchmark"
+	fi
+done
+[ -e /usr/lib/nginx/modules/ngx_mail_module.so ] || fail "/usr/lib/nginx/modules/ngx_mail_module.so is missing (libnginx-mod-mail)"
+log "$(/usr/sbin/nginx -v 2>&1), dovecot $(/usr/sbin/dovecot --version)"
+
+log "building bin/caddy and bin/pop3bench"
+go build -o bin/caddy ./cmd/caddy
+go build -o bin/pop3bench ./cmd/pop3bench
+
+# Open files: every idle session holds sockets (and, in caddy-pop3, splice
+# pipes) in the proxy. Raise the hard limit where allowed (root), else use
+# what the hard limit gives.
+want=1048576
+hard=$(ulimit -Hn)
+if [ "$hard" != unlimited ] && [ "$hard" -lt "$want" ]; then
+	ulimit -Hn "$want" 2>/dev/null || true
+fi
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+nofile=$(ulimit -n)
+log "open files limit: $nofile"
+if [ "$nofile" != unlimited ] && [ "$nofile" -lt 65536 ]; then
+	log "warning: 10,000 idle sessions through caddy-pop3 need about 60,000 descriptors (2 sockets and 4 pipe ends each); raise the hard limit (e.g. LimitNOFILE, /etc/security/limits.conf) or pass -sessions 1000"
+fi
+
+read -r load1 _ </proc/loadavg
+log "load average: $load1 on $(nproc) CPUs (measure on a quiet machine)"
+
+out=${BENCH_OUT:-bench}
+mkdir -p "$out"
+log "running bin/pop3bench -caddy bin/caddy -out $out $*"
+set +e
+bin/pop3bench -caddy bin/caddy -out "$out" "$@" 2>&1 | tee "$out/pop3bench.log"
+status=${PIPESTATUS[0]}
+set -e
+if [ "$status" -ne 0 ]; then
+	fail "pop3bench failed (exit $status); see $out/pop3bench.log"
+fi
+log "results: $out/results.md, $out/login-latency.png"
