@@ -130,7 +130,11 @@ func (r *relayState) copy(dst, src net.Conn, stop *atomic.Bool, moved *atomic.In
 		var n int64
 		var err error
 		if splice {
-			n, err = dstTCP.ReadFrom(lr)
+			var queued int64
+			if queued, err = waitReadable(src); err == nil {
+				lr.N = min(max(queued, 1), relayChunk) // 1 at EOF: splice then reports it
+				n, err = dstTCP.ReadFrom(lr)
+			}
 		} else {
 			n, err = io.CopyBuffer(writerOnly{dst}, lr, *buf)
 		}

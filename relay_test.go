@@ -3,6 +3,8 @@ package pop3
 import (
 	"crypto/sha256"
 	"io"
+	"os"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -122,4 +124,51 @@ func TestRelayHalfClose(t *testing.T) {
 
 func closeWriteConn(c any) error {
 	return c.(interface{ CloseWrite() error }).CloseWrite()
+}
+
+// TestIdleRelayHoldsNoPipes checks that an idle relay keeps only its two
+// sockets: splice's pipes are taken only while data moves.
+func TestIdleRelayHoldsNoPipes(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("splice is Linux only")
+	}
+	// countFDs counts this process's sockets and pipes, after letting the
+	// GC close the pipes Go keeps pooled between splices.
+	countFDs := func() (sockets, pipes int) {
+		runtime.GC()
+		runtime.GC()
+		time.Sleep(50 * time.Millisecond)
+		entries, err := os.ReadDir("/proc/self/fd")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range entries {
+			target, _ := os.Readlink("/proc/self/fd/" + e.Name())
+			switch {
+			case strings.HasPrefix(target, "socket:"):
+				sockets++
+			case strings.HasPrefix(target, "pipe:"):
+				pipes++
+			}
+		}
+		return sockets, pipes
+	}
+	_, addr := fakeUpstream(t, nil)
+	h, logs := newTestHandler(t, addr, nil)
+	socketsBefore, pipesBefore := countFDs()
+	ts := startSession(t, h, logs, true)
+	ts.send("USER alice", "PASS secret-pw", "STAT")
+	ts.expect("+OK")
+	ts.expect("+OK Logged in.")
+	ts.expect("+OK 1 ")
+	time.Sleep(100 * time.Millisecond) // both directions are idle now
+	sockets, pipes := countFDs()
+	// 4 sockets: client and server end of the client leg, the proxy's
+	// upstream connection and the fake upstream's end of it.
+	if sockets-socketsBefore != 4 || pipes != pipesBefore {
+		t.Errorf("an idle relayed session holds %d sockets and %d pipe ends, want 4 and 0", sockets-socketsBefore, pipes-pipesBefore)
+	}
+	ts.send("QUIT")
+	ts.expect("+OK bye")
+	ts.closed()
 }
