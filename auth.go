@@ -361,15 +361,17 @@ func (s *session) loginDone(req loginRequest, up *upstreamClient, text string, s
 	s.shared.user, s.shared.upstream, s.shared.relaying = req.creds.Username, up.address, true
 	s.shared.wireIn, s.shared.wireOut, s.shared.wireOK = wireBytes(s.raw)
 	s.shared.mu.Unlock()
-	metrics.login(req.method, "ok", now().Sub(started).Seconds())
+	s.loginTook = now().Sub(started)
+	metrics.login(req.method, "ok", s.loginTook.Seconds())
 	s.h.emit("pop3_login", map[string]any{"session": s.id, "remote": s.remote, "user": req.creds.Username, "method": req.method, "upstream": up.address})
 	penalties.succeed(s.clientIP())
-	s.logger.Info("login",
+	// The INFO line for the login is the session line at the end.
+	s.debug("login",
 		zap.String("user", req.creds.Username),
 		zap.String("method", req.method),
 		zap.String("upstream", up.address),
 		zap.Int("attempt", req.attempt),
-		zap.Duration("duration", now().Sub(started)))
+		zap.Duration("duration", s.loginTook))
 	return s.writeLine("+OK " + text)
 }
 

@@ -15,6 +15,8 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 	"github.com/pires/go-proxyproto"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/caddy-pop3/caddy-pop3/internal/pop3test"
 )
@@ -155,7 +157,7 @@ func chooseIndex(h *Handler, u *poolUpstream) int {
 // upstream.
 func loginAndStat(t *testing.T, h *Handler, user string) string {
 	t.Helper()
-	_, logs := newTestHandler(t, "127.0.0.1:1", nil)
+	_, logs := observer.New(zap.DebugLevel)
 	ts := startSession(t, h, logs, false)
 	ts.send("USER "+user, "PASS secret-pw", "STAT", "QUIT")
 	ts.expect("+OK")
@@ -360,5 +362,16 @@ func TestBareTLSStillMeansTLS(t *testing.T) {
 		if h.pool.upstreams[0].tlsConfig == nil {
 			t.Errorf("starttls %v: an empty tls block turned TLS off", stls)
 		}
+	}
+}
+
+func TestUpstreamCAPAIsCached(t *testing.T) {
+	up, addr := fakeUpstream(t, nil)
+	h, _ := newTestHandler(t, addr, nil)
+	for i := 0; i < 3; i++ {
+		loginAndStat(t, h, "alice")
+	}
+	if n := strings.Count(strings.Join(up.Lines(), "\n"), "CAPA"); n != 1 {
+		t.Errorf("upstream was asked CAPA %d times in three logins, want once", n)
 	}
 }

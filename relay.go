@@ -133,7 +133,13 @@ func (r *relayState) copy(dst, src net.Conn, stop *atomic.Bool, moved *atomic.In
 			var queued int64
 			if queued, err = waitReadable(src); err == nil {
 				lr.N = min(max(queued, 1), relayChunk) // 1 at EOF: splice then reports it
-				n, err = dstTCP.ReadFrom(lr)
+				if queued < smallCopy {
+					// A command or a short reply: read and write cost two
+					// syscalls where splice costs a pipe and four.
+					n, err = copySmall(dst, lr)
+				} else {
+					n, err = dstTCP.ReadFrom(lr)
+				}
 			}
 		} else {
 			n, err = io.CopyBuffer(writerOnly{dst}, lr, *buf)
@@ -159,6 +165,16 @@ func (r *relayState) copy(dst, src net.Conn, stop *atomic.Bool, moved *atomic.In
 			return err
 		}
 	}
+}
+
+// smallCopy is the most a relay step copies through user space when it
+// could splice.
+const smallCopy = 16 * 1024
+
+func copySmall(dst io.Writer, src *io.LimitedReader) (int64, error) {
+	buf := relayBuffers.Get().(*[]byte)
+	defer relayBuffers.Put(buf)
+	return io.CopyBuffer(writerOnly{dst}, src, (*buf)[:smallCopy])
 }
 
 // isWriteTimeout tells a stuck writer (the peer stopped reading) from an

@@ -51,6 +51,7 @@ type session struct {
 	early     *upstreamClient // dialled at accept to relay its APOP timestamp and CRAM-MD5 challenge
 	upstream  *upstreamClient // logged in
 	attempts  int             // login attempts, for auth_http's Auth-Login-Attempt
+	loginTook time.Duration   // from the credentials to the upstream's +OK
 	id        string          // in every log line and in -ERR replies with a code
 	remote    string          // client address
 	raw       net.Conn        // the accepted connection under any TLS, for kick
@@ -354,7 +355,7 @@ func (s *session) logEnd() {
 		zap.Duration("duration", now().Sub(s.start)),
 	}
 	if s.loginUser != "" {
-		fields = append(fields, zap.String("user", s.loginUser), zap.String("method", s.method))
+		fields = append(fields, zap.String("user", s.loginUser), zap.String("method", s.method), zap.Duration("login_duration", s.loginTook))
 	}
 	if s.upstream != nil {
 		fields = append(fields, zap.String("upstream", s.upstream.address))

@@ -49,6 +49,7 @@ func newTestHandler(t *testing.T, upstream string, mod func(*Handler)) (*Handler
 	}
 	core, logs := observer.New(zap.DebugLevel)
 	h.logger = zap.New(core)
+	capas = &capaCache{m: make(map[capaKey]capaEntry)} // a recycled port may hold another fake
 	if err := h.setup(); err != nil {
 		t.Fatalf("setup: %v", err)
 	}

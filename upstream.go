@@ -172,8 +172,58 @@ func (c *upstreamClient) setup(ctx context.Context, o upstreamOptions, client di
 	if o.skipCAPA {
 		return nil
 	}
-	c.mechs, err = c.capa()
+	key := capaKey{address: c.address, tls: o.tls != nil}
+	if mechs, ok := capas.get(key); ok {
+		c.mechs = mechs
+		return nil
+	}
+	if c.mechs, err = c.capa(); err == nil {
+		capas.put(key, c.mechs)
+	}
 	return err
+}
+
+// capas remembers each upstream's SASL mechanisms for a minute, so that a
+// login costs no CAPA round trip (NGINX asks none at all).
+var capas = &capaCache{m: make(map[capaKey]capaEntry)}
+
+const (
+	capaTTL        = time.Minute
+	capaCacheLimit = 4096 // addresses from an auth server are not bounded by the config
+)
+
+type capaKey struct {
+	address string
+	tls     bool
+}
+
+type capaEntry struct {
+	mechs map[string]bool
+	at    time.Time
+}
+
+type capaCache struct {
+	mu sync.Mutex
+	m  map[capaKey]capaEntry
+}
+
+func (c *capaCache) get(k capaKey) (map[string]bool, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, ok := c.m[k]
+	if !ok || now().Sub(e.at) > capaTTL {
+		return nil, false
+	}
+	return e.mechs, true
+}
+
+func (c *capaCache) put(k capaKey, mechs map[string]bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.m) >= capaCacheLimit {
+		clear(c.m)
+	}
+	c.m[k] = capaEntry{mechs: mechs, at: now()}
 }
 
 // startTLS wraps the connection in TLS as a client, verifying the upstream's
