@@ -110,12 +110,14 @@ func (r *relayState) touch() { r.lastActive.Store(now().UnixNano()) }
 // the last byte moved either way, even while splice hides the traffic.
 func (r *relayState) copy(dst, src net.Conn, stop *atomic.Bool, moved *atomic.Int64) error {
 	check := max(r.idle/4, 10*time.Millisecond)
-	dstTCP, splice := dst.(*net.TCPConn)
-	if _, ok := src.(*net.TCPConn); !ok {
-		splice = false
-	}
+	dstTCP, dstOK := dst.(*net.TCPConn)
+	srcTCP, srcOK := src.(*net.TCPConn)
+	splice := dstOK && srcOK
 	var buf *[]byte
-	if !splice {
+	var head []byte // on the heap: on the stack it would double an idle session's stack
+	if splice {
+		head = make([]byte, spliceHead)
+	} else {
 		buf = relayBuffers.Get().(*[]byte)
 		defer relayBuffers.Put(buf)
 	}
@@ -126,23 +128,18 @@ func (r *relayState) copy(dst, src net.Conn, stop *atomic.Bool, moved *atomic.In
 		t := now()
 		_ = src.SetReadDeadline(t.Add(check))
 		_ = dst.SetWriteDeadline(t.Add(r.idle))
-		lr := &io.LimitedReader{R: src, N: relayChunk}
 		var n int64
 		var err error
+		eof := false
 		if splice {
-			var queued int64
-			if queued, err = waitReadable(src); err == nil {
-				lr.N = min(max(queued, 1), relayChunk) // 1 at EOF: splice then reports it
-				if queued < smallCopy {
-					// A command or a short reply: read and write cost two
-					// syscalls where splice costs a pipe and four.
-					n, err = copySmall(dst, lr)
-				} else {
-					n, err = dstTCP.ReadFrom(lr)
-				}
+			n, err = spliceStep(dstTCP, srcTCP, head)
+			if err == io.EOF {
+				eof, err = true, nil
 			}
 		} else {
+			lr := &io.LimitedReader{R: src, N: relayChunk}
 			n, err = io.CopyBuffer(writerOnly{dst}, lr, *buf)
+			eof = err == nil && lr.N > 0
 		}
 		if n > 0 {
 			moved.Add(n)
@@ -150,8 +147,8 @@ func (r *relayState) copy(dst, src net.Conn, stop *atomic.Bool, moved *atomic.In
 		}
 		var ne net.Error
 		switch {
-		case err == nil && lr.N > 0:
-			return nil // EOF
+		case eof:
+			return nil
 		case err == nil:
 			continue // a whole chunk moved
 		case errors.As(err, &ne) && ne.Timeout() && !isWriteTimeout(err):
@@ -167,14 +164,30 @@ func (r *relayState) copy(dst, src net.Conn, stop *atomic.Bool, moved *atomic.In
 	}
 }
 
-// smallCopy is the most a relay step copies through user space when it
-// could splice.
-const smallCopy = 16 * 1024
+// spliceHead is how much a relay step reads before it splices the rest:
+// enough for a command or a short reply.
+const spliceHead = 256
 
-func copySmall(dst io.Writer, src *io.LimitedReader) (int64, error) {
-	buf := relayBuffers.Get().(*[]byte)
-	defer relayBuffers.Put(buf)
-	return io.CopyBuffer(writerOnly{dst}, src, (*buf)[:smallCopy])
+// spliceStep moves what src has now: a short message by read and write (as
+// NGINX does), more by splice(2) of exactly what is queued. Waiting happens
+// in the read, which holds neither a pipe nor a pooled buffer, so an idle
+// session keeps two descriptors and no buffers.
+func spliceStep(dst, src *net.TCPConn, head []byte) (int64, error) {
+	m, err := src.Read(head)
+	if m > 0 {
+		if _, werr := dst.Write(head[:m]); werr != nil {
+			return int64(m), werr
+		}
+	}
+	if err != nil || m < len(head) {
+		return int64(m), err
+	}
+	queued := queuedBytes(src)
+	if queued == 0 {
+		return int64(m), nil
+	}
+	k, err := dst.ReadFrom(&io.LimitedReader{R: src, N: min(queued, relayChunk)})
+	return int64(m) + k, err
 }
 
 // isWriteTimeout tells a stuck writer (the peer stopped reading) from an

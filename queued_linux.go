@@ -1,0 +1,22 @@
+package pop3
+
+import (
+	"net"
+
+	"golang.org/x/sys/unix"
+)
+
+// queuedBytes returns how many bytes wait in c's receive queue (SIOCINQ), so
+// that splice(2) is asked for no more than is there: Go's splice holds a
+// pipe until it has moved all it was asked for.
+func queuedBytes(c *net.TCPConn) int64 {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	queued := 0
+	_ = rc.Control(func(fd uintptr) {
+		queued, _ = unix.IoctlGetInt(int(fd), unix.SIOCINQ)
+	})
+	return int64(queued)
+}
