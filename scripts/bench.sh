@@ -30,8 +30,6 @@ if [ "$(id -u)" -ne 0 ]; then
 	SUDO=(sudo)
 fi
 
-have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
-
 # service_active NAME: the system service is running.
 service_active() {
 	if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
@@ -56,55 +54,20 @@ stop_service() {
 	fi
 }
 
-missing=()
-for pkg in nginx libnginx-mod-mail dovecot-core dovecot-pop3d; do
-	have_pkg "$pkg" || missing+=("$pkg")
+# Services that run now are someone else's: they are left alone. The ones
+# the install below brings must neither run nor start at boot: the
+# benchmark runs private instances.
+was_active=()
+for svc in nginx dovecot; do
+	service_active "$svc" && was_active+=("$svc")
 done
-
-if [ "${#missing[@]}" -gt 0 ]; then
-	command -v apt-get >/dev/null || fail "missing ${missing[*]}, and there is no apt-get: install them by hand"
-	# Services that run now are someone else's: they are left alone.
-	was_active=()
-	for svc in nginx dovecot; do
-		service_active "$svc" && was_active+=("$svc")
-	done
-
-	# A policy-rc.d that exits 101 keeps the packages from starting their
-	# services (Debian policy, invoke-rc.d); an existing one is left alone.
-	policy=/usr/sbin/policy-rc.d
-	own_policy=0
-	if [ ! -e "$policy" ]; then
-		log "adding a temporary $policy so that no service starts"
-		printf '#!/bin/sh\nexit 101\n' | "${SUDO[@]}" tee "$policy" >/dev/null
-		"${SUDO[@]}" chmod 755 "$policy"
-		own_policy=1
+scripts/install-deps.sh nginx libnginx-mod-mail
+for svc in nginx dovecot; do
+	if [[ " ${was_active[*]} " != *" $svc "* ]] && service_active "$svc"; then
+		stop_service "$svc"
+		service_active "$svc" && fail "the system $svc service is still running; stop it and run again"
 	fi
-	remove_policy() {
-		if [ "$own_policy" -eq 1 ]; then
-			"${SUDO[@]}" rm -f "$policy"
-			own_policy=0
-			log "removed $policy"
-		fi
-	}
-	trap remove_policy EXIT
-
-	log "installing ${missing[*]}"
-	"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-	"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-	remove_policy
-	trap - EXIT
-
-	# The benchmark runs private instances; the system services it just
-	# installed must neither run nor start at boot.
-	for svc in nginx dovecot; do
-		if [[ " ${was_active[*]} " != *" $svc "* ]]; then
-			stop_service "$svc"
-			if service_active "$svc"; then
-				fail "the system $svc service is still running; stop it and run again"
-			fi
-		fi
-	done
-fi
+done
 for svc in nginx dovecot; do
 	if service_active "$svc"; then
 		log "note: a system $svc service is running (left alone); it shares the CPUs with the benchmark"
