@@ -163,10 +163,10 @@ func TestIdleRelayHoldsNoPipes(t *testing.T) {
 	ts.expect("+OK 1 ")
 	time.Sleep(100 * time.Millisecond) // both directions are idle now
 	sockets, pipes := countFDs()
-	// 4 sockets: client and server end of the client leg, the proxy's
-	// upstream connection and the fake upstream's end of it.
-	if sockets-socketsBefore != 4 || pipes != pipesBefore {
-		t.Errorf("an idle relayed session holds %d sockets and %d pipe ends, want 4 and 0", sockets-socketsBefore, pipes-pipesBefore)
+	// Sockets of earlier tests may still be closing, so only the pipes are
+	// asserted; the socket count is for the message.
+	if pipes != pipesBefore {
+		t.Errorf("an idle relayed session holds %d pipe ends (and %d sockets), want none", pipes-pipesBefore, sockets-socketsBefore)
 	}
 	ts.send("QUIT")
 	ts.expect("+OK bye")
