@@ -307,13 +307,11 @@ func retr(t *target, u userCred, want [32]byte) (int, time.Duration, error) {
 // would otherwise keep every remaining session waiting for its deadline.
 const maxOpenErrors = 10
 
-// openIdle opens n logged-in sessions to t (plain), conc at a time, and
-// returns them; on errors it returns what it opened, the number of sessions
-// not opened and the first error.
-func openIdle(t *target, n, conc int, users []userCred) ([]*popConn, int, error) {
-	conns := make([]*popConn, n)
-	var next atomic.Int64
-	var errs atomic.Int64
+// forEach runs do(0) ... do(n-1), conc at a time, and returns how many
+// calls failed and the first error. It hands out no more work once maxErrs
+// calls have failed (0: no limit).
+func forEach(n, conc int, maxErrs int64, do func(i int) error) (int, error) {
+	var next, errs atomic.Int64
 	var firstErr atomic.Pointer[error]
 	var wg sync.WaitGroup
 	for w := 0; w < conc; w++ {
@@ -321,65 +319,15 @@ func openIdle(t *target, n, conc int, users []userCred) ([]*popConn, int, error)
 		go func() {
 			defer wg.Done()
 			for {
-				if errs.Load() >= maxOpenErrors {
+				if maxErrs > 0 && errs.Load() >= maxErrs {
 					return
 				}
 				i := int(next.Add(1) - 1)
 				if i >= n {
 					return
 				}
-				u := users[i%len(users)]
-				pc, err := dialPOP3(t, modePlain, false, time.Now().Add(15*time.Second))
-				if err == nil {
-					if err = pc.login(u.name, u.pass); err != nil {
-						_ = pc.Close()
-					}
-				}
-				if err != nil {
+				if err := do(i); err != nil {
 					errs.Add(1)
-					err = fmt.Errorf("session %d: %w", i, err)
-					firstErr.CompareAndSwap(nil, &err)
-					continue
-				}
-				_ = pc.c.SetDeadline(time.Time{})
-				conns[i] = pc
-			}
-		}()
-	}
-	wg.Wait()
-	var open []*popConn
-	for _, c := range conns {
-		if c != nil {
-			open = append(open, c)
-		}
-	}
-	var err error
-	if p := firstErr.Load(); p != nil {
-		err = *p
-	}
-	return open, n - len(open), err
-}
-
-// checkIdle sends NOOP on every session: each must still be logged in.
-func checkIdle(conns []*popConn, conc int) (int, error) {
-	var next atomic.Int64
-	var errs atomic.Int64
-	var firstErr atomic.Pointer[error]
-	var wg sync.WaitGroup
-	for w := 0; w < conc; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := int(next.Add(1) - 1)
-				if i >= len(conns) {
-					return
-				}
-				pc := conns[i]
-				_ = pc.c.SetDeadline(time.Now().Add(30 * time.Second))
-				if _, err := pc.cmd("NOOP"); err != nil {
-					errs.Add(1)
-					err = fmt.Errorf("NOOP on idle session %d: %w", i, err)
 					firstErr.CompareAndSwap(nil, &err)
 				}
 			}
@@ -393,25 +341,53 @@ func checkIdle(conns []*popConn, conc int) (int, error) {
 	return int(errs.Load()), err
 }
 
-// closeAll sends QUIT to every session and closes it, conc at a time.
-func closeAll(conns []*popConn, conc int) {
-	var next atomic.Int64
-	var wg sync.WaitGroup
-	for w := 0; w < conc; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := int(next.Add(1) - 1)
-				if i >= len(conns) {
-					return
-				}
-				pc := conns[i]
-				_ = pc.c.SetDeadline(time.Now().Add(10 * time.Second))
-				_, _ = pc.cmd("QUIT")
+// openIdle opens n logged-in sessions to t (plain), conc at a time, and
+// returns them; on errors it returns what it opened, the number of sessions
+// not opened and the first error.
+func openIdle(t *target, n, conc int, users []userCred) ([]*popConn, int, error) {
+	conns := make([]*popConn, n)
+	_, err := forEach(n, conc, maxOpenErrors, func(i int) error {
+		u := users[i%len(users)]
+		pc, err := dialPOP3(t, modePlain, false, time.Now().Add(15*time.Second))
+		if err == nil {
+			if err = pc.login(u.name, u.pass); err != nil {
 				_ = pc.Close()
 			}
-		}()
+		}
+		if err != nil {
+			return fmt.Errorf("session %d: %w", i, err)
+		}
+		_ = pc.c.SetDeadline(time.Time{})
+		conns[i] = pc
+		return nil
+	})
+	var open []*popConn
+	for _, c := range conns {
+		if c != nil {
+			open = append(open, c)
+		}
 	}
-	wg.Wait()
+	return open, n - len(open), err
+}
+
+// checkIdle sends NOOP on every session: each must still be logged in.
+func checkIdle(conns []*popConn, conc int) (int, error) {
+	return forEach(len(conns), conc, 0, func(i int) error {
+		pc := conns[i]
+		_ = pc.c.SetDeadline(time.Now().Add(30 * time.Second))
+		if _, err := pc.cmd("NOOP"); err != nil {
+			return fmt.Errorf("NOOP on idle session %d: %w", i, err)
+		}
+		return nil
+	})
+}
+
+// closeAll sends QUIT to every session and closes it, conc at a time.
+func closeAll(conns []*popConn, conc int) {
+	_, _ = forEach(len(conns), conc, 0, func(i int) error {
+		pc := conns[i]
+		_ = pc.c.SetDeadline(time.Now().Add(10 * time.Second))
+		_, _ = pc.cmd("QUIT")
+		return pc.Close()
+	})
 }
