@@ -73,13 +73,11 @@ func (e *replyError) Error() string {
 	return e.text
 }
 
-// RFC 2449 and 3206 response codes.
+// RFC 2449 and 3206 response codes the proxy sets itself; others (IN-USE,
+// LOGIN-DELAY, SYS/PERM) come from the upstream or the auth server as given.
 const (
-	codeAuth       = "AUTH"
-	codeSysTemp    = "SYS/TEMP"
-	codeSysPerm    = "SYS/PERM"
-	codeInUse      = "IN-USE"
-	codeLoginDelay = "LOGIN-DELAY"
+	codeAuth    = "AUTH"
+	codeSysTemp = "SYS/TEMP"
 )
 
 var (

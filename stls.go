@@ -13,10 +13,9 @@ import (
 )
 
 var (
-	errAlreadyTLS      = &replyError{text: "Already using TLS"}
-	errNoSTLS          = &replyError{text: "STLS not available"}
-	errSTLSPipelined   = &replyError{text: "Commands sent after STLS before the TLS handshake, closing", fatal: true}
-	errSTLSArgumentful = &replyError{text: "STLS takes no argument"}
+	errAlreadyTLS    = &replyError{text: "Already using TLS"}
+	errNoSTLS        = &replyError{text: "STLS not available"}
+	errSTLSPipelined = &replyError{text: "Commands sent after STLS before the TLS handshake, closing", fatal: true}
 )
 
 // handleStartTLS upgrades the connection (RFC 2595 §4). Plaintext the client
