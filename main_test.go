@@ -10,7 +10,8 @@ import (
 )
 
 // TestMain fails the run if a session or relay goroutine outlives the
-// tests: every session must end.
+// tests, or a session (parked ones included) stays registered: every
+// session must end.
 func TestMain(m *testing.M) {
 	code := m.Run()
 	if code == 0 {
@@ -29,9 +30,13 @@ func waitForSessionGoroutines(d time.Duration) string {
 		stacks := string(buf[:runtime.Stack(buf, true)])
 		var leaked []string
 		for _, g := range strings.Split(stacks, "\n\n") {
-			if strings.Contains(g, "caddy-pop3.(*session)") || strings.Contains(g, "caddy-pop3.(*relayState)") {
+			if strings.Contains(g, "caddy-pop3.(*session)") || strings.Contains(g, "caddy-pop3.(*relay)") {
 				leaked = append(leaked, g)
 			}
+		}
+		// A parked relay has no goroutine: it must have ended all the same.
+		for _, s := range liveSessions.matching(func(*session) bool { return true }) {
+			leaked = append(leaked, "session "+s.id+" still registered")
 		}
 		if len(leaked) == 0 {
 			return ""

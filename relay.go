@@ -11,17 +11,21 @@ import (
 	"go.uber.org/zap"
 )
 
-// relayChunk is how much one splice or copy call moves before the loop
-// looks at deadlines again.
+// relayChunk is how much one splice or copy call moves at most.
 const relayChunk = 4 << 20
 
 var relayBuffers = sync.Pool{New: func() any { b := make([]byte, 32*1024); return &b }}
 
-var errIdle = errors.New("relay idle past proxy_timeout")
+// parkAfter is how long a plain TCP relay stays quiet before it gives up its
+// goroutines: each direction then waits in one process-wide epoll set, and
+// the session costs two sockets and a few hundred bytes until data moves.
+// Long enough that a session busy with commands never pays for parking.
+var parkAfter = time.Second
 
-// relay copies bytes both ways until both sides are done. With plain TCP on
-// both legs the kernel moves the bytes (splice(2) through TCPConn.ReadFrom);
-// with TLS on either leg a pooled buffer does.
+// relay copies bytes both ways until the session ends. With plain TCP on
+// both legs the kernel moves the bytes (splice(2) through TCPConn.ReadFrom)
+// and a quiet session parks; with TLS on either leg a pooled buffer copies
+// and each direction keeps its goroutine.
 func (s *session) relay() error {
 	up := s.upstream
 	client := s.cx.Conn // the *layer4.Connection wrapper would hide ReadFrom
@@ -29,13 +33,15 @@ func (s *session) relay() error {
 		client = s.cx // bytes prefetched by a matcher must be read first
 	}
 
-	// Commands the client pipelined after its login, and anything the
-	// upstream sent after its +OK, must not be lost.
-	s.shared.upConn.Store(&up.conn)
+	r := newRelay(s, client, up.conn)
+	quiet := r.quiet
+	s.shared.relay.Store(r)
 	if _, kicked := s.kicked(); kicked {
 		s.result = "closed_by_admin"
 		return nil
 	}
+	// Commands the client pipelined after its login, and anything the
+	// upstream sent after its +OK, must not be lost.
 	n, err := s.r.WriteBufferedTo(up.conn)
 	s.shared.fromClient.Add(n)
 	if err != nil {
@@ -47,121 +53,328 @@ func (s *session) relay() error {
 	if err != nil {
 		return s.ioError(err)
 	}
-	s.r, up.r, s.w = nil, nil, nil // the relay needs no line buffers
+	s.r, up.r, s.w, up.w = nil, nil, nil, nil // the relay needs no line buffers
+	_ = client.SetDeadline(time.Time{})
+	_ = up.conn.SetDeadline(time.Time{})
+	s.debug("relay started", zap.Bool("splice", r.splice))
 
-	_, clientTCP := client.(*net.TCPConn)
-	_, upstreamTCP := up.conn.(*net.TCPConn)
-	s.debug("relay started", zap.Bool("splice", clientTCP && upstreamTCP))
-
-	r := &relayState{idle: time.Duration(s.h.ProxyTimeout)}
-	r.touch()
-	// Client to upstream in a new goroutine, upstream to client in this one:
-	// an idle logged-in session costs two goroutines.
-	var upErr error
-	upDone := make(chan struct{})
-	go func() {
-		defer close(upDone)
-		upErr = r.copy(up.conn, client, &r.upstreamDone, &s.shared.fromClient)
-		if upErr == nil && !r.upstreamDone.Load() {
-			closeWrite(up.conn) // half-close: let the upstream answer and close
-			return
-		}
-		_ = up.conn.SetReadDeadline(now())
-	}()
-	downErr := r.copy(client, up.conn, nil, &s.shared.toClient)
-	r.upstreamDone.Store(true)
-	if downErr == nil {
-		closeWrite(client)
-	}
-	_ = client.SetReadDeadline(now()) // wake the other direction: nothing more can be delivered
-	<-upDone
-
-	if _, kicked := s.kicked(); kicked {
-		s.result = "closed_by_admin"
+	// Upstream to client in a new goroutine, client to upstream in this one
+	// until the session parks: then this goroutine hands the client
+	// connection to the relay and returns to caddy-l4.
+	r.mu.Lock()
+	r.timer = time.AfterFunc(r.nextCheck(0), r.check)
+	r.mu.Unlock()
+	go r.pump(&r.down)
+	if r.pump(&r.up) {
+		s.detached = true
 		return nil
 	}
-	switch {
-	case errors.Is(upErr, errIdle) || errors.Is(downErr, errIdle):
-		s.result = "idle_timeout"
-	case downErr != nil:
-		s.result = "upstream_error"
-		s.debug("relay from upstream", zap.Error(downErr))
-	case upErr != nil:
-		s.result = "client_error"
-		s.debug("relay from client", zap.Error(upErr))
-	default:
-		s.result = "ok"
-	}
+	<-quiet
+	r.timer.Stop()
+	s.result = r.result
 	return nil
 }
 
-// relayState is shared by both directions of a relay.
-type relayState struct {
-	idle         time.Duration
-	lastActive   atomic.Int64 // unix nanoseconds of the last byte moved either way
-	upstreamDone atomic.Bool
+type pumpState uint8
+
+const (
+	pumpRunning pumpState = iota
+	pumpParked
+	pumpDone
+)
+
+// direction is one way of a relay.
+type direction struct {
+	r          *relay
+	toUpstream bool
+	moved      *atomic.Int64
+	state      pumpState // guarded by r.mu
+	token      uint64    // the parker's key while parked
+	registered bool      // the source socket is in the parker's epoll set
 }
 
-func (r *relayState) touch() { r.lastActive.Store(now().UnixNano()) }
+// relay is the state both directions share.
+type relay struct {
+	s          *session
+	idle       time.Duration
+	splice     bool // plain TCP both ways: splice(2), and parking where supported
+	lastActive atomic.Int64
 
-// copy moves src to dst until EOF (nil), an error, the relay going idle
-// (errIdle) or stop turning true. Reads wake every quarter of the idle limit
-// so that the session closes between 1 and 1.25 times proxy_timeout after
-// the last byte moved either way, even while splice hides the traffic.
-func (r *relayState) copy(dst, src net.Conn, stop *atomic.Bool, moved *atomic.Int64) error {
-	check := max(r.idle/4, 10*time.Millisecond)
-	dstTCP, dstOK := dst.(*net.TCPConn)
-	srcTCP, srcOK := src.(*net.TCPConn)
-	splice := dstOK && srcOK
+	mu       sync.Mutex
+	client   net.Conn // a duplicate of the accepted socket once detached
+	upstream net.Conn
+	up, down direction // client to upstream, upstream to client
+	running  int       // pumps with a goroutine, the handler's included
+	detached bool      // the handler returned: the relay ends the session itself
+	ended    bool
+	result   string
+	timer    *time.Timer
+	quiet    chan struct{} // closed when ended and no pump runs, if not detached
+}
+
+func newRelay(s *session, client, upstream net.Conn) *relay {
+	_, clientTCP := client.(*net.TCPConn)
+	_, upstreamTCP := upstream.(*net.TCPConn)
+	r := &relay{
+		s: s, idle: time.Duration(s.h.ProxyTimeout), splice: clientTCP && upstreamTCP,
+		client: client, upstream: upstream, quiet: make(chan struct{}),
+		running: 2, // both pumps, from before they start: an early end waits for them
+	}
+	r.up = direction{r: r, toUpstream: true, moved: &s.shared.fromClient}
+	r.down = direction{r: r, moved: &s.shared.toClient}
+	r.touch()
+	return r
+}
+
+func (r *relay) touch() { r.lastActive.Store(now().UnixNano()) }
+
+func (r *relay) quietFor() time.Duration {
+	return now().Sub(time.Unix(0, r.lastActive.Load()))
+}
+
+func (r *relay) canPark() bool { return r.splice && parkingSupported }
+
+// ends returns d's source and destination. Called with r.mu held.
+func (r *relay) ends(d *direction) (src, dst net.Conn) {
+	if d.toUpstream {
+		return r.client, r.upstream
+	}
+	return r.upstream, r.client
+}
+
+func (r *relay) other(d *direction) *direction {
+	if d.toUpstream {
+		return &r.down
+	}
+	return &r.up
+}
+
+// nextCheck says when check should run next, quiet having passed since the
+// last byte moved. Called with r.mu held.
+func (r *relay) nextCheck(quiet time.Duration) time.Duration {
+	next := r.idle - quiet
+	if r.canPark() && r.running > 0 {
+		if quiet < parkAfter {
+			next = min(next, parkAfter-quiet)
+		} else {
+			next = min(next, parkAfter)
+		}
+	}
+	return max(next, time.Millisecond)
+}
+
+// check runs on the relay's timer: it ends the session after proxy_timeout
+// without a byte either way (a stuck writer included) and asks running
+// pumps of a quiet plain relay to park.
+func (r *relay) check() {
+	r.mu.Lock()
+	if r.ended {
+		r.mu.Unlock()
+		return
+	}
+	quiet := r.quietFor()
+	if quiet >= r.idle {
+		r.mu.Unlock()
+		r.end("idle_timeout")
+		return
+	}
+	if r.canPark() && quiet >= parkAfter {
+		for _, d := range []*direction{&r.up, &r.down} {
+			if d.state == pumpRunning {
+				src, _ := r.ends(d)
+				_ = src.SetReadDeadline(aLongTimeAgo) // the pump parks when its read returns
+			}
+		}
+	}
+	r.timer.Reset(r.nextCheck(quiet))
+	r.mu.Unlock()
+}
+
+// aLongTimeAgo is a read deadline that wakes a blocked read at once.
+var aLongTimeAgo = time.Unix(1, 0)
+
+// pump moves d's bytes until its source ends, the session ends or d parks.
+// It reports whether the handler's goroutine may return: the relay took
+// over the client connection.
+func (r *relay) pump(d *direction) (detached bool) {
+	r.mu.Lock()
+	src, dst := r.ends(d)
+	r.mu.Unlock()
+	srcTCP, _ := src.(*net.TCPConn)
+	dstTCP, _ := dst.(*net.TCPConn)
+	var head []byte // on the heap: on the stack it would double the goroutine's stack
 	var buf *[]byte
-	var head []byte // on the heap: on the stack it would double an idle session's stack
-	if splice {
+	if r.splice {
 		head = make([]byte, spliceHead)
 	} else {
 		buf = relayBuffers.Get().(*[]byte)
 		defer relayBuffers.Put(buf)
 	}
 	for {
-		if stop != nil && stop.Load() {
-			return nil
-		}
-		t := now()
-		_ = src.SetReadDeadline(t.Add(check))
-		_ = dst.SetWriteDeadline(t.Add(r.idle))
 		var n int64
 		var err error
 		eof := false
-		if splice {
+		if r.splice {
 			n, err = spliceStep(dstTCP, srcTCP, head)
 			if err == io.EOF {
 				eof, err = true, nil
 			}
 		} else {
-			lr := &io.LimitedReader{R: src, N: relayChunk}
-			n, err = io.CopyBuffer(writerOnly{dst}, lr, *buf)
-			eof = err == nil && lr.N > 0
+			n, err = copyStep(dst, src, *buf)
+			if err == io.EOF {
+				eof, err = true, nil
+			}
 		}
 		if n > 0 {
-			moved.Add(n)
+			d.moved.Add(n)
 			r.touch()
 		}
 		var ne net.Error
 		switch {
 		case eof:
-			return nil
+			r.directionDone(d, nil)
+			return false
 		case err == nil:
-			continue // a whole chunk moved
-		case errors.As(err, &ne) && ne.Timeout() && !isWriteTimeout(err):
-			if stop != nil && stop.Load() {
-				return nil
-			}
-			if now().Sub(time.Unix(0, r.lastActive.Load())) >= r.idle {
-				return errIdle
+			continue
+		case errors.As(err, &ne) && ne.Timeout(): // check asked this pump to park
+			if parked, detached := r.park(d); parked {
+				return detached
 			}
 		default:
-			return err
+			r.directionDone(d, err)
+			return false
 		}
 	}
+}
+
+// park puts d to sleep in the parker if the relay is still quiet, and
+// reports whether it did. The handler's direction parks only when the other
+// one is not running, and then detaches: the client socket is duplicated so
+// that caddy-l4 may close its copy when the handler returns.
+func (r *relay) park(d *direction) (parked, detached bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	src, _ := r.ends(d)
+	if r.ended || !r.canPark() || r.quietFor() < parkAfter {
+		_ = src.SetReadDeadline(time.Time{})
+		return false, false
+	}
+	if d.toUpstream && !r.detached {
+		if r.down.state == pumpRunning {
+			_ = src.SetReadDeadline(time.Time{}) // the other direction asks again when it parks
+			return false, false
+		}
+		dup, err := duplicate(r.client.(*net.TCPConn))
+		if err != nil {
+			r.s.debug("relay keeps its goroutines", zap.Error(err))
+			_ = src.SetReadDeadline(time.Time{})
+			return false, false
+		}
+		r.client, src = dup, dup
+		r.s.shared.mu.Lock()
+		r.s.raw = dup
+		r.s.shared.mu.Unlock()
+		r.s.cx = nil
+		r.detached, detached = true, true
+	}
+	_ = src.SetReadDeadline(time.Time{})
+	if err := theParker.park(d, src.(*net.TCPConn)); err != nil {
+		r.s.debug("relay keeps its goroutines", zap.Error(err))
+		if detached {
+			go r.pump(d) // the handler is leaving: another goroutine goes on
+			return true, true
+		}
+		return false, false
+	}
+	d.state = pumpParked
+	r.running--
+	if !d.toUpstream && !r.detached && r.up.state == pumpRunning {
+		// The handler's direction was told to park while this one ran.
+		_ = r.client.SetReadDeadline(aLongTimeAgo)
+	}
+	return true, detached
+}
+
+// wake runs a parked direction whose source has data or hung up.
+func (r *relay) wake(d *direction) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.ended || d.state != pumpParked {
+		return
+	}
+	d.state = pumpRunning
+	r.running++
+	if r.running == 1 {
+		r.timer.Reset(r.nextCheck(r.quietFor())) // it was set for proxy_timeout
+	}
+	go r.pump(d)
+}
+
+// directionDone ends d: at the client's EOF the upstream gets a half-close
+// and may still answer; any other end of a direction ends the session.
+func (r *relay) directionDone(d *direction, err error) {
+	r.mu.Lock()
+	d.state = pumpDone
+	r.running--
+	upstream, client := r.upstream, r.client
+	r.mu.Unlock()
+	switch {
+	case d.toUpstream && err == nil:
+		closeWrite(upstream) // let the upstream answer and close
+		r.settle()
+	case d.toUpstream:
+		r.s.debug("relay from client", zap.Error(err))
+		r.end("client_error")
+	case err == nil:
+		closeWrite(client)
+		r.end("ok")
+	default:
+		r.s.debug("relay from upstream", zap.Error(err))
+		r.end("upstream_error")
+	}
+}
+
+// end closes both connections once; the first reason wins.
+func (r *relay) end(result string) {
+	r.mu.Lock()
+	if r.ended {
+		r.mu.Unlock()
+		r.settle() // the caller may have been the last pump
+		return
+	}
+	r.ended, r.result = true, result
+	for _, d := range []*direction{&r.up, &r.down} {
+		if d.state == pumpParked {
+			theParker.forget(d.token)
+			d.state = pumpDone
+		}
+	}
+	client, upstream := r.client, r.upstream
+	r.mu.Unlock()
+	_ = upstream.Close()
+	_ = client.Close()
+	r.settle()
+}
+
+// settle finishes the session once it has ended and no pump runs: the
+// handler does it unless the relay detached, in which case this goroutine
+// writes the session line.
+func (r *relay) settle() {
+	r.mu.Lock()
+	if !r.ended || r.running > 0 || r.quiet == nil {
+		r.mu.Unlock()
+		return
+	}
+	quiet, detached := r.quiet, r.detached
+	r.quiet = nil
+	r.mu.Unlock()
+	if !detached {
+		close(quiet)
+		return
+	}
+	r.timer.Stop()
+	r.s.result = r.result
+	r.s.logEnd()
 }
 
 // spliceHead is how much a relay step reads before it splices the rest:
@@ -190,15 +403,17 @@ func spliceStep(dst, src *net.TCPConn, head []byte) (int64, error) {
 	return int64(m) + k, err
 }
 
-// isWriteTimeout tells a stuck writer (the peer stopped reading) from an
-// idle reader.
-func isWriteTimeout(err error) bool {
-	var oe *net.OpError
-	return errors.As(err, &oe) && oe.Op == "write"
+// copyStep moves one read's worth through buf, so that every step counts
+// as activity for proxy_timeout.
+func copyStep(dst, src net.Conn, buf []byte) (int64, error) {
+	m, err := src.Read(buf)
+	if m > 0 {
+		if _, werr := dst.Write(buf[:m]); werr != nil {
+			return int64(m), werr
+		}
+	}
+	return int64(m), err
 }
-
-// writerOnly hides ReadFrom so io.CopyBuffer uses our pooled buffer.
-type writerOnly struct{ io.Writer }
 
 func closeWrite(c net.Conn) {
 	if cw, ok := c.(interface{ CloseWrite() error }); ok {

@@ -54,7 +54,8 @@ type session struct {
 	loginTook time.Duration   // from the credentials to the upstream's +OK
 	id        string          // in every log line and in -ERR replies with a code
 	remote    string          // client address
-	raw       net.Conn        // the accepted connection under any TLS, for kick
+	raw       net.Conn        // the accepted connection under any TLS; a duplicate once detached
+	detached  bool            // the relay took over the connection and writes the session line
 	shared    shared          // what the admin API reads and kick changes
 }
 
@@ -111,7 +112,11 @@ func newSession(h *Handler, cx *layer4.Connection) *session {
 func (s *session) run() error {
 	liveSessions.add(s)
 	metrics.sessionStarted()
-	defer s.logEnd()
+	defer func() {
+		if !s.detached {
+			s.logEnd()
+		}
+	}()
 	if err := s.greet(); err != nil {
 		return s.ioError(err)
 	}

@@ -9,6 +9,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/base64"
+	"errors"
 	"fmt"
 	"math/big"
 	"net"
@@ -172,9 +173,16 @@ func (ts *testSession) closed() {
 	case <-time.After(10 * time.Second):
 		ts.t.Fatal("session did not end")
 	}
+	// The client must see the close, not a timeout: a parked relay lives on
+	// after Handle returns.
 	_ = ts.conn.SetReadDeadline(time.Now().Add(2 * time.Second))
-	if rest, err := ts.r.ReadString('\n'); err == nil {
+	rest, err := ts.r.ReadString('\n')
+	var ne net.Error
+	switch {
+	case err == nil:
 		ts.t.Fatalf("unexpected line after close: %q", rest)
+	case errors.As(err, &ne) && ne.Timeout():
+		ts.t.Fatal("Handle returned but the connection is still open")
 	}
 }
 

@@ -86,7 +86,7 @@ type shared struct {
 	wireIn, wireOut int64
 	wireOK          bool
 	kickReason      atomic.Pointer[string]
-	upConn          atomic.Pointer[net.Conn] // set once relaying, for kick
+	relay           atomic.Pointer[relay] // set once relaying, for kick
 }
 
 func (s *session) view() sessionView {
@@ -114,11 +114,14 @@ func (s *session) kick(reason string) {
 	if !s.shared.kickReason.CompareAndSwap(nil, &reason) {
 		return
 	}
-	_ = s.raw.SetReadDeadline(time.Now()) // wakes a session waiting for a command
-	if up := s.shared.upConn.Load(); up != nil {
-		_ = (*up).Close()
-		_ = s.raw.Close()
+	if r := s.shared.relay.Load(); r != nil {
+		r.end("closed_by_admin")
+		return
 	}
+	s.shared.mu.Lock()
+	raw := s.raw
+	s.shared.mu.Unlock()
+	_ = raw.SetReadDeadline(time.Now()) // wakes a session waiting for a command
 }
 
 func (s *session) kicked() (string, bool) {

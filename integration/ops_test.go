@@ -1158,3 +1158,87 @@ func TestExampleJSONLoads(t *testing.T) {
 		t.Errorf("GET /config/ differs from the posted example.json:\n%s", b)
 	}
 }
+
+// --- parked sessions -----------------------------------------------------------
+
+// TestIdleSessionsPark: logged-in sessions that go quiet give up their
+// goroutines (Caddy's go_goroutines stays flat while 40 sessions idle),
+// and a parked session still works both ways, is listed and can be closed
+// by the admin API, and times out by proxy_timeout.
+func TestIdleSessionsPark(t *testing.T) {
+	need(t)
+	usedSecret(alice, alicePass)
+	addr, err := freePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := startAdminCaddy(t, "park", func(admin string) string {
+		return fmt.Sprintf(`{
+	admin %s
+	layer4 {
+		%s {
+			route {
+				pop3 %s {
+					starttls off
+					proxy_timeout 8s
+				}
+			}
+		}
+	}
+}
+`, admin, addr, env.dc.POP3Addr)
+	}, listener{addr: addr})
+
+	direct := dialPOP3(t, env.dc.POP3Addr, nil)
+	direct.ok("USER " + alice)
+	direct.ok("PASS " + alicePass)
+	want := direct.transcript("STAT", "LIST", "UIDL", "RETR 1", "TOP 2 3")
+	direct.ok("QUIT")
+
+	goroutines := func() float64 { return a.metrics(t).get("go_goroutines") }
+	before := goroutines()
+	const n = 40
+	var clients []*client
+	for i := 0; i < n; i++ {
+		c := dialPOP3(t, addr, nil)
+		c.ok("USER " + alice)
+		c.ok("PASS " + alicePass)
+		c.ok("NOOP")
+		clients = append(clients, c)
+	}
+	// Two goroutines per session before parking; none after (about a
+	// second of quiet).
+	waitFor(t, 10*time.Second, "the idle sessions to park", func() bool { return goroutines() < before+n/4 })
+
+	// A parked session: commands and replies flow, byte for byte as direct.
+	if got := clients[0].transcript("STAT", "LIST", "UIDL", "RETR 1", "TOP 2 3"); !reflect.DeepEqual(got, want) {
+		t.Errorf("parked session transcript differs from direct:\n%q\nwant\n%q", got, want)
+	}
+	// Listed with its counts, closed by id.
+	list := a.sessions(t, "user="+alice)
+	s := bySession(list, clients[1])
+	if len(list) != n || s == nil || s.State != "relay" || s.FromClient == 0 {
+		t.Fatalf("%d sessions listed, session %+v", len(list), s)
+	}
+	if closed := a.kick(t, "id="+s.ID); closed != 1 {
+		t.Fatalf("DELETE closed %d", closed)
+	}
+	clients[1].expectClosed()
+	// The rest, parked again, wake for QUIT; Dovecot answers and closes.
+	time.Sleep(1500 * time.Millisecond)
+	for _, c := range clients[2 : n/2] {
+		c.ok("QUIT")
+		c.expectClosed()
+	}
+	// The others idle out after proxy_timeout while parked.
+	for _, c := range clients[n/2:] {
+		c.expectClosed()
+	}
+	waitFor(t, 5*time.Second, "no session left", func() bool { return len(a.sessions(t, "")) == 0 })
+	logs := a.log()
+	for result, want := range map[string]int{`"result":"ok"`: n/2 - 2, `"result":"idle_timeout"`: n/2 + 1, `"result":"closed_by_admin"`: 1} {
+		if got := strings.Count(logs, result); got != want {
+			t.Errorf("%d session lines with %s, want %d", got, result, want)
+		}
+	}
+}

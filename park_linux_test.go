@@ -1,0 +1,164 @@
+package pop3
+
+import (
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap/zaptest/observer"
+)
+
+// withParkAfter shortens parkAfter for one test.
+func withParkAfter(t *testing.T, d time.Duration) {
+	old := parkAfter
+	parkAfter = d
+	t.Cleanup(func() { parkAfter = old })
+}
+
+// relayGoroutines counts goroutines running a relay pump.
+func relayGoroutines() int {
+	buf := make([]byte, 1<<20)
+	stacks := string(buf[:runtime.Stack(buf, true)])
+	n := 0
+	for _, g := range strings.Split(stacks, "\n\n") {
+		if strings.Contains(g, "caddy-pop3.(*relay).pump") {
+			n++
+		}
+	}
+	return n
+}
+
+// waitParked waits for Handle to return and for no pump to run: the session
+// is parked.
+func (ts *testSession) waitParked() {
+	ts.t.Helper()
+	select {
+	case err := <-ts.done:
+		if err != nil {
+			ts.t.Fatalf("Handle returned %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		ts.t.Fatal("the quiet relay did not detach from its handler")
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for relayGoroutines() > 0 {
+		if time.Now().After(deadline) {
+			ts.t.Fatalf("%d relay goroutines still run", relayGoroutines())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// sessionLine waits for the session's INFO line and returns its fields.
+func sessionLine(t *testing.T, logs *observer.ObservedLogs) map[string]any {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if lines := logs.FilterMessage("session").All(); len(lines) > 0 {
+			if len(lines) != 1 {
+				t.Fatalf("%d session lines", len(lines))
+			}
+			return lines[0].ContextMap()
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no session line")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// expectClosed checks that the client sees the connection end.
+func (ts *testSession) expectClosed() {
+	ts.t.Helper()
+	_ = ts.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if rest, err := ts.r.ReadString('\n'); err == nil || strings.Contains(err.Error(), "timeout") {
+		ts.t.Fatalf("connection still open: %q %v", rest, err)
+	}
+}
+
+func TestQuietRelayParksAndWakes(t *testing.T) {
+	withParkAfter(t, 100*time.Millisecond)
+	_, addr := fakeUpstream(t, nil)
+	h, logs := newTestHandler(t, addr, nil)
+	ts := startSession(t, h, logs, true)
+	ts.send("USER alice", "PASS secret-pw", "STAT")
+	ts.expect("+OK")
+	ts.expect("+OK Logged in.")
+	ts.expect("+OK 1 ")
+	ts.waitParked()
+
+	// Either direction wakes: the command reaches the upstream and its reply
+	// the client, several times over, with parking in between.
+	for i := 0; i < 3; i++ {
+		ts.send("STAT")
+		ts.expect("+OK 1 ")
+		time.Sleep(300 * time.Millisecond)
+		if n := relayGoroutines(); n != 0 {
+			t.Fatalf("round %d: %d relay goroutines after parking again", i, n)
+		}
+	}
+	ts.send("QUIT")
+	ts.expect("+OK bye")
+	ts.expectClosed()
+	line := sessionLine(t, logs)
+	// The first STAT was pipelined with the login and is relayed too.
+	if line["result"] != "ok" || line["bytes_from_client"].(int64) != int64(4*len("STAT\r\n")+len("QUIT\r\n")) {
+		t.Errorf("session line %v", line)
+	}
+}
+
+// parkedSession logs a session in, lets it park and returns it.
+func parkedSession(t *testing.T, mod func(*Handler)) (*testSession, *observer.ObservedLogs) {
+	t.Helper()
+	withParkAfter(t, 50*time.Millisecond)
+	_, addr := fakeUpstream(t, nil)
+	h, logs := newTestHandler(t, addr, mod)
+	ts := startSession(t, h, logs, true)
+	ts.send("USER alice", "PASS secret-pw")
+	ts.expect("+OK")
+	ts.expect("+OK Logged in.")
+	ts.waitParked()
+	return ts, logs
+}
+
+func TestParkedRelayIdleTimeout(t *testing.T) {
+	start := time.Now()
+	ts, logs := parkedSession(t, func(h *Handler) { h.ProxyTimeout = caddy.Duration(500 * time.Millisecond) })
+	ts.expectClosed()
+	if d := time.Since(start); d < 400*time.Millisecond || d > 2*time.Second {
+		t.Errorf("parked session closed after %v, want about 500ms", d)
+	}
+	if line := sessionLine(t, logs); line["result"] != "idle_timeout" {
+		t.Errorf("session line %v", line)
+	}
+}
+
+func TestParkedRelayKick(t *testing.T) {
+	ts, logs := parkedSession(t, nil)
+	views := liveSessions.matching(func(s *session) bool { return s.view().User == "alice" })
+	if len(views) != 1 {
+		t.Fatalf("%d parked sessions listed, want 1", len(views))
+	}
+	views[0].kick("Session closed by the administrator")
+	ts.expectClosed()
+	if line := sessionLine(t, logs); line["result"] != "closed_by_admin" {
+		t.Errorf("session line %v", line)
+	}
+}
+
+// TestClientHalfCloseWhileParked: the client's EOF wakes its direction,
+// which half-closes the upstream; the upstream's answer still arrives.
+func TestClientHalfCloseWhileParked(t *testing.T) {
+	ts, logs := parkedSession(t, nil)
+	ts.send("QUIT")
+	if err := closeWriteConn(ts.conn); err != nil {
+		t.Fatal(err)
+	}
+	ts.expect("+OK bye")
+	ts.expectClosed()
+	if line := sessionLine(t, logs); line["result"] != "ok" {
+		t.Errorf("session line %v", line)
+	}
+}
