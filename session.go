@@ -33,13 +33,13 @@ var now = time.Now
 // session is one client connection.
 type session struct {
 	h      *Handler
-	cx     *layer4.Connection // the client; wrapped in TLS after STLS
+	cx     *layer4.Connection // the client; wrapped in TLS after STLS or the implicit_tls handshake
 	r      *pop3wire.Reader
 	w      *bufio.Writer
 	logger *zap.Logger
 
 	state     state
-	secure    bool   // TLS: STLS done or the route's tls handler ran first
+	secure    bool   // TLS: STLS, implicit_tls or the route's tls handler
 	errors    int    // -ERR replies so far, towards max_errors
 	user      string // from USER, waiting for PASS
 	timestamp string // APOP greeting timestamp, when apop is enabled
@@ -112,6 +112,9 @@ func (s *session) run() error {
 	liveSessions.add(s)
 	metrics.sessionStarted()
 	defer s.logEnd()
+	if s.h.ImplicitTLS && !s.startImplicitTLS() {
+		return nil
+	}
 	if err := s.greet(); err != nil {
 		return s.ioError(err)
 	}

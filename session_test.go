@@ -78,6 +78,15 @@ func startSessionGreeting(t *testing.T, h *Handler, logs *observer.ObservedLogs)
 
 func startSessionRaw(t *testing.T, h *Handler, logs *observer.ObservedLogs, tcp bool) *testSession {
 	t.Helper()
+	ts := handleOn(t, h, logs, tcp)
+	ts.greeting = ts.readLine()
+	return ts
+}
+
+// handleOn runs Handle on one end of a pipe (or TCP pair with tcp) and
+// returns the client end, nothing read yet.
+func handleOn(t *testing.T, h *Handler, logs *observer.ObservedLogs, tcp bool) *testSession {
+	t.Helper()
 	var client, server net.Conn
 	if tcp {
 		client, server = tcpPair(t)
@@ -92,7 +101,6 @@ func startSessionRaw(t *testing.T, h *Handler, logs *observer.ObservedLogs, tcp 
 		ts.done <- err
 	}()
 	t.Cleanup(func() { _ = client.Close() })
-	ts.greeting = ts.readLine()
 	return ts
 }
 

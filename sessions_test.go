@@ -141,6 +141,7 @@ func TestMetricsNilSafe(t *testing.T) {
 	m.dialError("x")
 	m.health("x", true)
 	m.startTLS("ok")
+	m.implicitTLS("ok")
 	if err := m.register(prometheus.NewRegistry()); err != nil {
 		t.Fatal(err)
 	}
