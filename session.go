@@ -112,6 +112,7 @@ func (s *session) run() error {
 	liveSessions.add(s)
 	metrics.sessionStarted()
 	defer s.logEnd()
+	defer s.closeNotify()
 	if s.h.ImplicitTLS && !s.startImplicitTLS() {
 		return nil
 	}
@@ -176,6 +177,17 @@ func (s *session) greet() error {
 		text += " " + s.timestamp
 	}
 	return s.writeLine("+OK " + text)
+}
+
+// closeNotify ends the client's TLS session with a close_notify alert (RFC
+// 8446 §6.1) before the connection closes: OpenSSL 3 clients report a
+// close without one as an error. The relay sends it itself when the
+// upstream ends first; a second one is never sent.
+func (s *session) closeNotify() {
+	if tc, ok := s.cx.Conn.(*tls.Conn); ok {
+		_ = s.cx.SetWriteDeadline(now().Add(time.Second))
+		_ = tc.CloseWrite()
+	}
 }
 
 // tlsState returns the client connection's TLS state, nil if plaintext.
