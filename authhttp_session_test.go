@@ -270,11 +270,7 @@ func TestFailureDelayDoublesPerClient(t *testing.T) {
 		}
 	}
 	// A good login clears the penalty.
-	ts.send("USER alice", "PASS secret-pw", "QUIT")
-	ts.expect("+OK")
-	ts.expect("+OK Logged in.")
-	ts.expect("+OK bye")
-	ts.closed()
+	ts.loginAndQuit()
 	if d := penalties.fail(netip.MustParseAddr("127.0.0.1"), time.Millisecond); d != time.Millisecond {
 		t.Errorf("penalty after a good login: %v", d)
 	}

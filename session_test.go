@@ -186,6 +186,16 @@ func (ts *testSession) closed() {
 	}
 }
 
+// loginAndQuit logs in as alice with USER/PASS, quits and waits for the end.
+func (ts *testSession) loginAndQuit() {
+	ts.t.Helper()
+	ts.send("USER alice", "PASS secret-pw", "QUIT")
+	ts.expect("+OK")
+	ts.expect("+OK Logged in.")
+	ts.expect("+OK bye")
+	ts.closed()
+}
+
 // startTLS runs STLS and the client handshake.
 func (ts *testSession) startTLS() {
 	ts.t.Helper()

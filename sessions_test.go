@@ -114,11 +114,7 @@ func TestMetrics(t *testing.T) {
 	ts.send("USER alice", "PASS bad")
 	ts.expect("+OK")
 	ts.expect("-ERR")
-	ts.send("USER alice", "PASS secret-pw", "QUIT")
-	ts.expect("+OK")
-	ts.expect("+OK Logged in.")
-	ts.expect("+OK bye")
-	ts.closed()
+	ts.loginAndQuit()
 	if d := testutil.ToFloat64(metrics.logins.WithLabelValues("plain", "ok")) - okBefore; d != 1 {
 		t.Errorf("logins ok +%v", d)
 	}

@@ -116,11 +116,7 @@ func TestRouteTLSIsSecure(t *testing.T) {
 	if slices.Contains(caps, "STLS") || !slices.Contains(caps, "USER") {
 		t.Errorf("CAPA over implicit TLS = %q", caps)
 	}
-	ts.send("USER alice", "PASS secret-pw", "QUIT")
-	ts.expect("+OK")
-	ts.expect("+OK Logged in.")
-	ts.expect("+OK bye")
-	ts.closed()
+	ts.loginAndQuit()
 }
 
 // serverRoots trusts the test handler's own certificate, so that clients
@@ -272,11 +268,7 @@ func TestImplicitTLSBehindTLSHandler(t *testing.T) {
 	h, logs := newTestHandler(t, addr, func(h *Handler) { h.ImplicitTLS = true })
 	for range 2 {
 		ts := startBehindTLSHandler(t, h, logs)
-		ts.send("USER alice", "PASS secret-pw", "QUIT")
-		ts.expect("+OK")
-		ts.expect("+OK Logged in.")
-		ts.expect("+OK bye")
-		ts.closed()
+		ts.loginAndQuit()
 	}
 	if w := logs.FilterLevelExact(zap.WarnLevel).FilterMessageSnippet("already TLS").All(); len(w) != 1 {
 		t.Errorf("%d warnings about the double TLS, want 1 per handler", len(w))
