@@ -190,48 +190,61 @@ func TestAuthHTTPUnavailable(t *testing.T) {
 	}
 }
 
+// TestAuthExternal logs in with a client certificate presented in the STLS
+// handshake and in the implicit_tls one.
 func TestAuthExternal(t *testing.T) {
-	ca, caKey := testCA(t)
-	clientCert := testClientCert(t, ca, caKey, "alice")
-	as, ups, mod := authHTTPSetup(t, nil)
-	as.Users["alice"] = pop3test.AuthUser{Password: "secret-pw", Server: as.Users["alice"].Server, CertSubject: "CN=alice"}
-	pool := x509.NewCertPool()
-	pool.AddCert(ca)
-	h, logs := newTestHandler(t, "", func(h *Handler) {
-		mod(h)
-		h.Auth = []string{AuthExternal}
-		h.StartTLS = StartTLSOnly
-	})
-	h.tlsConfig = &tls.Config{Certificates: []tls.Certificate{testCertificate(t)}, ClientAuth: tls.VerifyClientCertIfGiven, ClientCAs: pool}
+	for _, implicit := range []bool{false, true} {
+		t.Run(map[bool]string{false: "stls", true: "implicit_tls"}[implicit], func(t *testing.T) {
+			ca, caKey := testCA(t)
+			clientCert := testClientCert(t, ca, caKey, "alice")
+			as, ups, mod := authHTTPSetup(t, nil)
+			as.Users["alice"] = pop3test.AuthUser{Password: "secret-pw", Server: as.Users["alice"].Server, CertSubject: "CN=alice"}
+			pool := x509.NewCertPool()
+			pool.AddCert(ca)
+			h, logs := newTestHandler(t, "", func(h *Handler) {
+				mod(h)
+				h.Auth = []string{AuthExternal}
+				h.StartTLS = StartTLSOnly
+				h.ImplicitTLS = implicit
+			})
+			h.tlsConfig = &tls.Config{Certificates: []tls.Certificate{testCertificate(t)}, ClientAuth: tls.VerifyClientCertIfGiven, ClientCAs: pool}
+			clientCfg := &tls.Config{InsecureSkipVerify: true, Certificates: []tls.Certificate{clientCert}}
 
-	ts := startSession(t, h, logs, false)
-	ts.send("CAPA")
-	ts.expect("+OK")
-	if caps := ts.multiline(); slices.Contains(caps, "SASL EXTERNAL") {
-		t.Errorf("EXTERNAL offered before TLS: %q", caps)
-	}
-	ts.send("STLS")
-	ts.expect("+OK")
-	tc := tls.Client(ts.conn, &tls.Config{InsecureSkipVerify: true, Certificates: []tls.Certificate{clientCert}})
-	if err := tc.Handshake(); err != nil {
-		t.Fatal(err)
-	}
-	ts.conn, ts.r = tc, newBufioReader(tc)
-	ts.send("CAPA")
-	ts.expect("+OK")
-	if caps := ts.multiline(); !slices.Contains(caps, "SASL EXTERNAL") {
-		t.Errorf("EXTERNAL not offered with a client certificate: %q", caps)
-	}
-	ts.send("AUTH EXTERNAL " + b64("alice"))
-	ts.expect("+OK Logged in.")
-	last := as.Requests()[len(as.Requests())-1]
-	for name, want := range map[string]string{"Auth-Method": "external", "Auth-User": "alice", "Auth-SSL": "on", "Auth-SSL-Verify": "SUCCESS", "Auth-SSL-Subject": "CN=alice"} {
-		if got := last.Value(name); got != want {
-			t.Errorf("%s = %q, want %q", name, got, want)
-		}
-	}
-	if !slices.Contains(ups[0].Lines(), "AUTH PLAIN "+b64("\x00alice\x00secret-pw")) {
-		t.Errorf("upstream got %q", ups[0].Lines())
+			var ts *testSession
+			if implicit {
+				ts, _ = startImplicitSession(t, h, logs, clientCfg)
+			} else {
+				ts = startSession(t, h, logs, false)
+				ts.send("CAPA")
+				ts.expect("+OK")
+				if caps := ts.multiline(); slices.Contains(caps, "SASL EXTERNAL") {
+					t.Errorf("EXTERNAL offered before TLS: %q", caps)
+				}
+				ts.send("STLS")
+				ts.expect("+OK")
+				tc := tls.Client(ts.conn, clientCfg)
+				if err := tc.Handshake(); err != nil {
+					t.Fatal(err)
+				}
+				ts.conn, ts.r = tc, newBufioReader(tc)
+			}
+			ts.send("CAPA")
+			ts.expect("+OK")
+			if caps := ts.multiline(); !slices.Contains(caps, "SASL EXTERNAL") {
+				t.Errorf("EXTERNAL not offered with a client certificate: %q", caps)
+			}
+			ts.send("AUTH EXTERNAL " + b64("alice"))
+			ts.expect("+OK Logged in.")
+			last := as.Requests()[len(as.Requests())-1]
+			for name, want := range map[string]string{"Auth-Method": "external", "Auth-User": "alice", "Auth-SSL": "on", "Auth-SSL-Verify": "SUCCESS", "Auth-SSL-Subject": "CN=alice"} {
+				if got := last.Value(name); got != want {
+					t.Errorf("%s = %q, want %q", name, got, want)
+				}
+			}
+			if !slices.Contains(ups[0].Lines(), "AUTH PLAIN "+b64("\x00alice\x00secret-pw")) {
+				t.Errorf("upstream got %q", ups[0].Lines())
+			}
+		})
 	}
 }
 
@@ -257,11 +270,7 @@ func TestFailureDelayDoublesPerClient(t *testing.T) {
 		}
 	}
 	// A good login clears the penalty.
-	ts.send("USER alice", "PASS secret-pw", "QUIT")
-	ts.expect("+OK")
-	ts.expect("+OK Logged in.")
-	ts.expect("+OK bye")
-	ts.closed()
+	ts.loginAndQuit()
 	if d := penalties.fail(netip.MustParseAddr("127.0.0.1"), time.Millisecond); d != time.Millisecond {
 		t.Errorf("penalty after a good login: %v", d)
 	}

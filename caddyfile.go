@@ -35,6 +35,7 @@ const (
 //		drain_timeout <duration>
 //		capabilities <extensions...>
 //		starttls <off|on|only>
+//		implicit_tls
 //
 //		# multiple connection_policy options are supported
 //		connection_policy {
@@ -189,6 +190,14 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 					wrapper, optionName, d.Val(), StartTLSOff, StartTLSOn, StartTLSOnly)
 			}
 			h.StartTLS, hasStartTLS = d.Val(), true
+		case "implicit_tls":
+			if h.ImplicitTLS {
+				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
+			}
+			if d.CountRemainingArgs() != 0 {
+				return d.ArgErr()
+			}
+			h.ImplicitTLS = true
 		case "connection_policy":
 			cp := new(caddytls.ConnectionPolicy)
 			if err := cp.UnmarshalCaddyfile(d.NewFromNextSegment()); err != nil {

@@ -133,6 +133,15 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			want:  Handler{Upstream: up("a"), StartTLS: StartTLSOnly},
 		},
 		{
+			name:  "implicit_tls",
+			input: "pop3 a {\n\timplicit_tls\n\tconnection_policy {\n\t\tdefault_sni mail.example.com\n\t}\n}",
+			want: Handler{
+				Upstream:         up("a"),
+				ImplicitTLS:      true,
+				ConnectionPolicy: caddytls.ConnectionPolicies{{DefaultSNI: "mail.example.com"}},
+			},
+		},
+		{
 			name:  "connection_policy",
 			input: "pop3 a {\n\tconnection_policy {\n\t\talpn pop3\n\t\tdefault_sni mail.example.com\n\t}\n\tgreeting hi\n}",
 			want: Handler{
@@ -302,6 +311,10 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"starttls two args", "pop3 a {\n\tstarttls on only\n}", []string{"'starttls'"}},
 		{"starttls bad value", "pop3 a {\n\tstarttls yes\n}", []string{"option 'starttls'", "unknown policy 'yes'"}},
 		{"starttls duplicate", "pop3 a {\n\tstarttls on\n\tstarttls off\n}", []string{"duplicate pop3 option 'starttls'"}},
+		// implicit_tls
+		{"implicit_tls with arg", "pop3 a {\n\timplicit_tls on\n}", []string{"after 'implicit_tls'"}},
+		{"implicit_tls duplicate", "pop3 a {\n\timplicit_tls\n\timplicit_tls\n}", []string{"duplicate pop3 option 'implicit_tls'"}},
+		{"implicit_tls block", "pop3 a {\n\timplicit_tls {\n\t\tfoo\n\t}\n}", []string{"option 'implicit_tls': blocks are not supported"}},
 
 		// connection_policy
 		{"connection_policy same-line arg", "pop3 a {\n\tconnection_policy x {\n\t}\n}", []string{"'connection_policy'"}},

@@ -87,11 +87,7 @@ func TestPlainLoginReusesEarlyUpstream(t *testing.T) {
 	up, addr := challengeUpstream(t)
 	h, logs := newTestHandler(t, addr, func(h *Handler) { h.Auth = []string{AuthPlain, AuthAPOP} })
 	ts := startSessionGreeting(t, h, logs)
-	ts.send("USER alice", "PASS secret-pw", "QUIT")
-	ts.expect("+OK")
-	ts.expect("+OK Logged in.")
-	ts.expect("+OK bye")
-	ts.closed()
+	ts.loginAndQuit()
 	if n := strings.Count(strings.Join(up.Lines(), "\n"), "CAPA"); n != 1 {
 		t.Errorf("upstream was connected %d times: %q", n, up.Lines())
 	}

@@ -11,14 +11,15 @@ import (
 // across reloads (each config gets a new registry) and several pop3 handlers
 // share them.
 type pop3Metrics struct {
-	sessions        *prometheus.CounterVec
-	activeSessions  prometheus.Gauge
-	logins          *prometheus.CounterVec
-	loginDuration   *prometheus.HistogramVec
-	dialErrors      *prometheus.CounterVec
-	upstreamHealthy *prometheus.GaugeVec
-	bytes           *prometheus.CounterVec
-	stls            *prometheus.CounterVec
+	sessions           *prometheus.CounterVec
+	activeSessions     prometheus.Gauge
+	logins             *prometheus.CounterVec
+	loginDuration      *prometheus.HistogramVec
+	dialErrors         *prometheus.CounterVec
+	upstreamHealthy    *prometheus.GaugeVec
+	bytes              *prometheus.CounterVec
+	stls               *prometheus.CounterVec
+	implicitHandshakes *prometheus.CounterVec
 }
 
 var metrics = newPOP3Metrics()
@@ -59,6 +60,10 @@ func newPOP3Metrics() *pop3Metrics {
 			Namespace: ns, Subsystem: sub, Name: "stls_total",
 			Help: "STLS upgrades by result (ok, failed, refused).",
 		}, []string{"result"}),
+		implicitHandshakes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "implicit_tls_total",
+			Help: "TLS handshakes of implicit_tls sessions by result: ok (full handshake), resumed (TLS session resumed), failed.",
+		}, []string{"result"}),
 	}
 }
 
@@ -68,7 +73,7 @@ func (m *pop3Metrics) register(reg *prometheus.Registry) error {
 	if m == nil || reg == nil {
 		return nil
 	}
-	for _, c := range []prometheus.Collector{m.sessions, m.activeSessions, m.logins, m.loginDuration, m.dialErrors, m.upstreamHealthy, m.bytes, m.stls} {
+	for _, c := range []prometheus.Collector{m.sessions, m.activeSessions, m.logins, m.loginDuration, m.dialErrors, m.upstreamHealthy, m.bytes, m.stls, m.implicitHandshakes} {
 		if err := reg.Register(c); err != nil && !errors.As(err, new(prometheus.AlreadyRegisteredError)) {
 			return err
 		}
@@ -122,5 +127,11 @@ func (m *pop3Metrics) health(upstream string, healthy bool) {
 func (m *pop3Metrics) startTLS(result string) {
 	if m != nil {
 		m.stls.WithLabelValues(result).Inc()
+	}
+}
+
+func (m *pop3Metrics) implicitTLS(result string) {
+	if m != nil {
+		m.implicitHandshakes.WithLabelValues(result).Inc()
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -107,11 +108,18 @@ type Handler struct {
 	// (SASL, STLS, RESP-CODES, AUTH-RESP-CODE). USER is listed only while
 	// plain login is allowed. Default: TOP USER UIDL.
 	Capabilities []string `json:"capabilities,omitempty"`
-	// STLS policy: off, on or only. Default: only (login needs TLS).
+	// STLS policy: off, on or only. Default: only (login needs TLS). It
+	// has no effect with implicit_tls, whose sessions are TLS from the start.
 	StartTLS string `json:"starttls,omitempty"`
-	// TLS connection policies for STLS, with the same options as caddy-l4's
-	// tls handler. Certificates come from Caddy's tls app. Default: one
-	// policy with ALPN pop3.
+	// Whether the handler runs the TLS handshake itself before the greeting
+	// (POP3S, port 995), with connection_policy and bounded by timeout.
+	// Unlike caddy-l4's tls handler in front, which builds a TLS config per
+	// connection, one config serves every connection, so clients resume
+	// their TLS sessions. Default: false.
+	ImplicitTLS bool `json:"implicit_tls,omitempty"`
+	// TLS connection policies for STLS and implicit_tls, with the same
+	// options as caddy-l4's tls handler. Certificates come from Caddy's tls
+	// app. Default: one policy with ALPN pop3.
 	ConnectionPolicy caddytls.ConnectionPolicies `json:"connection_policy,omitempty"`
 	// Text of the +OK greeting. Default: "POP3 ready".
 	Greeting string `json:"greeting,omitempty"`
@@ -136,8 +144,10 @@ type Handler struct {
 
 	ctx       caddy.Context // Handle gets no context; l4tls and l4proxy keep it the same way
 	logger    *zap.Logger
-	tlsOn     bool        // STLS may be offered: starttls is not off
+	tlsOn     bool        // the handler terminates TLS itself: STLS (starttls not off) or implicit_tls
 	tlsConfig *tls.Config // built once so that session tickets work across connections
+
+	warnAlreadyTLS *sync.Once // implicit_tls behind caddy-l4's tls handler; a pointer, as tests copy Handlers
 
 	// relayChallenges: APOP or CRAM-MD5 without an auth server. Each
 	// session then dials the upstream at accept and relays its timestamp
@@ -175,7 +185,7 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision sets defaults and prepares TLS for STLS.
+// Provision sets defaults and prepares TLS for STLS and implicit_tls.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.ctx, h.logger = ctx, ctx.Logger()
 	if err := h.setup(); err != nil {
@@ -207,7 +217,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		go h.pool.healthChecker(ctx, time.Duration(h.HealthInterval), time.Duration(h.HealthTimeout),
 			int64(max(h.HealthPasses, 1)), int64(max(h.HealthFails, 1)))
 	}
-	if h.StartTLS != StartTLSOnly && h.hasAuth(AuthPlain) {
+	if !h.ImplicitTLS && h.StartTLS != StartTLSOnly && h.hasAuth(AuthPlain) {
 		h.logger.Warn("plaintext login allowed: passwords may cross the network unencrypted unless the route terminates TLS first",
 			zap.String("starttls", h.StartTLS))
 	}
@@ -281,7 +291,8 @@ func (h *Handler) setup() error {
 		return err
 	}
 
-	h.tlsOn = h.StartTLS != StartTLSOff
+	h.tlsOn = h.StartTLS != StartTLSOff || h.ImplicitTLS
+	h.warnAlreadyTLS = new(sync.Once)
 	h.dialer = &tcpDialer{timeout: time.Duration(h.DialTimeout)}
 	if h.AuthHTTP != nil {
 		repl := caddy.NewReplacer() // {env.*} keeps secrets out of the config file

@@ -33,13 +33,13 @@ var now = time.Now
 // session is one client connection.
 type session struct {
 	h      *Handler
-	cx     *layer4.Connection // the client; wrapped in TLS after STLS
+	cx     *layer4.Connection // the client; wrapped in TLS after STLS or the implicit_tls handshake
 	r      *pop3wire.Reader
 	w      *bufio.Writer
 	logger *zap.Logger
 
 	state     state
-	secure    bool   // TLS: STLS done or the route's tls handler ran first
+	secure    bool   // TLS: STLS, implicit_tls or the route's tls handler
 	errors    int    // -ERR replies so far, towards max_errors
 	user      string // from USER, waiting for PASS
 	timestamp string // APOP greeting timestamp, when apop is enabled
@@ -113,10 +113,14 @@ func (s *session) run() error {
 	liveSessions.add(s)
 	metrics.sessionStarted()
 	defer func() {
-		if !s.detached {
+		if !s.detached { // else the relay ends the session
+			s.closeNotify()
 			s.logEnd()
 		}
 	}()
+	if s.h.ImplicitTLS && !s.startImplicitTLS() {
+		return nil
+	}
 	if err := s.greet(); err != nil {
 		return s.ioError(err)
 	}
@@ -178,6 +182,17 @@ func (s *session) greet() error {
 		text += " " + s.timestamp
 	}
 	return s.writeLine("+OK " + text)
+}
+
+// closeNotify ends the client's TLS session with a close_notify alert (RFC
+// 8446 §6.1) before the connection closes: OpenSSL 3 clients report a
+// close without one as an error. The relay sends it itself when the
+// upstream ends first; a second one is never sent.
+func (s *session) closeNotify() {
+	if tc, ok := s.cx.Conn.(*tls.Conn); ok {
+		_ = s.cx.SetWriteDeadline(now().Add(time.Second))
+		_ = tc.CloseWrite()
+	}
 }
 
 // tlsState returns the client connection's TLS state, nil if plaintext.

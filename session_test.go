@@ -79,6 +79,15 @@ func startSessionGreeting(t *testing.T, h *Handler, logs *observer.ObservedLogs)
 
 func startSessionRaw(t *testing.T, h *Handler, logs *observer.ObservedLogs, tcp bool) *testSession {
 	t.Helper()
+	ts := handleOn(t, h, logs, tcp)
+	ts.greeting = ts.readLine()
+	return ts
+}
+
+// handleOn runs Handle on one end of a pipe (or TCP pair with tcp) and
+// returns the client end, nothing read yet.
+func handleOn(t *testing.T, h *Handler, logs *observer.ObservedLogs, tcp bool) *testSession {
+	t.Helper()
 	var client, server net.Conn
 	if tcp {
 		client, server = tcpPair(t)
@@ -93,7 +102,6 @@ func startSessionRaw(t *testing.T, h *Handler, logs *observer.ObservedLogs, tcp 
 		ts.done <- err
 	}()
 	t.Cleanup(func() { _ = client.Close() })
-	ts.greeting = ts.readLine()
 	return ts
 }
 
@@ -184,6 +192,16 @@ func (ts *testSession) closed() {
 	case errors.As(err, &ne) && ne.Timeout():
 		ts.t.Fatal("Handle returned but the connection is still open")
 	}
+}
+
+// loginAndQuit logs in as alice with USER/PASS, quits and waits for the end.
+func (ts *testSession) loginAndQuit() {
+	ts.t.Helper()
+	ts.send("USER alice", "PASS secret-pw", "QUIT")
+	ts.expect("+OK")
+	ts.expect("+OK Logged in.")
+	ts.expect("+OK bye")
+	ts.closed()
 }
 
 // startTLS runs STLS and the client handshake.

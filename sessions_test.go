@@ -114,11 +114,7 @@ func TestMetrics(t *testing.T) {
 	ts.send("USER alice", "PASS bad")
 	ts.expect("+OK")
 	ts.expect("-ERR")
-	ts.send("USER alice", "PASS secret-pw", "QUIT")
-	ts.expect("+OK")
-	ts.expect("+OK Logged in.")
-	ts.expect("+OK bye")
-	ts.closed()
+	ts.loginAndQuit()
 	if d := testutil.ToFloat64(metrics.logins.WithLabelValues("plain", "ok")) - okBefore; d != 1 {
 		t.Errorf("logins ok +%v", d)
 	}
@@ -141,6 +137,7 @@ func TestMetricsNilSafe(t *testing.T) {
 	m.dialError("x")
 	m.health("x", true)
 	m.startTLS("ok")
+	m.implicitTLS("ok")
 	if err := m.register(prometheus.NewRegistry()); err != nil {
 		t.Fatal(err)
 	}

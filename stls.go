@@ -39,30 +39,74 @@ func (s *session) handleStartTLS() error {
 	if err := s.w.Flush(); err != nil {
 		return err
 	}
-	_ = s.cx.SetDeadline(now().Add(time.Duration(s.h.Timeout)))
-	tc := tls.Server(s.cx, s.h.tlsConfig) // cx, not cx.Conn: it may hold prefetched bytes
-	if err := tc.HandshakeContext(s.cx.Context); err != nil {
+	if _, err := s.handshakeTLS(); err != nil {
 		metrics.startTLS("failed")
 		s.debug("STLS handshake failed", zap.Error(err))
 		s.state, s.result = stateDone, "tls_handshake_failed"
 		return nil
+	}
+	metrics.startTLS("ok")
+	// Forget everything from before TLS (RFC 2595 §4).
+	s.user = ""
+	s.errors = 0
+	return nil
+}
+
+// startImplicitTLS runs the handshake that opens an implicit TLS session
+// (POP3S, RFC 8314 §3) before the greeting. It reports whether the session
+// goes on; a failed handshake ends it without a word, since the client
+// cannot read plaintext.
+func (s *session) startImplicitTLS() bool {
+	if s.secure {
+		// caddy-l4's tls handler ran first: a second handshake would wait
+		// for a ClientHello that never comes.
+		s.h.warnAlreadyTLS.Do(func() {
+			s.h.logger.Warn("implicit_tls: the connection is already TLS (a tls handler runs before pop3 in the route); remove one of them")
+		})
+		s.debug("implicit_tls: connection already TLS, no handshake")
+		return true
+	}
+	st, err := s.handshakeTLS()
+	if err != nil {
+		metrics.implicitTLS("failed")
+		s.debug("TLS handshake failed", zap.Error(err))
+		s.state, s.result = stateDone, "tls_handshake_failed"
+		if _, kicked := s.kicked(); kicked {
+			s.result = "closed_by_admin"
+		}
+		return false
+	}
+	if st.DidResume {
+		metrics.implicitTLS("resumed")
+	} else {
+		metrics.implicitTLS("ok")
+	}
+	return true
+}
+
+// handshakeTLS runs the server side of a TLS handshake with the handler's
+// one TLS config (so that session tickets work across connections), bounded
+// by timeout, and swaps the session onto the TLS connection. Its state goes
+// where caddy-l4's tls handler puts it, so TLS looks the same to the rest
+// of the session (CAPA, EXTERNAL, Auth-SSL headers, placeholders) whichever
+// way it came.
+func (s *session) handshakeTLS() (*tls.ConnectionState, error) {
+	_ = s.cx.SetDeadline(now().Add(time.Duration(s.h.Timeout)))
+	tc := tls.Server(s.cx, s.h.tlsConfig) // cx, not cx.Conn: it may hold prefetched bytes
+	if err := tc.HandshakeContext(s.cx.Context); err != nil {
+		return nil, err
 	}
 	_ = s.cx.SetDeadline(time.Time{})
 	st := tc.ConnectionState()
 	s.cx.SetVar(layer4.TLSConnectionStatesVarName, append(l4tls.GetConnectionStates(s.cx), &st))
 	s.cx.Replacer().Set("l4.tls.server_name", st.ServerName) // as the tls handler does, for upstream placeholders
 
-	metrics.startTLS("ok")
 	s.shared.mu.Lock()
 	s.shared.tls = true
 	s.shared.mu.Unlock()
-
-	// Forget everything from before TLS (RFC 2595 §4).
 	s.cx = s.cx.Wrap(tc)
 	s.r = pop3wire.NewReader(s.cx, s.h.MaxLineLength)
 	s.w = bufio.NewWriterSize(s.cx, 1024)
 	s.secure = true
-	s.user = ""
-	s.errors = 0
-	return nil
+	return &st, nil
 }

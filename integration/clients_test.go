@@ -13,6 +13,7 @@ import (
 	"crypto/tls"
 	"encoding/hex"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -26,12 +27,24 @@ import (
 // error.
 func run(t *testing.T, env []string, name string, args ...string) ([]byte, string, error) {
 	t.Helper()
+	return runStdin(t, env, nil, name, args...)
+}
+
+// runInput is run with input on the client's stdin.
+func runInput(t *testing.T, input, name string, args ...string) ([]byte, string, error) {
+	t.Helper()
+	return runStdin(t, nil, strings.NewReader(input), name, args...)
+}
+
+func runStdin(t *testing.T, env []string, stdin io.Reader, name string, args ...string) ([]byte, string, error) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, name, args...)
 	if env != nil {
 		cmd.Env = append(os.Environ(), env...)
 	}
+	cmd.Stdin = stdin
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
@@ -56,8 +69,8 @@ func curlPOP3(t *testing.T, url, cafile, user, pass string, extra ...string) ([]
 }
 
 // TestCurl lists and fetches with curl over STLS (--ssl-reqd) and implicit
-// TLS (pop3s://), through the proxy and directly, and checks that a wrong
-// password makes curl fail.
+// TLS (pop3s://, by the tls handler and by implicit_tls), through the proxy
+// and directly, and checks that a wrong password makes curl fail.
 func TestCurl(t *testing.T) {
 	need(t)
 	root := env.caddy.rootCAFile()
@@ -66,6 +79,7 @@ func TestCurl(t *testing.T) {
 	directS := "localhost:" + port(env.dc.POP3SAddr)
 	only := "localhost:" + port(env.only)
 	implicit := "localhost:" + port(env.implicit)
+	implicitOpt := "localhost:" + port(env.implicitOpt) // pop3 implicit_tls
 
 	for _, u := range []struct{ name, pass string }{{alice, alicePass}, {bob, bobPass}} {
 		t.Run(u.name, func(t *testing.T) {
@@ -83,22 +97,23 @@ func TestCurl(t *testing.T) {
 			if got := list("pop3://"+only+"/", root, "--ssl-reqd"); !bytes.Equal(got, wantList) {
 				t.Errorf("LIST over STLS: got %q, want %q", got, wantList)
 			}
-			if got := list("pop3s://"+implicit+"/", root); !bytes.Equal(got, wantList) {
-				t.Errorf("LIST over pop3s: got %q, want %q", got, wantList)
+			for _, addr := range []string{implicit, implicitOpt} {
+				if got := list("pop3s://"+addr+"/", root); !bytes.Equal(got, wantList) {
+					t.Errorf("LIST over pop3s://%s: got %q, want %q", addr, got, wantList)
+				}
 			}
 			for n := 1; n <= 2; n++ {
 				want := list(fmt.Sprintf("pop3://%s/%d", direct, n), dcCA, "--ssl-reqd")
 				if !bytes.Equal(want, env.aliceMsgs[n-1]) {
 					t.Errorf("direct RETR %d via curl differs from the stored message:\n%q\n%q", n, want, env.aliceMsgs[n-1])
 				}
-				for _, url := range []string{fmt.Sprintf("pop3://%s/%d", only, n), fmt.Sprintf("pop3s://%s/%d", implicit, n)} {
+				if got := list(fmt.Sprintf("pop3s://%s/%d", directS, n), dcCA); !bytes.Equal(got, want) {
+					t.Errorf("direct pop3s RETR %d differs from direct STLS", n)
+				}
+				for _, url := range []string{fmt.Sprintf("pop3://%s/%d", only, n), fmt.Sprintf("pop3s://%s/%d", implicit, n), fmt.Sprintf("pop3s://%s/%d", implicitOpt, n)} {
 					extra := []string{"--ssl-reqd"}
 					if strings.HasPrefix(url, "pop3s") {
 						extra = nil
-						// Also check the direct pop3s for the same bytes once.
-						if got := list(fmt.Sprintf("pop3s://%s/%d", directS, n), dcCA); !bytes.Equal(got, want) {
-							t.Errorf("direct pop3s RETR %d differs from direct STLS", n)
-						}
 					}
 					if got := list(url, root, extra...); !bytes.Equal(got, want) {
 						t.Errorf("%s: got %q, want Dovecot's %q", url, got, want)
@@ -109,7 +124,7 @@ func TestCurl(t *testing.T) {
 	}
 
 	t.Run("wrong-password", func(t *testing.T) {
-		for _, url := range []string{"pop3://" + only + "/1", "pop3s://" + implicit + "/1"} {
+		for _, url := range []string{"pop3://" + only + "/1", "pop3s://" + implicit + "/1", "pop3s://" + implicitOpt + "/1"} {
 			out, stderr, err := curlPOP3(t, url, root, alice, wrongPass, "--ssl-reqd")
 			if err == nil {
 				t.Errorf("curl %s with a wrong password succeeded: %q", url, out)
@@ -127,8 +142,10 @@ func TestCurl(t *testing.T) {
 		}
 	})
 	t.Run("untrusted-root", func(t *testing.T) {
-		if out, _, err := curlPOP3(t, "pop3s://"+implicit+"/1", dcCA, alice, alicePass); err == nil {
-			t.Errorf("curl trusting only Dovecot's certificate accepted Caddy's: %q", out)
+		for _, addr := range []string{implicit, implicitOpt} {
+			if out, _, err := curlPOP3(t, "pop3s://"+addr+"/1", dcCA, alice, alicePass); err == nil {
+				t.Errorf("curl trusting only Dovecot's certificate accepted Caddy's on %s: %q", addr, out)
+			}
 		}
 	})
 }
@@ -157,7 +174,7 @@ p.quit()
 `
 
 // TestPythonPoplib fetches messages with Python's poplib over STLS and over
-// implicit TLS, through the proxy and directly.
+// implicit TLS (both forms), through the proxy and directly.
 func TestPythonPoplib(t *testing.T) {
 	need(t)
 	root := env.caddy.rootCAFile()
@@ -173,6 +190,7 @@ func TestPythonPoplib(t *testing.T) {
 				{"direct-ssl", "ssl", env.dc.POP3SAddr, env.dc.CACertFile},
 				{"proxy-stls", "stls", env.only, root},
 				{"proxy-ssl", "ssl", env.implicit, root},
+				{"proxy-ssl-implicit_tls", "ssl", env.implicitOpt, root},
 			} {
 				t.Run(fmt.Sprintf("%s/%d/%s", u.name, n, tc.name), func(t *testing.T) {
 					out, stderr, err := run(t, []string{"POP3_USER=" + u.name, "POP3_PASS=" + u.pass},

@@ -36,7 +36,7 @@ const (
 // Dovecot's own +OK text, and STAT matches a direct session.
 func TestLoginMethods(t *testing.T) {
 	need(t)
-	targets := []target{proxyPlain("proxy-starttls-on", env.on), proxyPlain("proxy-starttls-off", env.off), proxySTLS(), proxyImplicit()}
+	targets := []target{proxyPlain("proxy-starttls-on", env.on), proxyPlain("proxy-starttls-off", env.off), proxySTLS(), proxyImplicit(), proxyImplicitOpt()}
 	users := []struct{ name, pass string }{{alice, alicePass}, {bob, bobPass}}
 	for _, u := range users {
 		usedSecret(u.name, u.pass)
@@ -220,6 +220,7 @@ func TestCapa(t *testing.T) {
 		{"on/plain", func(t *testing.T) *client { return dialPOP3(t, env.on, nil) }, true, true, ""},
 		{"off/plain", func(t *testing.T) *client { return dialPOP3(t, env.off, nil) }, false, true, "-ERR STLS not available"},
 		{"implicit-tls", proxyImplicit().dial, false, true, "-ERR Already using TLS"},
+		{"implicit_tls", proxyImplicitOpt().dial, false, true, "-ERR Already using TLS"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -334,20 +335,79 @@ func TestSTLS(t *testing.T) {
 	})
 }
 
-// TestImplicitTLS uses the tls-then-pop3 route (port 995 style).
+// TestImplicitTLS logs in on both port 995 styles: the tls-then-pop3 route
+// and pop3 with implicit_tls, whose connection_policy has no alpn and so
+// gets the default, pop3.
 func TestImplicitTLS(t *testing.T) {
 	need(t)
 	usedSecret(bob, bobPass)
-	cfg := caddyTLS(t)
-	cfg.NextProtos = []string{"pop3"}
-	c := dialPOP3(t, env.implicit, cfg)
-	st := c.conn.(*tls.Conn).ConnectionState()
-	if st.NegotiatedProtocol != "pop3" || len(st.VerifiedChains) == 0 {
-		t.Errorf("ALPN %q, verified chains %d", st.NegotiatedProtocol, len(st.VerifiedChains))
+	for name, addr := range map[string]string{"tls-handler": env.implicit, "implicit_tls": env.implicitOpt} {
+		t.Run(name, func(t *testing.T) {
+			cfg := caddyTLS(t)
+			cfg.NextProtos = []string{"pop3"}
+			c := dialPOP3(t, addr, cfg)
+			st := c.conn.(*tls.Conn).ConnectionState()
+			if st.NegotiatedProtocol != "pop3" || len(st.VerifiedChains) == 0 {
+				t.Errorf("ALPN %q, verified chains %d", st.NegotiatedProtocol, len(st.VerifiedChains))
+			}
+			c.login(bob, bobPass)
+			compareRetr(t, c, 1, env.aliceMsgs[0])
+			c.quit()
+		})
 	}
-	c.login(bob, bobPass)
-	compareRetr(t, c, 1, env.aliceMsgs[0])
-	c.quit()
+}
+
+// TestImplicitTLSResumption: pop3 with implicit_tls keeps one TLS config,
+// so a client resumes its TLS session on the next connection, seen by Go's
+// client and by openssl s_client (-sess_out, then -sess_in says Reused).
+// caddy-l4's tls handler builds a config per connection: its rate is only
+// logged, for comparison.
+func TestImplicitTLSResumption(t *testing.T) {
+	need(t)
+	usedSecret(alice, alicePass)
+	resumed := func(t *testing.T, addr string) int {
+		cfg := caddyTLS(t)
+		cfg.MinVersion = tls.VersionTLS13
+		cfg.ClientSessionCache = tls.NewLRUClientSessionCache(4)
+		n := 0
+		for range 4 {
+			c := dialPOP3(t, addr, cfg) // the greeting read takes in the tickets
+			if c.conn.(*tls.Conn).ConnectionState().DidResume {
+				n++
+			}
+			c.login(alice, alicePass)
+			c.ok("STAT")
+			c.quit()
+		}
+		return n
+	}
+	if n := resumed(t, env.implicitOpt); n != 3 {
+		t.Errorf("implicit_tls: %d of the 3 connections after the first resumed, want all", n)
+	}
+	t.Logf("tls handler, then pop3: %d of 3 resumed", resumed(t, env.implicit))
+
+	t.Run("openssl", func(t *testing.T) {
+		sess := filepath.Join(t.TempDir(), "session.pem")
+		sClient := func(extra ...string) string {
+			t.Helper()
+			args := append([]string{"s_client", "-connect", env.implicitOpt, "-servername", "localhost",
+				"-CAfile", env.caddy.rootCAFile(), "-verify_return_error", "-tls1_3", "-crlf", "-ign_eof"}, extra...)
+			out, stderr, err := runInput(t, "QUIT\n", "openssl", args...)
+			if err != nil {
+				t.Fatalf("openssl s_client: %v\n%s%s", err, out, stderr)
+			}
+			if !strings.Contains(string(out), "+OK POP3 ready") || !strings.Contains(string(out), "+OK Logging out") {
+				t.Fatalf("openssl s_client did not get the greeting and the QUIT reply:\n%s", out)
+			}
+			return string(out)
+		}
+		if out := sClient("-sess_out", sess); !strings.Contains(out, "New, TLSv1.3") {
+			t.Errorf("first s_client handshake not a new TLS 1.3 session:\n%s", out)
+		}
+		if out := sClient("-sess_in", sess); !strings.Contains(out, "Reused, TLSv1.3") {
+			t.Errorf("s_client -sess_in did not resume:\n%s", out)
+		}
+	})
 }
 
 // compareRetr checks RETR n against the message Dovecot stores.
@@ -433,7 +493,7 @@ func TestRetrByteExact(t *testing.T) {
 		proxies []target
 	}{
 		{"plain", directPlain(), []target{proxyPlain("proxy-starttls-on", env.on), proxyPlain("proxy-starttls-off", env.off)}},
-		{"tls", directTLS(t), []target{proxySTLS(), proxyImplicit()}},
+		{"tls", directTLS(t), []target{proxySTLS(), proxyImplicit(), proxyImplicitOpt()}},
 	} {
 		t.Run(group.name, func(t *testing.T) {
 			d := run(t, group.direct)
@@ -479,7 +539,7 @@ func TestMailboxCommands(t *testing.T) {
 	if !strings.HasPrefix(direct[0], "STAT => +OK 5 ") {
 		t.Fatalf("direct STAT: %q", direct[0])
 	}
-	for _, tg := range []target{proxyPlain("proxy-starttls-on", env.on), proxySTLS(), proxyImplicit()} {
+	for _, tg := range []target{proxyPlain("proxy-starttls-on", env.on), proxySTLS(), proxyImplicit(), proxyImplicitOpt()} {
 		t.Run(tg.name, func(t *testing.T) {
 			got := session(t, tg)
 			if !slices.Equal(got, direct) {
@@ -528,7 +588,7 @@ func TestDeleteCommits(t *testing.T) {
 	if !slices.Contains(direct, "STAT => +OK 3 "+fmt.Sprint(len(env.daveMsgs[0])+len(env.daveMsgs[2])+len(env.daveMsgs[4]))) {
 		t.Fatalf("direct transcript:\n%s", strings.Join(direct, "\n"))
 	}
-	for _, tg := range []target{proxyPlain("proxy-starttls-on", env.on), proxyImplicit()} {
+	for _, tg := range []target{proxyPlain("proxy-starttls-on", env.on), proxyImplicit(), proxyImplicitOpt()} {
 		t.Run(tg.name, func(t *testing.T) {
 			if got := run(t, tg); !slices.Equal(got, direct) {
 				t.Errorf("transcript differs from direct Dovecot:\n%s", diffLines(got, direct))
@@ -594,7 +654,7 @@ func TestPipelining(t *testing.T) {
 					t.Fatalf("direct: %q", direct)
 				}
 			}
-			for _, tg := range []target{proxyPlain("proxy-starttls-on", env.on), proxyPlain("proxy-starttls-off", env.off), proxySTLS(), proxyImplicit()} {
+			for _, tg := range []target{proxyPlain("proxy-starttls-on", env.on), proxyPlain("proxy-starttls-off", env.off), proxySTLS(), proxyImplicit(), proxyImplicitOpt()} {
 				t.Run(tg.name, func(t *testing.T) {
 					got := read(tg.dial(t), script)
 					if name == "deep" {
@@ -839,7 +899,7 @@ func TestHalfClose(t *testing.T) {
 		return out
 	}
 	want := run(t, directPlain())
-	for _, tg := range []target{proxyPlain("proxy-starttls-on", env.on), proxySTLS(), proxyImplicit()} {
+	for _, tg := range []target{proxyPlain("proxy-starttls-on", env.on), proxySTLS(), proxyImplicit(), proxyImplicitOpt()} {
 		t.Run(tg.name, func(t *testing.T) {
 			if got := run(t, tg); got != want {
 				t.Errorf("got %q, want Dovecot's %q", got, want)
@@ -854,7 +914,7 @@ func TestHalfClose(t *testing.T) {
 func TestClientAbortsRetr(t *testing.T) {
 	need(t)
 	usedSecret(big, bigPass)
-	for _, tg := range []target{proxyPlain("proxy-starttls-on", env.on), proxyImplicit()} {
+	for _, tg := range []target{proxyPlain("proxy-starttls-on", env.on), proxyImplicit(), proxyImplicitOpt()} {
 		t.Run(tg.name, func(t *testing.T) {
 			ended := dovecotLines("pop3(" + big + ")")
 			c := tg.dial(t)

@@ -62,6 +62,7 @@ var env struct {
 	caddy    *caddyProc // the shared Caddy with every listener below
 	// Listeners of the shared Caddy.
 	only, on, off, implicit, down string
+	implicitOpt                   string // pop3 with implicit_tls, no tls handler
 	closedPort                    string // where the down listener's upstream is (nothing listens)
 
 	aliceMsgs, daveMsgs [][]byte
@@ -118,16 +119,17 @@ func setup() error {
 		return err
 	}
 	env.closedPort = closed
-	ports := make([]string, 5)
+	ports := make([]string, 6)
 	for i := range ports {
 		if ports[i], err = freePort(); err != nil {
 			return err
 		}
 	}
-	env.only, env.on, env.off, env.implicit, env.down = ports[0], ports[1], ports[2], ports[3], ports[4]
+	env.only, env.on, env.off, env.implicit, env.down, env.implicitOpt = ports[0], ports[1], ports[2], ports[3], ports[4], ports[5]
 	cf := sharedCaddyfile()
 	p, err := launchCaddy("shared", cf, filepath.Join(tmp, "caddy-shared"), []listener{
 		{addr: env.only}, {addr: env.on}, {addr: env.off}, {addr: env.implicit, tls: true}, {addr: env.down},
+		{addr: env.implicitOpt, tls: true},
 	})
 	if err != nil {
 		return err
@@ -136,8 +138,9 @@ func setup() error {
 	return nil
 }
 
-// sharedCaddyfile serves one pop3 handler per STLS policy, implicit TLS and
-// an upstream that is down, all in front of the package's Dovecot.
+// sharedCaddyfile serves one pop3 handler per STLS policy, implicit TLS
+// (by caddy-l4's tls handler and by implicit_tls) and an upstream that is
+// down, all in front of the package's Dovecot.
 func sharedCaddyfile() string {
 	return fmt.Sprintf(`{
 	admin off
@@ -181,7 +184,7 @@ func sharedCaddyfile() string {
 				}
 			}
 		}
-		# implicit TLS, port 995 style
+		# implicit TLS, port 995 style, by caddy-l4's tls handler
 		%[4]s {
 			route {
 				tls {
@@ -192,6 +195,18 @@ func sharedCaddyfile() string {
 				}
 				pop3 %[6]s {
 					auth_failure_delay 1ms
+				}
+			}
+		}
+		# implicit TLS, port 995 style, by the pop3 handler (default ALPN pop3)
+		%[8]s {
+			route {
+				pop3 %[6]s {
+					implicit_tls
+					auth_failure_delay 1ms
+					connection_policy {
+						default_sni localhost
+					}
 				}
 			}
 		}
@@ -208,7 +223,7 @@ func sharedCaddyfile() string {
 		}
 	}
 }
-`, env.only, env.on, env.off, env.implicit, env.down, env.dc.POP3Addr, env.closedPort)
+`, env.only, env.on, env.off, env.implicit, env.down, env.dc.POP3Addr, env.closedPort, env.implicitOpt)
 }
 
 func teardown() {
@@ -1002,6 +1017,10 @@ func proxySTLS() target {
 
 func proxyImplicit() target {
 	return target{"proxy-implicit-tls", func(t *testing.T) *client { return dialPOP3(t, env.implicit, caddyTLS(t)) }}
+}
+
+func proxyImplicitOpt() target {
+	return target{"proxy-implicit_tls", func(t *testing.T) *client { return dialPOP3(t, env.implicitOpt, caddyTLS(t)) }}
 }
 
 // sortedKeys is for stable output.

@@ -214,9 +214,9 @@ type caddyProxy struct {
 }
 
 // caddyfile writes the configuration: a plain listener (starttls off), an
-// STLS listener (starttls only) and an implicit TLS listener (tls, then
-// pop3), all to Dovecot's plain port, or through the auth_http stand-in
-// when authURL is set. Certificates come from Caddy's internal CA.
+// STLS listener (starttls only) and an implicit TLS listener (pop3 with
+// implicit_tls), all to Dovecot's plain port, or through the auth_http
+// stand-in when authURL is set. Certificates come from Caddy's internal CA.
 func (p *caddyProxy) caddyfile(upstream, authURL, logLevel string) string {
 	pop3 := func(extra ...string) string {
 		var b strings.Builder
@@ -231,6 +231,7 @@ func (p *caddyProxy) caddyfile(upstream, authURL, logLevel string) string {
 		b.WriteString("\t\t\t\t}")
 		return b.String()
 	}
+	policy := []string{"connection_policy {", "\talpn pop3", "\tdefault_sni localhost", "}"}
 	return fmt.Sprintf(`# Written by pop3bench.
 {
 	admin %s
@@ -256,12 +257,6 @@ func (p *caddyProxy) caddyfile(upstream, authURL, logLevel string) string {
 		# implicit TLS, port 995 style
 		%s {
 			route {
-				tls {
-					connection_policy {
-						alpn pop3
-						default_sni localhost
-					}
-				}
 				%s
 			}
 		}
@@ -269,8 +264,8 @@ func (p *caddyProxy) caddyfile(upstream, authURL, logLevel string) string {
 }
 `, p.adminAddr, logLevel,
 		p.addrs[modePlain], pop3("starttls off"),
-		p.addrs[modeSTLS], pop3("starttls only", "connection_policy {", "\talpn pop3", "\tdefault_sni localhost", "}"),
-		p.addrs[modeTLS], pop3())
+		p.addrs[modeSTLS], pop3(append([]string{"starttls only"}, policy...)...),
+		p.addrs[modeTLS], pop3(append([]string{"implicit_tls"}, policy...)...))
 }
 
 func newCaddyProxy(bin, dir, upstream, authURL, logLevel string) (*caddyProxy, error) {
