@@ -403,7 +403,7 @@ func (s *session) loginFailed(req loginRequest, upstream string, err error) erro
 	var re *replyError
 	switch {
 	case errors.As(err, &rejected):
-		s.logger.Info("login failed", fields...)
+		s.log(zap.InfoLevel, "login failed", fields...)
 		s.authFailed(req)
 		reply := &replyError{code: rejected.code, text: errAuthFailed.text}
 		if reply.code == "" {
@@ -415,24 +415,24 @@ func (s *session) loginFailed(req loginRequest, upstream string, err error) erro
 		s.failureDelay(0, false)
 		return reply
 	case errors.As(err, &refused):
-		s.logger.Info("login failed", fields...)
+		s.log(zap.InfoLevel, "login failed", fields...)
 		s.authFailed(req)
 		s.failureDelay(refused.wait, refused.hasWait)
 		return &replyError{code: refused.code, text: refused.text}
 	case errors.As(err, &re):
-		s.logger.Info("login refused", fields...)
+		s.log(zap.InfoLevel, "login refused", fields...)
 		metrics.login(req.method, "invalid", -1)
 		return err
 	case errors.Is(err, errAuthServer):
-		s.logger.Warn("auth server unavailable", fields...)
+		s.log(zap.WarnLevel, "auth server unavailable", fields...)
 		metrics.login(req.method, "unavailable", -1)
 		return errAuthUnavailable
 	}
 	metrics.login(req.method, "unavailable", -1)
 	if errors.Is(err, errNoUpstream) {
-		s.logger.Warn("no upstream available", fields...)
+		s.log(zap.WarnLevel, "no upstream available", fields...)
 	} else {
-		s.logger.Warn("upstream unavailable", fields...)
+		s.log(zap.WarnLevel, "upstream unavailable", fields...)
 	}
 	s.result = "upstream_unavailable"
 	return errUnavailable

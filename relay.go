@@ -53,7 +53,8 @@ func (s *session) relay() error {
 	if err != nil {
 		return s.ioError(err)
 	}
-	s.r, up.r, s.w, up.w = nil, nil, nil, nil // the relay needs no line buffers
+	s.releaseBuffers() // the relay needs no line buffers
+	up.releaseBuffers()
 	_ = client.SetDeadline(time.Time{})
 	_ = up.conn.SetDeadline(time.Time{})
 	s.debug("relay started", zap.Bool("splice", r.splice))

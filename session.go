@@ -15,6 +15,7 @@ import (
 	"github.com/mholt/caddy-l4/layer4"
 	"github.com/mholt/caddy-l4/modules/l4tls"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 
 	"github.com/caddy-pop3/caddy-pop3/internal/pop3wire"
 )
@@ -32,11 +33,10 @@ var now = time.Now
 
 // session is one client connection.
 type session struct {
-	h      *Handler
-	cx     *layer4.Connection // the client; wrapped in TLS after STLS or the implicit_tls handshake
-	r      *pop3wire.Reader
-	w      *bufio.Writer
-	logger *zap.Logger
+	h  *Handler
+	cx *layer4.Connection // the client; wrapped in TLS after STLS or the implicit_tls handshake
+	r  *pop3wire.Reader
+	w  *bufio.Writer
 
 	state     state
 	secure    bool   // TLS: STLS, implicit_tls or the route's tls handler
@@ -97,8 +97,7 @@ func newSession(h *Handler, cx *layer4.Connection) *session {
 		h:      h,
 		cx:     cx,
 		r:      pop3wire.NewReader(cx, h.MaxLineLength),
-		w:      bufio.NewWriterSize(cx, 1024),
-		logger: h.logger.With(zap.String("session", id), zap.String("remote", remote)),
+		w:      pop3wire.NewWriter(cx),
 		start:  now(),
 		secure: len(l4tls.GetConnectionStates(cx)) > 0,
 		id:     id,
@@ -166,7 +165,7 @@ func (s *session) greet() error {
 	if s.h.relayChallenges {
 		up, err := s.h.pool.connect(s.cx.Context, s.poolRequest(""), s.dialClient(), now().Add(time.Duration(s.h.Timeout)))
 		if err != nil {
-			s.logger.Warn("upstream unavailable", zap.Error(err))
+			s.log(zap.WarnLevel, "upstream unavailable", zap.Error(err))
 			s.state, s.result = stateDone, "upstream_unavailable"
 			return s.writeLine("-ERR " + errUnavailable.Error() + s.idSuffix())
 		}
@@ -267,7 +266,7 @@ func (s *session) reply(err error) error {
 	}
 	var re *replyError
 	if !errors.As(err, &re) {
-		s.logger.Error("handling command", zap.Error(err))
+		s.log(zap.ErrorLevel, "handling command", zap.Error(err))
 		re = errInternal
 	}
 	text := re.Error()
@@ -317,7 +316,7 @@ func (s *session) ioError(err error) error {
 			_ = s.writeLine("-ERR [SYS/TEMP] " + reason + s.idSuffix())
 			_ = s.w.Flush()
 		}
-		s.logger.Info("session closed", zap.String("reason", reason))
+		s.log(zap.InfoLevel, "session closed", zap.String("reason", reason))
 		return nil
 	}
 	switch {
@@ -352,13 +351,28 @@ func (s *session) setResult(r string) {
 }
 
 func (s *session) debug(msg string, fields ...zap.Field) {
-	if ce := s.logger.Check(zap.DebugLevel, msg); ce != nil {
-		ce.Write(fields...)
+	s.log(zap.DebugLevel, msg, fields...)
+}
+
+// log writes a line with the session's id and client address. They are
+// added per line: a Logger.With clone would hold an encoder buffer for the
+// whole session, parked ones included.
+func (s *session) log(level zapcore.Level, msg string, fields ...zap.Field) {
+	if ce := s.h.logger.Check(level, msg); ce != nil {
+		ce.Write(append([]zap.Field{zap.String("session", s.id), zap.String("remote", s.remote)}, fields...)...)
 	}
+}
+
+// releaseBuffers returns the client's line buffers to their pools.
+func (s *session) releaseBuffers() {
+	s.r.Release()
+	pop3wire.ReleaseWriter(s.w)
+	s.r, s.w = nil, nil
 }
 
 // logEnd writes the one INFO line per session.
 func (s *session) logEnd() {
+	s.releaseBuffers()
 	liveSessions.remove(s)
 	if s.upstream != nil {
 		s.upstream.close()
@@ -378,6 +392,6 @@ func (s *session) logEnd() {
 	if s.upstream != nil {
 		fields = append(fields, zap.String("upstream", s.upstream.address))
 	}
-	s.logger.Info("session", fields...)
+	s.log(zap.InfoLevel, "session", fields...)
 	metrics.sessionEnded(s.result, s.shared.fromClient.Load(), s.shared.toClient.Load())
 }

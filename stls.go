@@ -1,7 +1,6 @@
 package pop3
 
 import (
-	"bufio"
 	"crypto/tls"
 	"time"
 
@@ -29,7 +28,7 @@ func (s *session) handleStartTLS() error {
 		return errNoSTLS
 	case s.r.Buffered() > 0:
 		metrics.startTLS("refused")
-		s.logger.Warn("plaintext pipelined after STLS, closing")
+		s.log(zap.WarnLevel, "plaintext pipelined after STLS, closing")
 		s.result = "stls_injection"
 		return errSTLSPipelined
 	}
@@ -105,8 +104,9 @@ func (s *session) handshakeTLS() (*tls.ConnectionState, error) {
 	s.shared.tls = true
 	s.shared.mu.Unlock()
 	s.cx = s.cx.Wrap(tc)
+	s.releaseBuffers()
 	s.r = pop3wire.NewReader(s.cx, s.h.MaxLineLength)
-	s.w = bufio.NewWriterSize(s.cx, 1024)
+	s.w = pop3wire.NewWriter(s.cx)
 	s.secure = true
 	return &st, nil
 }

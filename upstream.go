@@ -135,7 +135,7 @@ func (c *upstreamClient) setup(ctx context.Context, o upstreamOptions, client di
 		}
 	}
 	c.r = pop3wire.NewReader(c.conn, upstreamLineLimit)
-	c.w = bufio.NewWriterSize(c.conn, 512)
+	c.w = pop3wire.NewWriter(c.conn)
 	greeting, err := c.readResponse()
 	if err != nil {
 		return fmt.Errorf("reading upstream greeting: %w", err)
@@ -161,8 +161,9 @@ func (c *upstreamClient) setup(ctx context.Context, o upstreamOptions, client di
 		if err := c.startTLS(ctx, o.tls); err != nil {
 			return err
 		}
+		c.releaseBuffers()
 		c.r = pop3wire.NewReader(c.conn, upstreamLineLimit)
-		c.w = bufio.NewWriterSize(c.conn, 512)
+		c.w = pop3wire.NewWriter(c.conn)
 	}
 	if o.xclient && client.remote != nil {
 		if err := c.xclient(client.remote); err != nil {
@@ -282,10 +283,18 @@ func apopTimestamp(text string) string {
 func (c *upstreamClient) close() {
 	_ = c.conn.Close()
 	c.closeOnce.Do(func() {
+		c.releaseBuffers()
 		if c.onClose != nil {
 			c.onClose()
 		}
 	})
+}
+
+// releaseBuffers returns the line buffers to their pools.
+func (c *upstreamClient) releaseBuffers() {
+	c.r.Release()
+	pop3wire.ReleaseWriter(c.w)
+	c.r, c.w = nil, nil
 }
 
 // quit ends a connection after a refused login; the answer does not matter.

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"io"
 	"strings"
+	"sync"
 )
 
 // Errors returned by this package.
@@ -33,7 +34,53 @@ type Reader struct {
 // NewReader returns a Reader whose lines may hold up to max bytes, not
 // counting the line end.
 func NewReader(r io.Reader, max int) *Reader {
-	return &Reader{br: bufio.NewReaderSize(r, min(readerBufferSize, max+2)), max: max}
+	size := min(readerBufferSize, max+2)
+	if size < readerBufferSize {
+		return &Reader{br: bufio.NewReaderSize(r, size), max: max}
+	}
+	br := readers.Get().(*bufio.Reader)
+	br.Reset(r)
+	return &Reader{br: br, max: max}
+}
+
+// Buffers are pooled: every connection needs them for its first lines, and
+// few need them after (a relay moves bytes without them).
+var (
+	readers = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, readerBufferSize) }}
+	writers = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, writerBufferSize) }}
+)
+
+// writerBufferSize holds any reply or command the proxy writes itself.
+const writerBufferSize = 1024
+
+// Release gives the buffer back for reuse. r must not be used afterwards;
+// bytes still buffered are dropped (see WriteBufferedTo).
+func (r *Reader) Release() {
+	if r == nil || r.br == nil {
+		return
+	}
+	if r.br.Size() == readerBufferSize {
+		r.br.Reset(nil)
+		readers.Put(r.br)
+	}
+	r.br, r.long = nil, nil
+}
+
+// NewWriter returns a pooled buffered writer for commands and replies.
+func NewWriter(w io.Writer) *bufio.Writer {
+	bw := writers.Get().(*bufio.Writer)
+	bw.Reset(w)
+	return bw
+}
+
+// ReleaseWriter gives w back for reuse; unflushed bytes are dropped and w
+// must not be used afterwards.
+func ReleaseWriter(w *bufio.Writer) {
+	if w == nil || w.Size() != writerBufferSize {
+		return
+	}
+	w.Reset(nil)
+	writers.Put(w)
 }
 
 // ReadLine returns the next line without its line end. The slice is valid

@@ -114,3 +114,32 @@ func TestWriteBufferedTo(t *testing.T) {
 		t.Error("HasLine true on empty buffer")
 	}
 }
+
+// A released reader's unread bytes never reach the next reader of the pool.
+func TestReleasedReaderLeavesNothing(t *testing.T) {
+	first := NewReader(strings.NewReader("USER alice\r\nPASS secret\r\n"), 32*1024)
+	if line, err := first.ReadLine(); err != nil || string(line) != "USER alice" {
+		t.Fatalf("%q %v", line, err)
+	}
+	first.Release()
+	for i := 0; i < 10; i++ {
+		next := NewReader(strings.NewReader("NOOP\r\n"), 32*1024)
+		if line, err := next.ReadLine(); err != nil || string(line) != "NOOP" {
+			t.Fatalf("%q %v", line, err)
+		}
+		if _, err := next.ReadLine(); err != io.EOF {
+			t.Fatalf("after NOOP: %v, want EOF", err)
+		}
+		next.Release()
+	}
+	w := NewWriter(io.Discard)
+	_, _ = w.WriteString("+OK unflushed")
+	ReleaseWriter(w)
+	var b strings.Builder
+	w = NewWriter(&b)
+	_, _ = w.WriteString("+OK\r\n")
+	_ = w.Flush()
+	if b.String() != "+OK\r\n" {
+		t.Fatalf("pooled writer wrote %q", b.String())
+	}
+}
