@@ -471,9 +471,26 @@ func (h *Handler) Cleanup() error {
 // Handle serves one POP3 client connection. It returns nil for ordinary
 // ends (QUIT, client EOF, timeouts) since caddy-l4 logs any error at ERROR.
 func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
+	growStack()
 	s := newSession(h, cx)
 	return s.run()
 }
+
+// growStack makes the goroutine's stack big enough for a login in one
+// step, while the stack is shallow and cheap to copy: grown in the dial
+// deep inside the login instead, Go copies it twice, adjusting every frame.
+//
+//go:noinline
+func growStack() {
+	var frame [loginStack]byte
+	keep(frame[:])
+}
+
+// loginStack is about the stack a login uses below Handle.
+const loginStack = 10 << 10
+
+//go:noinline
+func keep([]byte) {}
 
 func (h *Handler) hasAuth(method string) bool {
 	for _, m := range h.Auth {

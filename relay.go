@@ -317,7 +317,7 @@ func (r *relay) directionDone(d *direction, err error) {
 	r.mu.Lock()
 	d.state = pumpDone
 	r.running--
-	upstream, client := r.upstream, r.client
+	upstream := r.upstream
 	r.mu.Unlock()
 	switch {
 	case d.toUpstream && err == nil:
@@ -327,8 +327,7 @@ func (r *relay) directionDone(d *direction, err error) {
 		r.s.debug("relay from client", zap.Error(err))
 		r.end("client_error")
 	case err == nil:
-		closeWrite(client)
-		r.end("ok")
+		r.end("ok") // closing sends the client its FIN: no shutdown(2) first
 	default:
 		r.s.debug("relay from upstream", zap.Error(err))
 		r.end("upstream_error")
