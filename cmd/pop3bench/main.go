@@ -548,6 +548,7 @@ func (b *bench) measureIdle(t *target, n int) (*memResult, error) {
 	if t.name == nameCaddy {
 		mr.goroutinesBefore, _ = b.caddy.goroutines()
 		mr.stackBefore, _ = b.caddy.goStack()
+		mr.heapBefore, _ = b.caddy.liveHeap()
 	}
 
 	start := time.Now()
@@ -566,6 +567,10 @@ func (b *bench) measureIdle(t *target, n int) (*memResult, error) {
 	if t.name == nameCaddy {
 		mr.goroutinesAfter, _ = b.caddy.goroutines()
 		mr.stackAfter, _ = b.caddy.goStack()
+		// What stays once the garbage of the logins is collected.
+		mr.heapAfter, _ = b.caddy.liveHeap()
+		time.Sleep(cfg.settle)
+		mr.afterGC, _ = rssKiB(pids)
 		if cfg.pprof && n == slices.Max(cfg.sessions) {
 			b.saveProfile(fmt.Sprintf("caddy-heap-%d-idle.pb.gz", n), "/debug/pprof/heap", 30*time.Second)
 		}

@@ -73,6 +73,8 @@ type memResult struct {
 	fdsFresh, fdsAfter                fdCount // right after the restart; with the sessions open
 	goroutinesBefore, goroutinesAfter int
 	stackBefore, stackAfter           float64 // Caddy's goroutine stacks, bytes
+	heapBefore, heapAfter             float64 // Caddy's live Go heap after a forced GC, bytes
+	afterGC                           uint64  // Caddy's RSS KiB a settle time after that GC
 	open                              int
 	openTime                          time.Duration
 	errors                            int
@@ -315,10 +317,10 @@ func (b *bench) report() (failed bool, err error) {
 	if len(r.memory) > 0 {
 		p("## Memory per idle session")
 		p("")
-		p("For each count, the proxy is restarted, warmed up (200 short sessions, 100 idle ones opened and closed), and its RSS (VmRSS from /proc/<pid>/status; NGINX: master + workers) is read before and %v after opening that many logged-in idle sessions (plain POP3, USER/PASS, then nothing); KiB per session = the difference / count. Afterwards every session must answer `NOOP`. fds per session: the growth in the proxy's open sockets and pipe ends (splice(2) buffers) from the freshly started process / count. For Caddy, the growth in goroutines and in goroutine stack memory (`go_memstats_stack_inuse_bytes` from the admin endpoint's /metrics) shows how much of the RSS is stacks; pipes live in kernel memory, outside RSS.", cfg.settle)
+		p("For each count, the proxy is restarted, warmed up (200 short sessions, 100 idle ones opened and closed), and its RSS (VmRSS from /proc/<pid>/status; NGINX: master + workers) is read before and %v after opening that many logged-in idle sessions (plain POP3, USER/PASS, then nothing); KiB per session = the difference / count. Afterwards every session must answer `NOOP`. fds per session: the growth in the proxy's open sockets and pipe ends (splice(2) buffers) from the freshly started process / count. For Caddy, the growth in goroutines and in goroutine stack memory (`go_memstats_stack_inuse_bytes` from the admin endpoint's /metrics) shows how much of the RSS is stacks; pipes live in kernel memory, outside RSS. The RSS read %v after opening still holds the garbage of the logins: Go collects it at its next GC, which an idle process runs within two minutes. The last two columns show what stays: Caddy's RSS %v after a forced GC (`/debug/pprof/heap?gc=1`), per session, and its live Go heap after a GC (`go_memstats_heap_alloc_bytes`, the growth from before the sessions), per session.", cfg.settle, cfg.settle, cfg.settle)
 		p("")
-		p("| sessions | proxy | RSS before MiB | RSS with sessions MiB | KiB per session | caddy-pop3 / NGINX | fds per session: sockets + pipe ends | goroutines per session | Go stack KiB per session | open time s | errors |")
-		p("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+		p("| sessions | proxy | RSS before MiB | RSS with sessions MiB | KiB per session | caddy-pop3 / NGINX | fds per session: sockets + pipe ends | goroutines per session | Go stack KiB per session | open time s | errors | RSS KiB per session after a GC | live Go heap KiB per session |")
+		p("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 		for _, m := range r.memory {
 			cn := ""
 			if m.proxy == nameCaddy {
@@ -328,12 +330,18 @@ func (b *bench) report() (failed bool, err error) {
 					}
 				}
 			}
-			gr, gm := "–", "–"
+			gr, gm, rg, lh := "–", "–", "–", "–"
 			if m.proxy == nameCaddy && m.goroutinesAfter > 0 {
 				gr = f2(float64(m.goroutinesAfter-m.goroutinesBefore) / m.opened())
 			}
 			if m.proxy == nameCaddy && m.stackAfter > 0 {
 				gm = f1((m.stackAfter - m.stackBefore) / 1024 / m.opened())
+			}
+			if m.proxy == nameCaddy && m.afterGC > 0 {
+				rg = f1((float64(m.afterGC) - float64(m.before)) / m.opened())
+			}
+			if m.proxy == nameCaddy && m.heapAfter > 0 {
+				lh = f1((m.heapAfter - m.heapBefore) / 1024 / m.opened())
 			}
 			errs := fmt.Sprint(m.errors)
 			if m.errors > 0 {
@@ -341,7 +349,7 @@ func (b *bench) report() (failed bool, err error) {
 				errs = fmt.Sprintf("**%d** of %d (%s; the proxy's open files limit is %s; per-session figures are over the %d sessions that opened)", m.errors, m.n, shortErr(m.firstErr), m.fdLimit, m.open)
 			}
 			so, pi := m.fdsPerSession()
-			p("| %d | %s | %.1f | %.1f | %s | %s | %s + %s | %s | %s | %.1f | %s |", m.n, m.proxy, float64(m.before)/1024, float64(m.after)/1024, f1(m.perSession()), cn, f2(so), f2(pi), gr, gm, m.openTime.Seconds(), errs)
+			p("| %d | %s | %.1f | %.1f | %s | %s | %s + %s | %s | %s | %.1f | %s | %s | %s |", m.n, m.proxy, float64(m.before)/1024, float64(m.after)/1024, f1(m.perSession()), cn, f2(so), f2(pi), gr, gm, m.openTime.Seconds(), errs, rg, lh)
 		}
 		p("")
 	}

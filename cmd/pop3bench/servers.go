@@ -392,7 +392,10 @@ func (p *caddyProxy) goroutines() (int, error) {
 
 // goStack is the memory of Caddy's goroutine stacks, from the Go
 // collector's go_memstats_stack_inuse_bytes on the admin endpoint's /metrics.
-func (p *caddyProxy) goStack() (float64, error) {
+func (p *caddyProxy) goStack() (float64, error) { return p.goMetric("go_memstats_stack_inuse_bytes") }
+
+// goMetric reads one unlabelled sample of the Go collector from /metrics.
+func (p *caddyProxy) goMetric(name string) (float64, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	b, err := p.adminGet(ctx, "/metrics")
@@ -400,11 +403,23 @@ func (p *caddyProxy) goStack() (float64, error) {
 		return 0, err
 	}
 	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "go_memstats_stack_inuse_bytes "); ok {
+		if v, ok := strings.CutPrefix(line, name+" "); ok {
 			return strconv.ParseFloat(strings.TrimSpace(v), 64)
 		}
 	}
-	return 0, errors.New("no go_memstats_stack_inuse_bytes in /metrics")
+	return 0, fmt.Errorf("no %s in /metrics", name)
+}
+
+// liveHeap runs a garbage collection in Caddy (/debug/pprof/heap?gc=1, as
+// the runtime itself does at the latest every two minutes) and returns the
+// heap that stayed allocated.
+func (p *caddyProxy) liveHeap() (float64, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := p.adminGet(ctx, "/debug/pprof/heap?gc=1"); err != nil {
+		return 0, err
+	}
+	return p.goMetric("go_memstats_heap_alloc_bytes")
 }
 
 // nginxProxy is NGINX's mail proxy: a private master with its workers.
