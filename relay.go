@@ -317,9 +317,11 @@ func (r *relay) directionDone(d *direction, err error) {
 	r.mu.Lock()
 	d.state = pumpDone
 	r.running--
-	upstream := r.upstream
+	upstream, ended := r.upstream, r.ended
 	r.mu.Unlock()
 	switch {
+	case ended: // the error is the relay closing the connections
+		r.settle()
 	case d.toUpstream && err == nil:
 		closeWrite(upstream) // let the upstream answer and close
 		r.settle()

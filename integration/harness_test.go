@@ -415,14 +415,9 @@ func stuffed(msg []byte) []byte {
 	return b.Bytes()
 }
 
-func freePort() (string, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", fmt.Errorf("picking a free port: %w", err)
-	}
-	defer l.Close()
-	return l.Addr().String(), nil
-}
+// freePort is an address for a listener the test starts later: outside
+// the ephemeral range, so the proxy's own connections cannot take it first.
+func freePort() (string, error) { return dovecot.FreeAddr() }
 
 // --- Caddy processes -------------------------------------------------------
 

@@ -185,22 +185,16 @@ func waitGreeting(c *child, addr string, timeout time.Duration) error {
 	return fmt.Errorf("%s: no POP3 greeting on %s within %v: %v\n%s", c.name, addr, timeout, last, c.tail())
 }
 
-// freeAddrs returns n distinct free loopback addresses.
+// freeAddrs returns n distinct free loopback addresses, outside the
+// ephemeral port range that the load's own connections use.
 func freeAddrs(n int) ([]string, error) {
-	var addrs []string
-	var lns []net.Listener
-	defer func() {
-		for _, l := range lns {
-			l.Close()
-		}
-	}()
-	for i := 0; i < n; i++ {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
+	addrs := make([]string, n)
+	for i := range addrs {
+		a, err := dovecot.FreeAddr()
 		if err != nil {
 			return nil, err
 		}
-		lns = append(lns, ln)
-		addrs = append(addrs, ln.Addr().String())
+		addrs[i] = a
 	}
 	return addrs, nil
 }

@@ -715,25 +715,13 @@ func mkdir(d string) error {
 }
 
 // pickAddrs returns the configured addresses, or free loopback ports for
-// the empty ones. Both probes stay open until both are known, so the two
-// ports differ.
+// the empty ones (FreeAddr never gives the same port twice).
 func pickAddrs(pop3, pop3s string) (string, string, error) {
-	var probes []net.Listener
-	defer func() {
-		for _, l := range probes {
-			_ = l.Close()
-		}
-	}()
 	pick := func(addr string) (string, error) {
 		if addr != "" {
 			return addr, nil
 		}
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return "", fmt.Errorf("dovecot: picking a free port: %w", err)
-		}
-		probes = append(probes, l)
-		return l.Addr().String(), nil
+		return FreeAddr()
 	}
 	a, err := pick(pop3)
 	if err != nil {
