@@ -1,13 +1,19 @@
 package pop3
 
 import (
+	"crypto/sha256"
+	"crypto/tls"
+	"io"
 	"runtime"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/caddy-pop3/caddy-pop3/internal/pop3test"
 )
 
 // withParkAfter shortens parkAfter for one test.
@@ -160,5 +166,104 @@ func TestClientHalfCloseWhileParked(t *testing.T) {
 	ts.expectClosed()
 	if line := sessionLine(t, logs); line["result"] != "ok" {
 		t.Errorf("session line %v", line)
+	}
+}
+
+// TestTLSRelayParks: a relay under TLS the handler terminated (STLS here)
+// parks too; after it, a large message still arrives byte for byte.
+func TestTLSRelayParks(t *testing.T) {
+	withParkAfter(t, 50*time.Millisecond)
+	msg := bigMessage(1 << 20)
+	_, addr := fakeUpstream(t, func(u *pop3test.Upstream) { u.Messages = []string{msg} })
+	h, logs := newTestHandler(t, addr, func(h *Handler) { h.StartTLS = StartTLSOnly })
+	ts := startSession(t, h, logs, true)
+	ts.startTLS()
+	ts.send("USER alice", "PASS secret-pw")
+	ts.expect("+OK")
+	ts.expect("+OK Logged in.")
+	ts.waitParked()
+	for i := 0; i < 2; i++ {
+		ts.send("RETR 1")
+		ts.expect("+OK")
+		got := make([]byte, len(msg)+3)
+		_ = ts.conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.ReadFull(ts.r, got); err != nil {
+			t.Fatal(err)
+		}
+		if sha256.Sum256(got) != sha256.Sum256([]byte(msg+".\r\n")) {
+			t.Fatal("message relayed after parking differs")
+		}
+		time.Sleep(200 * time.Millisecond)
+		if n := relayGoroutines(); n != 0 {
+			t.Fatalf("round %d: %d relay goroutines after parking again", i, n)
+		}
+	}
+	ts.send("QUIT")
+	ts.expect("+OK bye")
+	ts.expectClosed()
+	if line := sessionLine(t, logs); line["result"] != "ok" || line["tls"] != true {
+		t.Errorf("session line %v", line)
+	}
+}
+
+func TestImplicitTLSRelayParks(t *testing.T) {
+	withParkAfter(t, 50*time.Millisecond)
+	_, addr := fakeUpstream(t, nil)
+	h, logs := newTestHandler(t, addr, func(h *Handler) { h.ImplicitTLS = true })
+	ts, _ := startImplicitSession(t, h, logs, &tls.Config{RootCAs: serverRoots(t, h), ServerName: "localhost"})
+	ts.loginParkWakeQuit()
+}
+
+// TestRouteTLSRelayKeepsGoroutines: under caddy-l4's tls handler the
+// socket cannot be swapped, so the relay must not park.
+func TestRouteTLSRelayKeepsGoroutines(t *testing.T) {
+	withParkAfter(t, 50*time.Millisecond)
+	_, addr := fakeUpstream(t, nil)
+	h, logs := newTestHandler(t, addr, nil)
+	ts := startBehindTLSHandler(t, h, logs)
+	ts.send("USER alice", "PASS secret-pw")
+	ts.expect("+OK")
+	ts.expect("+OK Logged in.")
+	time.Sleep(300 * time.Millisecond)
+	select {
+	case err := <-ts.done:
+		t.Fatalf("Handle returned (%v) under the route's TLS", err)
+	default:
+	}
+	ts.send("STAT")
+	ts.expect("+OK 1 ")
+	ts.send("QUIT")
+	ts.expect("+OK bye")
+	ts.closed()
+}
+
+// TestUpstreamTLSRelayParks: TLS to the upstream does not keep the relay
+// from parking; its direction waits on the socket under the TLS.
+func TestUpstreamTLSRelayParks(t *testing.T) {
+	withParkAfter(t, 50*time.Millisecond)
+	_, addr := fakeUpstream(t, func(u *pop3test.Upstream) {
+		u.TLS = &tls.Config{Certificates: []tls.Certificate{testCertificate(t)}}
+	})
+	h, logs := newTestHandler(t, "", func(h *Handler) {
+		h.Upstream = []*Upstream{{Address: addr, TLS: &reverseproxy.TLSConfig{InsecureSkipVerify: true}}}
+	})
+	startSession(t, h, logs, true).loginParkWakeQuit()
+}
+
+// loginParkWakeQuit logs in, waits for the relay to park, wakes it with
+// STAT, quits and checks the session line.
+func (ts *testSession) loginParkWakeQuit() {
+	ts.t.Helper()
+	ts.send("USER alice", "PASS secret-pw")
+	ts.expect("+OK")
+	ts.expect("+OK Logged in.")
+	ts.waitParked()
+	ts.send("STAT")
+	ts.expect("+OK 1 ")
+	ts.send("QUIT")
+	ts.expect("+OK bye")
+	ts.expectClosed()
+	if line := sessionLine(ts.t, ts.logs); line["result"] != "ok" {
+		ts.t.Errorf("session line %v", line)
 	}
 }

@@ -1,6 +1,7 @@
 package pop3
 
 import (
+	"crypto/tls"
 	"errors"
 	"io"
 	"net"
@@ -8,6 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/mholt/caddy-l4/layer4"
 	"go.uber.org/zap"
 )
 
@@ -23,9 +25,11 @@ var relayBuffers = sync.Pool{New: func() any { b := make([]byte, 32*1024); retur
 var parkAfter = time.Second
 
 // relay copies bytes both ways until the session ends. With plain TCP on
-// both legs the kernel moves the bytes (splice(2) through TCPConn.ReadFrom)
-// and a quiet session parks; with TLS on either leg a pooled buffer copies
-// and each direction keeps its goroutine.
+// both legs the kernel moves the bytes (splice(2) through TCPConn.ReadFrom);
+// with TLS on either leg a pooled buffer copies. A quiet session parks when
+// the proxy can reach both sockets under any TLS: plain TCP, TLS that the
+// handler terminated itself (STLS, implicit_tls) and TLS to the upstream;
+// not TLS from caddy-l4's tls handler, whose socket it cannot swap.
 func (s *session) relay() error {
 	up := s.upstream
 	client := s.cx.Conn // the *layer4.Connection wrapper would hide ReadFrom
@@ -98,19 +102,22 @@ type direction struct {
 type relay struct {
 	s          *session
 	idle       time.Duration
-	splice     bool // plain TCP both ways: splice(2), and parking where supported
+	splice     bool // plain TCP both ways: splice(2)
 	lastActive atomic.Int64
 
-	mu       sync.Mutex
-	client   net.Conn // a duplicate of the accepted socket once detached
-	upstream net.Conn
-	up, down direction // client to upstream, upstream to client
-	running  int       // pumps with a goroutine, the handler's included
-	detached bool      // the handler returned: the relay ends the session itself
-	ended    bool
-	result   string
-	timer    *time.Timer
-	quiet    chan struct{} // closed when ended and no pump runs, if not detached
+	mu          sync.Mutex
+	client      net.Conn // what the client's bytes go through: the socket, or TLS over it
+	upstream    net.Conn
+	clientRaw   *net.TCPConn // the client's socket (a duplicate once detached); nil: no parking
+	upstreamRaw *net.TCPConn
+	clientSwap  *swapConn // under the client's TLS, if the handler terminated it
+	up, down    direction // client to upstream, upstream to client
+	running     int       // pumps with a goroutine, the handler's included
+	detached    bool      // the handler returned: the relay ends the session itself
+	ended       bool
+	result      string
+	timer       *time.Timer
+	quiet       chan struct{} // closed when ended and no pump runs, if not detached
 }
 
 func newRelay(s *session, client, upstream net.Conn) *relay {
@@ -121,6 +128,8 @@ func newRelay(s *session, client, upstream net.Conn) *relay {
 		client: client, upstream: upstream, quiet: make(chan struct{}),
 		running: 2, // both pumps, from before they start: an early end waits for them
 	}
+	r.clientRaw, r.clientSwap = clientSocket(client)
+	r.upstreamRaw = upstreamSocket(upstream)
 	r.up = direction{r: r, toUpstream: true, moved: &s.shared.fromClient}
 	r.down = direction{r: r, moved: &s.shared.toClient}
 	r.touch()
@@ -133,7 +142,60 @@ func (r *relay) quietFor() time.Duration {
 	return now().Sub(time.Unix(0, r.lastActive.Load()))
 }
 
-func (r *relay) canPark() bool { return r.splice && parkingSupported }
+func (r *relay) canPark() bool {
+	return parkingSupported && r.clientRaw != nil && r.upstreamRaw != nil
+}
+
+// socket is the socket d reads from, for the parker. Called with r.mu held.
+func (r *relay) socket(d *direction) *net.TCPConn {
+	if d.toUpstream {
+		return r.clientRaw
+	}
+	return r.upstreamRaw
+}
+
+// swapConn is the connection under a TLS session that the handler
+// terminated itself: a relay that parks puts a duplicate of the socket in
+// it, so that caddy-l4 may close the accepted one (see relay.park).
+type swapConn struct{ net.Conn }
+
+// clientSocket finds the client's socket under c, and the swapConn above it
+// when c is TLS. Bytes a matcher prefetched and nobody read yet would be
+// lost with the socket swapped: then there is none.
+func clientSocket(c net.Conn) (*net.TCPConn, *swapConn) {
+	switch c := c.(type) {
+	case *net.TCPConn:
+		return c, nil
+	case *tls.Conn:
+		sw, ok := c.NetConn().(*swapConn)
+		if !ok {
+			return nil, nil
+		}
+		under := sw.Conn
+		if cx, ok := under.(*layer4.Connection); ok {
+			if len(cx.MatchingBytes()) > 0 {
+				return nil, nil
+			}
+			under = cx.Conn
+		}
+		if tcp, ok := under.(*net.TCPConn); ok {
+			return tcp, sw
+		}
+	}
+	return nil, nil
+}
+
+// upstreamSocket finds the upstream's socket under c (plain or TLS).
+func upstreamSocket(c net.Conn) *net.TCPConn {
+	switch c := c.(type) {
+	case *net.TCPConn:
+		return c
+	case *tls.Conn:
+		tcp, _ := c.NetConn().(*net.TCPConn)
+		return tcp
+	}
+	return nil
+}
 
 // ends returns d's source and destination. Called with r.mu held.
 func (r *relay) ends(d *direction) (src, dst net.Conn) {
@@ -265,13 +327,18 @@ func (r *relay) park(d *direction) (parked, detached bool) {
 			_ = src.SetReadDeadline(time.Time{}) // the other direction asks again when it parks
 			return false, false
 		}
-		dup, err := duplicate(r.client.(*net.TCPConn))
+		dup, err := duplicate(r.clientRaw)
 		if err != nil {
 			r.s.debug("relay keeps its goroutines", zap.Error(err))
 			_ = src.SetReadDeadline(time.Time{})
 			return false, false
 		}
-		r.client, src = dup, dup
+		if r.clientSwap != nil {
+			r.clientSwap.Conn = dup // the TLS session goes on over the duplicate
+		} else {
+			r.client, src = dup, dup
+		}
+		r.clientRaw = dup
 		r.s.shared.mu.Lock()
 		r.s.raw = dup
 		r.s.shared.mu.Unlock()
@@ -279,7 +346,7 @@ func (r *relay) park(d *direction) (parked, detached bool) {
 		r.detached, detached = true, true
 	}
 	_ = src.SetReadDeadline(time.Time{})
-	if err := theParker.park(d, src.(*net.TCPConn)); err != nil {
+	if err := theParker.park(d, r.socket(d)); err != nil {
 		r.s.debug("relay keeps its goroutines", zap.Error(err))
 		if detached {
 			go r.pump(d) // the handler is leaving: another goroutine goes on

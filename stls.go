@@ -91,7 +91,7 @@ func (s *session) startImplicitTLS() bool {
 // way it came.
 func (s *session) handshakeTLS() (*tls.ConnectionState, error) {
 	_ = s.cx.SetDeadline(now().Add(time.Duration(s.h.Timeout)))
-	tc := tls.Server(s.cx, s.h.tlsConfig) // cx, not cx.Conn: it may hold prefetched bytes
+	tc := tls.Server(&swapConn{Conn: s.cx}, s.h.tlsConfig) // cx, not cx.Conn: it may hold prefetched bytes
 	if err := tc.HandshakeContext(s.cx.Context); err != nil {
 		return nil, err
 	}

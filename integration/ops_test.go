@@ -1162,9 +1162,10 @@ func TestExampleJSONLoads(t *testing.T) {
 // --- parked sessions -----------------------------------------------------------
 
 // TestIdleSessionsPark: logged-in sessions that go quiet give up their
-// goroutines (Caddy's go_goroutines stays flat while 40 sessions idle),
-// and a parked session still works both ways, is listed and can be closed
-// by the admin API, and times out by proxy_timeout.
+// goroutines (Caddy's go_goroutines stays flat while 40 plain and 10
+// implicit_tls sessions idle), and a parked session still works both ways,
+// is listed and can be closed by the admin API, and times out by
+// proxy_timeout.
 func TestIdleSessionsPark(t *testing.T) {
 	need(t)
 	usedSecret(alice, alicePass)
@@ -1172,22 +1173,44 @@ func TestIdleSessionsPark(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	tlsAddr, err := freePort()
+	if err != nil {
+		t.Fatal(err)
+	}
 	a := startAdminCaddy(t, "park", func(admin string) string {
 		return fmt.Sprintf(`{
-	admin %s
+	admin %[1]s
+	local_certs
+	skip_install_trust
+	tls_automate_names localhost
 	layer4 {
-		%s {
+		%[2]s {
 			route {
-				pop3 %s {
+				pop3 %[4]s {
 					starttls off
 					proxy_timeout 8s
 				}
 			}
 		}
+		%[3]s {
+			route {
+				pop3 %[4]s {
+					implicit_tls
+					proxy_timeout 8s
+					connection_policy {
+						default_sni localhost
+					}
+				}
+			}
+		}
 	}
 }
-`, admin, addr, env.dc.POP3Addr)
-	}, listener{addr: addr})
+`, admin, addr, tlsAddr, env.dc.POP3Addr)
+	}, listener{addr: addr}, listener{addr: tlsAddr, tls: true})
+	tlsCfg, err := a.tlsConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
 
 	direct := dialPOP3(t, env.dc.POP3Addr, nil)
 	direct.ok("USER " + alice)
@@ -1197,27 +1220,34 @@ func TestIdleSessionsPark(t *testing.T) {
 
 	goroutines := func() float64 { return a.metrics(t).get("go_goroutines") }
 	before := goroutines()
-	const n = 40
-	var clients []*client
-	for i := 0; i < n; i++ {
-		c := dialPOP3(t, addr, nil)
+	const n, nTLS = 40, 10
+	login := func(c *client) *client {
 		c.ok("USER " + alice)
 		c.ok("PASS " + alicePass)
 		c.ok("NOOP")
-		clients = append(clients, c)
+		return c
+	}
+	var clients, tlsClients []*client
+	for i := 0; i < n; i++ {
+		clients = append(clients, login(dialPOP3(t, addr, nil)))
+	}
+	for i := 0; i < nTLS; i++ {
+		tlsClients = append(tlsClients, login(dialPOP3(t, tlsAddr, tlsCfg)))
 	}
 	// Two goroutines per session before parking; none after (about a
 	// second of quiet).
-	waitFor(t, 10*time.Second, "the idle sessions to park", func() bool { return goroutines() < before+n/4 })
+	waitFor(t, 10*time.Second, "the idle sessions to park", func() bool { return goroutines() < before+(n+nTLS)/4 })
 
-	// A parked session: commands and replies flow, byte for byte as direct.
-	if got := clients[0].transcript("STAT", "LIST", "UIDL", "RETR 1", "TOP 2 3"); !reflect.DeepEqual(got, want) {
-		t.Errorf("parked session transcript differs from direct:\n%q\nwant\n%q", got, want)
+	// Parked sessions: commands and replies flow, byte for byte as direct.
+	for _, c := range []*client{clients[0], tlsClients[0]} {
+		if got := c.transcript("STAT", "LIST", "UIDL", "RETR 1", "TOP 2 3"); !reflect.DeepEqual(got, want) {
+			t.Errorf("%s: parked session transcript differs from direct:\n%q\nwant\n%q", c.name, got, want)
+		}
 	}
 	// Listed with its counts, closed by id.
 	list := a.sessions(t, "user="+alice)
 	s := bySession(list, clients[1])
-	if len(list) != n || s == nil || s.State != "relay" || s.FromClient == 0 {
+	if len(list) != n+nTLS || s == nil || s.State != "relay" || s.FromClient == 0 {
 		t.Fatalf("%d sessions listed, session %+v", len(list), s)
 	}
 	if closed := a.kick(t, "id="+s.ID); closed != 1 {
@@ -1226,7 +1256,7 @@ func TestIdleSessionsPark(t *testing.T) {
 	clients[1].expectClosed()
 	// The rest, parked again, wake for QUIT; Dovecot answers and closes.
 	time.Sleep(1500 * time.Millisecond)
-	for _, c := range clients[2 : n/2] {
+	for _, c := range append(clients[2:n/2], tlsClients...) {
 		c.ok("QUIT")
 		c.expectClosed()
 	}
@@ -1236,7 +1266,7 @@ func TestIdleSessionsPark(t *testing.T) {
 	}
 	waitFor(t, 5*time.Second, "no session left", func() bool { return len(a.sessions(t, "")) == 0 })
 	logs := a.log()
-	for result, want := range map[string]int{`"result":"ok"`: n/2 - 2, `"result":"idle_timeout"`: n/2 + 1, `"result":"closed_by_admin"`: 1} {
+	for result, want := range map[string]int{`"result":"ok"`: n/2 - 2 + nTLS, `"result":"idle_timeout"`: n/2 + 1, `"result":"closed_by_admin"`: 1} {
 		if got := strings.Count(logs, result); got != want {
 			t.Errorf("%d session lines with %s, want %d", got, result, want)
 		}
