@@ -6,6 +6,7 @@ import (
 	"io"
 	"runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -265,5 +266,54 @@ func (ts *testSession) loginParkWakeQuit() {
 	ts.expectClosed()
 	if line := sessionLine(ts.t, ts.logs); line["result"] != "ok" {
 		ts.t.Errorf("session line %v", line)
+	}
+}
+
+// TestParkingUnderChurn: many sessions park and wake at random moments,
+// with commands arriving while their relays park; every reply must come,
+// in order, and every session must end with its session line.
+func TestParkingUnderChurn(t *testing.T) {
+	withParkAfter(t, 20*time.Millisecond)
+	_, addr := fakeUpstream(t, nil)
+	h, logs := newTestHandler(t, addr, nil)
+	const sessions = 30
+	var wg sync.WaitGroup
+	for i := 0; i < sessions; i++ {
+		ts := startSession(t, h, logs, true)
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			ts.send("USER alice", "PASS secret-pw")
+			ts.expect("+OK")
+			ts.expect("+OK Logged in.")
+			for j := 0; j < 15; j++ {
+				// 0-40 ms apart: around parkAfter, so commands meet relays
+				// that are parking, parked and waking.
+				time.Sleep(time.Duration((i*7+j*13)%41) * time.Millisecond)
+				ts.send("NOOP", "STAT")
+				ts.expect("+OK")
+				ts.expect("+OK 1 ")
+			}
+			ts.send("QUIT")
+			ts.expect("+OK bye")
+			ts.expectClosed()
+		}(i)
+	}
+	wg.Wait()
+	deadline := time.Now().Add(5 * time.Second)
+	for len(logs.FilterMessage("session").All()) < sessions && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	lines := logs.FilterMessage("session").All()
+	if len(lines) != sessions {
+		t.Fatalf("%d session lines, want %d", len(lines), sessions)
+	}
+	for _, l := range lines {
+		if l.ContextMap()["result"] != "ok" {
+			t.Errorf("session line %v", l.ContextMap())
+		}
+	}
+	if parked := len(logs.FilterMessage("relay parked").All()); parked < sessions/2 {
+		t.Errorf("%d of %d sessions parked, want most", parked, sessions)
 	}
 }

@@ -344,6 +344,7 @@ func (r *relay) park(d *direction) (parked, detached bool) {
 		r.s.shared.mu.Unlock()
 		r.s.cx = nil
 		r.detached, detached = true, true
+		r.s.debug("relay parked") // once: the handler's goroutine returns
 	}
 	_ = src.SetReadDeadline(time.Time{})
 	if err := theParker.park(d, r.socket(d)); err != nil {
