@@ -16,7 +16,16 @@ import (
 // relayChunk is how much one splice or copy call moves at most.
 const relayChunk = 4 << 20
 
-var relayBuffers = sync.Pool{New: func() any { b := make([]byte, 32*1024); return &b }}
+// relayBuffers serve a copying relay (TLS on a leg) while bytes stream: one
+// full TLS record of plaintext, which is the most one TLS read returns.
+var relayBuffers = sync.Pool{New: func() any { b := make([]byte, copyBurst); return &b }}
+
+const (
+	copyBurst = 16 << 10
+	// copyHead is what a copying direction reads into while it waits, so
+	// that an idle TLS session holds no burst buffer.
+	copyHead = 1 << 10
+)
 
 // parkAfter is how long a plain TCP relay stays quiet before it gives up its
 // goroutines: each direction then waits in one process-wide epoll set, and
@@ -265,14 +274,17 @@ func (r *relay) pump(d *direction) (detached bool) {
 	r.mu.Unlock()
 	srcTCP, _ := src.(*net.TCPConn)
 	dstTCP, _ := dst.(*net.TCPConn)
-	var head []byte // on the heap: on the stack it would double the goroutine's stack
-	var buf *[]byte
-	if r.splice {
-		head = make([]byte, spliceHead)
-	} else {
-		buf = relayBuffers.Get().(*[]byte)
-		defer relayBuffers.Put(buf)
+	size := spliceHead
+	if !r.splice {
+		size = copyHead
 	}
+	head := make([]byte, size) // on the heap: on the stack it would double the goroutine's stack
+	var burst *[]byte          // a pooled buffer while a copy streams
+	defer func() {
+		if burst != nil {
+			relayBuffers.Put(burst)
+		}
+	}()
 	for {
 		var n int64
 		var err error
@@ -283,9 +295,20 @@ func (r *relay) pump(d *direction) (detached bool) {
 				eof, err = true, nil
 			}
 		} else {
-			n, err = copyStep(dst, src, *buf)
+			buf := head
+			if burst != nil {
+				buf = *burst
+			}
+			n, err = copyStep(dst, src, buf)
 			if err == io.EOF {
 				eof, err = true, nil
+			}
+			switch {
+			case burst == nil && n == int64(len(head)):
+				burst = relayBuffers.Get().(*[]byte) // more is coming
+			case burst != nil && n < int64(len(head)):
+				relayBuffers.Put(burst) // a short read: the burst ended
+				burst = nil
 			}
 		}
 		if n > 0 {

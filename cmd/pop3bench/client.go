@@ -344,11 +344,11 @@ func forEach(n, conc int, maxErrs int64, do func(i int) error) (int, error) {
 // openIdle opens n logged-in sessions to t (plain), conc at a time, and
 // returns them; on errors it returns what it opened, the number of sessions
 // not opened and the first error.
-func openIdle(t *target, n, conc int, users []userCred) ([]*popConn, int, error) {
+func openIdle(t *target, m mode, n, conc int, users []userCred) ([]*popConn, int, error) {
 	conns := make([]*popConn, n)
 	_, err := forEach(n, conc, maxOpenErrors, func(i int) error {
 		u := users[i%len(users)]
-		pc, err := dialPOP3(t, modePlain, false, time.Now().Add(15*time.Second))
+		pc, err := dialPOP3(t, m, false, time.Now().Add(15*time.Second))
 		if err == nil {
 			if err = pc.login(u.name, u.pass); err != nil {
 				_ = pc.Close()

@@ -57,6 +57,7 @@ type config struct {
 	loginCount         int
 	conc               int
 	sessions           []int
+	tlsSessions        []int // idle sessions over implicit TLS (995)
 	openConc           int
 	settle             time.Duration
 	phases             map[string]bool
@@ -110,7 +111,7 @@ func main() {
 func parseFlags(args []string) (*config, error) {
 	cfg := &config{args: args}
 	fs := flag.NewFlagSet("pop3bench", flag.ContinueOnError)
-	var sessions, only string
+	var sessions, tlsSessions, only string
 	fs.StringVar(&cfg.caddyBin, "caddy", "bin/caddy", "Caddy binary with the pop3 handler (go build -o bin/caddy ./cmd/caddy)")
 	fs.StringVar(&cfg.nginxBin, "nginx", "/usr/sbin/nginx", "nginx binary; its mail module must be /usr/lib/nginx/modules/ngx_mail_module.so")
 	fs.StringVar(&cfg.out, "out", "bench", "directory for results.md, login-latency.png and pprof files")
@@ -121,6 +122,7 @@ func parseFlags(args []string) (*config, error) {
 	fs.IntVar(&cfg.loginCount, "login-count", 0, "sessions per login-rate run instead of -login-duration (0: use the duration)")
 	fs.IntVar(&cfg.conc, "c", 16, "concurrent clients in the login-rate runs")
 	fs.StringVar(&sessions, "sessions", "1000,10000", "comma-separated counts of logged-in idle sessions for the memory measurement")
+	fs.StringVar(&tlsSessions, "tls-sessions", "1000", "comma-separated counts of logged-in idle sessions over implicit TLS (995) for the memory measurement (empty: none)")
 	fs.IntVar(&cfg.openConc, "open-c", 64, "sessions opened at once in the memory measurement")
 	fs.DurationVar(&cfg.settle, "settle", 2*time.Second, "wait after opening the idle sessions before reading RSS")
 	fs.StringVar(&only, "only", strings.Join(allPhases, ","), "phases to run: "+strings.Join(allPhases, ","))
@@ -150,6 +152,7 @@ func parseFlags(args []string) (*config, error) {
 			"login-rounds":   func() { cfg.loginRounds = 2 },
 			"login-duration": func() { cfg.loginDur = 300 * time.Millisecond },
 			"sessions":       func() { sessions = "200" },
+			"tls-sessions":   func() { tlsSessions = "200" },
 			"settle":         func() { cfg.settle = 500 * time.Millisecond },
 			"pprof-seconds":  func() { cfg.pprofSeconds = 2 },
 		}
@@ -159,15 +162,12 @@ func parseFlags(args []string) (*config, error) {
 			}
 		}
 	}
-	for _, s := range strings.Split(sessions, ",") {
-		if s = strings.TrimSpace(s); s == "" {
-			continue
-		}
-		n, err := strconv.Atoi(s)
-		if err != nil || n <= 0 {
-			return nil, fmt.Errorf("-sessions: bad count %q", s)
-		}
-		cfg.sessions = append(cfg.sessions, n)
+	var err error
+	if cfg.sessions, err = parseCounts("sessions", sessions); err != nil {
+		return nil, err
+	}
+	if cfg.tlsSessions, err = parseCounts("tls-sessions", tlsSessions); err != nil {
+		return nil, err
 	}
 	cfg.phases = map[string]bool{}
 	for _, p := range strings.Split(only, ",") {
@@ -188,6 +188,22 @@ func parseFlags(args []string) (*config, error) {
 		return nil, errors.New("-size, -rounds, -login-rounds, -c, -open-c and -pprof-seconds must be positive")
 	}
 	return cfg, nil
+}
+
+// parseCounts reads a comma-separated list of positive counts.
+func parseCounts(flagName, list string) ([]int, error) {
+	var out []int
+	for _, s := range strings.Split(list, ",") {
+		if s = strings.TrimSpace(s); s == "" {
+			continue
+		}
+		n, err := strconv.Atoi(s)
+		if err != nil || n <= 0 {
+			return nil, fmt.Errorf("-%s: bad count %q", flagName, s)
+		}
+		out = append(out, n)
+	}
+	return out, nil
 }
 
 var (
@@ -271,7 +287,7 @@ func run(cfg *config) (failed bool, err error) {
 
 	maxSessions := 0
 	if cfg.phases["memory"] {
-		maxSessions = slices.Max(cfg.sessions)
+		maxSessions = slices.Max(append(slices.Clone(cfg.sessions), cfg.tlsSessions...))
 	}
 	log.Print("starting Dovecot")
 	dc, err := startDovecot(dir, msg, b.retrUser, b.users, maxSessions)
@@ -491,13 +507,25 @@ func (b *bench) loginPhase(m mode) (err error) {
 
 func (b *bench) memoryPhase() error {
 	cfg := b.cfg
+	type count struct {
+		n int
+		m mode
+	}
+	var counts []count
 	for _, n := range cfg.sessions {
+		counts = append(counts, count{n, modePlain})
+	}
+	for _, n := range cfg.tlsSessions {
+		counts = append(counts, count{n, modeTLS})
+	}
+	for _, c := range counts {
+		n := c.n
 		for _, t := range b.targets {
 			if t.pids == nil {
 				continue
 			}
-			log.Printf("memory: %d idle sessions through %s", n, t.name)
-			mr, err := b.measureIdle(t, n)
+			log.Printf("memory: %d idle %v sessions through %s", n, c.m, t.name)
+			mr, err := b.measureIdle(t, n, c.m)
 			if err != nil {
 				return err
 			}
@@ -516,9 +544,9 @@ func (b *bench) memoryPhase() error {
 // measureIdle restarts the proxy (so earlier phases leave no reusable heap
 // behind), warms it up, reads its RSS, opens n logged-in idle sessions,
 // waits, reads the RSS again and checks every session with NOOP.
-func (b *bench) measureIdle(t *target, n int) (*memResult, error) {
+func (b *bench) measureIdle(t *target, n int, m mode) (*memResult, error) {
 	cfg := b.cfg
-	mr := &memResult{n: n, proxy: t.name}
+	mr := &memResult{n: n, proxy: t.name, mode: m}
 	if err := t.restart(); err != nil {
 		return nil, fmt.Errorf("restarting %s: %w", t.name, err)
 	}
@@ -529,10 +557,10 @@ func (b *bench) measureIdle(t *target, n int) (*memResult, error) {
 	if mr.fdsFresh, err = openFDs(pids); err != nil {
 		return nil, err
 	}
-	if r := runLoad(t, modePlain, false, cfg.conc, 0, 200, b.users); r.errors > 0 {
+	if r := runLoad(t, m, false, cfg.conc, 0, 200, b.users); r.errors > 0 {
 		return nil, fmt.Errorf("%s warm-up: %d errors, first: %v", t.name, r.errors, r.firstErr)
 	}
-	warm, _, err := openIdle(t, min(100, n), cfg.openConc, b.users)
+	warm, _, err := openIdle(t, m, min(100, n), cfg.openConc, b.users)
 	if err != nil {
 		return nil, fmt.Errorf("%s warm-up: %w", t.name, err)
 	}
@@ -552,7 +580,7 @@ func (b *bench) measureIdle(t *target, n int) (*memResult, error) {
 	}
 
 	start := time.Now()
-	conns, errs, firstErr := openIdle(t, n, cfg.openConc, b.users)
+	conns, errs, firstErr := openIdle(t, m, n, cfg.openConc, b.users)
 	mr.openTime = time.Since(start)
 	mr.errors, mr.firstErr = errs, firstErr
 	defer closeAll(conns, cfg.openConc)
@@ -571,8 +599,8 @@ func (b *bench) measureIdle(t *target, n int) (*memResult, error) {
 		mr.heapAfter, _ = b.caddy.liveHeap()
 		time.Sleep(cfg.settle)
 		mr.afterGC, _ = rssKiB(pids)
-		if cfg.pprof && n == slices.Max(cfg.sessions) {
-			b.saveProfile(fmt.Sprintf("caddy-heap-%d-idle.pb.gz", n), "/debug/pprof/heap", 30*time.Second)
+		if cfg.pprof && (m == modePlain && n == slices.Max(cfg.sessions) || m == modeTLS && n == slices.Max(cfg.tlsSessions)) {
+			b.saveProfile(fmt.Sprintf("caddy-heap-%s-%d-idle.pb.gz", m.short(), n), "/debug/pprof/heap", 30*time.Second)
 		}
 	}
 	if e, err := checkIdle(conns, cfg.openConc); e > 0 {

@@ -69,6 +69,7 @@ func (a *loginAgg) sortLat() { slices.Sort(a.lat) }
 type memResult struct {
 	n                                 int
 	proxy                             string
+	mode                              mode
 	before, after                     uint64  // RSS KiB
 	fdsFresh, fdsAfter                fdCount // right after the restart; with the sessions open
 	goroutinesBefore, goroutinesAfter int
@@ -317,15 +318,15 @@ func (b *bench) report() (failed bool, err error) {
 	if len(r.memory) > 0 {
 		p("## Memory per idle session")
 		p("")
-		p("For each count, the proxy is restarted, warmed up (200 short sessions, 100 idle ones opened and closed), and its RSS (VmRSS from /proc/<pid>/status; NGINX: master + workers) is read before and %v after opening that many logged-in idle sessions (plain POP3, USER/PASS, then nothing); KiB per session = the difference / count. Afterwards every session must answer `NOOP`. fds per session: the growth in the proxy's open sockets and pipe ends (splice(2) buffers) from the freshly started process / count. For Caddy, the growth in goroutines and in goroutine stack memory (`go_memstats_stack_inuse_bytes` from the admin endpoint's /metrics) shows how much of the RSS is stacks; pipes live in kernel memory, outside RSS. The RSS read %v after opening still holds the garbage of the logins: Go collects it at its next GC, which an idle process runs within two minutes. The last two columns show what stays: Caddy's RSS %v after a forced GC (`/debug/pprof/heap?gc=1`), per session, and its live Go heap after a GC (`go_memstats_heap_alloc_bytes`, the growth from before the sessions), per session.", cfg.settle, cfg.settle, cfg.settle)
+		p("For each count, the proxy is restarted, warmed up (200 short sessions, 100 idle ones opened and closed), and its RSS (VmRSS from /proc/<pid>/status; NGINX: master + workers) is read before and %v after opening that many logged-in idle sessions (plain POP3, or TLS from the first byte as on port 995; USER/PASS, then nothing); KiB per session = the difference / count. Afterwards every session must answer `NOOP`. fds per session: the growth in the proxy's open sockets and pipe ends (splice(2) buffers) from the freshly started process / count. For Caddy, the growth in goroutines and in goroutine stack memory (`go_memstats_stack_inuse_bytes` from the admin endpoint's /metrics) shows how much of the RSS is stacks; pipes live in kernel memory, outside RSS. The RSS read %v after opening still holds the garbage of the logins: Go collects it at its next GC, which an idle process runs within two minutes. The last two columns show what stays: Caddy's RSS %v after a forced GC (`/debug/pprof/heap?gc=1`), per session, and its live Go heap after a GC (`go_memstats_heap_alloc_bytes`, the growth from before the sessions), per session.", cfg.settle, cfg.settle, cfg.settle)
 		p("")
-		p("| sessions | proxy | RSS before MiB | RSS with sessions MiB | KiB per session | caddy-pop3 / NGINX | fds per session: sockets + pipe ends | goroutines per session | Go stack KiB per session | open time s | errors | RSS KiB per session after a GC | live Go heap KiB per session |")
-		p("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+		p("| sessions | mode | proxy | RSS before MiB | RSS with sessions MiB | KiB per session | caddy-pop3 / NGINX | fds per session: sockets + pipe ends | goroutines per session | Go stack KiB per session | open time s | errors | RSS KiB per session after a GC | live Go heap KiB per session |")
+		p("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 		for _, m := range r.memory {
 			cn := ""
 			if m.proxy == nameCaddy {
 				for _, o := range r.memory {
-					if o.n == m.n && o.proxy == nameNginx {
+					if o.n == m.n && o.mode == m.mode && o.proxy == nameNginx {
 						cn = x(ratio(m.perSession(), o.perSession()))
 					}
 				}
@@ -349,7 +350,7 @@ func (b *bench) report() (failed bool, err error) {
 				errs = fmt.Sprintf("**%d** of %d (%s; the proxy's open files limit is %s; per-session figures are over the %d sessions that opened)", m.errors, m.n, shortErr(m.firstErr), m.fdLimit, m.open)
 			}
 			so, pi := m.fdsPerSession()
-			p("| %d | %s | %.1f | %.1f | %s | %s | %s + %s | %s | %s | %.1f | %s | %s | %s |", m.n, m.proxy, float64(m.before)/1024, float64(m.after)/1024, f1(m.perSession()), cn, f2(so), f2(pi), gr, gm, m.openTime.Seconds(), errs, rg, lh)
+			p("| %d | %v | %s | %.1f | %.1f | %s | %s | %s + %s | %s | %s | %.1f | %s | %s | %s |", m.n, m.mode, m.proxy, float64(m.before)/1024, float64(m.after)/1024, f1(m.perSession()), cn, f2(so), f2(pi), gr, gm, m.openTime.Seconds(), errs, rg, lh)
 		}
 		p("")
 	}
