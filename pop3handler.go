@@ -471,9 +471,28 @@ func (h *Handler) Cleanup() error {
 // Handle serves one POP3 client connection. It returns nil for ordinary
 // ends (QUIT, client EOF, timeouts) since caddy-l4 logs any error at ERROR.
 func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
+	if !sessionSlots.take() {
+		h.refuseFull(cx)
+		return nil
+	}
 	growStack()
 	s := newSession(h, cx)
 	return s.run()
+}
+
+// refuseFull answers a client that finds the process at its session limit
+// (see sessionSlots) and lets caddy-l4 close the connection. Nothing is
+// read; on an implicit_tls port, where a plaintext -ERR would be garbage,
+// the connection is only closed.
+func (h *Handler) refuseFull(cx *layer4.Connection) {
+	sessionSlots.warnFull(h.logger)
+	metrics.sessionStarted()
+	metrics.sessionEnded("too_many_sessions", 0, 0)
+	if h.ImplicitTLS {
+		return
+	}
+	_ = cx.SetWriteDeadline(now().Add(refuseWriteTimeout))
+	_, _ = cx.Write([]byte("-ERR [SYS/TEMP] Too many connections, try again later\r\n"))
 }
 
 // growStack makes the goroutine's stack big enough for a login in one

@@ -374,6 +374,7 @@ func (s *session) releaseBuffers() {
 func (s *session) logEnd() {
 	s.releaseBuffers()
 	liveSessions.remove(s)
+	sessionSlots.release()
 	if s.upstream != nil {
 		s.upstream.close()
 	}

@@ -29,6 +29,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -127,7 +128,7 @@ func setup() error {
 	}
 	env.only, env.on, env.off, env.implicit, env.down, env.implicitOpt = ports[0], ports[1], ports[2], ports[3], ports[4], ports[5]
 	cf := sharedCaddyfile()
-	p, err := launchCaddy("shared", cf, filepath.Join(tmp, "caddy-shared"), []listener{
+	p, err := launchCaddy("shared", cf, filepath.Join(tmp, "caddy-shared"), nil, []listener{
 		{addr: env.only}, {addr: env.on}, {addr: env.off}, {addr: env.implicit, tls: true}, {addr: env.down},
 		{addr: env.implicitOpt, tls: true},
 	})
@@ -461,7 +462,14 @@ func caddyRuns() []*caddyProc {
 // every listener greets.
 func startCaddy(t *testing.T, name, caddyfile string, listeners ...listener) *caddyProc {
 	t.Helper()
-	p, err := launchCaddy(name, caddyfile, t.TempDir(), listeners)
+	return startCaddyWith(t, name, caddyfile, nil, listeners...)
+}
+
+// startCaddyWith is startCaddy with the command line prefixed, e.g. by a
+// shell that lowers the open files limit first.
+func startCaddyWith(t *testing.T, name, caddyfile string, prefix []string, listeners ...listener) *caddyProc {
+	t.Helper()
+	p, err := launchCaddy(name, caddyfile, t.TempDir(), prefix, listeners)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -476,9 +484,9 @@ func startCaddy(t *testing.T, name, caddyfile string, listeners ...listener) *ca
 	return p
 }
 
-// runCaddy starts `caddy run` with caddyfile in dir and returns without
-// waiting for anything.
-func runCaddy(name, caddyfile, dir string) (*caddyProc, error) {
+// runCaddy starts `caddy run` with caddyfile in dir, the command line
+// after prefix, and returns without waiting for anything.
+func runCaddy(name, caddyfile, dir string, prefix ...string) (*caddyProc, error) {
 	for _, d := range []string{dir, filepath.Join(dir, "data"), filepath.Join(dir, "config")} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return nil, err
@@ -489,7 +497,8 @@ func runCaddy(name, caddyfile, dir string) (*caddyProc, error) {
 		return nil, err
 	}
 	p := &caddyProc{name: name, dir: dir, out: &syncBuffer{}, done: make(chan struct{})}
-	p.cmd = exec.Command(env.caddyBin, "run", "--config", file, "--adapter", "caddyfile")
+	args := append(slices.Clone(prefix), env.caddyBin, "run", "--config", file, "--adapter", "caddyfile")
+	p.cmd = exec.Command(args[0], args[1:]...)
 	p.cmd.Dir = dir
 	p.cmd.Env = caddyEnv(dir)
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
@@ -521,8 +530,8 @@ func caddyEnv(dir string) []string {
 
 // launchCaddy runs Caddy and waits (bounded) until every listener greets;
 // TLS listeners need the local CA's root, which it waits for too.
-func launchCaddy(name, caddyfile, dir string, listeners []listener) (*caddyProc, error) {
-	p, err := runCaddy(name, caddyfile, dir)
+func launchCaddy(name, caddyfile, dir string, prefix []string, listeners []listener) (*caddyProc, error) {
+	p, err := runCaddy(name, caddyfile, dir, prefix...)
 	if err != nil {
 		return nil, err
 	}

@@ -1,0 +1,122 @@
+//go:build integration
+
+package integration
+
+import (
+	"bufio"
+	"fmt"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// TestConnectionFloodLeavesTheListenerServing runs Caddy with 64 open
+// files, which leaves room for 16 sessions, fills them with logged-in
+// sessions and sends 40 more connections, 8 at a time. Those must get
+// -ERR [SYS/TEMP] and a close; and once the sessions end, the listener must
+// still serve: caddy-l4 stops accepting for good when accept(2) fails with
+// EMFILE, which the session limit keeps from happening. (Held open, the
+// 40 connections would need 72 descriptors with the 16 sessions' 32.)
+func TestConnectionFloodLeavesTheListenerServing(t *testing.T) {
+	need(t)
+	addr, err := freePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cf := fmt.Sprintf(`{
+	admin off
+	layer4 {
+		%s {
+			route {
+				pop3 %s {
+					starttls off
+				}
+			}
+		}
+	}
+}
+`, addr, env.dc.POP3Addr)
+	lowLimit := []string{"/bin/sh", "-c", `ulimit -n 64 && exec "$0" "$@"`}
+	p := startCaddyWith(t, "flood", cf, lowLimit, listener{addr: addr})
+
+	const fit = 16 // sessionLimit(64)
+	var sessions []*client
+	for i := 0; i < fit; i++ {
+		c := dialPOP3(t, addr, nil)
+		user, pass := alice, alicePass
+		if i%2 == 1 {
+			user, pass = bob, bobPass
+		}
+		c.login(user, pass)
+		sessions = append(sessions, c)
+	}
+
+	const flood, atOnce = 40, 8
+	replies := make([]string, flood)
+	var wg sync.WaitGroup
+	slots := make(chan struct{}, atOnce)
+	for i := range flood {
+		wg.Add(1)
+		slots <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-slots }()
+			conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
+			if err != nil {
+				replies[i] = "dial: " + err.Error()
+				return
+			}
+			defer conn.Close()
+			_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+			r := bufio.NewReader(conn)
+			line, err := r.ReadString('\n')
+			if err != nil {
+				replies[i] = fmt.Sprintf("no reply: %v", err)
+				return
+			}
+			if _, err := r.ReadByte(); err == nil {
+				replies[i] = "open after: " + line
+				return
+			}
+			replies[i] = strings.TrimSuffix(line, "\r\n")
+		}()
+	}
+	wg.Wait()
+	for i, r := range replies {
+		if !strings.HasPrefix(r, "-ERR [SYS/TEMP] Too many connections") {
+			t.Errorf("flood connection %d: %q, want -ERR [SYS/TEMP] Too many connections and a close", i, r)
+		}
+	}
+
+	// The sessions that fit work on.
+	for _, c := range sessions {
+		c.ok("STAT")
+		c.quit()
+	}
+	// And the listener still accepts and serves.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		conn, err := net.DialTimeout("tcp", addr, time.Second)
+		if err == nil {
+			_ = conn.SetDeadline(time.Now().Add(2 * time.Second))
+			line, _ := bufio.NewReader(conn).ReadString('\n')
+			conn.Close()
+			if strings.HasPrefix(line, "+OK") {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the listener no longer greets after the flood (last: %v)", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	c := dialPOP3(t, addr, nil)
+	c.login(alice, alicePass)
+	c.ok("STAT")
+	c.quit()
+	if !strings.Contains(p.log(), "refusing sessions") {
+		t.Error("Caddy logged no warning about refused sessions")
+	}
+}

@@ -1,0 +1,15 @@
+//go:build unix
+
+package pop3
+
+import "golang.org/x/sys/unix"
+
+// openFilesLimit is the soft RLIMIT_NOFILE (Go raises it to the hard limit
+// at start-up); 0 when unknown or unlimited.
+func openFilesLimit() uint64 {
+	var rl unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err != nil || rl.Cur == unix.RLIM_INFINITY {
+		return 0
+	}
+	return uint64(rl.Cur)
+}
