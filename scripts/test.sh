@@ -2,7 +2,9 @@
 # test.sh: every check CI runs (.ci/run calls it). Installs what is missing,
 # then gofmt, go vet, the unit tests with the race detector (including fuzz
 # seed corpora and Caddyfile adapt tests), the integration tests against
-# a private Dovecot, and a build with xcaddy (scripts/xcaddy-check.sh).
+# a private Dovecot, a smoke run of the benchmark (pop3bench -quick against
+# Dovecot and NGINX's mail proxy) and a build with xcaddy
+# (scripts/xcaddy-check.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,15 +12,18 @@ command -v go >/dev/null || PATH=$PATH:/usr/local/go/bin
 
 step() { printf '\n=== %s\n' "$*"; }
 
-# A missing Dovecot fails the tests; the opt-out is for a developer's own
-# machine only, never for CI.
-if [ -n "${CI:-}" ] && [ -n "${POP3_TEST_NO_DOVECOT:-}" ]; then
-	echo "test.sh: ignoring POP3_TEST_NO_DOVECOT in CI"
-	unset POP3_TEST_NO_DOVECOT
-fi
+# A missing Dovecot or NGINX fails the tests; the opt-outs are for a
+# developer's own machine only, never for CI.
+for optout in POP3_TEST_NO_DOVECOT POP3_TEST_NO_NGINX; do
+	if [ -n "${CI:-}" ] && [ -n "${!optout:-}" ]; then
+		echo "test.sh: ignoring $optout in CI"
+		unset "$optout"
+	fi
+done
 
 step "Dependencies"
-scripts/install-deps.sh
+# NGINX with its mail module for the benchmark's smoke run (no service is started).
+scripts/install-deps.sh nginx libnginx-mod-mail
 
 step "gofmt -l ."
 unformatted=$(gofmt -l .)
@@ -39,6 +44,9 @@ go test -race -count=1 ./...
 
 step "Integration tests: go test -race -count=1 -tags integration -timeout 20m ./integration/..."
 go test -race -count=1 -tags integration -timeout 20m ./integration/...
+
+step "Benchmark smoke run: go test -count=1 -tags integration -run TestQuick ./cmd/pop3bench"
+go test -count=1 -tags integration -run TestQuick -timeout 10m ./cmd/pop3bench
 
 step "xcaddy build: scripts/xcaddy-check.sh"
 scripts/xcaddy-check.sh

@@ -4,7 +4,10 @@
 //   - RETR throughput of a large message (sha256 checked), MB/s;
 //   - login rate (connect, USER/PASS, STAT, QUIT with -c clients at once),
 //     sessions/s and latency percentiles, in plain POP3, over implicit TLS
-//     (995) and over STLS;
+//     (995) and over STLS, with the proxy's and the whole machine's CPU per
+//     session;
+//   - login latency with one client, where nothing queues for the CPUs: what
+//     a proxy adds to p50 and p99;
 //   - the proxy's memory (RSS) and file descriptors per logged-in idle
 //     session;
 //   - the proxy's CPU time per GB relayed during the RETR rounds.
@@ -65,6 +68,8 @@ type config struct {
 	pq                 bool
 	caddyAuthHTTP      bool
 	caddyLog           string
+	caddyEnv           []string
+	latencyCount       int
 	nginxWorkers       string
 	nginxProxyBuffer   string
 	pprof              bool
@@ -74,7 +79,7 @@ type config struct {
 	args               []string
 }
 
-var allPhases = []string{"retr", "plain", "tls", "stls", "memory"}
+var allPhases = []string{"retr", "plain", "tls", "stls", "latency", "memory"}
 
 func main() {
 	log.SetFlags(log.Ltime)
@@ -111,7 +116,7 @@ func main() {
 func parseFlags(args []string) (*config, error) {
 	cfg := &config{args: args}
 	fs := flag.NewFlagSet("pop3bench", flag.ContinueOnError)
-	var sessions, tlsSessions, only string
+	var sessions, tlsSessions, only, caddyEnv string
 	fs.StringVar(&cfg.caddyBin, "caddy", "bin/caddy", "Caddy binary with the pop3 handler (go build -o bin/caddy ./cmd/caddy)")
 	fs.StringVar(&cfg.nginxBin, "nginx", "/usr/sbin/nginx", "nginx binary; its mail module must be /usr/lib/nginx/modules/ngx_mail_module.so")
 	fs.StringVar(&cfg.out, "out", "bench", "directory for results.md, login-latency.png and pprof files")
@@ -121,6 +126,8 @@ func parseFlags(args []string) (*config, error) {
 	fs.DurationVar(&cfg.loginDur, "login-duration", 2*time.Second, "length of one login-rate run (one path, one mode, one round)")
 	fs.IntVar(&cfg.loginCount, "login-count", 0, "sessions per login-rate run instead of -login-duration (0: use the duration)")
 	fs.IntVar(&cfg.conc, "c", 16, "concurrent clients in the login-rate runs")
+	fs.IntVar(&cfg.latencyCount, "latency-count", 300, "sessions per path and round in the one-client latency runs")
+	fs.StringVar(&caddyEnv, "caddy-env", "", "space-separated NAME=value settings added to Caddy's environment, e.g. GOMAXPROCS=1")
 	fs.StringVar(&sessions, "sessions", "1000,10000", "comma-separated counts of logged-in idle sessions for the memory measurement")
 	fs.StringVar(&tlsSessions, "tls-sessions", "1000", "comma-separated counts of logged-in idle sessions over implicit TLS (995) for the memory measurement (empty: none)")
 	fs.IntVar(&cfg.openConc, "open-c", 64, "sessions opened at once in the memory measurement")
@@ -155,11 +162,18 @@ func parseFlags(args []string) (*config, error) {
 			"tls-sessions":   func() { tlsSessions = "200" },
 			"settle":         func() { cfg.settle = 500 * time.Millisecond },
 			"pprof-seconds":  func() { cfg.pprofSeconds = 2 },
+			"latency-count":  func() { cfg.latencyCount = 50 },
 		}
 		for name, apply := range quick {
 			if !set[name] {
 				apply()
 			}
+		}
+	}
+	cfg.caddyEnv = strings.Fields(caddyEnv)
+	for _, kv := range cfg.caddyEnv {
+		if !strings.Contains(kv, "=") {
+			return nil, fmt.Errorf("-caddy-env: %q is not NAME=value", kv)
 		}
 	}
 	var err error
@@ -184,8 +198,8 @@ func parseFlags(args []string) (*config, error) {
 	if cfg.phases["memory"] && len(cfg.sessions) == 0 {
 		return nil, errors.New("-sessions: no count given")
 	}
-	if cfg.sizeMiB <= 0 || cfg.rounds <= 0 || cfg.loginRounds <= 0 || cfg.conc <= 0 || cfg.openConc <= 0 || cfg.pprofSeconds <= 0 {
-		return nil, errors.New("-size, -rounds, -login-rounds, -c, -open-c and -pprof-seconds must be positive")
+	if cfg.sizeMiB <= 0 || cfg.rounds <= 0 || cfg.loginRounds <= 0 || cfg.conc <= 0 || cfg.openConc <= 0 || cfg.pprofSeconds <= 0 || cfg.latencyCount <= 0 {
+		return nil, errors.New("-size, -rounds, -login-rounds, -c, -open-c, -pprof-seconds and -latency-count must be positive")
 	}
 	return cfg, nil
 }
@@ -308,7 +322,7 @@ func run(cfg *config) (failed bool, err error) {
 		authURL = "http://" + auth.addr + "/auth"
 	}
 	log.Print("starting Caddy")
-	b.caddy, err = newCaddyProxy(caddyBin, filepath.Join(dir, "caddy"), dc.POP3Addr, authURL, cfg.caddyLog)
+	b.caddy, err = newCaddyProxy(caddyBin, filepath.Join(dir, "caddy"), dc.POP3Addr, authURL, cfg.caddyLog, cfg.caddyEnv)
 	if err != nil {
 		return false, err
 	}
@@ -365,9 +379,17 @@ func run(cfg *config) (failed bool, err error) {
 	}
 	for m := modePlain; m < numModes; m++ {
 		if cfg.phases[m.short()] {
-			if err := b.loginPhase(m); err != nil {
+			if b.res.login == nil {
+				b.res.login = map[mode]map[string]*loginAgg{}
+			}
+			if b.res.login[m], err = b.loginPhase(m, cfg.conc, 0); err != nil {
 				return false, err
 			}
+		}
+	}
+	if cfg.phases["latency"] {
+		if b.res.latency, err = b.loginPhase(modePlain, 1, cfg.latencyCount); err != nil {
+			return false, err
 		}
 	}
 	if cfg.pprof {
@@ -443,24 +465,26 @@ func (b *bench) retrPhase() error {
 	return nil
 }
 
-func (b *bench) loginPhase(m mode) (err error) {
+// loginPhase runs conc clients per path in mode m, rounds interleaved,
+// each run lasting -login-duration or, with count (else -login-count)
+// above 0, that many sessions.
+func (b *bench) loginPhase(m mode, conc, count int) (aggs map[string]*loginAgg, err error) {
 	cfg := b.cfg
+	if count == 0 {
+		count = cfg.loginCount
+	}
 	what := fmt.Sprintf("%v", cfg.loginDur)
-	if cfg.loginCount > 0 {
-		what = fmt.Sprintf("%d sessions", cfg.loginCount)
+	if count > 0 {
+		what = fmt.Sprintf("%d sessions", count)
 	}
-	log.Printf("logins, %v: %d rounds of %s per path, %d clients", m, cfg.loginRounds, what, cfg.conc)
-	if b.res.login == nil {
-		b.res.login = map[mode]map[string]*loginAgg{}
-	}
-	aggs := map[string]*loginAgg{}
-	b.res.login[m] = aggs
+	log.Printf("logins, %v: %d rounds of %s per path, %d clients", m, cfg.loginRounds, what, conc)
+	aggs = map[string]*loginAgg{}
 	for _, t := range b.targets {
 		aggs[t.name] = &loginAgg{}
 		// Warm-up: processes, TLS session caches, connection pools.
-		r := runLoad(t, m, cfg.resume, cfg.conc, 0, 4*cfg.conc, b.users)
+		r := runLoad(t, m, cfg.resume, conc, 0, 4*max(conc, 16), b.users)
 		if r.errors > 0 {
-			return fmt.Errorf("logins %v via %s (warm-up): %d errors, first: %v", m, t.name, r.errors, r.firstErr)
+			return nil, fmt.Errorf("logins %v via %s (warm-up): %d errors, first: %v", m, t.name, r.errors, r.firstErr)
 		}
 	}
 	for i := 0; i < cfg.loginRounds; i++ {
@@ -469,14 +493,23 @@ func (b *bench) loginPhase(m mode) (err error) {
 			var cpu0 uint64
 			if t.pids != nil {
 				if cpu0, err = t.cpu(); err != nil {
-					return err
+					return nil, err
 				}
 			}
-			r := runLoad(t, m, cfg.resume, cfg.conc, cfg.loginDur, cfg.loginCount, b.users)
+			busy0, err := machineBusyTicks()
+			if err != nil {
+				return nil, err
+			}
+			r := runLoad(t, m, cfg.resume, conc, cfg.loginDur, count, b.users)
+			busy1, err := machineBusyTicks()
+			if err != nil {
+				return nil, err
+			}
+			a.busy += busy1 - busy0
 			if t.pids != nil {
 				cpu1, err := t.cpu()
 				if err != nil {
-					return err
+					return nil, err
 				}
 				a.cpuTicks += cpu1 - cpu0
 			}
@@ -500,9 +533,9 @@ func (b *bench) loginPhase(m mode) (err error) {
 		if t.pids != nil {
 			cpu = fmt.Sprintf(", proxy CPU %.2f ms/session", a.cpuPerSession())
 		}
-		log.Printf("  %-15s median %8.0f sessions/s, p50 %6.2f ms, p99 %6.2f ms, %d errors%s", t.name, median(a.rates), ms(percentile(a.lat, 50)), ms(percentile(a.lat, 99)), a.errors, cpu)
+		log.Printf("  %-15s median %8.0f sessions/s, p50 %6.2f ms, p99 %6.2f ms, %d errors%s, machine CPU %.2f ms/session", t.name, median(a.rates), ms(percentile(a.lat, 50)), ms(percentile(a.lat, 99)), a.errors, cpu, a.machinePerSession())
 	}
-	return nil
+	return aggs, nil
 }
 
 func (b *bench) memoryPhase() error {

@@ -172,3 +172,28 @@ func procFDLimit(pid int) string {
 	}
 	return "?"
 }
+
+// machineBusyTicks is the CPU time the whole machine spent busy (user,
+// nice, system, irq, softirq, steal), in clock ticks summed over CPUs, from
+// the first line of /proc/stat.
+func machineBusyTicks() (uint64, error) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, err
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	if len(f) < 9 || f[0] != "cpu" {
+		return 0, fmt.Errorf("/proc/stat: unexpected first line %q", line)
+	}
+	var busy uint64
+	// cpu user nice system idle iowait irq softirq steal ...
+	for _, i := range []int{1, 2, 3, 6, 7, 8} {
+		v, err := strconv.ParseUint(f[i], 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("/proc/stat: %w", err)
+		}
+		busy += v
+	}
+	return busy, nil
+}

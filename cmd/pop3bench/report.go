@@ -27,6 +27,7 @@ type results struct {
 	retrBytes          int
 	retr               map[string]*retrAgg
 	login              map[mode]map[string]*loginAgg
+	latency            map[string]*loginAgg // plain sessions one at a time
 	memory             []*memResult
 	profiles           []string
 }
@@ -54,6 +55,16 @@ type loginAgg struct {
 	resumed  int
 	tls      string
 	cpuTicks uint64 // the proxy's CPU during the measured runs
+	busy     uint64 // the whole machine's busy CPU during the measured runs
+}
+
+// machinePerSession is the whole machine's busy CPU milliseconds (client,
+// Dovecot, proxy and kernel) per completed session.
+func (a *loginAgg) machinePerSession() float64 {
+	if a.sessions == 0 {
+		return math.NaN()
+	}
+	return float64(a.busy) * 1000 / clockTicks / float64(a.sessions)
 }
 
 // cpuPerSession is the proxy's CPU milliseconds per completed session.
@@ -260,10 +271,10 @@ func (b *bench) report() (failed bool, err error) {
 		}
 		p("## Login rate and latency")
 		p("")
-		p("%d clients at once, each repeating one session: connect (and TLS), `USER`, `PASS`, `STAT`, `QUIT`, one round trip per command; %s and mode. sessions/s is the median over rounds of completed sessions / wall time; p50 and p99 are over every session of every round, from connect to the `QUIT` reply; proxy CPU per session is the utime+stime of the proxy's processes during its runs / its sessions (NGINX's includes its auth_http requests, whose answers cost pop3bench, not NGINX). TLS: client session resumption %s, key exchange %s. NGINX asks the auth_http stand-in (in pop3bench) at every login; caddy-pop3 %s.", cfg.conc, what, onOff(cfg.resume), kexName(cfg.pq), map[bool]string{false: "has a static upstream", true: "asks it too (-caddy-auth-http)"}[cfg.caddyAuthHTTP])
+		p("%d clients at once, each repeating one session: connect (and TLS), `USER`, `PASS`, `STAT`, `QUIT`, one round trip per command; %s and mode. sessions/s is the median over rounds of completed sessions / wall time; p50 and p99 are over every session of every round, from connect to the `QUIT` reply; proxy CPU per session is the utime+stime of the proxy's processes during its runs / its sessions (NGINX's includes its auth_http requests, whose answers cost pop3bench, not NGINX); machine CPU per session is the busy time of all CPUs (client, Dovecot, proxy, kernel; /proc/stat) during a path's runs / its sessions, so the difference to direct is what a path adds to the machine. TLS: client session resumption %s, key exchange %s. NGINX asks the auth_http stand-in (in pop3bench) at every login; caddy-pop3 %s.", cfg.conc, what, onOff(cfg.resume), kexName(cfg.pq), map[bool]string{false: "has a static upstream", true: "asks it too (-caddy-auth-http)"}[cfg.caddyAuthHTTP])
 		p("")
-		p("| mode | path | sessions/s | p50 ms | p99 ms | rate vs direct | rate caddy-pop3 / NGINX | p50 vs direct | p99 vs direct | proxy CPU ms per session | errors | TLS resumed | TLS |")
-		p("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+		p("| mode | path | sessions/s | p50 ms | p99 ms | rate vs direct | rate caddy-pop3 / NGINX | p50 vs direct | p99 vs direct | proxy CPU ms per session | machine CPU ms per session | errors | TLS resumed | TLS |")
+		p("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
 		for m := modePlain; m < numModes; m++ {
 			aggs, ok := r.login[m]
 			if !ok {
@@ -303,7 +314,11 @@ func (b *bench) report() (failed bool, err error) {
 						cpu += " (" + x(ratio(a.cpuPerSession(), aggs[nameNginx].cpuPerSession())) + " NGINX)"
 					}
 				}
-				p("| %v | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |", m, t.name, f0(rate), f2(p50), f2(p99), vsRate, cn, vs50, vs99, cpu, errs, resumed, tlsDesc)
+				machine := f2(a.machinePerSession())
+				if t.name != nameDirect {
+					machine += fmt.Sprintf(" (+%s)", f2(a.machinePerSession()-d.machinePerSession()))
+				}
+				p("| %v | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |", m, t.name, f0(rate), f2(p50), f2(p99), vsRate, cn, vs50, vs99, cpu, machine, errs, resumed, tlsDesc)
 				ps = append(ps, series{name: t.name, lat: a.lat, col: pathColor[t.name]})
 			}
 			panels = append(panels, panel{title: m.String(), series: ps})
@@ -312,6 +327,32 @@ func (b *bench) report() (failed bool, err error) {
 		p("![login latency CDF](login-latency.png)")
 		p("")
 		p("`login-latency.png`: the cumulative distribution of session latencies per mode (y: share of sessions that finished within x ms). With %d clients, sessions/s ≈ %d / mean latency: a path whose CDF starts far from 0 (a fixed wait in every session) is limited by that wait, not by CPU; a larger -c tells the two apart.", cfg.conc, cfg.conc)
+		p("")
+	}
+
+	if r.latency != nil {
+		d := r.latency[nameDirect]
+		dP50, dP99 := ms(percentile(d.lat, 50)), ms(percentile(d.lat, 99))
+		p("## Login latency with one client")
+		p("")
+		p("One client, one plain session at a time (connect, `USER`, `PASS`, `STAT`, `QUIT`), %d rounds of %d sessions per path, interleaved: the latency a proxy adds when nothing queues for the CPUs. p50 and p99 are over every session of every round, from connect to the `QUIT` reply.", cfg.loginRounds, cfg.latencyCount)
+		p("")
+		p("| path | p50 ms | p99 ms | added p50 ms | added p99 ms | proxy CPU ms per session | errors |")
+		p("|---|---:|---:|---:|---:|---:|---:|")
+		for _, t := range b.targets {
+			a := r.latency[t.name]
+			p50, p99 := ms(percentile(a.lat, 50)), ms(percentile(a.lat, 99))
+			add50, add99, cpu := "", "", ""
+			if t.name != nameDirect {
+				add50, add99, cpu = fmt.Sprintf("%+.2f", p50-dP50), fmt.Sprintf("%+.2f", p99-dP99), f2(a.cpuPerSession())
+			}
+			errs := fmt.Sprint(a.errors)
+			if a.errors > 0 {
+				failed = true
+				errs = fmt.Sprintf("**%d** (%s)", a.errors, shortErr(a.firstErr))
+			}
+			p("| %s | %s | %s | %s | %s | %s | %s |", t.name, f2(p50), f2(p99), add50, add99, cpu, errs)
+		}
 		p("")
 	}
 

@@ -204,6 +204,7 @@ type caddyProxy struct {
 	bin, dir  string
 	addrs     [numModes]string
 	adminAddr string
+	extraEnv  []string // -caddy-env
 	child     *child
 }
 
@@ -262,12 +263,12 @@ func (p *caddyProxy) caddyfile(upstream, authURL, logLevel string) string {
 		p.addrs[modeTLS], pop3(append([]string{"implicit_tls"}, policy...)...))
 }
 
-func newCaddyProxy(bin, dir, upstream, authURL, logLevel string) (*caddyProxy, error) {
+func newCaddyProxy(bin, dir, upstream, authURL, logLevel string, extraEnv []string) (*caddyProxy, error) {
 	addrs, err := freeAddrs(4)
 	if err != nil {
 		return nil, err
 	}
-	p := &caddyProxy{bin: bin, dir: dir, adminAddr: addrs[3]}
+	p := &caddyProxy{bin: bin, dir: dir, adminAddr: addrs[3], extraEnv: extraEnv}
 	copy(p.addrs[:], addrs[:3])
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
@@ -289,6 +290,7 @@ func (p *caddyProxy) start() error {
 		"XDG_CONFIG_HOME=" + filepath.Join(p.dir, "config"),
 		"HOME=" + p.dir,
 	}
+	env = append(env, p.extraEnv...)
 	c, err := startChild("caddy", filepath.Join(p.dir, "caddy.log"), env, p.bin,
 		"run", "--config", filepath.Join(p.dir, "Caddyfile"), "--adapter", "caddyfile")
 	if err != nil {
