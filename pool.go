@@ -129,6 +129,9 @@ func (p *pool) countFailure(u *poolUpstream) {
 // order returns the upstreams in the order the policy prefers them.
 func (p *pool) order(req poolRequest) []*poolUpstream {
 	us := append([]*poolUpstream(nil), p.upstreams...)
+	if len(us) < 2 {
+		return us // nothing to choose: no hashing or shuffling per login
+	}
 	switch p.policy {
 	case PolicyFirst:
 	case PolicyRoundRobin:

@@ -446,6 +446,12 @@ func (h *Handler) emit(name string, data map[string]any) {
 	}
 }
 
+// observed reports whether an event named name would reach a subscriber or
+// the debug log; if not, its data need not be built.
+func (h *Handler) observed(name string) bool {
+	return h.events != nil && h.events.ShouldEmit(name)
+}
+
 // relayChallengesWanted: apop or cram-md5 without an auth server.
 func (h *Handler) relayChallengesWanted() bool {
 	return h.AuthHTTP == nil && (h.hasAuth(AuthAPOP) || h.hasAuth(AuthCRAMMD5))

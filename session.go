@@ -380,19 +380,25 @@ func (s *session) logEnd() {
 	}
 	s.dropEarly()
 	s.setResult("closed")
-	fields := []zap.Field{
-		zap.String("result", s.result),
-		zap.Bool("tls", s.secure),
-		zap.Int64("bytes_from_client", s.shared.fromClient.Load()),
-		zap.Int64("bytes_to_client", s.shared.toClient.Load()),
-		zap.Duration("duration", now().Sub(s.start)),
+	if ce := s.h.logger.Check(zap.InfoLevel, "session"); ce != nil {
+		// One slice of the final size: this line is written for every session.
+		fields := make([]zap.Field, 0, 11)
+		fields = append(fields,
+			zap.String("session", s.id),
+			zap.String("remote", s.remote),
+			zap.String("result", s.result),
+			zap.Bool("tls", s.secure),
+			zap.Int64("bytes_from_client", s.shared.fromClient.Load()),
+			zap.Int64("bytes_to_client", s.shared.toClient.Load()),
+			zap.Duration("duration", now().Sub(s.start)),
+		)
+		if s.loginUser != "" {
+			fields = append(fields, zap.String("user", s.loginUser), zap.String("method", s.method), zap.Duration("login_duration", s.loginTook))
+		}
+		if s.upstream != nil {
+			fields = append(fields, zap.String("upstream", s.upstream.address))
+		}
+		ce.Write(fields...)
 	}
-	if s.loginUser != "" {
-		fields = append(fields, zap.String("user", s.loginUser), zap.String("method", s.method), zap.Duration("login_duration", s.loginTook))
-	}
-	if s.upstream != nil {
-		fields = append(fields, zap.String("upstream", s.upstream.address))
-	}
-	s.log(zap.InfoLevel, "session", fields...)
 	metrics.sessionEnded(s.result, s.shared.fromClient.Load(), s.shared.toClient.Load())
 }

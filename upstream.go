@@ -23,16 +23,18 @@ const upstreamLineLimit = 8192
 
 // upstreamDialer opens a connection to an upstream POP3 server.
 type upstreamDialer interface {
-	dial(ctx context.Context, address string) (net.Conn, error)
+	dial(ctx context.Context, address string, deadline time.Time) (net.Conn, error)
 }
 
 // tcpDialer dials plain TCP with a timeout.
 type tcpDialer struct{ timeout time.Duration }
 
-func (d *tcpDialer) dial(ctx context.Context, address string) (net.Conn, error) {
+func (d *tcpDialer) dial(ctx context.Context, address string, deadline time.Time) (net.Conn, error) {
 	// No TCP keep-alive, as NGINX's mail proxy: proxy_timeout ends idle
 	// sessions, and the four setsockopt calls are a tenth of a login's.
-	nd := net.Dialer{Timeout: d.timeout, KeepAlive: -1}
+	// The deadline is the Dialer's, not a context's: a context with a
+	// deadline costs a timer and a cancellation hook in every dial.
+	nd := net.Dialer{Timeout: d.timeout, Deadline: deadline, KeepAlive: -1}
 	return nd.DialContext(ctx, "tcp", address)
 }
 
@@ -105,13 +107,11 @@ type dialClient struct {
 // connectUpstream dials address, sends the PROXY header, does TLS or STLS,
 // reads the greeting, sends XCLIENT and asks CAPA, all before deadline.
 func (h *Handler) connectUpstream(ctx context.Context, address string, o upstreamOptions, client dialClient, deadline time.Time) (*upstreamClient, error) {
-	ctx, cancel := context.WithDeadline(ctx, deadline)
-	defer cancel()
-	conn, err := h.dialer.dial(ctx, address)
+	conn, err := h.dialer.dial(ctx, address, deadline)
 	if err != nil {
 		return nil, fmt.Errorf("dialing upstream: %w", err)
 	}
-	_ = conn.SetDeadline(deadline)
+	_ = conn.SetDeadline(deadline) // bounds the TLS handshake and the rest too
 	c := &upstreamClient{address: address, conn: conn}
 	if err := c.setup(ctx, o, client); err != nil {
 		_ = conn.Close()
