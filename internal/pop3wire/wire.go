@@ -167,7 +167,7 @@ func ParseCommand(line []byte) (Command, error) {
 	if len(name) == 0 || len(name) > 4 {
 		return Command{}, ErrBadCommand
 	}
-	upper := make([]byte, len(name))
+	var upper [4]byte
 	for i, c := range name {
 		switch {
 		case 'a' <= c && c <= 'z':
@@ -178,7 +178,31 @@ func ParseCommand(line []byte) (Command, error) {
 			return Command{}, ErrBadCommand
 		}
 	}
-	return Command{Name: string(upper), Rest: string(rest)}, nil
+	return Command{Name: keyword(upper[:len(name)]), Rest: string(rest)}, nil
+}
+
+// keyword returns the upper-case keyword as a string, without allocating
+// for the commands a session sees every time.
+func keyword(upper []byte) string {
+	switch string(upper) { // no allocation: the compiler compares in place
+	case "USER":
+		return "USER"
+	case "PASS":
+		return "PASS"
+	case "CAPA":
+		return "CAPA"
+	case "AUTH":
+		return "AUTH"
+	case "QUIT":
+		return "QUIT"
+	case "STLS":
+		return "STLS"
+	case "NOOP":
+		return "NOOP"
+	case "APOP":
+		return "APOP"
+	}
+	return string(upper)
 }
 
 // Response is a status line: "+OK", "-ERR" or a SASL continuation "+ ".

@@ -143,3 +143,18 @@ func TestReleasedReaderLeavesNothing(t *testing.T) {
 		t.Fatalf("pooled writer wrote %q", b.String())
 	}
 }
+
+func TestParseCommandAllocations(t *testing.T) {
+	line := []byte("user alice")
+	allocs := testing.AllocsPerRun(100, func() {
+		cmd, err := ParseCommand(line)
+		if err != nil || cmd.Name != "USER" || cmd.Rest != "alice" {
+			t.Fatalf("ParseCommand(%q) = %+v, %v", line, cmd, err)
+		}
+	})
+	// One allocation for the argument, which must outlive the line buffer;
+	// none for a known keyword.
+	if allocs > 1 {
+		t.Errorf("ParseCommand allocates %.0f times per call, want at most 1", allocs)
+	}
+}
