@@ -271,7 +271,7 @@ func (b *bench) report() (failed bool, err error) {
 		}
 		p("## Login rate and latency")
 		p("")
-		p("%d clients at once, each repeating one session: connect (and TLS), `USER`, `PASS`, `STAT`, `QUIT`, one round trip per command; %s and mode. sessions/s is the median over rounds of completed sessions / wall time; p50 and p99 are over every session of every round, from connect to the `QUIT` reply; proxy CPU per session is the utime+stime of the proxy's processes during its runs / its sessions (NGINX's includes its auth_http requests, whose answers cost pop3bench, not NGINX); machine CPU per session is the busy time of all CPUs (client, Dovecot, proxy, kernel; /proc/stat) during a path's runs / its sessions, so the difference to direct is what a path adds to the machine. TLS: client session resumption %s, key exchange %s. NGINX asks the auth_http stand-in (in pop3bench) at every login; caddy-pop3 %s.", cfg.conc, what, onOff(cfg.resume), kexName(cfg.pq), map[bool]string{false: "has a static upstream", true: "asks it too (-caddy-auth-http)"}[cfg.caddyAuthHTTP])
+		p("%d clients at once, each repeating one session: connect (and TLS), `USER`, `PASS`, `STAT`, `QUIT`, one round trip per command; %s and mode. sessions/s is the median over rounds of completed sessions / wall time; p50 and p99 are over every session of every round, from connect to the `QUIT` reply; proxy CPU per session is the utime+stime of the proxy's processes during its runs / its sessions (NGINX's includes its auth_http requests, whose answers cost pop3bench, not NGINX); machine CPU per session is the busy time of all CPUs (client, Dovecot, proxy, kernel; /proc/stat) during a path's runs / its sessions, so the difference to direct is what a path adds to the machine (over TLS the direct path resumes fewer TLS sessions, whose full handshakes cost the client and Dovecot more, so a proxy can come out below it). TLS: client session resumption %s, key exchange %s. NGINX asks the auth_http stand-in (in pop3bench) at every login; caddy-pop3 %s.", cfg.conc, what, onOff(cfg.resume), kexName(cfg.pq), map[bool]string{false: "has a static upstream", true: "asks it too (-caddy-auth-http)"}[cfg.caddyAuthHTTP])
 		p("")
 		p("| mode | path | sessions/s | p50 ms | p99 ms | rate vs direct | rate caddy-pop3 / NGINX | p50 vs direct | p99 vs direct | proxy CPU ms per session | machine CPU ms per session | errors | TLS resumed | TLS |")
 		p("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
@@ -316,7 +316,7 @@ func (b *bench) report() (failed bool, err error) {
 				}
 				machine := f2(a.machinePerSession())
 				if t.name != nameDirect {
-					machine += fmt.Sprintf(" (+%s)", f2(a.machinePerSession()-d.machinePerSession()))
+					machine += fmt.Sprintf(" (%+.2f)", a.machinePerSession()-d.machinePerSession())
 				}
 				p("| %v | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |", m, t.name, f0(rate), f2(p50), f2(p99), vsRate, cn, vs50, vs99, cpu, machine, errs, resumed, tlsDesc)
 				ps = append(ps, series{name: t.name, lat: a.lat, col: pathColor[t.name]})
