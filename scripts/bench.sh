@@ -80,9 +80,8 @@ log "building bin/caddy and bin/pop3bench"
 go build -o bin/caddy ./cmd/caddy
 go build -o bin/pop3bench ./cmd/pop3bench
 
-# Open files: every idle session holds sockets (and, in caddy-pop3, splice
-# pipes) in the proxy. Raise the hard limit where allowed (root), else use
-# what the hard limit gives.
+# Open files: every idle session holds two sockets in the proxy. Raise the
+# hard limit where allowed (root), else use what the hard limit gives.
 want=1048576
 hard=$(ulimit -Hn)
 if [ "$hard" != unlimited ] && [ "$hard" -lt "$want" ]; then
@@ -91,8 +90,8 @@ fi
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 nofile=$(ulimit -n)
 log "open files limit: $nofile"
-if [ "$nofile" != unlimited ] && [ "$nofile" -lt 65536 ]; then
-	log "warning: 10,000 idle sessions through caddy-pop3 need about 60,000 descriptors (2 sockets and 4 pipe ends each); raise the hard limit (e.g. LimitNOFILE, /etc/security/limits.conf) or pass -sessions 1000"
+if [ "$nofile" != unlimited ] && [ "$nofile" -lt 21400 ]; then
+	log "warning: 10,000 idle sessions through caddy-pop3 need about 21,400 descriptors (2 sockets each, and caddy-pop3 keeps 1/16 of its limit in reserve); raise the hard limit (e.g. LimitNOFILE, /etc/security/limits.conf) or pass -sessions 1000"
 fi
 
 read -r load1 _ </proc/loadavg
