@@ -363,9 +363,9 @@ func (s *session) loginDone(req loginRequest, up *upstreamClient, text string, s
 	s.shared.mu.Unlock()
 	s.loginTook = now().Sub(started)
 	metrics.login(req.method, "ok", s.loginTook.Seconds())
-	if s.h.observed("pop3_login") {
-		s.h.emit("pop3_login", map[string]any{"session": s.id, "remote": s.remote, "user": req.creds.Username, "method": req.method, "upstream": up.address})
-	}
+	s.h.emit("pop3_login", func() map[string]any {
+		return map[string]any{"session": s.id, "remote": s.remote, "user": req.creds.Username, "method": req.method, "upstream": up.address}
+	})
 	penalties.succeed(s.clientIP())
 	// The INFO line for the login is the session line at the end.
 	s.debug("login",
@@ -444,9 +444,9 @@ func (s *session) loginFailed(req loginRequest, upstream string, err error) erro
 // subscribers (fail2ban-style blocking). Never a password.
 func (s *session) authFailed(req loginRequest) {
 	metrics.login(req.method, "failed", -1)
-	if s.h.observed("pop3_auth_failed") {
-		s.h.emit("pop3_auth_failed", map[string]any{"session": s.id, "remote": s.remote, "user": req.creds.Username, "method": req.method})
-	}
+	s.h.emit("pop3_auth_failed", func() map[string]any {
+		return map[string]any{"session": s.id, "remote": s.remote, "user": req.creds.Username, "method": req.method}
+	})
 }
 
 // failureDelay sleeps before the -ERR of a refused login.

@@ -97,6 +97,14 @@ func (m *pop3Metrics) sessionEnded(result string, fromClient, toClient int64) {
 	m.bytes.WithLabelValues("to_client").Add(float64(toClient))
 }
 
+// sessionRefused counts a connection turned away before it became a
+// session: it was never active and relayed nothing.
+func (m *pop3Metrics) sessionRefused(result string) {
+	if m != nil {
+		m.sessions.WithLabelValues(result).Inc()
+	}
+}
+
 func (m *pop3Metrics) login(method, result string, seconds float64) {
 	if m == nil {
 		return

@@ -439,17 +439,12 @@ func (h *Handler) drain() {
 }
 
 // emit sends a Caddy event, e.g. pop3_login, to the events app's
-// subscribers. data never holds a secret.
-func (h *Handler) emit(name string, data map[string]any) {
-	if h.events != nil {
-		h.events.Emit(h.ctx, name, data)
+// subscribers. data, which never holds a secret, is built only when the
+// event would reach a subscriber or the debug log.
+func (h *Handler) emit(name string, data func() map[string]any) {
+	if h.events != nil && h.events.ShouldEmit(name) {
+		h.events.Emit(h.ctx, name, data())
 	}
-}
-
-// observed reports whether an event named name would reach a subscriber or
-// the debug log; if not, its data need not be built.
-func (h *Handler) observed(name string) bool {
-	return h.events != nil && h.events.ShouldEmit(name)
 }
 
 // relayChallengesWanted: apop or cram-md5 without an auth server.
@@ -492,8 +487,7 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 // the connection is only closed.
 func (h *Handler) refuseFull(cx *layer4.Connection) {
 	sessionSlots.warnFull(h.logger)
-	metrics.sessionStarted()
-	metrics.sessionEnded("too_many_sessions", 0, 0)
+	metrics.sessionRefused("too_many_sessions")
 	if h.ImplicitTLS {
 		return
 	}

@@ -133,6 +133,7 @@ func TestMetricsNilSafe(t *testing.T) {
 	var m *pop3Metrics
 	m.sessionStarted()
 	m.sessionEnded("ok", 1, 2)
+	m.sessionRefused("too_many_sessions")
 	m.login("plain", "ok", 0.1)
 	m.dialError("x")
 	m.health("x", true)
