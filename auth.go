@@ -328,7 +328,7 @@ func (s *session) login(req loginRequest) error {
 	if target.address == "" {
 		up, err = s.h.pool.connect(s.cx.Context, s.poolRequest(req.creds.Username), s.dialClient(), deadline)
 	} else {
-		up, err = s.h.connectUpstream(s.cx.Context, target.address, s.h.pool.optionsFor(target.address), s.dialClient(), deadline)
+		up, err = s.h.pool.connectNamed(s.cx.Context, target.address, s.dialClient(), deadline)
 	}
 	if err != nil {
 		return s.loginFailed(req, target.address, err)

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/netip"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -39,7 +40,8 @@ var errNoUpstream = errors.New("no upstream available")
 // every handler and kept across config reloads, as caddy-l4's proxy does.
 var peers = caddy.NewUsagePool()
 
-// peer is the state of one upstream address.
+// peer is the state of one upstream address (or of one address template,
+// whose sessions max_connections counts together).
 type peer struct {
 	address   string
 	active    atomic.Int64 // sessions connected to it, logged in or not
@@ -47,6 +49,17 @@ type peer struct {
 	unhealthy atomic.Bool  // set by the active health check
 	passes    atomic.Int64 // consecutive active checks passed
 	failsRun  atomic.Int64 // consecutive active checks failed
+	checkers  atomic.Int64 // active health checkers running for it, in every config
+}
+
+// checkerStopped forgets what active checks found once none runs: a config
+// without health_interval must not inherit an "unhealthy" nothing clears.
+func (pe *peer) checkerStopped() {
+	if pe.checkers.Add(-1) == 0 {
+		pe.unhealthy.Store(false)
+		pe.passes.Store(0)
+		pe.failsRun.Store(0)
+	}
 }
 
 // Destruct implements caddy.Destructor.
@@ -56,8 +69,10 @@ func (*peer) Destruct() error { return nil }
 type poolUpstream struct {
 	cfg       *Upstream
 	template  bool        // the address holds placeholders, resolved per login
-	tlsConfig *tls.Config // nil: plaintext
-	peer      *peer       // nil for templates: no address to keep state for
+	hostTmpl  string      // template: the host part, placeholders and all
+	port      string      // template: the port, which never comes from a placeholder
+	tlsConfig *tls.Config // nil: plaintext; ServerName set for a static address
+	peer      *peer       // a template's counts only connections: its addresses vary
 	weight    int
 }
 
@@ -71,6 +86,11 @@ type pool struct {
 	failFor     time.Duration
 	rr          atomic.Uint64
 	logger      *zap.Logger
+
+	// tlsOnly: every configured upstream uses TLS, so an auth server's
+	// address that matches none of them is not sent a password in plaintext.
+	tlsOnly bool
+	named   *namedIndex // with auth_http: the configured upstreams by IP address
 }
 
 // poolRequest is what a policy may choose by.
@@ -82,9 +102,6 @@ type poolRequest struct {
 
 // available reports whether u may take one more session now.
 func (p *pool) available(u *poolUpstream) bool {
-	if u.peer == nil {
-		return true
-	}
 	if u.peer.unhealthy.Load() {
 		return false
 	}
@@ -96,9 +113,6 @@ func (p *pool) available(u *poolUpstream) bool {
 
 // reserve counts a session on u unless it is full; the caller releases.
 func (u *poolUpstream) reserve() bool {
-	if u.peer == nil {
-		return true
-	}
 	for {
 		n := u.peer.active.Load()
 		if u.cfg.MaxConnections > 0 && n >= int64(u.cfg.MaxConnections) {
@@ -110,16 +124,13 @@ func (u *poolUpstream) reserve() bool {
 	}
 }
 
-func (u *poolUpstream) release() {
-	if u.peer != nil {
-		u.peer.active.Add(-1)
-	}
-}
+func (u *poolUpstream) release() { u.peer.active.Add(-1) }
 
 // countFailure is the passive health check: a failure counts for
-// fail_duration.
+// fail_duration. Not for a template: a client could pick an address that
+// fails and take the template down for everyone.
 func (p *pool) countFailure(u *poolUpstream) {
-	if u.peer == nil || p.failFor <= 0 {
+	if u.template || p.failFor <= 0 {
 		return
 	}
 	u.peer.fails.Add(1)
@@ -135,7 +146,7 @@ func (p *pool) order(req poolRequest) []*poolUpstream {
 	switch p.policy {
 	case PolicyFirst:
 	case PolicyRoundRobin:
-		n := int(p.rr.Add(1)-1) % len(us)
+		n := int((p.rr.Add(1) - 1) % uint64(len(us))) // in uint64: an int wraps negative on 32-bit
 		us = append(us[n:], us[:n]...)
 	case PolicyRandom:
 		weightedShuffle(us)
@@ -150,12 +161,7 @@ func (p *pool) order(req poolRequest) []*poolUpstream {
 	return us
 }
 
-func activeOf(u *poolUpstream) int64 {
-	if u.peer == nil {
-		return 0
-	}
-	return u.peer.active.Load()
-}
+func activeOf(u *poolUpstream) int64 { return u.peer.active.Load() }
 
 // normalizeUser makes "Alice@Example.COM " and "alice@example.com" the same
 // mailbox for user_hash.
@@ -212,8 +218,8 @@ func (p *pool) connect(ctx context.Context, req poolRequest, client dialClient, 
 		address := u.cfg.Address
 		if u.template {
 			var err error
-			if address, err = resolveAddress(address, req.repl); err != nil {
-				lastErr = err
+			if address, err = resolveAddress(u.hostTmpl, u.port, req.repl); err != nil {
+				lastErr = fmt.Errorf("upstream %s: %w", u.cfg.Address, err)
 				continue
 			}
 		}
@@ -227,24 +233,11 @@ func (p *pool) connect(ctx context.Context, req poolRequest, client dialClient, 
 		if deadline.Before(attemptDeadline) {
 			attemptDeadline = deadline
 		}
-		c, err := p.h.connectUpstream(ctx, address, upstreamOptions{
-			tls:           u.tlsConfig,
-			startTLS:      u.cfg.StartTLS,
-			proxyProtocol: p.h.ProxyProtocol,
-			xclient:       p.h.XClient,
-		}, client, attemptDeadline)
+		c, err := p.attempt(ctx, u, address, client, attemptDeadline)
 		if err == nil {
 			c.setDeadline(deadline)
-			c.onClose = u.release
-			if c.xclientRefused != "" {
-				p.logger.Warn("upstream refused XCLIENT; it sees the proxy's address", zap.String("upstream", address), zap.String("reply", sanitizeReplyText(c.xclientRefused)))
-			}
 			return c, nil
 		}
-		u.release()
-		p.countFailure(u)
-		metrics.dialError(u.cfg.Address)
-		p.logger.Warn("upstream unavailable", zap.String("upstream", address), zap.Error(err))
 		lastErr = err
 	}
 	if lastErr == nil {
@@ -253,25 +246,133 @@ func (p *pool) connect(ctx context.Context, req poolRequest, client dialClient, 
 	return nil, fmt.Errorf("%w: %w", errNoUpstream, lastErr)
 }
 
-// resolveAddress fills placeholders such as {pop3.domain}. An address that
-// resolves to no host is an error.
-func resolveAddress(template string, repl *caddy.Replacer) (string, error) {
-	if repl == nil {
-		return "", fmt.Errorf("address %q has placeholders but nothing to fill them", template)
-	}
-	addr := repl.ReplaceKnown(template, "")
-	host, _, err := net.SplitHostPort(addr)
+// attempt connects to address for u, which the caller reserved: on success
+// the connection releases it when closed, on failure it is released and
+// the failure counted.
+func (p *pool) attempt(ctx context.Context, u *poolUpstream, address string, client dialClient, deadline time.Time) (*upstreamClient, error) {
+	c, err := p.h.connectUpstream(ctx, address, p.optionsOf(u), client, deadline)
 	if err != nil {
-		addr, err = normalizeUpstreamAddress(addr)
-		if err != nil {
-			return "", err
+		u.release()
+		p.countFailure(u)
+		metrics.dialError(u.cfg.Address)
+		p.logger.Warn("upstream unavailable", zap.String("upstream", address), zap.Error(err))
+		return nil, err
+	}
+	c.onClose = u.release
+	p.warnXCLIENT(c)
+	return c, nil
+}
+
+func (p *pool) warnXCLIENT(c *upstreamClient) {
+	if c.xclientRefused != "" {
+		p.logger.Warn("upstream refused XCLIENT; it sees the proxy's address", zap.String("upstream", c.address), zap.String("reply", sanitizeReplyText(c.xclientRefused)))
+	}
+}
+
+// optionsOf returns how a session reaches u.
+func (p *pool) optionsOf(u *poolUpstream) upstreamOptions {
+	return upstreamOptions{
+		tls:           u.tlsConfig,
+		startTLS:      u.cfg.StartTLS,
+		proxyProtocol: p.h.ProxyProtocol,
+		xclient:       p.h.XClient,
+	}
+}
+
+// resolveAddress fills the placeholders of a host template such as
+// pop.{pop3.domain}. Each value, whoever chose it (a user name, an SNI),
+// must be host-name labels, and so must the host it makes, which must not
+// be an IP address either; the port is the template's. So a client picks
+// at most a host name, never an address, a port or another syntax.
+func resolveAddress(hostTmpl, port string, repl *caddy.Replacer) (string, error) {
+	if repl == nil {
+		return "", errors.New("address has placeholders but nothing to fill them")
+	}
+	host, err := repl.ReplaceFunc(hostTmpl, func(key string, val any) (any, error) {
+		v := strings.ToLower(caddy.ToString(val))
+		if !hostLabels(v) {
+			return nil, fmt.Errorf("placeholder {%s} is %q, not a host name", key, truncate(v, 64))
 		}
-		host, _, _ = net.SplitHostPort(addr)
+		return v, nil
+	})
+	if err != nil {
+		return "", err
 	}
-	if host == "" || strings.HasPrefix(host, ".") || strings.Contains(host, "..") || strings.ContainsAny(addr, "{}") {
-		return "", fmt.Errorf("address %q resolved to %q, which has no host", template, addr)
+	if !hostLabels(host) || !hostName(host) {
+		return "", fmt.Errorf("host %q is no host name", truncate(host, 300))
 	}
-	return addr, nil
+	return net.JoinHostPort(host, port), nil
+}
+
+// hostLabels reports whether s is dot-separated DNS labels: letters, digits
+// and inner hyphens, at most 63 bytes each, 253 in all.
+func hostLabels(s string) bool {
+	if s == "" || len(s) > 253 {
+		return false
+	}
+	for _, label := range strings.Split(s, ".") {
+		if label == "" || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
+			return false
+		}
+		for i := 0; i < len(label); i++ {
+			c := label[i]
+			if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-') {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// hostName reports whether labels name a host rather than an address: the
+// last label starts with a letter (no top-level domain is numeric), which
+// also refuses the forms "10.0.0.5", "2130706433" and "0x7f.1" that C
+// resolvers take for IPv4 addresses.
+func hostName(labels string) bool {
+	last := labels[strings.LastIndexByte(labels, '.')+1:]
+	c := last[0] | 0x20
+	return c >= 'a' && c <= 'z'
+}
+
+func truncate(s string, n int) string {
+	if len(s) > n {
+		return s[:n]
+	}
+	return s
+}
+
+// splitTemplate parses an address template into its host part and its port
+// (defaultPort when it has none). The port must be digits: a placeholder
+// there would let a client choose it.
+func splitTemplate(addr, defaultPort string) (hostTmpl, port string, err error) {
+	depth, colon, colons := 0, -1, 0
+	for i := 0; i < len(addr); i++ {
+		switch addr[i] {
+		case '{':
+			depth++
+		case '}':
+			depth--
+		case ':':
+			if depth == 0 {
+				colon = i
+				colons++
+			}
+		}
+	}
+	hostTmpl, port = addr, defaultPort
+	if colons > 1 {
+		return "", "", fmt.Errorf("address %q: an IPv6 address has no place for placeholders", addr)
+	}
+	if colon >= 0 {
+		hostTmpl, port = addr[:colon], addr[colon+1:]
+		if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 || strings.TrimLeft(port, "0123456789") != "" {
+			return "", "", fmt.Errorf("address %q: the port must be a number (placeholders may fill only the host)", addr)
+		}
+	}
+	if hostTmpl == "" || !hasPlaceholder(hostTmpl) {
+		return "", "", fmt.Errorf("address %q: placeholders may fill only the host", addr)
+	}
+	return hostTmpl, port, nil
 }
 
 // hostnameSafe keeps a client-supplied value usable only as hostname labels,
@@ -286,25 +387,44 @@ func hostnameSafe(s string) string {
 	return strings.Trim(s, ".")
 }
 
-// healthChecker runs the active POP3 health check of the static upstreams
-// until the handler's config is unloaded.
-func (p *pool) healthChecker(ctx context.Context, interval, timeout time.Duration, passes, fails int64) {
-	defer func() {
-		if r := recover(); r != nil {
-			p.logger.Error("health checker panicked", zap.Any("panic", r))
+// startHealthChecker runs the active POP3 health check of the static
+// upstreams until ctx, the handler's config, is done. It counts itself on
+// each peer before it returns, so that the checker of the config it
+// replaces, stopping later, does not clear the state this one keeps.
+func (p *pool) startHealthChecker(ctx context.Context, interval, timeout time.Duration, passes, fails int64) {
+	var checked []*peer
+	for _, u := range p.upstreams {
+		if !u.template {
+			u.peer.checkers.Add(1)
+			checked = append(checked, u.peer)
 		}
+	}
+	go func() {
+		defer func() {
+			for _, pe := range checked {
+				pe.checkerStopped()
+			}
+		}()
+		p.healthChecker(ctx, interval, timeout, passes, fails)
 	}()
+}
+
+// healthChecker checks every static upstream now and then every interval,
+// until ctx is done.
+func (p *pool) healthChecker(ctx context.Context, interval, timeout time.Duration, passes, fails int64) {
+	defer p.recoverChecker()
 	ticker := time.NewTicker(interval)
 	defer ticker.Stop()
 	for {
 		var wg sync.WaitGroup
 		for _, u := range p.upstreams {
-			if u.peer == nil {
+			if u.template {
 				continue
 			}
 			wg.Add(1)
 			go func(u *poolUpstream) {
 				defer wg.Done()
+				defer p.recoverChecker() // a panic here would end the process
 				p.checkOne(ctx, u, timeout, passes, fails)
 			}(u)
 		}
@@ -317,14 +437,29 @@ func (p *pool) healthChecker(ctx context.Context, interval, timeout time.Duratio
 	}
 }
 
-// checkOne speaks POP3 to u: connect (with TLS or STLS as configured),
-// expect +OK, QUIT.
+func (p *pool) recoverChecker() {
+	if r := recover(); r != nil {
+		p.logger.Error("health checker panicked", zap.Any("panic", r))
+	}
+}
+
+// checkOne speaks POP3 to u: connect (with the PROXY header, TLS or STLS as
+// configured), expect +OK, QUIT. A check that ctx ended (a reload, a stop)
+// proves nothing and counts neither way.
 func (p *pool) checkOne(ctx context.Context, u *poolUpstream, timeout time.Duration, passes, fails int64) {
 	c, err := p.h.connectUpstream(ctx, u.cfg.Address, upstreamOptions{
-		tls:      u.tlsConfig,
-		startTLS: u.cfg.StartTLS,
-		skipCAPA: true,
+		tls:           u.tlsConfig,
+		startTLS:      u.cfg.StartTLS,
+		proxyProtocol: p.h.ProxyProtocol, // a LOCAL header: a haproxy listener greets nobody without one
+		skipCAPA:      true,
+		interruptible: true,
 	}, dialClient{}, now().Add(timeout))
+	if ctx.Err() != nil {
+		if err == nil {
+			c.close()
+		}
+		return
+	}
 	if err == nil {
 		c.quit()
 		metrics.health(u.cfg.Address, true)
@@ -342,20 +477,35 @@ func (p *pool) checkOne(ctx context.Context, u *poolUpstream, timeout time.Durat
 }
 
 // buildPool prepares the upstreams: TLS client configs, and state shared
-// across reloads for every address without placeholders.
-func (h *Handler) buildPool() (*pool, error) {
+// across reloads for every address (and template).
+func (h *Handler) buildPool() (_ *pool, err error) {
 	p := &pool{
 		h:           h,
 		policy:      h.LBPolicy,
 		tryDuration: time.Duration(h.LBTryDuration),
 		failFor:     time.Duration(h.FailDuration),
 		logger:      h.logger,
+		tlsOnly:     len(h.Upstream) > 0,
 	}
+	defer func() {
+		if err != nil {
+			p.release() // the references taken so far
+		}
+	}()
 	if p.failFor > 0 {
 		p.maxFails = int64(max(h.MaxFails, 1))
 	}
 	for i, u := range h.Upstream {
 		pu := &poolUpstream{cfg: u, template: hasPlaceholder(u.Address), weight: max(u.Weight, 1)}
+		if pu.template {
+			port := "110"
+			if u.TLS != nil && !u.StartTLS {
+				port = "995"
+			}
+			if pu.hostTmpl, pu.port, err = splitTemplate(u.Address, port); err != nil {
+				return nil, fmt.Errorf("upstream %d: %w", i, err)
+			}
+		}
 		if u.TLS != nil {
 			cfg, err := u.TLS.MakeTLSClientConfig(h.ctx)
 			if err != nil {
@@ -366,18 +516,26 @@ func (h *Handler) buildPool() (*pool, error) {
 				// `starttls` still means TLS, verified against system roots.
 				cfg = new(tls.Config)
 			}
-			pu.tlsConfig = cfg
-		}
-		if !pu.template {
-			v, _, err := peers.LoadOrNew(u.Address, func() (caddy.Destructor, error) {
-				return &peer{address: u.Address}, nil
-			})
-			if err != nil {
-				return nil, err
+			if cfg.ServerName == "" && !cfg.InsecureSkipVerify && !pu.template {
+				// The configured name, also when an auth server names the
+				// upstream by its IP address.
+				cfg.ServerName, _, _ = net.SplitHostPort(u.Address)
 			}
-			pu.peer = v.(*peer)
+			pu.tlsConfig = cfg
+		} else {
+			p.tlsOnly = false
 		}
+		v, _, err := peers.LoadOrNew(u.Address, func() (caddy.Destructor, error) {
+			return &peer{address: u.Address}, nil
+		})
+		if err != nil {
+			return nil, err
+		}
+		pu.peer = v.(*peer)
 		p.upstreams = append(p.upstreams, pu)
+	}
+	if h.AuthHTTP != nil {
+		p.named = newNamedIndex(p)
 	}
 	return p, nil
 }
@@ -385,20 +543,164 @@ func (h *Handler) buildPool() (*pool, error) {
 // release drops this config's hold on the shared upstream state.
 func (p *pool) release() {
 	for _, u := range p.upstreams {
-		if u.peer != nil {
-			_, _ = peers.Delete(u.peer.address)
-		}
+		_, _ = peers.Delete(u.peer.address)
 	}
 }
 
-// optionsFor returns how to reach address: the settings of the configured
-// upstream with that address, if any (an auth server may name one).
-func (p *pool) optionsFor(address string) upstreamOptions {
-	o := upstreamOptions{proxyProtocol: p.h.ProxyProtocol, xclient: p.h.XClient}
+// connectNamed connects to the address (IP:port) an auth server named. The
+// configured upstream at that address, its host name resolved, lends its
+// TLS or STLS (verified against its name), max_connections and health. An
+// address that is no configured upstream is dialled in plaintext, as NGINX
+// does, unless every configured upstream uses TLS: a password then never
+// goes out in plaintext because the auth server and the config disagree.
+func (p *pool) connectNamed(ctx context.Context, address string, client dialClient, deadline time.Time) (*upstreamClient, error) {
+	u := p.named.lookup(ctx, address, deadline)
+	if u == nil {
+		if p.tlsOnly {
+			return nil, fmt.Errorf("%w: the auth server named %s, which is no configured upstream, and every configured upstream uses TLS", errNoUpstream, address)
+		}
+		c, err := p.h.connectUpstream(ctx, address, upstreamOptions{proxyProtocol: p.h.ProxyProtocol, xclient: p.h.XClient}, client, deadline)
+		if err == nil {
+			p.warnXCLIENT(c)
+		}
+		return c, err
+	}
+	if !p.available(u) || !u.reserve() {
+		return nil, fmt.Errorf("%w: upstream %s (%s) is down or full", errNoUpstream, u.cfg.Address, address)
+	}
+	return p.attempt(ctx, u, address, client, deadline)
+}
+
+// namedIndex finds the configured upstream behind an IP address and port
+// that an auth server names. Host names are resolved again when the entry
+// found is older than namedTTL (in the background: the login goes on with
+// it), and when no entry is found, at most every namedRetry.
+type namedIndex struct {
+	p           *pool
+	static      bool // every configured host is an IP address: nothing to resolve
+	resolveHost func(ctx context.Context, network, host string) ([]netip.Addr, error)
+	mu          sync.Mutex
+	byAddr      map[netip.AddrPort]*poolUpstream // replaced, never changed
+	at          time.Time                        // when byAddr was resolved; zero: never
+	running     chan struct{}                    // closed when the running lookup ends; nil: none
+}
+
+const (
+	namedTTL   = time.Minute
+	namedRetry = 5 * time.Second
+)
+
+// lookupNetIP resolves a configured host name; tests replace it.
+var lookupNetIP = net.DefaultResolver.LookupNetIP
+
+func newNamedIndex(p *pool) *namedIndex {
+	ix := &namedIndex{p: p, static: true, resolveHost: lookupNetIP, byAddr: map[netip.AddrPort]*poolUpstream{}}
 	for _, u := range p.upstreams {
-		if u.cfg.Address == address {
-			o.tls, o.startTLS = u.tlsConfig, u.cfg.StartTLS
+		if u.template {
+			continue
+		}
+		if ap, err := netip.ParseAddrPort(u.cfg.Address); err == nil {
+			ap = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+			if _, dup := ix.byAddr[ap]; !dup {
+				ix.byAddr[ap] = u
+			}
+		} else {
+			ix.static = false
 		}
 	}
-	return o
+	if !ix.static {
+		ix.mu.Lock()
+		ix.refreshLocked() // so that the first login finds the names resolved
+		ix.mu.Unlock()
+	}
+	return ix
+}
+
+func (ix *namedIndex) lookup(ctx context.Context, address string, deadline time.Time) *poolUpstream {
+	ap, err := netip.ParseAddrPort(address)
+	if err != nil {
+		return nil
+	}
+	ap = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	ix.mu.Lock()
+	u := ix.byAddr[ap]
+	age := now().Sub(ix.at)
+	if ix.static || (u != nil && age < namedTTL) || (u == nil && !ix.at.IsZero() && age < namedRetry) {
+		ix.mu.Unlock()
+		return u
+	}
+	done := ix.refreshLocked()
+	ix.mu.Unlock()
+	if u != nil {
+		return u
+	}
+	wait := time.NewTimer(time.Until(deadline))
+	defer wait.Stop()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		return nil
+	case <-wait.C:
+		return nil
+	}
+	ix.mu.Lock()
+	defer ix.mu.Unlock()
+	return ix.byAddr[ap]
+}
+
+// refreshLocked starts resolving the configured host names unless that is
+// running already, and returns what closes when it ends.
+func (ix *namedIndex) refreshLocked() chan struct{} {
+	if ix.running != nil {
+		return ix.running
+	}
+	done := make(chan struct{})
+	ix.running = done
+	old := ix.byAddr
+	go func() {
+		m := ix.resolve(old)
+		ix.mu.Lock()
+		ix.byAddr, ix.at, ix.running = m, now(), nil
+		ix.mu.Unlock()
+		close(done)
+	}()
+	return done
+}
+
+// resolve maps every address of every static upstream to it. A name that
+// does not resolve now keeps the addresses it had.
+func (ix *namedIndex) resolve(old map[netip.AddrPort]*poolUpstream) map[netip.AddrPort]*poolUpstream {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(ix.p.h.DialTimeout))
+	defer cancel()
+	m := make(map[netip.AddrPort]*poolUpstream, len(old))
+	add := func(ap netip.AddrPort, u *poolUpstream) {
+		if _, dup := m[ap]; !dup {
+			m[ap] = u
+		}
+	}
+	for _, u := range ix.p.upstreams {
+		if u.template {
+			continue
+		}
+		host, portText, _ := net.SplitHostPort(u.cfg.Address)
+		port, _ := strconv.ParseUint(portText, 10, 16)
+		if ip, err := netip.ParseAddr(host); err == nil {
+			add(netip.AddrPortFrom(ip.Unmap(), uint16(port)), u)
+			continue
+		}
+		ips, err := ix.resolveHost(ctx, "ip", host)
+		if err != nil {
+			ix.p.logger.Warn("resolving an upstream to match the auth server's addresses", zap.String("upstream", u.cfg.Address), zap.Error(err))
+			for ap, v := range old {
+				if v == u {
+					add(ap, u)
+				}
+			}
+			continue
+		}
+		for _, ip := range ips {
+			add(netip.AddrPortFrom(ip.Unmap(), uint16(port)), u)
+		}
+	}
+	return m
 }

@@ -375,3 +375,325 @@ func TestUpstreamCAPAIsCached(t *testing.T) {
 		t.Errorf("upstream was asked CAPA %d times in three logins, want once", n)
 	}
 }
+
+// round_robin's counter is unsigned: past the int range (on 32-bit, after
+// 2^31 sessions) it must still give an index in range.
+func TestRoundRobinCounterWraps(t *testing.T) {
+	_, ups := namedUpstreams(t, 3)
+	h, _ := newTestHandler(t, "", func(h *Handler) { h.Upstream = ups; h.LBPolicy = PolicyRoundRobin })
+	h.pool.rr.Store(1 << 63)
+	seen := map[int]bool{}
+	for i := 0; i < 3; i++ {
+		seen[chooseIndex(h, h.pool.order(poolRequest{})[0])] = true
+	}
+	if len(seen) != 3 {
+		t.Errorf("three sessions reached %v", seen)
+	}
+}
+
+// A reload to a config without health_interval: once the old checker
+// stops, the upstream it marked down is usable again (nothing else would
+// clear the mark).
+func TestHealthStateClearedWithoutChecker(t *testing.T) {
+	bad := &pop3test.Upstream{Greeting: "-ERR down"}
+	badAddr := bad.Start(t)
+	before, _ := newTestHandler(t, badAddr, nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	before.pool.startHealthChecker(ctx, 20*time.Millisecond, time.Second, 1, 1)
+	waitFor(t, "the upstream to be marked unhealthy", func() bool { return before.pool.upstreams[0].peer.unhealthy.Load() })
+
+	after, _ := newTestHandler(t, badAddr, nil) // shares the address's state
+	if after.pool.upstreams[0].peer != before.pool.upstreams[0].peer {
+		t.Fatal("the new config does not share the upstream's state")
+	}
+	cancel() // the old config stops
+	waitFor(t, "the upstream to be usable without a checker", func() bool { return after.pool.available(after.pool.upstreams[0]) })
+}
+
+// A check that its config's end interrupts ends at once and counts neither
+// way: a reload does not mark an upstream down.
+func TestCancelledHealthCheckCountsNothing(t *testing.T) {
+	silent := &pop3test.Upstream{Silent: true}
+	addr := silent.Start(t)
+	h, _ := newTestHandler(t, addr, nil)
+	u := h.pool.upstreams[0]
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		h.pool.checkOne(ctx, u, time.Minute, 1, 1)
+		close(done)
+	}()
+	time.Sleep(100 * time.Millisecond) // connected, waiting for the greeting
+	cancel()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("a stopped check still waits for the greeting")
+	}
+	if u.peer.unhealthy.Load() || u.peer.failsRun.Load() != 0 {
+		t.Errorf("a cancelled check counted: unhealthy %v, failed run %d", u.peer.unhealthy.Load(), u.peer.failsRun.Load())
+	}
+}
+
+// With proxy_protocol, the active check sends a LOCAL header (v1: PROXY
+// UNKNOWN): a listener that wants a header greets nobody without one.
+func TestHealthCheckSendsProxyLocal(t *testing.T) {
+	for _, version := range []string{"v1", "v2"} {
+		t.Run(version, func(t *testing.T) {
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			got := make(chan *proxyproto.Header, 1)
+			go func() {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				defer c.Close()
+				_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+				br := bufio.NewReader(c)
+				header, err := proxyproto.Read(br)
+				got <- header
+				if err != nil {
+					return
+				}
+				_, _ = c.Write([]byte("+OK ready\r\n"))
+				_, _ = br.ReadString('\n')
+			}()
+			h, _ := newTestHandler(t, ln.Addr().String(), func(h *Handler) { h.ProxyProtocol = version })
+			u := h.pool.upstreams[0]
+			h.pool.checkOne(context.Background(), u, 2*time.Second, 1, 1)
+			if u.peer.unhealthy.Load() {
+				t.Error("the upstream was marked unhealthy")
+			}
+			header := <-got
+			if header == nil || header.Command != proxyproto.LOCAL || header.Version != map[string]byte{"v1": 1, "v2": 2}[version] {
+				t.Errorf("header %+v, want a %s LOCAL one", header, version)
+			}
+		})
+	}
+}
+
+// A placeholder value, whoever chose it, is a host name or nothing: never
+// an address, a port or another syntax; the port is the template's.
+func TestResolveAddressTakesOnlyAHostName(t *testing.T) {
+	for _, tc := range []struct {
+		tmpl, port, value, want string
+	}{
+		{"{l4.tls.server_name}", "110", "mail.example.com", "mail.example.com:110"},
+		{"{l4.tls.server_name}", "110", "MAIL.Example.COM", "mail.example.com:110"},
+		{"{l4.tls.server_name}", "110", "localhost", "localhost:110"},
+		{"pop.{l4.tls.server_name}", "995", "example.com", "pop.example.com:995"},
+		{"pop-{l4.tls.server_name}.internal", "110", "10", "pop-10.internal:110"},
+		{"{l4.tls.server_name}", "110", "10.0.0.5:2110", ""},
+		{"{l4.tls.server_name}", "110", "10.0.0.5", ""},
+		{"{l4.tls.server_name}", "110", "2130706433", ""},
+		{"{l4.tls.server_name}", "110", "0x7f000001", ""},
+		{"{l4.tls.server_name}", "110", "127.1", ""},
+		{"{l4.tls.server_name}", "110", "[::1]", ""},
+		{"{l4.tls.server_name}", "110", "::1", ""},
+		{"{l4.tls.server_name}", "110", "a..b", ""},
+		{"{l4.tls.server_name}", "110", ".a", ""},
+		{"{l4.tls.server_name}", "110", "-a.example", ""},
+		{"{l4.tls.server_name}", "110", "a_b.example", ""},
+		{"{l4.tls.server_name}", "110", "mail.example.com.", ""},
+		{"{l4.tls.server_name}", "110", "mäil.example", ""},
+		{"{l4.tls.server_name}", "110", "a/b", ""},
+		{"{l4.tls.server_name}", "110", "a b", ""},
+		{"{l4.tls.server_name}", "110", "", ""},
+		{"{l4.tls.server_name}", "110", strings.Repeat("a", 64) + ".example", ""},
+		{"{l4.tls.server_name}", "110", strings.Repeat("abcdefg.", 32) + "example", ""},
+		{"10.0.0.{l4.tls.server_name}", "110", "5", ""},
+		{"{l4.tls.server_name}", "110", "{pop3.user}", ""},
+		{"{no.such.placeholder}", "110", "x", ""},
+	} {
+		repl := caddy.NewReplacer()
+		repl.Set("l4.tls.server_name", tc.value)
+		repl.Set("pop3.user", "alice")
+		got, err := resolveAddress(tc.tmpl, tc.port, repl)
+		if tc.want == "" {
+			if err == nil {
+				t.Errorf("%s with %q: %q, want an error", tc.tmpl, tc.value, got)
+			}
+			continue
+		}
+		if err != nil || got != tc.want {
+			t.Errorf("%s with %q: %q, %v; want %q", tc.tmpl, tc.value, got, err, tc.want)
+		}
+	}
+}
+
+func TestAddressTemplatePort(t *testing.T) {
+	for _, tc := range []struct {
+		tmpl, defaultPort, host, port string
+	}{
+		{"{pop3.domain}", "110", "{pop3.domain}", "110"},
+		{"pop.{pop3.domain}:1110", "110", "pop.{pop3.domain}", "1110"},
+		{"{pop3.domain}:{env.PORT}", "110", "", ""},
+		{"{pop3.domain}:+1", "110", "", ""},
+		{"{pop3.domain}:70000", "110", "", ""},
+		{"{pop3.domain}:", "110", "", ""},
+		{"a:b:{pop3.domain}", "110", "", ""},
+		{"mail:{pop3.domain}", "110", "", ""},
+	} {
+		host, port, err := splitTemplate(tc.tmpl, tc.defaultPort)
+		if tc.host == "" {
+			if err == nil {
+				t.Errorf("%s: %q %q, want an error", tc.tmpl, host, port)
+			}
+			continue
+		}
+		if err != nil || host != tc.host || port != tc.port {
+			t.Errorf("%s: %q %q %v, want %q %q", tc.tmpl, host, port, err, tc.host, tc.port)
+		}
+	}
+	// Without a port, a template takes the one its TLS mode implies.
+	for _, tc := range []struct {
+		u    *Upstream
+		port string
+	}{
+		{&Upstream{Address: "pop.{pop3.domain}"}, "110"},
+		{&Upstream{Address: "pop.{pop3.domain}", TLS: &reverseproxy.TLSConfig{}}, "995"},
+		{&Upstream{Address: "pop.{pop3.domain}", TLS: &reverseproxy.TLSConfig{}, StartTLS: true}, "110"},
+	} {
+		h, _ := newTestHandler(t, "", func(h *Handler) { h.Upstream = []*Upstream{tc.u} })
+		if got := h.pool.upstreams[0].port; got != tc.port {
+			t.Errorf("%+v: port %s, want %s", tc.u, got, tc.port)
+		}
+	}
+	h := &Handler{Upstream: []*Upstream{{Address: "{pop3.domain}:{l4.tls.server_name}"}}, logger: zap.NewNop()}
+	if err := h.setup(); err == nil || !strings.Contains(err.Error(), "port") {
+		t.Errorf("a placeholder in the port: setup %v, want an error", err)
+	}
+}
+
+// A real TLS client sets an SNI through STLS and implicit TLS: a host name
+// reaches the upstream, an address with a port does not.
+func TestSNIPlaceholderTakesNoAddress(t *testing.T) {
+	fake, addr := fakeUpstream(t, nil)
+	_, port, _ := net.SplitHostPort(addr)
+	for _, tc := range []struct {
+		name, tmpl, sni string
+		implicit, ok    bool
+	}{
+		{"stls host name", "{l4.tls.server_name}:" + port, "localhost", false, true},
+		{"implicit host name", "{l4.tls.server_name}:" + port, "LocalHost", true, true},
+		{"stls address and port", "{l4.tls.server_name}", "127.0.0.1:" + port, false, false},
+		{"implicit address and port", "{l4.tls.server_name}", "127.0.0.1:" + port, true, false},
+		{"stls host and port", "{l4.tls.server_name}", "localhost:" + port, false, false},
+		{"implicit numeric address", "{l4.tls.server_name}:" + port, "2130706433", true, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h, logs := newTestHandler(t, "", func(h *Handler) {
+				h.Upstream = []*Upstream{{Address: tc.tmpl}}
+				h.StartTLS, h.ImplicitTLS = StartTLSOn, tc.implicit
+			})
+			before := len(fake.Lines())
+			ts := handleOn(t, h, logs, false)
+			if !tc.implicit {
+				if g := ts.readLine(); !strings.HasPrefix(g, "+OK") {
+					t.Fatalf("greeting %q", g)
+				}
+				ts.send("STLS")
+				ts.expect("+OK")
+			}
+			tc2 := tls.Client(ts.conn, &tls.Config{InsecureSkipVerify: true, ServerName: tc.sni})
+			if err := tc2.Handshake(); err != nil {
+				t.Fatalf("TLS handshake: %v", err)
+			}
+			ts.conn, ts.r = tc2, bufio.NewReader(tc2)
+			if tc.implicit {
+				ts.expect("+OK")
+			}
+			ts.send("USER alice", "PASS secret-pw")
+			ts.expect("+OK")
+			if !tc.ok {
+				ts.expect("-ERR [SYS/TEMP]")
+				if len(fake.Lines()) != before {
+					t.Errorf("the upstream got %q", fake.Lines()[before:])
+				}
+				return
+			}
+			ts.expect("+OK Logged in")
+			ts.send("QUIT")
+			ts.expect("+OK")
+		})
+	}
+}
+
+// max_connections on an address template counts all its sessions.
+func TestTemplateMaxConnections(t *testing.T) {
+	_, addr := fakeUpstream(t, func(u *pop3test.Upstream) { u.Users["alice@localhost"] = "secret-pw" })
+	_, port, _ := net.SplitHostPort(addr)
+	h, logs := newTestHandler(t, "", func(h *Handler) { h.Upstream = []*Upstream{{Address: "{pop3.domain}:" + port, MaxConnections: 1}} })
+	held := startSession(t, h, logs, false)
+	held.send("USER alice@localhost", "PASS secret-pw")
+	held.expect("+OK")
+	held.expect("+OK Logged in")
+	ts := startSession(t, h, logs, false)
+	ts.send("USER alice@localhost", "PASS secret-pw")
+	ts.expect("+OK")
+	ts.expect("-ERR [SYS/TEMP]")
+	held.send("QUIT")
+	held.expect("+OK")
+}
+
+// A failed buildPool gives back the shared state it took.
+func TestBuildPoolFailureReleasesState(t *testing.T) {
+	addr := closedPort(t)
+	h := &Handler{Upstream: []*Upstream{{Address: addr}, {Address: "127.0.0.1:2", TLS: &reverseproxy.TLSConfig{ClientCertificateFile: "x.pem"}}}, logger: zap.NewNop()}
+	if err := h.setup(); err == nil {
+		t.Fatal("setup accepted a client certificate without a key")
+	}
+	if n, ok := peers.References(addr); ok {
+		t.Errorf("%d references to %s left", n, addr)
+	}
+}
+
+// Everything that may change an upstream's CAPA answer is in the cache
+// key: the client it was told of by XCLIENT (or PROXY), and the TLS
+// identity.
+func TestCAPACacheKey(t *testing.T) {
+	fake, addr := fakeUpstream(t, nil)
+	stls, stlsPort, roots := stlsUpstream(t)
+	h, _ := newTestHandler(t, addr, nil)
+	capaCount := func(u *pop3test.Upstream) int { return strings.Count(strings.Join(u.Lines(), "\n"), "CAPA") }
+	connect := func(address string, o upstreamOptions, remote string) {
+		t.Helper()
+		client := dialClient{remote: net.TCPAddrFromAddrPort(netip.MustParseAddrPort(remote)), local: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 110}}
+		c, err := h.connectUpstream(context.Background(), address, o, client, time.Now().Add(5*time.Second))
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.quit()
+	}
+	for i, step := range []struct {
+		o      upstreamOptions
+		remote string
+		want   int
+	}{
+		{upstreamOptions{}, "192.0.2.1:1000", 1},
+		{upstreamOptions{}, "192.0.2.2:1000", 1}, // told nothing of the client: one answer for all
+		{upstreamOptions{xclient: true}, "192.0.2.1:1000", 2},
+		{upstreamOptions{xclient: true}, "192.0.2.1:2000", 2},
+		{upstreamOptions{xclient: true}, "192.0.2.2:1000", 3},
+	} {
+		connect(addr, step.o, step.remote)
+		if got := capaCount(fake); got != step.want {
+			t.Fatalf("step %d: %d CAPAs, want %d", i, got, step.want)
+		}
+	}
+	withCert := testCertificate(t)
+	for i, cfg := range []*tls.Config{
+		{RootCAs: roots, ServerName: "localhost"},
+		{RootCAs: roots, ServerName: "localhost", Certificates: []tls.Certificate{withCert}},
+	} {
+		connect("127.0.0.1:"+stlsPort, upstreamOptions{tls: cfg, startTLS: true}, "192.0.2.1:1000")
+		if got := capaCount(stls); got != i+1 {
+			t.Errorf("TLS identity %d: %d CAPAs, want %d", i, got, i+1)
+		}
+	}
+}

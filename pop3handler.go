@@ -188,6 +188,7 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 // Provision sets defaults and prepares TLS for STLS and implicit_tls.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.ctx, h.logger = ctx, ctx.Logger()
+	h.warnAuthHTTPPool() // before setup fills in the defaults
 	if err := h.setup(); err != nil {
 		return err
 	}
@@ -214,7 +215,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.events, _ = app.(*caddyevents.App)
 	}
 	if h.HealthInterval > 0 {
-		go h.pool.healthChecker(ctx, time.Duration(h.HealthInterval), time.Duration(h.HealthTimeout),
+		h.pool.startHealthChecker(ctx, time.Duration(h.HealthInterval), time.Duration(h.HealthTimeout),
 			int64(max(h.HealthPasses, 1)), int64(max(h.HealthFails, 1)))
 	}
 	if !h.ImplicitTLS && h.StartTLS != StartTLSOnly && h.hasAuth(AuthPlain) {
@@ -223,6 +224,40 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 
 	return nil
+}
+
+// warnAuthHTTPPool warns of upstream options that an auth server's choice
+// of upstream makes useless, and of plaintext to the addresses it names.
+func (h *Handler) warnAuthHTTPPool() {
+	if h.AuthHTTP == nil {
+		return
+	}
+	var ignored []string
+	if h.LBPolicy != "" {
+		ignored = append(ignored, "lb_policy")
+	}
+	if h.LBTryDuration != 0 {
+		ignored = append(ignored, "lb_try_duration")
+	}
+	tlsOnly := len(h.Upstream) > 0
+	for _, u := range h.Upstream {
+		if u == nil {
+			continue
+		}
+		if u.Weight > 1 && !slices.Contains(ignored, "weight") {
+			ignored = append(ignored, "weight")
+		}
+		if hasPlaceholder(u.Address) {
+			h.logger.Warn("auth_http names each login's upstream by IP address, which never matches an upstream with placeholders: its tls and max_connections do not apply", zap.String("upstream", u.Address))
+		}
+		tlsOnly = tlsOnly && u.TLS != nil
+	}
+	if len(ignored) > 0 {
+		h.logger.Warn("auth_http names each login's upstream: these options do not apply", zap.Strings("options", ignored))
+	}
+	if !tlsOnly {
+		h.logger.Warn("auth_http: an upstream the auth server names that is no configured upstream with tls is reached in plaintext, passwords included")
+	}
 }
 
 // setup applies defaults, validates and builds the login pipeline: all of

@@ -96,10 +96,12 @@ type upstreamOptions struct {
 	proxyProtocol string      // "", "v1" or "v2": send the client's address first
 	xclient       bool        // send XCLIENT ADDR/PORT before login
 	skipCAPA      bool        // health checks need only the greeting
+	interruptible bool        // the end of ctx ends every wait, not only the dial and handshake
 }
 
 // dialClient is the client a connection is made for: its address goes
-// upstream by PROXY protocol or XCLIENT.
+// upstream by PROXY protocol or XCLIENT. The zero value is no client (a
+// health check).
 type dialClient struct {
 	remote, local net.Addr
 }
@@ -112,6 +114,12 @@ func (h *Handler) connectUpstream(ctx context.Context, address string, o upstrea
 		return nil, fmt.Errorf("dialing upstream: %w", err)
 	}
 	_ = conn.SetDeadline(deadline) // bounds the TLS handshake and the rest too
+	if o.interruptible {
+		// Not for logins: a registration per dial that only a health
+		// check, stopped by a reload, needs.
+		stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
+		defer stop()
+	}
 	c := &upstreamClient{address: address, conn: conn}
 	if err := c.setup(ctx, o, client); err != nil {
 		_ = conn.Close()
@@ -121,12 +129,18 @@ func (h *Handler) connectUpstream(ctx context.Context, address string, o upstrea
 }
 
 func (c *upstreamClient) setup(ctx context.Context, o upstreamOptions, client dialClient) error {
-	if o.proxyProtocol != "" && client.remote != nil {
+	if o.proxyProtocol != "" {
 		version := byte(1)
 		if o.proxyProtocol == "v2" {
 			version = 2
 		}
-		header := proxyproto.HeaderProxyFromAddrs(version, client.remote, client.local)
+		// With no client, a LOCAL header ("PROXY UNKNOWN" in v1): the
+		// connection is the proxy's own, and a listener that expects a
+		// header waits for one before it greets.
+		header := &proxyproto.Header{Version: version, Command: proxyproto.LOCAL, TransportProtocol: proxyproto.UNSPEC}
+		if client.remote != nil {
+			header = proxyproto.HeaderProxyFromAddrs(version, client.remote, client.local)
+		}
 		if _, err := header.WriteTo(c.conn); err != nil {
 			return fmt.Errorf("sending PROXY header: %w", err)
 		}
@@ -175,7 +189,12 @@ func (c *upstreamClient) setup(ctx context.Context, o upstreamOptions, client di
 	if o.skipCAPA {
 		return nil
 	}
-	key := capaKey{address: c.address, tls: o.tls != nil}
+	key := capaKey{address: c.address, tls: o.tls, startTLS: o.startTLS, proxyProtocol: o.proxyProtocol, xclient: o.xclient}
+	if (o.proxyProtocol != "" || o.xclient) && client.remote != nil {
+		// The upstream answers for the client it was told of: Dovecot
+		// offers plaintext logins only to a trusted or secured one.
+		key.client = addrOf(client.remote)
+	}
 	if mechs, ok := capas.get(key); ok {
 		c.mechs = mechs
 		return nil
@@ -195,9 +214,25 @@ const (
 	capaCacheLimit = 4096 // addresses from an auth server are not bounded by the config
 )
 
+// capaKey holds everything that may change what an upstream answers CAPA.
 type capaKey struct {
-	address string
-	tls     bool
+	address       string
+	tls           *tls.Config // the TLS identity: server name, client certificate, roots
+	startTLS      bool
+	proxyProtocol string
+	xclient       bool
+	client        netip.Addr // with PROXY or XCLIENT: the client the upstream was told of
+}
+
+func addrOf(a net.Addr) netip.Addr {
+	if t, ok := a.(*net.TCPAddr); ok {
+		ip, _ := netip.AddrFromSlice(t.IP)
+		return ip.Unmap()
+	}
+	if ap, err := netip.ParseAddrPort(a.String()); err == nil {
+		return ap.Addr().Unmap()
+	}
+	return netip.Addr{}
 }
 
 type capaEntry struct {

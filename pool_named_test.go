@@ -1,0 +1,260 @@
+package pop3
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+
+	"github.com/caddy-pop3/caddy-pop3/internal/pop3test"
+)
+
+// stlsUpstream starts a fake upstream that offers STLS with a certificate
+// for "localhost" only, and returns it, its port and roots that trust it.
+func stlsUpstream(t *testing.T) (*pop3test.Upstream, string, *x509.CertPool) {
+	t.Helper()
+	cert := testCertificate(t)
+	leaf, _ := x509.ParseCertificate(cert.Certificate[0])
+	roots := x509.NewCertPool()
+	roots.AddCert(leaf)
+	fake, addr := fakeUpstream(t, func(u *pop3test.Upstream) {
+		u.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}
+		u.STLS = true
+	})
+	_, port, _ := net.SplitHostPort(addr)
+	return fake, port, roots
+}
+
+// namedHandler is a handler whose auth server sends alice to server (an
+// IP:port), with the given configured upstreams.
+func namedHandler(t *testing.T, server string, ups []*Upstream, mod func(*Handler)) *Handler {
+	t.Helper()
+	as := &pop3test.AuthServer{Users: map[string]pop3test.AuthUser{"alice": {Password: "secret-pw", Server: server}}}
+	url := as.Start(t)
+	h, _ := newTestHandler(t, "", func(h *Handler) {
+		h.Upstream = ups
+		h.AuthHTTP = &AuthHTTP{URL: url, Timeout: caddy.Duration(time.Second)}
+		if mod != nil {
+			mod(h)
+		}
+	})
+	return h
+}
+
+// namedLogin logs in as alice and returns the reply to PASS; the session
+// stays open when it is +OK.
+func namedLogin(t *testing.T, h *Handler) (*testSession, string) {
+	t.Helper()
+	ts := startSession(t, h, nil, false)
+	ts.send("USER alice", "PASS secret-pw")
+	ts.expect("+OK")
+	return ts, ts.readLine()
+}
+
+// An auth server answers an IP address; the config names the upstream by
+// its host name with STLS. The login must go over STLS, verified against
+// the configured name (the certificate has no IP address in it).
+func TestAuthNamedUpstreamGetsItsTLS(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		serverName string
+		ok         bool
+	}{
+		{"by configured name", "", true},
+		{"tls_server_name still wins", "wrong.example", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fake, port, roots := stlsUpstream(t)
+			h := namedHandler(t, "127.0.0.1:"+port, []*Upstream{{Address: "localhost:" + port, StartTLS: true, TLS: &reverseproxy.TLSConfig{ServerName: tc.serverName}}}, nil)
+			h.pool.upstreams[0].tlsConfig.RootCAs = roots
+			ts, reply := namedLogin(t, h)
+			if !tc.ok {
+				if !hasPrefix(reply, "-ERR [SYS/TEMP]") {
+					t.Fatalf("PASS: %q, want -ERR [SYS/TEMP]", reply)
+				}
+				for _, l := range fake.Lines() {
+					if l != "STLS" {
+						t.Fatalf("upstream got %q after a failed handshake", fake.Lines())
+					}
+				}
+				return
+			}
+			if !hasPrefix(reply, "+OK Logged in") {
+				t.Fatalf("PASS: %q", reply)
+			}
+			if lines := fake.Lines(); len(lines) == 0 || lines[0] != "STLS" {
+				t.Fatalf("upstream lines %q: the password went without STLS", lines)
+			}
+			ts.send("QUIT")
+			ts.expect("+OK")
+		})
+	}
+}
+
+func hasPrefix(s, p string) bool { return len(s) >= len(p) && s[:len(p)] == p }
+
+// max_connections, the health state and passive failures of the configured
+// upstream apply when the auth server names it by IP address.
+func TestAuthNamedUpstreamGetsItsLimitsAndHealth(t *testing.T) {
+	_, addr := fakeUpstream(t, nil)
+	_, port, _ := net.SplitHostPort(addr)
+	h := namedHandler(t, addr, []*Upstream{{Address: "localhost:" + port, MaxConnections: 1}}, nil)
+	held, reply := namedLogin(t, h)
+	if !hasPrefix(reply, "+OK Logged in") {
+		t.Fatalf("first login: %q", reply)
+	}
+	if _, reply := namedLogin(t, h); !hasPrefix(reply, "-ERR [SYS/TEMP]") {
+		t.Errorf("second login with max_connections 1: %q, want -ERR [SYS/TEMP]", reply)
+	}
+	held.send("QUIT")
+	held.expect("+OK")
+	held.closed()
+	waitFor(t, "the upstream's count to drop", func() bool { return h.pool.upstreams[0].peer.active.Load() == 0 })
+	ts, reply := namedLogin(t, h)
+	if !hasPrefix(reply, "+OK Logged in") {
+		t.Fatalf("login after the slot was freed: %q", reply)
+	}
+	ts.send("QUIT")
+	ts.expect("+OK")
+	ts.closed()
+
+	h.pool.upstreams[0].peer.unhealthy.Store(true)
+	if _, reply := namedLogin(t, h); !hasPrefix(reply, "-ERR [SYS/TEMP]") {
+		t.Errorf("login to an unhealthy upstream: %q, want -ERR [SYS/TEMP]", reply)
+	}
+	h.pool.upstreams[0].peer.unhealthy.Store(false)
+
+	dead := closedPort(t)
+	_, deadPort, _ := net.SplitHostPort(dead)
+	h = namedHandler(t, dead, []*Upstream{{Address: "localhost:" + deadPort}}, func(h *Handler) { h.FailDuration = caddy.Duration(time.Minute) })
+	if _, reply := namedLogin(t, h); !hasPrefix(reply, "-ERR [SYS/TEMP]") {
+		t.Fatalf("login to a closed port: %q", reply)
+	}
+	if n := h.pool.upstreams[0].peer.fails.Load(); n != 1 {
+		t.Errorf("passive failures %d, want 1", n)
+	}
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// An address that is no configured upstream: refused when every configured
+// upstream uses TLS (plaintext there would be a downgrade), dialled in
+// plaintext as NGINX does otherwise.
+func TestAuthNamedUnknownAddress(t *testing.T) {
+	fake, addr := fakeUpstream(t, nil)
+	h := namedHandler(t, addr, []*Upstream{{Address: "localhost:1", StartTLS: true, TLS: &reverseproxy.TLSConfig{}}}, nil)
+	if _, reply := namedLogin(t, h); !hasPrefix(reply, "-ERR [SYS/TEMP]") {
+		t.Errorf("all upstreams TLS, unknown address: %q, want -ERR [SYS/TEMP]", reply)
+	}
+	if lines := fake.Lines(); len(lines) > 0 {
+		t.Errorf("the unknown upstream got %q", lines)
+	}
+	for name, ups := range map[string][]*Upstream{
+		"none configured": nil,
+		"mixed": {{Address: "localhost:1", StartTLS: true, TLS: &reverseproxy.TLSConfig{}}, {Address: "127.0.0.1:2"}},
+	} {
+		h := namedHandler(t, addr, ups, nil)
+		ts, reply := namedLogin(t, h)
+		if !hasPrefix(reply, "+OK Logged in") {
+			t.Errorf("%s: %q", name, reply)
+			continue
+		}
+		ts.send("QUIT")
+		ts.expect("+OK")
+	}
+}
+
+// Configured host names are resolved again: after namedTTL for an address
+// found, after namedRetry (not per login) for one not found, and a name
+// that fails to resolve keeps the addresses it had.
+func TestAuthNamedResolvesAgain(t *testing.T) {
+	fake, port, roots := stlsUpstream(t)
+	var mu sync.Mutex
+	answer, failing := netip.MustParseAddr("192.0.2.1"), false
+	var lookups atomic.Int64
+	old := lookupNetIP
+	lookupNetIP = func(_ context.Context, _, host string) ([]netip.Addr, error) {
+		lookups.Add(1)
+		mu.Lock()
+		defer mu.Unlock()
+		if host != "mail.test" || failing {
+			return nil, errors.New("no such host")
+		}
+		return []netip.Addr{answer}, nil
+	}
+	h := namedHandler(t, "127.0.0.1:"+port, []*Upstream{{Address: "mail.test:" + port, StartTLS: true, TLS: &reverseproxy.TLSConfig{ServerName: "localhost"}}}, nil)
+	lookupNetIP = old
+	h.pool.upstreams[0].tlsConfig.RootCAs = roots
+	ix := h.pool.named
+	age := func(d time.Duration) {
+		ix.mu.Lock()
+		ix.at = ix.at.Add(-d)
+		ix.mu.Unlock()
+	}
+
+	// mail.test is 192.0.2.1: the auth server's 127.0.0.1 is unknown, and
+	// with every upstream on TLS it is refused.
+	if _, reply := namedLogin(t, h); !hasPrefix(reply, "-ERR [SYS/TEMP]") {
+		t.Fatalf("login: %q", reply)
+	}
+	n := lookups.Load()
+	namedLogin(t, h)
+	if lookups.Load() != n {
+		t.Errorf("an unknown address looked the names up again within namedRetry")
+	}
+
+	mu.Lock()
+	answer = netip.MustParseAddr("127.0.0.1")
+	mu.Unlock()
+	age(namedRetry)
+	ts, reply := namedLogin(t, h)
+	if !hasPrefix(reply, "+OK Logged in") {
+		t.Fatalf("login after mail.test moved to 127.0.0.1: %q", reply)
+	}
+	if lines := fake.Lines(); len(lines) == 0 || lines[0] != "STLS" {
+		t.Fatalf("upstream lines %q: no STLS", lines)
+	}
+	ts.send("QUIT")
+	ts.expect("+OK")
+
+	// DNS fails: the address found before still maps to the upstream.
+	mu.Lock()
+	failing = true
+	mu.Unlock()
+	age(namedTTL)
+	n = lookups.Load()
+	for i := 0; i < 2; i++ {
+		ts, reply := namedLogin(t, h)
+		if !hasPrefix(reply, "+OK Logged in") {
+			t.Fatalf("login %d while DNS fails: %q", i, reply)
+		}
+		ts.send("QUIT")
+		ts.expect("+OK")
+		waitFor(t, "the refresh", func() bool {
+			ix.mu.Lock()
+			defer ix.mu.Unlock()
+			return ix.running == nil
+		})
+	}
+	if lookups.Load() == n {
+		t.Error("a stale entry was not looked up again")
+	}
+}
