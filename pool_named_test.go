@@ -169,7 +169,7 @@ func TestAuthNamedUnknownAddress(t *testing.T) {
 	}
 	for name, ups := range map[string][]*Upstream{
 		"none configured": nil,
-		"mixed": {{Address: "localhost:1", StartTLS: true, TLS: &reverseproxy.TLSConfig{}}, {Address: "127.0.0.1:2"}},
+		"mixed":           {{Address: "localhost:1", StartTLS: true, TLS: &reverseproxy.TLSConfig{}}, {Address: "127.0.0.1:2"}},
 	} {
 		h := namedHandler(t, addr, ups, nil)
 		ts, reply := namedLogin(t, h)
