@@ -32,6 +32,7 @@ import (
 	"time"
 
 	"github.com/caddy-pop3/caddy-pop3/internal/dovecot"
+	"github.com/caddy-pop3/caddy-pop3/internal/pop3test"
 )
 
 // poolPass is the password of every pool test user.
@@ -1166,6 +1167,110 @@ func TestPoolHealthSurvivesReload(t *testing.T) {
 	c.quit()
 	if n := silent.accepts.Load(); n != 1 {
 		t.Errorf("the silent upstream got %d connections, want still 1: the reload forgot its failure", n)
+	}
+}
+
+// TestPoolAuthNamedUpstreamTLS: the auth server answers 127.0.0.1, the
+// config names the same Dovecot as localhost with STLS (and, on its POP3S
+// port, implicit TLS). The login must reach Dovecot over TLS, verified
+// with the trust pool; an address the config does not name is refused,
+// since every configured upstream uses TLS.
+func TestPoolAuthNamedUpstreamTLS(t *testing.T) {
+	need(t)
+	names := []string{"named-stls", "named-tls", "named-unknown"}
+	bs := startBackends(t, 1, names, nil)
+	dc := bs[0].dc
+	_, plainPort, _ := net.SplitHostPort(dc.POP3Addr)
+	_, tlsPort, _ := net.SplitHostPort(dc.POP3SAddr)
+	unknown := startRawUpstream(t, "+OK not configured")
+	as := &pop3test.AuthServer{Users: map[string]pop3test.AuthUser{
+		"named-stls":    {Password: poolPass, Server: "127.0.0.1:" + plainPort},
+		"named-tls":     {Password: poolPass, Server: "127.0.0.1:" + tlsPort},
+		"named-unknown": {Password: poolPass, Server: unknown.addr},
+	}, NoWait: true}
+	url := as.Start(t)
+	addr := freePorts(t, 1)[0]
+	body := fmt.Sprintf(`auth_http %s
+upstream localhost:%s {
+starttls
+tls_trust_pool file %s
+}
+upstream localhost:%s {
+tls
+tls_trust_pool file %s
+}
+dial_timeout 3s`, url, plainPort, dc.CACertFile, tlsPort, dc.CACertFile)
+	p := startPoolCaddy(t, "auth-named-tls", []string{addr}, poolServer(addr, body))
+
+	for _, user := range names[:2] {
+		t.Run(user, func(t *testing.T) {
+			loginLine := "Login: user=<" + user + ">"
+			before := strings.Count(dc.Log(), loginLine)
+			if b := mustBackend(t, addr, user, sessionOpts{}); b != 0 {
+				t.Fatalf("backend %d", b)
+			}
+			line := waitLogLine(dc, loginLine, before)
+			if !strings.Contains(line, ", TLS") {
+				t.Errorf("Dovecot's login line does not show TLS: %q", line)
+			}
+		})
+	}
+	t.Run("unknown address", func(t *testing.T) {
+		reply, b, err := poolSession(addr, "named-unknown", poolPass, sessionOpts{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if sansID(reply) != replyUnavailable || b >= 0 {
+			t.Errorf("login: got %q, want %q", reply, replyUnavailable)
+		}
+		if n := unknown.accepts.Load(); n != 0 {
+			t.Errorf("the address no upstream names got %d connections", n)
+		}
+	})
+	noCaddyErrors(t, p)
+}
+
+// TestPoolHealthCheckProxyProtocol: with proxy_protocol v1 or v2 towards a
+// Dovecot listener with haproxy = yes, the active health check sends a
+// PROXY LOCAL header, so Dovecot greets it and the upstream stays healthy;
+// logins work and carry the client's address.
+func TestPoolHealthCheckProxyProtocol(t *testing.T) {
+	need(t)
+	haproxyAddr := freePorts(t, 1)[0]
+	haHost, haPort, _ := net.SplitHostPort(haproxyAddr)
+	extra := fmt.Sprintf(`haproxy_trusted_networks = 127.0.0.0/8
+service pop3-login {
+  inet_listener pop3-haproxy {
+    address = %s
+    port = %s
+    haproxy = yes
+  }
+}
+`, haHost, haPort)
+	names := []string{"hc-v1", "hc-v2"}
+	bs := startBackends(t, 1, names, func(int) string { return extra })
+	dc := bs[0].dc
+	addrs := freePorts(t, 2)
+	var servers []string
+	for i, v := range []string{"v1", "v2"} {
+		servers = append(servers, poolServer(addrs[i], fmt.Sprintf("upstream %s\nproxy_protocol %s\nhealth_interval 200ms\nhealth_timeout 1s", haproxyAddr, v)))
+	}
+	p := startPoolCaddy(t, "health-proxy-protocol", addrs, servers...)
+	time.Sleep(1500 * time.Millisecond) // several checks, each bounded by health_timeout
+	for i, user := range names {
+		t.Run(user, func(t *testing.T) {
+			loginLine := "Login: user=<" + user + ">"
+			before := strings.Count(dc.Log(), loginLine)
+			mustBackend(t, addrs[i], user, sessionOpts{})
+			if line := waitLogLine(dc, loginLine, before); !strings.Contains(line, "rip=127.0.0.1,") {
+				t.Errorf("Dovecot's login line: %q", line)
+			}
+		})
+	}
+	for _, e := range caddyEntries(p.log()) {
+		if m, _ := e["msg"].(string); m == "upstream unhealthy" {
+			t.Errorf("caddy: %v", e)
+		}
 	}
 }
 
