@@ -209,8 +209,8 @@ func (p *pool) connect(ctx context.Context, req poolRequest, client dialClient, 
 	var lastErr error
 	tried := 0
 	for _, u := range p.order(req) {
-		if tried > 0 && now().Sub(start) >= p.tryDuration {
-			break
+		if tried > 0 && (now().Sub(start) >= p.tryDuration || ctx.Err() != nil) {
+			break // out of time, or the session is ending
 		}
 		if !p.available(u) {
 			continue
@@ -253,6 +253,9 @@ func (p *pool) attempt(ctx context.Context, u *poolUpstream, address string, cli
 	c, err := p.h.connectUpstream(ctx, address, p.optionsOf(u), client, deadline)
 	if err != nil {
 		u.release()
+		if ctx.Err() != nil {
+			return nil, err // the session ended, not the upstream: no failure to count
+		}
 		p.countFailure(u)
 		metrics.dialError(u.cfg.Address)
 		p.logger.Warn("upstream unavailable", zap.String("upstream", address), zap.Error(err))

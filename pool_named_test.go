@@ -7,6 +7,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -14,6 +15,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/caddy-pop3/caddy-pop3/internal/pop3test"
 )
@@ -256,5 +259,43 @@ func TestAuthNamedResolvesAgain(t *testing.T) {
 	}
 	if lookups.Load() == n {
 		t.Error("a stale entry was not looked up again")
+	}
+}
+
+// Options that an auth server's choice (or a missing fail_duration) makes
+// useless are named in a WARN at start, and so is plaintext to addresses
+// the auth server names that no TLS upstream matches.
+func TestProvisionWarnsOfPoolOptions(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		h    Handler
+		want []string
+	}{
+		{"auth_http with pool options", Handler{AuthHTTP: &AuthHTTP{}, LBPolicy: PolicyFirst, LBTryDuration: caddy.Duration(time.Second),
+			Upstream: []*Upstream{{Address: "mail1:110", Weight: 3}, {Address: "{pop3.domain}:110"}}},
+			[]string{"placeholders", "these options do not apply", "plaintext"}},
+		{"auth_http, every upstream TLS", Handler{AuthHTTP: &AuthHTTP{}, Upstream: []*Upstream{{Address: "mail1:995", TLS: &reverseproxy.TLSConfig{}}}}, nil},
+		{"auth_http alone", Handler{AuthHTTP: &AuthHTTP{}}, []string{"plaintext"}},
+		{"max_fails alone", Handler{MaxFails: 3, Upstream: []*Upstream{{Address: "mail1:110"}}}, []string{"max_fails"}},
+		{"health_interval, templates only", Handler{HealthInterval: caddy.Duration(time.Second), Upstream: []*Upstream{{Address: "{pop3.domain}"}}}, []string{"health_interval"}},
+		{"nothing to warn of", Handler{LBPolicy: PolicyFirst, HealthInterval: caddy.Duration(time.Second), Upstream: []*Upstream{{Address: "mail1:110", Weight: 2}}}, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			core, logs := observer.New(zap.WarnLevel)
+			tc.h.logger = zap.New(core)
+			tc.h.warnPoolOptions()
+			var got []string
+			for _, e := range logs.All() {
+				got = append(got, e.Message)
+			}
+			if len(got) != len(tc.want) {
+				t.Fatalf("warnings %q, want %d: %q", got, len(tc.want), tc.want)
+			}
+			for i, w := range tc.want {
+				if !strings.Contains(got[i], w) {
+					t.Errorf("warning %d: %q, want one with %q", i, got[i], w)
+				}
+			}
+		})
 	}
 }

@@ -697,3 +697,23 @@ func TestCAPACacheKey(t *testing.T) {
 		}
 	}
 }
+
+// A session that ends while it connects (a kick, a drain) counts no failure
+// against the upstreams and tries no more of them.
+func TestEndedSessionCountsNoUpstreamFailure(t *testing.T) {
+	h, _ := newTestHandler(t, "", func(h *Handler) {
+		h.Upstream = []*Upstream{{Address: closedPort(t)}, {Address: closedPort(t)}, {Address: closedPort(t)}}
+		h.LBPolicy = PolicyFirst
+		h.FailDuration = caddy.Duration(time.Minute)
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := h.pool.connect(ctx, poolRequest{}, dialClient{}, time.Now().Add(time.Second)); err == nil {
+		t.Fatal("connected with an ended context")
+	}
+	for i, u := range h.pool.upstreams {
+		if n := u.peer.fails.Load(); n != 0 {
+			t.Errorf("upstream %d: %d failures counted", i, n)
+		}
+	}
+}

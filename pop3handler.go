@@ -188,7 +188,7 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 // Provision sets defaults and prepares TLS for STLS and implicit_tls.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.ctx, h.logger = ctx, ctx.Logger()
-	h.warnAuthHTTPPool() // before setup fills in the defaults
+	h.warnPoolOptions() // before setup fills in the defaults
 	if err := h.setup(); err != nil {
 		return err
 	}
@@ -226,9 +226,15 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	return nil
 }
 
-// warnAuthHTTPPool warns of upstream options that an auth server's choice
-// of upstream makes useless, and of plaintext to the addresses it names.
-func (h *Handler) warnAuthHTTPPool() {
+// warnPoolOptions warns of upstream options that do nothing in this
+// config, and of plaintext to the addresses an auth server names.
+func (h *Handler) warnPoolOptions() {
+	if h.MaxFails > 0 && h.FailDuration <= 0 {
+		h.logger.Warn("max_fails does nothing without fail_duration")
+	}
+	if h.HealthInterval > 0 && !slices.ContainsFunc(h.Upstream, func(u *Upstream) bool { return u != nil && !hasPlaceholder(u.Address) }) {
+		h.logger.Warn("health_interval: no upstream without placeholders to check")
+	}
 	if h.AuthHTTP == nil {
 		return
 	}

@@ -54,6 +54,7 @@ func newTestHandler(t *testing.T, upstream string, mod func(*Handler)) (*Handler
 	if err := h.setup(); err != nil {
 		t.Fatalf("setup: %v", err)
 	}
+	t.Cleanup(h.pool.release) // a recycled port must not inherit this test's upstream state
 	if h.tlsOn {
 		h.tlsConfig = &tls.Config{Certificates: []tls.Certificate{testCertificate(t)}}
 	}
