@@ -580,8 +580,8 @@ func (p *pool) connectNamed(ctx context.Context, address string, client dialClie
 // it), and when no entry is found, at most every namedRetry.
 type namedIndex struct {
 	p           *pool
-	static      bool // every configured host is an IP address: nothing to resolve
-	resolveHost func(ctx context.Context, network, host string) ([]netip.Addr, error)
+	static      bool                                                                  // every configured host is an IP address: nothing to resolve
+	resolveHost func(ctx context.Context, network, host string) ([]netip.Addr, error) // lookupNetIP when built
 	mu          sync.Mutex
 	byAddr      map[netip.AddrPort]*poolUpstream // replaced, never changed
 	at          time.Time                        // when byAddr was resolved; zero: never
@@ -619,9 +619,10 @@ func newNamedIndex(p *pool) *namedIndex {
 	return ix
 }
 
+// lookup returns the configured upstream at address, or nil.
 func (ix *namedIndex) lookup(ctx context.Context, address string, deadline time.Time) *poolUpstream {
 	ap, err := netip.ParseAddrPort(address)
-	if err != nil {
+	if ix == nil || err != nil {
 		return nil
 	}
 	ap = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
