@@ -1274,6 +1274,30 @@ service pop3-login {
 	}
 }
 
+// TestPoolHealthClearedByReload: the active check marks a stopped Dovecot
+// down; a reload to a config without health_interval stops the checker,
+// and once Dovecot is back, logins reach it (nothing else would clear the
+// mark the old checker left).
+func TestPoolHealthClearedByReload(t *testing.T) {
+	need(t)
+	bs := startBackends(t, 1, []string{"hc-reload"}, nil)
+	ports := freePorts(t, 2)
+	addr, admin := ports[0], ports[1]
+	config := func(body string) string {
+		return poolCaddyfile(admin, poolServer(addr, upstreams(bs[0].dc.POP3Addr)+"dial_timeout 1s\n"+body))
+	}
+	p := startCaddy(t, "pool-health-reload", config("health_interval 100ms\nhealth_timeout 1s"), listener{addr: addr})
+	bs[0].stop(t)
+	if !waitCaddyEntry(p, 10*time.Second, func(e map[string]any) bool { return e["msg"] == "upstream unhealthy" }) {
+		t.Fatal("the stopped backend was not marked unhealthy")
+	}
+	(&adminCaddy{admin: admin}).loadCaddyfile(t, config("greeting \"after reload\""))
+	bs[0].restart(t)
+	if b := mustBackend(t, addr, "hc-reload", sessionOpts{}); b != 0 {
+		t.Errorf("backend %d", b)
+	}
+}
+
 // TestPoolLogsHoldNoPasswords scans the logs of this file's Caddy runs for
 // every password sent so far: TestLogsHoldNoPasswords (logscan_test.go)
 // runs before this file's tests, which sort after it.
