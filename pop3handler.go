@@ -163,15 +163,17 @@ type Handler struct {
 // Upstream is one upstream POP3 server.
 type Upstream struct {
 	// Network address of the server, host:port (default port 110 or, with
-	// tls, 995). It may hold {pop3.user}, {pop3.domain} and
-	// {l4.tls.server_name}, resolved at login.
+	// tls, 995). Its host may hold {pop3.user}, {pop3.domain} and
+	// {l4.tls.server_name}, resolved at login; each value must be a host
+	// name, and the port never comes from a placeholder.
 	Address string `json:"address"`
 	// TLS to the upstream, from the first byte (POP3S) unless starttls.
 	// Certificates are verified unless insecure_skip_verify is set.
 	TLS *reverseproxy.TLSConfig `json:"tls,omitempty"`
 	// With tls: upgrade with STLS after the greeting instead.
 	StartTLS bool `json:"starttls,omitempty"`
-	// Sessions at most on this upstream at once; 0 is no limit.
+	// Sessions at most on this upstream at once (with placeholders: on all
+	// the addresses it resolves to together); 0 is no limit.
 	MaxConnections int `json:"max_connections,omitempty"`
 	// Relative share of sessions for the weighted policies. Default: 1.
 	Weight int `json:"weight,omitempty"`
