@@ -585,6 +585,7 @@ func TestSNIPlaceholderTakesNoAddress(t *testing.T) {
 		{"implicit address and port", "{l4.tls.server_name}", "127.0.0.1:" + port, true, false},
 		{"stls host and port", "{l4.tls.server_name}", "localhost:" + port, false, false},
 		{"implicit numeric address", "{l4.tls.server_name}:" + port, "2130706433", true, false},
+		{"stls address", "{l4.tls.server_name}:" + port, "127.0.0.1.", false, false}, // Go sends the SNI 127.0.0.1
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h, logs := newTestHandler(t, "", func(h *Handler) {

@@ -17,6 +17,7 @@ package integration
 
 import (
 	"bufio"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
@@ -1295,6 +1296,73 @@ func TestPoolHealthClearedByReload(t *testing.T) {
 	bs[0].restart(t)
 	if b := mustBackend(t, addr, "hc-reload", sessionOpts{}); b != 0 {
 		t.Errorf("backend %d", b)
+	}
+}
+
+// TestPoolSNIPlaceholder: with upstream {l4.tls.server_name}:PORT, a real
+// TLS client sends an SNI through STLS and through implicit_tls. A host
+// name reaches Dovecot; an IP address (Go sends "127.0.0.1." as the SNI
+// 127.0.0.1) or a number a C resolver takes for one is refused before any
+// dial, and Dovecot never sees the login. (An SNI with a port fails the
+// handshake in Caddy's certificate selection already; the unit tests cover
+// it with a plain Go TLS server.)
+func TestPoolSNIPlaceholder(t *testing.T) {
+	need(t)
+	bs := startBackends(t, 1, []string{"sni-user"}, nil)
+	dc := bs[0].dc
+	addrs := freePorts(t, 2)
+	stlsAddr, implicitAddr := addrs[0], addrs[1]
+	policy := "connection_policy {\ndefault_sni localhost\nfallback_sni localhost\n}"
+	server := func(addr, body string) string {
+		return fmt.Sprintf("\t\t%s {\n\t\t\troute {\n\t\t\t\tpop3 {\n%s\n\t\t\t\t\tauth_failure_delay 1ms\n\t\t\t\t}\n\t\t\t}\n\t\t}\n", addr, indent(body, "\t\t\t\t\t"))
+	}
+	upstream := "upstream {l4.tls.server_name}:" + port(dc.POP3Addr) + "\n"
+	cf := caddyfileFor(true,
+		server(stlsAddr, upstream+"starttls on\n"+policy)+
+			server(implicitAddr, upstream+"implicit_tls\n"+policy))
+	p := startCaddy(t, "pool-sni", cf, listener{addr: stlsAddr})
+	waitSTLS(t, p, stlsAddr)
+
+	loginLine := "Login: user=<sni-user>"
+	for _, tc := range []struct {
+		name, sni    string
+		implicit, ok bool
+	}{
+		{"stls host name", "localhost", false, true},
+		{"implicit host name", "LOCALHOST", true, true},
+		{"stls address", "127.0.0.1.", false, false},
+		{"implicit address", "127.0.0.1.", true, false},
+		{"stls number", "2130706433", false, false},
+		{"implicit short address", "127.1.", true, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			usedSecret("sni-user", poolPass)
+			cfg := &tls.Config{ServerName: tc.sni, InsecureSkipVerify: true, MinVersion: tls.VersionTLS12}
+			var c *client
+			if tc.implicit {
+				c = dialPOP3(t, implicitAddr, cfg)
+			} else {
+				c = dialPOP3(t, stlsAddr, nil)
+				c.stls(cfg)
+			}
+			before := strings.Count(dc.Log(), loginLine)
+			c.ok("USER sni-user")
+			reply := c.cmd("PASS " + poolPass)
+			if !tc.ok {
+				if sansID(reply) != replyUnavailable {
+					t.Errorf("login: got %q, want %q", reply, replyUnavailable)
+				}
+				time.Sleep(100 * time.Millisecond)
+				if strings.Count(dc.Log(), loginLine) != before {
+					t.Error("Dovecot logged the login")
+				}
+				return
+			}
+			if !strings.HasPrefix(reply, "+OK") {
+				t.Fatalf("login: %q", reply)
+			}
+			c.quit()
+		})
 	}
 }
 
