@@ -45,7 +45,7 @@ var peers = caddy.NewUsagePool()
 type peer struct {
 	address   string
 	active    atomic.Int64 // sessions connected to it, logged in or not
-	fails     atomic.Int64 // passive failures within fail_duration
+	fails     failures     // passive failures, each config counting those within its fail_duration
 	unhealthy atomic.Bool  // set by the active health check
 	passes    atomic.Int64 // consecutive active checks passed
 	failsRun  atomic.Int64 // consecutive active checks failed
@@ -105,7 +105,7 @@ func (p *pool) available(u *poolUpstream) bool {
 	if u.peer.unhealthy.Load() {
 		return false
 	}
-	if p.maxFails > 0 && u.peer.fails.Load() >= p.maxFails {
+	if p.maxFails > 0 && u.peer.fails.since(now().Add(-p.failFor)) >= p.maxFails {
 		return false
 	}
 	return u.cfg.MaxConnections <= 0 || u.peer.active.Load() < int64(u.cfg.MaxConnections)
@@ -133,8 +133,53 @@ func (p *pool) countFailure(u *poolUpstream) {
 	if u.template || p.failFor <= 0 {
 		return
 	}
-	u.peer.fails.Add(1)
-	time.AfterFunc(p.failFor, func() { u.peer.fails.Add(-1) })
+	u.peer.fails.add(now())
+}
+
+// maxFailsLimit bounds max_fails: the failures a peer remembers.
+const maxFailsLimit = 64
+
+// failures remembers when the latest passive failures happened, so that
+// each config counts those within its own fail_duration: a reload that
+// shortens it takes effect at once, and no timer outlives a config.
+type failures struct {
+	latest atomic.Int64 // monotonic time of the latest failure; 0: none
+	mu     sync.Mutex
+	at     [maxFailsLimit]int64 // a ring of monotonic times; 0: empty
+	next   int
+}
+
+// monotonic makes t a number that wall clock steps do not move; never 0
+// for a time after the process started.
+func monotonic(t time.Time) int64 { return int64(t.Sub(processStart)) + 1 }
+
+var processStart = time.Now()
+
+func (f *failures) add(t time.Time) {
+	m := monotonic(t)
+	f.mu.Lock()
+	f.at[f.next] = m
+	f.next = (f.next + 1) % len(f.at)
+	f.mu.Unlock()
+	f.latest.Store(m)
+}
+
+// since counts the failures at or after t; without one since then it
+// takes no lock, as for every upstream of every login.
+func (f *failures) since(t time.Time) int64 {
+	m := monotonic(t)
+	if latest := f.latest.Load(); latest == 0 || latest < m {
+		return 0
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var n int64
+	for _, a := range f.at {
+		if a != 0 && a >= m {
+			n++
+		}
+	}
+	return n
 }
 
 // order returns the upstreams in the order the policy prefers them.

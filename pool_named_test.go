@@ -142,7 +142,7 @@ func TestAuthNamedUpstreamGetsItsLimitsAndHealth(t *testing.T) {
 	if _, reply := namedLogin(t, h); !hasPrefix(reply, "-ERR [SYS/TEMP]") {
 		t.Fatalf("login to a closed port: %q", reply)
 	}
-	if n := h.pool.upstreams[0].peer.fails.Load(); n != 1 {
+	if n := h.pool.upstreams[0].peer.fails.since(time.Now().Add(-time.Minute)); n != 1 {
 		t.Errorf("passive failures %d, want 1", n)
 	}
 }

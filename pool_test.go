@@ -713,8 +713,36 @@ func TestEndedSessionCountsNoUpstreamFailure(t *testing.T) {
 		t.Fatal("connected with an ended context")
 	}
 	for i, u := range h.pool.upstreams {
-		if n := u.peer.fails.Load(); n != 0 {
+		if n := u.peer.fails.since(time.Now().Add(-time.Minute)); n != 0 {
 			t.Errorf("upstream %d: %d failures counted", i, n)
 		}
+	}
+}
+
+// Each config counts the passive failures within its own fail_duration: a
+// reload that shortens it (or turns it off) takes effect at once, not when
+// the old config's count would have expired.
+func TestReloadAppliesItsFailDuration(t *testing.T) {
+	addr := closedPort(t)
+	before, _ := newTestHandler(t, addr, func(h *Handler) { h.FailDuration = caddy.Duration(time.Hour) })
+	before.pool.countFailure(before.pool.upstreams[0])
+	if before.pool.available(before.pool.upstreams[0]) {
+		t.Fatal("a failure within fail_duration left the upstream available")
+	}
+	after, _ := newTestHandler(t, addr, func(h *Handler) { h.FailDuration = caddy.Duration(50 * time.Millisecond) })
+	off, _ := newTestHandler(t, addr, nil)
+	if !off.pool.available(off.pool.upstreams[0]) {
+		t.Error("a config without fail_duration counts the old config's failure")
+	}
+	time.Sleep(100 * time.Millisecond)
+	if !after.pool.available(after.pool.upstreams[0]) {
+		t.Error("the new config's fail_duration has passed, but the upstream is still down")
+	}
+	if before.pool.available(before.pool.upstreams[0]) {
+		t.Error("the old config forgot the failure within its fail_duration")
+	}
+	h := &Handler{Upstream: []*Upstream{{Address: addr}}, FailDuration: caddy.Duration(time.Second), MaxFails: maxFailsLimit + 1, logger: zap.NewNop()}
+	if err := h.setup(); err == nil {
+		t.Errorf("max_fails %d accepted; failures remembered are %d", h.MaxFails, maxFailsLimit)
 	}
 }

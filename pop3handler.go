@@ -443,6 +443,9 @@ func (h *Handler) Validate() error {
 	if h.HealthPasses < 0 || h.HealthFails < 0 || h.MaxFails < 0 {
 		return errors.New("health_passes, health_fails and max_fails must not be negative")
 	}
+	if h.MaxFails > maxFailsLimit {
+		return fmt.Errorf("max_fails: at most %d", maxFailsLimit)
+	}
 	for _, c := range h.Capabilities {
 		if strings.TrimSpace(c) == "" || strings.ContainsAny(c, "\r\n\x00") {
 			return fmt.Errorf("capabilities: invalid extension %q", c)
