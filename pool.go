@@ -599,13 +599,18 @@ func (p *pool) release() {
 // configured upstream at that address, its host name resolved, lends its
 // TLS or STLS (verified against its name), max_connections and health. An
 // address that is no configured upstream is dialled in plaintext, as NGINX
-// does, unless every configured upstream uses TLS: a password then never
-// goes out in plaintext because the auth server and the config disagree.
+// does, unless every configured upstream uses TLS, or one with TLS has no
+// address known: a password never goes out in plaintext because the auth
+// server and the config disagree, or DNS failed.
 func (p *pool) connectNamed(ctx context.Context, address string, client dialClient, deadline time.Time) (*upstreamClient, error) {
-	u := p.named.lookup(ctx, address, deadline)
+	u, sure := p.named.lookup(ctx, address, deadline)
 	if u == nil {
-		if p.tlsOnly {
+		switch {
+		case p.tlsOnly:
 			return nil, fmt.Errorf("%w: the auth server named %s, which is no configured upstream, and every configured upstream uses TLS", errNoUpstream, address)
+		case !sure:
+			// It may be an upstream with TLS whose name does not resolve now.
+			return nil, fmt.Errorf("%w: the auth server named %s, and not every configured upstream with TLS could be resolved to compare", errNoUpstream, address)
 		}
 		c, err := p.h.connectUpstream(ctx, address, upstreamOptions{proxyProtocol: p.h.ProxyProtocol, xclient: p.h.XClient}, client, deadline)
 		if err == nil {
@@ -629,6 +634,7 @@ type namedIndex struct {
 	resolveHost func(ctx context.Context, network, host string) ([]netip.Addr, error) // lookupNetIP when built
 	mu          sync.Mutex
 	byAddr      map[netip.AddrPort]*poolUpstream // replaced, never changed
+	complete    bool                             // byAddr holds an address of every upstream with TLS
 	at          time.Time                        // when byAddr was resolved; zero: never
 	running     chan struct{}                    // closed when the running lookup ends; nil: none
 }
@@ -656,6 +662,7 @@ func newNamedIndex(p *pool) *namedIndex {
 			ix.static = false
 		}
 	}
+	ix.complete = ix.static
 	if !ix.static {
 		ix.mu.Lock()
 		ix.refreshLocked() // so that the first login finds the names resolved
@@ -664,37 +671,38 @@ func newNamedIndex(p *pool) *namedIndex {
 	return ix
 }
 
-// lookup returns the configured upstream at address, or nil.
-func (ix *namedIndex) lookup(ctx context.Context, address string, deadline time.Time) *poolUpstream {
+// lookup returns the configured upstream at address, or nil; sure is
+// whether a nil can be trusted: every upstream with TLS has an address.
+func (ix *namedIndex) lookup(ctx context.Context, address string, deadline time.Time) (u *poolUpstream, sure bool) {
 	ap, err := netip.ParseAddrPort(address)
 	if ix == nil || err != nil {
-		return nil
+		return nil, true
 	}
 	ap = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 	ix.mu.Lock()
-	u := ix.byAddr[ap]
+	u, sure = ix.byAddr[ap], ix.complete
 	age := now().Sub(ix.at)
 	if ix.static || (u != nil && age < namedTTL) || (u == nil && !ix.at.IsZero() && age < namedRetry) {
 		ix.mu.Unlock()
-		return u
+		return u, sure
 	}
 	done := ix.refreshLocked()
 	ix.mu.Unlock()
 	if u != nil {
-		return u
+		return u, true
 	}
 	wait := time.NewTimer(time.Until(deadline))
 	defer wait.Stop()
 	select {
 	case <-done:
 	case <-ctx.Done():
-		return nil
+		return nil, false
 	case <-wait.C:
-		return nil
+		return nil, false
 	}
 	ix.mu.Lock()
 	defer ix.mu.Unlock()
-	return ix.byAddr[ap]
+	return ix.byAddr[ap], ix.complete
 }
 
 // refreshLocked starts resolving the configured host names unless that is
@@ -708,8 +716,16 @@ func (ix *namedIndex) refreshLocked() chan struct{} {
 	old := ix.byAddr
 	go func() {
 		m := ix.resolve(old)
+		found := make(map[*poolUpstream]bool, len(m))
+		for _, u := range m {
+			found[u] = true
+		}
+		complete := true
+		for _, u := range ix.p.upstreams {
+			complete = complete && (u.tlsConfig == nil || u.template || found[u])
+		}
 		ix.mu.Lock()
-		ix.byAddr, ix.at, ix.running = m, now(), nil
+		ix.byAddr, ix.complete, ix.at, ix.running = m, complete, now(), nil
 		ix.mu.Unlock()
 		close(done)
 	}()

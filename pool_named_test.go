@@ -262,6 +262,53 @@ func TestAuthNamedResolvesAgain(t *testing.T) {
 	}
 }
 
+// A configured upstream with TLS whose name does not resolve may be the
+// address the auth server names: with other upstreams in plaintext, that
+// address is refused, not sent the password in plaintext, until the name
+// resolves.
+func TestAuthNamedUnresolvedTLSUpstream(t *testing.T) {
+	fake, port, roots := stlsUpstream(t)
+	var mu sync.Mutex
+	failing := true
+	old := lookupNetIP
+	lookupNetIP = func(_ context.Context, _, host string) ([]netip.Addr, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		if failing {
+			return nil, errors.New("server misbehaving")
+		}
+		return []netip.Addr{netip.MustParseAddr("127.0.0.1")}, nil
+	}
+	h := namedHandler(t, "127.0.0.1:"+port, []*Upstream{
+		{Address: "mail.test:" + port, StartTLS: true, TLS: &reverseproxy.TLSConfig{ServerName: "localhost"}},
+		{Address: "127.0.0.1:1"},
+	}, nil)
+	lookupNetIP = old
+	h.pool.upstreams[0].tlsConfig.RootCAs = roots
+	if _, reply := namedLogin(t, h); !hasPrefix(reply, "-ERR [SYS/TEMP]") {
+		t.Errorf("login while mail.test does not resolve: %q, want -ERR [SYS/TEMP]", reply)
+	}
+	if lines := fake.Lines(); len(lines) > 0 {
+		t.Fatalf("the upstream got %q", lines)
+	}
+	mu.Lock()
+	failing = false
+	mu.Unlock()
+	ix := h.pool.named
+	ix.mu.Lock()
+	ix.at = ix.at.Add(-namedRetry)
+	ix.mu.Unlock()
+	ts, reply := namedLogin(t, h)
+	if !hasPrefix(reply, "+OK Logged in") {
+		t.Fatalf("login once mail.test resolves: %q", reply)
+	}
+	if lines := fake.Lines(); len(lines) == 0 || lines[0] != "STLS" {
+		t.Fatalf("upstream lines %q: no STLS", lines)
+	}
+	ts.send("QUIT")
+	ts.expect("+OK")
+}
+
 // Options that an auth server's choice (or a missing fail_duration) makes
 // useless are named in a WARN at start, and so is plaintext to addresses
 // the auth server names that no TLS upstream matches.
