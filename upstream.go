@@ -45,6 +45,16 @@ type upstreamRejection struct {
 	text string
 }
 
+// newUpstreamRejection keeps of an -ERR what may reach the client and the
+// log: an RFC 2449 code only when well formed, the text sanitized.
+func newUpstreamRejection(resp pop3wire.Response) *upstreamRejection {
+	code := resp.Code
+	if !isResponseCode(code) {
+		code = ""
+	}
+	return &upstreamRejection{code: code, text: sanitizeReplyText(resp.Text)}
+}
+
 func (e *upstreamRejection) Error() string {
 	return fmt.Sprintf("upstream refused login: [%s] %s", e.code, e.text)
 }
@@ -394,7 +404,7 @@ func (c *upstreamClient) startSASL(mechanism string) ([]byte, error) {
 	}
 	if !resp.Continuation {
 		if !resp.OK {
-			return nil, &upstreamRejection{code: resp.Code, text: resp.Text}
+			return nil, newUpstreamRejection(resp)
 		}
 		return nil, fmt.Errorf("%w: AUTH %s answered +OK without a challenge", errUpstreamProtocol, mechanism)
 	}
@@ -425,10 +435,12 @@ func loginResult(resp pop3wire.Response, err error) (string, error) {
 	case resp.Continuation:
 		return "", fmt.Errorf("%w: unexpected continuation", errUpstreamProtocol)
 	case !resp.OK:
-		return "", &upstreamRejection{code: resp.Code, text: resp.Text}
+		return "", newUpstreamRejection(resp)
 	}
-	text := resp.Text
-	if resp.Code != "" {
+	// The +OK goes to the client as the proxy's own: only a well-formed
+	// code and one short line of printable text.
+	text := sanitizeReplyText(resp.Text)
+	if isResponseCode(resp.Code) {
 		text = "[" + resp.Code + "] " + text
 	}
 	if text == "" {
