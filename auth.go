@@ -252,6 +252,9 @@ func (s *session) relayCRAMMD5(initial []byte) error {
 	}
 	server := sasl.NewCRAMMD5(string(challenge))
 	response, err := s.saslExchange(server, nil)
+	if err == nil && hasControl(server.Credentials().Username) {
+		err = errBadCredentials // as login refuses it
+	}
 	if err != nil {
 		countBadExchange(AuthCRAMMD5, err)
 		// Cancel upstream too, so a retry starts clean there. Only its -ERR
@@ -327,6 +330,11 @@ func (s *session) login(req loginRequest) error {
 	req.attempt, req.remote, req.tls = s.attempts, s.cx.RemoteAddr(), s.tlsState()
 	started := now()
 	deadline := started.Add(time.Duration(s.h.Timeout))
+	if hasControl(req.creds.Username) || hasControl(req.creds.Identity) {
+		// No mailbox has such a name, and it would go on into logs, events
+		// and the arguments of exec subscribers.
+		return s.loginFailed(req, "", errBadCredentials)
+	}
 
 	if up := s.early; up != nil {
 		up.setDeadline(deadline)

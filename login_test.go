@@ -246,3 +246,77 @@ func TestUpstreamReplyTextChecked(t *testing.T) {
 		}
 	}
 }
+
+// TestControlBytesInUserNameRefused checks that a user name or authzid with
+// a control byte goes nowhere: not upstream, not to the auth server, not
+// into an event.
+func TestControlBytesInUserNameRefused(t *testing.T) {
+	up, addr := challengeUpstream(t)
+	h, logs := newTestHandler(t, addr, func(h *Handler) { h.Auth = []string{AuthPlain, AuthAPOP, AuthCRAMMD5} })
+	rec := recordEvents(t, h)
+	ts := startSessionGreeting(t, h, logs)
+	for _, lines := range [][]string{
+		{"USER al\x1b[2Jice", "PASS secret-pw"},
+		{"AUTH PLAIN " + b64("\x00al\tice\x00secret-pw")},
+		{"AUTH PLAIN " + b64("bo\x7fb\x00alice\x00secret-pw")},
+		{"APOP al\x01ice " + apopDigest(upstreamTimestamp, "secret-pw")},
+		{"AUTH CRAM-MD5", cramResponse("al\x1bice", "secret-pw", upstreamTimestamp)},
+	} {
+		ts.send(lines...)
+		if strings.HasPrefix(lines[0], "USER") || strings.HasPrefix(lines[0], "AUTH CRAM") {
+			ts.expect("+")
+		}
+		ts.expect("-ERR [AUTH] Invalid credentials syntax")
+		if len(rec.wait(t, 0)) != 0 {
+			t.Errorf("%q: an event was emitted", lines[0])
+		}
+	}
+	for _, l := range up.Lines() {
+		if strings.HasPrefix(l, "USER") || strings.HasPrefix(l, "AUTH PLAIN") || strings.HasPrefix(l, "APOP") {
+			t.Errorf("upstream got %q", l)
+		}
+	}
+	if l := up.Lines(); len(l) == 0 || l[len(l)-1] != "*" {
+		t.Errorf("the relayed CRAM-MD5 was not cancelled upstream: %q", l)
+	}
+}
+
+func TestAPOPTimestampChecked(t *testing.T) {
+	for greeting, want := range map[string]string{
+		"Dovecot ready. <1896.697170952@dbc.mtview.ca.us>": "<1896.697170952@dbc.mtview.ca.us>",
+		"ready <no-at-sign>":                         "",
+		"ready <a b@c>":                              "",
+		"ready <a\x1b[2J@c>":                         "",
+		"ready <" + strings.Repeat("x", 300) + "@c>": "",
+	} {
+		if got := apopTimestamp(greeting); got != want {
+			t.Errorf("%q: got %q, want %q", greeting, got, want)
+		}
+	}
+}
+
+// TestAuthzidWithoutUpstreamPlain checks that an authzid the upstream
+// cannot take (no AUTH PLAIN) is refused as not supported, not counted as
+// a wrong password.
+func TestAuthzidWithoutUpstreamPlain(t *testing.T) {
+	up, addr := fakeUpstream(t, func(u *pop3test.Upstream) { u.SASL = nil })
+	h, logs := newTestHandler(t, addr, nil)
+	rec := recordEvents(t, h)
+	failed := testutil.ToFloat64(metrics.logins.WithLabelValues("plain", "failed"))
+	ts := startSession(t, h, logs, false)
+	ts.send("AUTH PLAIN " + b64("bob@example.com\x00alice\x00secret-pw"))
+	ts.expect("-ERR [AUTH] Authorization identity not supported")
+	if d := testutil.ToFloat64(metrics.logins.WithLabelValues("plain", "failed")) - failed; d != 0 {
+		t.Errorf("logins failed +%v", d)
+	}
+	if got := rec.wait(t, 0); len(got) != 0 {
+		t.Errorf("events %v", got)
+	}
+	for _, l := range up.Lines() {
+		if strings.HasPrefix(l, "USER") || strings.HasPrefix(l, "PASS") {
+			t.Errorf("upstream got %q", l)
+		}
+	}
+	ts.send("AUTH PLAIN " + b64("\x00alice\x00secret-pw")) // the session goes on
+	ts.expect("+OK Logged in.")
+}

@@ -59,6 +59,10 @@ func (e *upstreamRejection) Error() string {
 	return fmt.Sprintf("upstream refused login: [%s] %s", e.code, e.text)
 }
 
+// errAuthzidUnsupported answers an authorization identity for an upstream
+// without AUTH PLAIN, where USER/PASS cannot carry it.
+var errAuthzidUnsupported = &replyError{code: codeAuth, text: "Authorization identity not supported"}
+
 // errUpstreamProtocol marks an upstream that does not speak POP3 as expected.
 var errUpstreamProtocol = errors.New("upstream protocol error")
 
@@ -275,6 +279,10 @@ func (c *upstreamClient) xclient(remote net.Addr) error {
 	return nil
 }
 
+// maxTimestampLength bounds an upstream's APOP timestamp; Dovecot's is
+// about 50 bytes.
+const maxTimestampLength = 200
+
 // apopTimestamp finds an RFC 1939 §7 timestamp "<...@...>" in a greeting.
 func apopTimestamp(text string) string {
 	start := strings.IndexByte(text, '<')
@@ -286,7 +294,9 @@ func apopTimestamp(text string) string {
 		return ""
 	}
 	ts := text[start : start+end+1]
-	if !strings.Contains(ts, "@") {
+	// It goes into the client's greeting: one short word of printable
+	// ASCII, as an RFC 5322 msg-id is.
+	if !strings.Contains(ts, "@") || len(ts) > maxTimestampLength || strings.ContainsFunc(ts, func(r rune) bool { return r <= ' ' || r >= 0x7f }) {
 		return ""
 	}
 	return ts
@@ -367,7 +377,8 @@ func (c *upstreamClient) login(creds sasl.Credentials) (string, error) {
 		return loginResult(resp, err)
 	}
 	if creds.Identity != "" {
-		return "", &upstreamRejection{code: codeAuth, text: "authorization identity not supported by upstream"}
+		// Refused here, before anything is sent: no wrong password.
+		return "", errAuthzidUnsupported
 	}
 	if err := c.cmd("USER " + creds.Username); err != nil {
 		return "", err
