@@ -26,6 +26,8 @@ var (
 	errBadBase64       = &replyError{code: codeAuth, text: "Invalid base64 data"}
 	errBadCredentials  = &replyError{code: codeAuth, text: "Invalid credentials syntax"}
 	errAuthUnavailable = &replyError{code: codeSysTemp, text: "Authentication service temporarily unavailable, try again later"}
+
+	errCRAMMD5Unavailable = &replyError{code: codeSysTemp, text: "CRAM-MD5 is not available now, try again later"}
 )
 
 // loginRequest is what the client proved or claimed, and about whom.
@@ -247,6 +249,12 @@ func (s *session) relayCRAMMD5(initial []byte) error {
 	started := now()
 	up.setDeadline(started.Add(time.Duration(s.h.Timeout)))
 	challenge, err := up.startSASL("CRAM-MD5")
+	if isRejection(err) {
+		// Refused before the client sent anything: no wrong password.
+		s.log(zap.InfoLevel, "upstream refused AUTH CRAM-MD5", zap.String("upstream", up.address), zap.Error(err))
+		metrics.login(AuthCRAMMD5, "unavailable", -1)
+		return errCRAMMD5Unavailable
+	}
 	if err != nil {
 		return s.loginFailed(loginRequest{method: AuthCRAMMD5}, up.address, err)
 	}
@@ -345,7 +353,7 @@ func (s *session) login(req loginRequest) error {
 		} else {
 			text, err = up.login(req.creds)
 		}
-		return s.loginDone(req, up, req.creds.Username, text, started, err)
+		return s.loginDone(req, up, mailboxUser(req.creds), text, started, err)
 	}
 
 	target, err := s.h.authenticator.authenticate(s.cx.Context, req)
@@ -354,7 +362,7 @@ func (s *session) login(req loginRequest) error {
 	}
 	var up *upstreamClient
 	if target.address == "" {
-		up, err = s.h.pool.connect(s.cx.Context, s.poolRequest(req.creds.Username), s.dialClient(), deadline)
+		up, err = s.h.pool.connect(s.cx.Context, s.poolRequest(mailboxUser(target.creds)), s.dialClient(), deadline)
 	} else {
 		up, err = s.h.connectUpstream(s.cx.Context, target.address, s.h.pool.optionsFor(target.address), s.dialClient(), deadline)
 	}
@@ -369,7 +377,17 @@ func (s *session) login(req loginRequest) error {
 			up.close()
 		}
 	}
-	return s.loginDone(req, up, target.creds.Username, text, started, err)
+	return s.loginDone(req, up, mailboxUser(target.creds), text, started, err)
+}
+
+// mailboxUser is whose mailbox a login opens: the authorization identity
+// when there is one (only without auth_http), which user_hash and
+// {pop3.user} must follow to reach that mailbox's upstream.
+func mailboxUser(c sasl.Credentials) string {
+	if c.Identity != "" {
+		return c.Identity
+	}
+	return c.Username
 }
 
 // loginDone finishes a login attempt on up: relay on success, the right

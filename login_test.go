@@ -320,3 +320,52 @@ func TestAuthzidWithoutUpstreamPlain(t *testing.T) {
 	ts.send("AUTH PLAIN " + b64("\x00alice\x00secret-pw")) // the session goes on
 	ts.expect("+OK Logged in.")
 }
+
+// TestPassThroughAuthzidChoosesUpstream checks that without auth_http the
+// mailbox of the authorization identity decides the upstream ({pop3.user},
+// user_hash) and is logged as the user acted as.
+func TestPassThroughAuthzidChoosesUpstream(t *testing.T) {
+	up, addr := fakeUpstream(t, nil)
+	_, port, _ := strings.Cut(addr, ":")
+	h, logs := newTestHandler(t, "{pop3.user}:"+port, nil)
+	ts := startSession(t, h, logs, false)
+	ts.send("AUTH PLAIN " + b64("localhost\x00alice\x00secret-pw"))
+	ts.expect("+OK Logged in.")
+	ts.send("QUIT")
+	ts.expect("+OK bye")
+	ts.closed()
+	if want := "AUTH PLAIN " + b64("localhost\x00alice\x00secret-pw"); !slices.Contains(up.Lines(), want) {
+		t.Errorf("upstream got %q", up.Lines())
+	}
+	lines := logs.FilterMessage("session").All()
+	if len(lines) != 1 {
+		t.Fatalf("%d session lines", len(lines))
+	}
+	if f := lines[0].ContextMap(); f["user"] != "alice" || f["upstream_user"] != "localhost" {
+		t.Errorf("session line user %v, upstream_user %v; want alice, localhost", f["user"], f["upstream_user"])
+	}
+}
+
+// TestRelayedCRAMMD5RefusedUpstream checks that an upstream refusing to
+// start CRAM-MD5 is no wrong password: the client has sent none.
+func TestRelayedCRAMMD5RefusedUpstream(t *testing.T) {
+	_, addr := fakeUpstream(t, func(u *pop3test.Upstream) {
+		u.Greeting = "+OK ready " + upstreamTimestamp // a timestamp, but AUTH CRAM-MD5 gets -ERR
+		u.SASL = []string{"PLAIN", "CRAM-MD5"}
+	})
+	h, logs := newTestHandler(t, addr, func(h *Handler) { h.Auth = []string{AuthPlain, AuthCRAMMD5} })
+	rec := recordEvents(t, h)
+	failed := testutil.ToFloat64(metrics.logins.WithLabelValues(AuthCRAMMD5, "failed"))
+	ts := startSessionGreeting(t, h, logs)
+	ts.send("AUTH CRAM-MD5")
+	ts.expect("-ERR [SYS/TEMP] CRAM-MD5 is not available now")
+	if d := testutil.ToFloat64(metrics.logins.WithLabelValues(AuthCRAMMD5, "failed")) - failed; d != 0 {
+		t.Errorf("logins failed +%v", d)
+	}
+	if got := rec.wait(t, 0); len(got) != 0 {
+		t.Errorf("events %v", got)
+	}
+	ts.send("USER alice", "PASS secret-pw") // the early upstream still serves
+	ts.expect("+OK")
+	ts.expect("+OK Logged in.")
+}
