@@ -265,6 +265,9 @@ func (s *session) relayCRAMMD5(initial []byte) error {
 	}
 	if err != nil {
 		countBadExchange(AuthCRAMMD5, err)
+		if isConnError(err) {
+			return err // the client is gone; the session ends and closes the upstream
+		}
 		// Cancel upstream too, so a retry starts clean there. Only its -ERR
 		// leaves it usable: after anything else the session ends, since no
 		// other upstream can check a digest made over its challenge.
