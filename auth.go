@@ -394,8 +394,8 @@ func mailboxUser(c sasl.Credentials) string {
 }
 
 // loginDone finishes a login attempt on up: relay on success, the right
-// -ERR otherwise. actingAs is the user the upstream logged in, which an
-// auth server may have rewritten.
+// -ERR otherwise. actingAs is whose mailbox the upstream opens: the
+// client's user, its authzid, or an auth server's Auth-User.
 func (s *session) loginDone(req loginRequest, up *upstreamClient, actingAs, text string, started time.Time, err error) error {
 	if err != nil {
 		if s.early != nil && !isRejection(err) && !errors.As(err, new(*replyError)) {

@@ -58,8 +58,8 @@ type session struct {
 	detached  bool            // the relay took over the connection and writes the session line
 	shared    shared          // what the admin API reads and kick changes
 
-	// upstreamUser is the user the upstream logged in: loginUser, or the
-	// auth server's Auth-User.
+	// upstreamUser is whose mailbox the upstream opened: loginUser, the
+	// AUTH PLAIN authzid (without auth_http), or the auth server's Auth-User.
 	upstreamUser string
 }
 
