@@ -398,10 +398,20 @@ func mailboxUser(c sasl.Credentials) string {
 // client's user, its authzid, or an auth server's Auth-User.
 func (s *session) loginDone(req loginRequest, up *upstreamClient, actingAs, text string, started time.Time, err error) error {
 	if err != nil {
-		if s.early != nil && !isRejection(err) && !errors.As(err, new(*replyError)) {
+		// A refusal that does not blame the credentials ([IN-USE], [SYS/TEMP])
+		// comes from past the upstream's login stage: Dovecot closes the
+		// connection after it, and no other upstream can take a digest made
+		// over this one's challenge, so the session ends.
+		var rejected *upstreamRejection
+		lost := s.early != nil && errors.As(err, &rejected) && rejected.code != "" && !isCredentialCode(rejected.code)
+		if s.early != nil && (lost || !isRejection(err) && !errors.As(err, new(*replyError))) {
 			s.dropEarly()
 		}
-		return s.loginFailed(req, up.address, err)
+		reply := s.loginFailed(req, up.address, err)
+		if re, ok := reply.(*replyError); ok && lost {
+			re.fatal = true
+		}
+		return reply
 	}
 	up.setDeadline(time.Time{})
 	s.upstream, s.early = up, nil

@@ -369,3 +369,23 @@ func TestRelayedCRAMMD5RefusedUpstream(t *testing.T) {
 	ts.expect("+OK")
 	ts.expect("+OK Logged in.")
 }
+
+// TestEarlyUpstreamInUseEndsSession checks that an [IN-USE] from the
+// upstream dialled at accept ends the session: Dovecot closes that
+// connection, and no other upstream could check a digest made over its
+// timestamp.
+func TestEarlyUpstreamInUseEndsSession(t *testing.T) {
+	up, addr := fakeUpstream(t, func(u *pop3test.Upstream) {
+		u.Timestamp = upstreamTimestamp
+		u.FailText = "-ERR [IN-USE] Unable to lock maildrop"
+	})
+	h, logs := newTestHandler(t, addr, func(h *Handler) { h.Auth = []string{AuthPlain, AuthAPOP} })
+	ts := startSessionGreeting(t, h, logs)
+	ts.send("USER alice", "PASS wrong-pw")
+	ts.expect("+OK")
+	ts.expect("-ERR [IN-USE] Mailbox in use")
+	ts.closed()
+	if n := strings.Count(strings.Join(up.Lines(), "\n"), "CAPA"); n != 1 {
+		t.Errorf("upstream connected %d times: %q", n, up.Lines())
+	}
+}

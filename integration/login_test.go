@@ -65,7 +65,7 @@ protocol pop3 {
 		victim:  {Password: victimPass, Server: dc.POP3Addr},
 	}}
 	asURL := as.Start(t)
-	withAuth, plain := freePortT(t), freePortT(t)
+	withAuth, plain, relayed := freePortT(t), freePortT(t), freePortT(t)
 	p := startCaddy(t, "login", caddyfileFor(false, fmt.Sprintf(`		%[1]s {
 			route {
 				pop3 {
@@ -85,7 +85,17 @@ protocol pop3 {
 				}
 			}
 		}
-`, withAuth, asURL, plain, dc.POP3Addr)), listener{addr: withAuth}, listener{addr: plain})
+		%[5]s {
+			route {
+				pop3 %[4]s {
+					starttls off
+					auth plain apop
+					auth_failure_delay 20s
+					timeout 40s
+				}
+			}
+		}
+`, withAuth, asURL, plain, dc.POP3Addr, relayed)), listener{addr: withAuth}, listener{addr: plain}, listener{addr: relayed})
 
 	t.Run("authzid", func(t *testing.T) {
 		c := dialPOP3(t, withAuth, nil)
@@ -122,7 +132,7 @@ protocol pop3 {
 	})
 
 	t.Run("in-use", func(t *testing.T) {
-		for _, addr := range []string{plain, withAuth} {
+		for _, addr := range []string{plain, withAuth, relayed} {
 			holder := dialPOP3(t, dc.POP3Addr, nil)
 			holder.login(victim, victimPass)
 			c := dialPOP3(t, addr, nil)
@@ -137,6 +147,13 @@ protocol pop3 {
 			// would come on top.
 			if took > 18*time.Second {
 				t.Errorf("%s: [IN-USE] came after %v: a failure delay was applied", addr, took)
+			}
+			if addr == relayed {
+				// The upstream dialled at accept, whose timestamp the greeting
+				// carries, closed after its [IN-USE]: so does the session.
+				c.expectClosed()
+				holder.quit()
+				continue
 			}
 			c.ok("NOOP") // the session goes on
 			holder.quit()
