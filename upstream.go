@@ -157,7 +157,7 @@ func (c *upstreamClient) setup(ctx context.Context, o upstreamOptions, client di
 		return fmt.Errorf("reading upstream greeting: %w", err)
 	}
 	if !greeting.OK || greeting.Continuation {
-		return fmt.Errorf("%w: upstream greeting is -ERR [%s] %s", errUpstreamProtocol, greeting.Code, greeting.Text)
+		return fmt.Errorf("%w: upstream greeting is -ERR [%s] %s", errUpstreamProtocol, sanitizeReplyText(greeting.Code), sanitizeReplyText(greeting.Text))
 	}
 	c.timestamp = apopTimestamp(greeting.Text)
 	if o.tls != nil && o.startTLS {
@@ -169,7 +169,7 @@ func (c *upstreamClient) setup(ctx context.Context, o upstreamOptions, client di
 			return err
 		}
 		if !resp.OK {
-			return fmt.Errorf("%w: STLS refused: %s", errUpstreamProtocol, resp.Text)
+			return fmt.Errorf("%w: STLS refused: %s", errUpstreamProtocol, sanitizeReplyText(resp.Text))
 		}
 		if c.r.Buffered() > 0 {
 			return fmt.Errorf("%w: data after STLS reply", errUpstreamProtocol)
