@@ -389,3 +389,29 @@ func TestEarlyUpstreamInUseEndsSession(t *testing.T) {
 		t.Errorf("upstream connected %d times: %q", n, up.Lines())
 	}
 }
+
+// TestUpstreamGreetingTextBoundedInLog checks that an upstream's -ERR
+// greeting reaches the log as one short clean line.
+func TestUpstreamGreetingTextBoundedInLog(t *testing.T) {
+	_, addr := fakeUpstream(t, func(u *pop3test.Upstream) {
+		u.Greeting = "-ERR [SYS/TEMP] \x1b[2J" + strings.Repeat("x", 8000)
+	})
+	h, logs := newTestHandler(t, addr, func(h *Handler) { h.LBTryDuration = caddy.Duration(time.Millisecond) })
+	ts := startSession(t, h, logs, false)
+	ts.send("USER alice", "PASS secret-pw")
+	ts.expect("+OK")
+	ts.expect("-ERR [SYS/TEMP]")
+	ts.closed()
+	found := false
+	for _, e := range logs.All() {
+		if msg, ok := e.ContextMap()["error"].(string); ok && strings.Contains(msg, "greeting") {
+			found = true
+			if len(msg) > 400 || strings.Contains(msg, "\x1b") {
+				t.Errorf("logged greeting error of %d bytes: %.80q", len(msg), msg)
+			}
+		}
+	}
+	if !found {
+		t.Error("no log entry names the greeting")
+	}
+}
