@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"strings"
@@ -25,6 +26,8 @@ var (
 	errBadBase64       = &replyError{code: codeAuth, text: "Invalid base64 data"}
 	errBadCredentials  = &replyError{code: codeAuth, text: "Invalid credentials syntax"}
 	errAuthUnavailable = &replyError{code: codeSysTemp, text: "Authentication service temporarily unavailable, try again later"}
+
+	errCRAMMD5Unavailable = &replyError{code: codeSysTemp, text: "CRAM-MD5 is not available now, try again later"}
 )
 
 // loginRequest is what the client proved or claimed, and about whom.
@@ -64,8 +67,18 @@ func (e *authRefusal) Error() string { return "login refused: [" + e.code + "] "
 type passThrough struct{}
 
 func (passThrough) authenticate(_ context.Context, req loginRequest) (loginTarget, error) {
+	if req.method != AuthPlain {
+		// An APOP or CRAM-MD5 digest is made over one upstream's challenge
+		// and reaches only that upstream (s.early); any other would take it
+		// as a password.
+		return loginTarget{}, errChallengeUpstreamLost
+	}
 	return loginTarget{creds: req.creds}, nil
 }
+
+// errChallengeUpstreamLost: the upstream whose challenge the client signed
+// is gone, so the digest cannot be checked anywhere.
+var errChallengeUpstreamLost = errors.New("upstream that issued the APOP or CRAM-MD5 challenge is gone")
 
 func (s *session) handleUser(cmd pop3wire.Command) error {
 	switch {
@@ -143,7 +156,7 @@ func (s *session) handleAuth(cmd pop3wire.Command) error {
 		}
 		response = r
 	}
-	if name == "CRAM-MD5" && s.early != nil {
+	if name == "CRAM-MD5" && s.h.relayChallenges {
 		return s.relayCRAMMD5(response)
 	}
 
@@ -230,25 +243,46 @@ func (s *session) relayCRAMMD5(initial []byte) error {
 		return errSyntax // RFC 2195 has no initial response
 	}
 	up := s.early
+	if up == nil {
+		return s.loginFailed(loginRequest{method: AuthCRAMMD5}, "", errChallengeUpstreamLost)
+	}
 	started := now()
 	up.setDeadline(started.Add(time.Duration(s.h.Timeout)))
 	challenge, err := up.startSASL("CRAM-MD5")
+	if isRejection(err) {
+		// Refused before the client sent anything: no wrong password.
+		s.log(zap.InfoLevel, "upstream refused AUTH CRAM-MD5", zap.String("upstream", up.address), zap.Error(err))
+		metrics.login(AuthCRAMMD5, "unavailable", -1)
+		return errCRAMMD5Unavailable
+	}
 	if err != nil {
 		return s.loginFailed(loginRequest{method: AuthCRAMMD5}, up.address, err)
 	}
 	server := sasl.NewCRAMMD5(string(challenge))
 	response, err := s.saslExchange(server, nil)
+	if err == nil && hasControl(server.Credentials().Username) {
+		err = errBadCredentials // as login refuses it
+	}
 	if err != nil {
 		countBadExchange(AuthCRAMMD5, err)
-		// Cancel upstream too, so a retry starts clean there.
-		if _, cerr := up.finishSASL(nil, true); cerr != nil && !isRejection(cerr) {
+		if isConnError(err) {
+			return err // the client is gone; the session ends and closes the upstream
+		}
+		// Cancel upstream too, so a retry starts clean there. Only its -ERR
+		// leaves it usable: after anything else the session ends, since no
+		// other upstream can check a digest made over its challenge.
+		if _, cerr := up.finishSASL(nil, true); !isRejection(cerr) {
 			s.dropEarly()
+			if cerr == nil {
+				cerr = fmt.Errorf("%w: +OK to a cancelled AUTH", errUpstreamProtocol)
+			}
+			return s.loginFailed(loginRequest{method: AuthCRAMMD5}, up.address, cerr)
 		}
 		return err
 	}
 	req := loginRequest{method: AuthCRAMMD5, creds: server.Credentials(), salt: string(challenge)}
 	text, err := up.finishSASL(response, false)
-	return s.loginDone(req, up, text, started, err)
+	return s.loginDone(req, up, req.creds.Username, text, started, err)
 }
 
 // countBadExchange counts a SASL exchange that ended before a login could
@@ -307,6 +341,11 @@ func (s *session) login(req loginRequest) error {
 	req.attempt, req.remote, req.tls = s.attempts, s.cx.RemoteAddr(), s.tlsState()
 	started := now()
 	deadline := started.Add(time.Duration(s.h.Timeout))
+	if hasControl(req.creds.Username) || hasControl(req.creds.Identity) {
+		// No mailbox has such a name, and it would go on into logs, events
+		// and the arguments of exec subscribers.
+		return s.loginFailed(req, "", errBadCredentials)
+	}
 
 	if up := s.early; up != nil {
 		up.setDeadline(deadline)
@@ -317,7 +356,7 @@ func (s *session) login(req loginRequest) error {
 		} else {
 			text, err = up.login(req.creds)
 		}
-		return s.loginDone(req, up, text, started, err)
+		return s.loginDone(req, up, mailboxUser(req.creds), text, started, err)
 	}
 
 	target, err := s.h.authenticator.authenticate(s.cx.Context, req)
@@ -326,7 +365,7 @@ func (s *session) login(req loginRequest) error {
 	}
 	var up *upstreamClient
 	if target.address == "" {
-		up, err = s.h.pool.connect(s.cx.Context, s.poolRequest(req.creds.Username), s.dialClient(), deadline)
+		up, err = s.h.pool.connect(s.cx.Context, s.poolRequest(mailboxUser(target.creds)), s.dialClient(), deadline)
 	} else {
 		up, err = s.h.pool.connectNamed(s.cx.Context, target.address, s.dialClient(), deadline)
 	}
@@ -341,21 +380,42 @@ func (s *session) login(req loginRequest) error {
 			up.close()
 		}
 	}
-	return s.loginDone(req, up, text, started, err)
+	return s.loginDone(req, up, mailboxUser(target.creds), text, started, err)
+}
+
+// mailboxUser is whose mailbox a login opens: the authorization identity
+// when there is one (only without auth_http), which user_hash and
+// {pop3.user} must follow to reach that mailbox's upstream.
+func mailboxUser(c sasl.Credentials) string {
+	if c.Identity != "" {
+		return c.Identity
+	}
+	return c.Username
 }
 
 // loginDone finishes a login attempt on up: relay on success, the right
-// -ERR otherwise.
-func (s *session) loginDone(req loginRequest, up *upstreamClient, text string, started time.Time, err error) error {
+// -ERR otherwise. actingAs is whose mailbox the upstream opens: the
+// client's user, its authzid, or an auth server's Auth-User.
+func (s *session) loginDone(req loginRequest, up *upstreamClient, actingAs, text string, started time.Time, err error) error {
 	if err != nil {
-		if s.early != nil && !isRejection(err) && !errors.As(err, new(*replyError)) {
+		// A refusal that does not blame the credentials ([IN-USE], [SYS/TEMP])
+		// comes from past the upstream's login stage: Dovecot closes the
+		// connection after it, and no other upstream can take a digest made
+		// over this one's challenge, so the session ends.
+		var rejected *upstreamRejection
+		lost := s.early != nil && errors.As(err, &rejected) && rejected.code != "" && !isCredentialCode(rejected.code)
+		if s.early != nil && (lost || !isRejection(err) && !errors.As(err, new(*replyError))) {
 			s.dropEarly()
 		}
-		return s.loginFailed(req, up.address, err)
+		reply := s.loginFailed(req, up.address, err)
+		if re, ok := reply.(*replyError); ok && lost {
+			re.fatal = true
+		}
+		return reply
 	}
 	up.setDeadline(time.Time{})
 	s.upstream, s.early = up, nil
-	s.loginUser, s.method = req.creds.Username, req.method
+	s.loginUser, s.upstreamUser, s.method = req.creds.Username, actingAs, req.method
 	s.state = stateRelay
 	s.shared.mu.Lock()
 	s.shared.user, s.shared.upstream, s.shared.relaying = req.creds.Username, up.address, true
@@ -364,12 +424,13 @@ func (s *session) loginDone(req loginRequest, up *upstreamClient, text string, s
 	s.loginTook = now().Sub(started)
 	metrics.login(req.method, "ok", s.loginTook.Seconds())
 	s.h.emit("pop3_login", func() map[string]any {
-		return map[string]any{"session": s.id, "remote": s.remote, "user": req.creds.Username, "method": req.method, "upstream": up.address}
+		return map[string]any{"session": s.id, "remote": s.remote, "user": req.creds.Username, "upstream_user": actingAs, "method": req.method, "upstream": up.address}
 	})
 	penalties.succeed(s.clientIP())
 	// The INFO line for the login is the session line at the end.
 	s.debug("login",
 		zap.String("user", req.creds.Username),
+		zap.String("upstream_user", actingAs),
 		zap.String("method", req.method),
 		zap.String("upstream", up.address),
 		zap.Int("attempt", req.attempt),
@@ -400,23 +461,43 @@ func (s *session) loginFailed(req loginRequest, upstream string, err error) erro
 		zap.Int("attempt", req.attempt),
 		zap.Error(err),
 	}
+	if req.creds.Identity != "" {
+		fields = append(fields, zap.String("authzid", req.creds.Identity))
+	}
 	var rejected *upstreamRejection
 	var refused *authRefusal
 	var re *replyError
 	switch {
 	case errors.As(err, &rejected):
-		s.log(zap.InfoLevel, "login failed", fields...)
-		s.authFailed(req)
 		reply := &replyError{code: rejected.code, text: errAuthFailed.text}
 		if reply.code == "" {
 			reply.code = codeAuth
 		}
+		credentials := isCredentialCode(reply.code)
+		if !credentials {
+			reply.text = textForCode(reply.code)
+		}
 		if s.h.PassErrorMessage && rejected.text != "" {
 			reply.text = sanitizeReplyText(rejected.text)
 		}
+		if !credentials {
+			s.log(zap.InfoLevel, "login refused", fields...)
+			metrics.login(req.method, resultForCode(reply.code), -1)
+			return reply
+		}
+		s.log(zap.InfoLevel, "login failed", fields...)
+		s.authFailed(req)
 		s.failureDelay(0, false)
 		return reply
 	case errors.As(err, &refused):
+		if !isCredentialCode(refused.code) {
+			s.log(zap.InfoLevel, "login refused", fields...)
+			metrics.login(req.method, resultForCode(refused.code), -1)
+			if refused.hasWait {
+				s.failureDelay(refused.wait, true) // the auth server's own wait, no penalty
+			}
+			return &replyError{code: refused.code, text: refused.text}
+		}
 		s.log(zap.InfoLevel, "login failed", fields...)
 		s.authFailed(req)
 		s.failureDelay(refused.wait, refused.hasWait)
@@ -438,6 +519,51 @@ func (s *session) loginFailed(req loginRequest, upstream string, err error) erro
 	}
 	s.result = "upstream_unavailable"
 	return errUnavailable
+}
+
+// isCredentialCode reports whether a refusal with this RFC 2449 response
+// code blames the credentials. IN-USE, LOGIN-DELAY and SYS/* (RFC 2449 §8,
+// RFC 3206) say the mailbox or the server is not available now: the client
+// is not guessing passwords, so no penalty and no pop3_auth_failed. AUTH
+// and codes unknown to the client (which it treats as none) do blame them.
+func isCredentialCode(code string) bool {
+	switch {
+	case hasCode(code, "IN-USE"), hasCode(code, "LOGIN-DELAY"), hasCode(code, "SYS"):
+		return false
+	}
+	return true
+}
+
+// hasCode reports whether code is base or below it in the RFC 2449 code
+// hierarchy ("SYS/TEMP" is below "SYS").
+func hasCode(code, base string) bool {
+	return strings.EqualFold(code, base) || len(code) > len(base) && strings.EqualFold(code[:len(base)+1], base+"/")
+}
+
+// resultForCode is the logins_total result of a refusal that does not
+// blame the credentials.
+func resultForCode(code string) string {
+	switch {
+	case hasCode(code, "IN-USE"):
+		return "in_use"
+	case hasCode(code, "LOGIN-DELAY"):
+		return "login_delay"
+	}
+	return "unavailable"
+}
+
+// textForCode is the generic text of an upstream refusal that does not
+// blame the credentials; pass_error_message shows the upstream's own.
+func textForCode(code string) string {
+	switch {
+	case hasCode(code, "IN-USE"):
+		return "Mailbox in use by another session, try again later"
+	case hasCode(code, "LOGIN-DELAY"):
+		return "Logging in again so soon is not allowed, try again later"
+	case hasCode(code, "SYS/PERM"):
+		return "Mailbox not available"
+	}
+	return "Service temporarily unavailable, try again later"
 }
 
 // authFailed records refused credentials for metrics and for event

@@ -114,7 +114,7 @@ func TestPassErrorMessage(t *testing.T) {
 		ts := startSession(t, h, logs, false)
 		ts.send("USER alice", "PASS nope")
 		ts.expect("+OK")
-		want := "-ERR [IN-USE] Authentication failed"
+		want := "-ERR [IN-USE] Mailbox in use by another session, try again later"
 		if pass {
 			want = "-ERR [IN-USE] Mailbox locked by backend"
 		}

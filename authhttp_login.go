@@ -15,6 +15,10 @@ import (
 // or answering garbage. The client gets [SYS/TEMP] and may retry.
 var errAuthServer = errors.New("auth server unavailable")
 
+// errAuthzidRefused answers an AUTH PLAIN whose authorization identity is
+// not its user when an auth server decides: it could not approve it.
+var errAuthzidRefused = &replyError{code: codeAuth, text: "Authorization identity not allowed"}
+
 // authHTTPAuthenticator asks the auth server about each login (NGINX's
 // auth_http) and logs in where it says, with the credentials it gives.
 type authHTTPAuthenticator struct {
@@ -27,6 +31,13 @@ type authHTTPAuthenticator struct {
 const maxAuthHTTPRetries = 5
 
 func (x authHTTPAuthenticator) authenticate(ctx context.Context, req loginRequest) (loginTarget, error) {
+	if req.creds.Identity != "" && req.creds.Identity != req.creds.Username {
+		// The auth server approves Auth-User alone (NGINX's protocol has no
+		// field for an authorization identity); sent upstream with its
+		// Auth-User and Auth-Pass, which may be master credentials, it would
+		// open another user's mailbox.
+		return loginTarget{}, errAuthzidRefused
+	}
 	clientIP := ""
 	if host, _, err := net.SplitHostPort(req.remote.String()); err == nil {
 		clientIP = host
@@ -63,7 +74,7 @@ func (x authHTTPAuthenticator) authenticate(ctx context.Context, req loginReques
 	if !res.OK {
 		return loginTarget{}, refusalFromAuthServer(res)
 	}
-	creds := sasl.Credentials{Identity: req.creds.Identity, Username: req.creds.Username, Password: req.creds.Password}
+	creds := sasl.Credentials{Username: req.creds.Username, Password: req.creds.Password}
 	if res.User != "" {
 		creds.Username = res.User
 	}

@@ -37,7 +37,7 @@ func newPOP3Metrics() *pop3Metrics {
 		}),
 		logins: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub, Name: "logins_total",
-			Help: "Login attempts by method and result: ok, failed (credentials refused), invalid (malformed), cancelled, unavailable (auth server or upstream).",
+			Help: "Login attempts by method and result: ok, failed (credentials refused), invalid (malformed or not allowed), cancelled, in_use, login_delay, unavailable (auth server or upstream).",
 		}, []string{"method", "result"}),
 		loginDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Namespace: ns, Subsystem: sub, Name: "login_duration_seconds",

@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -486,11 +487,48 @@ func (h *Handler) drain() {
 
 // emit sends a Caddy event, e.g. pop3_login, to the events app's
 // subscribers. data, which never holds a secret, is built only when the
-// event would reach a subscriber or the debug log.
+// event would reach a subscriber or the debug log, and built here, as it
+// reads the session. Subscribers run off the session's goroutine, since
+// the events app calls them in turn and a slow one (an exec of a script)
+// would hold up the login; at most maxEmitting events are in flight, and
+// beyond that events are dropped with a warning.
 func (h *Handler) emit(name string, data func() map[string]any) {
-	if h.events != nil && h.events.ShouldEmit(name) {
-		h.events.Emit(h.ctx, name, data())
+	if h.events == nil || !h.events.ShouldEmit(name) {
+		return
 	}
+	select {
+	case emitting <- struct{}{}:
+	default:
+		warnDroppedEvent(h.logger, name)
+		return
+	}
+	d := data()
+	go func() {
+		defer func() { <-emitting }()
+		h.events.Emit(h.ctx, name, d)
+	}()
+}
+
+// maxEmitting bounds the events handed to subscribers and not yet done,
+// for all handlers of the process.
+const maxEmitting = 256
+
+var (
+	emitting       = make(chan struct{}, maxEmitting)
+	droppedEvents  atomic.Int64
+	lastDropWarned atomic.Int64 // unix nanoseconds of the last warning
+)
+
+// warnDroppedEvent counts a dropped event and warns at most once a
+// minute, with the count since the last warning.
+func warnDroppedEvent(logger *zap.Logger, name string) {
+	droppedEvents.Add(1)
+	t, last := now().UnixNano(), lastDropWarned.Load()
+	if t-last < int64(time.Minute) || !lastDropWarned.CompareAndSwap(last, t) {
+		return
+	}
+	logger.Warn("event subscribers too slow: events dropped",
+		zap.String("event", name), zap.Int64("dropped", droppedEvents.Swap(0)), zap.Int("in_flight", maxEmitting))
 }
 
 // relayChallengesWanted: apop or cram-md5 without an auth server.

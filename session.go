@@ -57,6 +57,10 @@ type session struct {
 	raw       net.Conn        // the accepted connection under any TLS; a duplicate once detached
 	detached  bool            // the relay took over the connection and writes the session line
 	shared    shared          // what the admin API reads and kick changes
+
+	// upstreamUser is whose mailbox the upstream opened: loginUser, the
+	// AUTH PLAIN authzid (without auth_http), or the auth server's Auth-User.
+	upstreamUser string
 }
 
 // replyError is a -ERR reply: an optional RFC 2449 response code and text
@@ -382,7 +386,7 @@ func (s *session) logEnd() {
 	s.setResult("closed")
 	if ce := s.h.logger.Check(zap.InfoLevel, "session"); ce != nil {
 		// One slice of the final size: this line is written for every session.
-		fields := make([]zap.Field, 0, 11)
+		fields := make([]zap.Field, 0, 12)
 		fields = append(fields,
 			zap.String("session", s.id),
 			zap.String("remote", s.remote),
@@ -393,7 +397,8 @@ func (s *session) logEnd() {
 			zap.Duration("duration", now().Sub(s.start)),
 		)
 		if s.loginUser != "" {
-			fields = append(fields, zap.String("user", s.loginUser), zap.String("method", s.method), zap.Duration("login_duration", s.loginTook))
+			fields = append(fields, zap.String("user", s.loginUser), zap.String("upstream_user", s.upstreamUser),
+				zap.String("method", s.method), zap.Duration("login_duration", s.loginTook))
 		}
 		if s.upstream != nil {
 			fields = append(fields, zap.String("upstream", s.upstream.address))

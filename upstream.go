@@ -45,9 +45,23 @@ type upstreamRejection struct {
 	text string
 }
 
+// newUpstreamRejection keeps of an -ERR what may reach the client and the
+// log: an RFC 2449 code only when well formed, the text sanitized.
+func newUpstreamRejection(resp pop3wire.Response) *upstreamRejection {
+	code := resp.Code
+	if !isResponseCode(code) {
+		code = ""
+	}
+	return &upstreamRejection{code: code, text: sanitizeReplyText(resp.Text)}
+}
+
 func (e *upstreamRejection) Error() string {
 	return fmt.Sprintf("upstream refused login: [%s] %s", e.code, e.text)
 }
+
+// errAuthzidUnsupported answers an authorization identity for an upstream
+// without AUTH PLAIN, where USER/PASS cannot carry it.
+var errAuthzidUnsupported = &replyError{code: codeAuth, text: "Authorization identity not supported"}
 
 // errUpstreamProtocol marks an upstream that does not speak POP3 as expected.
 var errUpstreamProtocol = errors.New("upstream protocol error")
@@ -157,7 +171,7 @@ func (c *upstreamClient) setup(ctx context.Context, o upstreamOptions, client di
 		return fmt.Errorf("reading upstream greeting: %w", err)
 	}
 	if !greeting.OK || greeting.Continuation {
-		return fmt.Errorf("%w: upstream greeting is -ERR [%s] %s", errUpstreamProtocol, greeting.Code, greeting.Text)
+		return fmt.Errorf("%w: upstream greeting is -ERR [%s] %s", errUpstreamProtocol, sanitizeReplyText(greeting.Code), sanitizeReplyText(greeting.Text))
 	}
 	c.timestamp = apopTimestamp(greeting.Text)
 	if o.tls != nil && o.startTLS {
@@ -169,7 +183,7 @@ func (c *upstreamClient) setup(ctx context.Context, o upstreamOptions, client di
 			return err
 		}
 		if !resp.OK {
-			return fmt.Errorf("%w: STLS refused: %s", errUpstreamProtocol, resp.Text)
+			return fmt.Errorf("%w: STLS refused: %s", errUpstreamProtocol, sanitizeReplyText(resp.Text))
 		}
 		if c.r.Buffered() > 0 {
 			return fmt.Errorf("%w: data after STLS reply", errUpstreamProtocol)
@@ -300,6 +314,10 @@ func (c *upstreamClient) xclient(remote net.Addr) error {
 	return nil
 }
 
+// maxTimestampLength bounds an upstream's APOP timestamp; Dovecot's is
+// about 50 bytes.
+const maxTimestampLength = 200
+
 // apopTimestamp finds an RFC 1939 §7 timestamp "<...@...>" in a greeting.
 func apopTimestamp(text string) string {
 	start := strings.IndexByte(text, '<')
@@ -311,7 +329,9 @@ func apopTimestamp(text string) string {
 		return ""
 	}
 	ts := text[start : start+end+1]
-	if !strings.Contains(ts, "@") {
+	// It goes into the client's greeting: one short word of printable
+	// ASCII, as an RFC 5322 msg-id is.
+	if !strings.Contains(ts, "@") || len(ts) > maxTimestampLength || strings.ContainsFunc(ts, func(r rune) bool { return r <= ' ' || r >= 0x7f }) {
 		return ""
 	}
 	return ts
@@ -392,7 +412,8 @@ func (c *upstreamClient) login(creds sasl.Credentials) (string, error) {
 		return loginResult(resp, err)
 	}
 	if creds.Identity != "" {
-		return "", &upstreamRejection{code: codeAuth, text: "authorization identity not supported by upstream"}
+		// Refused here, before anything is sent: no wrong password.
+		return "", errAuthzidUnsupported
 	}
 	if err := c.cmd("USER " + creds.Username); err != nil {
 		return "", err
@@ -429,7 +450,7 @@ func (c *upstreamClient) startSASL(mechanism string) ([]byte, error) {
 	}
 	if !resp.Continuation {
 		if !resp.OK {
-			return nil, &upstreamRejection{code: resp.Code, text: resp.Text}
+			return nil, newUpstreamRejection(resp)
 		}
 		return nil, fmt.Errorf("%w: AUTH %s answered +OK without a challenge", errUpstreamProtocol, mechanism)
 	}
@@ -460,10 +481,12 @@ func loginResult(resp pop3wire.Response, err error) (string, error) {
 	case resp.Continuation:
 		return "", fmt.Errorf("%w: unexpected continuation", errUpstreamProtocol)
 	case !resp.OK:
-		return "", &upstreamRejection{code: resp.Code, text: resp.Text}
+		return "", newUpstreamRejection(resp)
 	}
-	text := resp.Text
-	if resp.Code != "" {
+	// The +OK goes to the client as the proxy's own: only a well-formed
+	// code and one short line of printable text.
+	text := sanitizeReplyText(resp.Text)
+	if isResponseCode(resp.Code) {
 		text = "[" + resp.Code + "] " + text
 	}
 	if text == "" {

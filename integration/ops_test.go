@@ -953,7 +953,7 @@ func TestEvents(t *testing.T) {
 
 	want := map[string]map[string]any{
 		"pop3_auth_failed": {"session": id, "remote": remote, "user": alice, "method": "plain"},
-		"pop3_login":       {"session": id, "remote": remote, "user": alice, "method": "plain", "upstream": env.dc.POP3Addr},
+		"pop3_login":       {"session": id, "remote": remote, "user": alice, "upstream_user": alice, "method": "plain", "upstream": env.dc.POP3Addr},
 	}
 	got := map[string][]map[string]any{}
 	waitFor(t, 5*time.Second, "both events in the log", func() bool {

@@ -88,6 +88,17 @@ func (u *Upstream) Close() {
 	}
 }
 
+// CloseConnections closes every connection so far and keeps accepting new
+// ones.
+func (u *Upstream) CloseConnections() {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	for _, c := range u.conns {
+		_ = c.Close()
+	}
+	u.conns = nil
+}
+
 // Lines returns every command line received, in order.
 func (u *Upstream) Lines() []string {
 	u.mu.Lock()
