@@ -242,6 +242,9 @@ func (p *pool) connect(ctx context.Context, req poolRequest, client dialClient, 
 			return c, nil
 		}
 		u.release()
+		if ctx.Err() != nil {
+			return nil, ctx.Err() // the session was kicked: no fault of the upstream
+		}
 		p.countFailure(u)
 		metrics.dialError(u.cfg.Address)
 		p.logger.Warn("upstream unavailable", zap.String("upstream", address), zap.Error(err))

@@ -29,6 +29,7 @@ func init() {
 const (
 	defaultGreeting       = "POP3 ready"
 	defaultTimeout        = 60 * time.Second
+	defaultLoginTimeout   = 3 * time.Minute // Dovecot's login processes allow the same
 	defaultProxyTimeout   = 10 * time.Minute
 	defaultMaxErrors      = 5
 	defaultDialTimeout    = 10 * time.Second
@@ -123,9 +124,13 @@ type Handler struct {
 	ConnectionPolicy caddytls.ConnectionPolicies `json:"connection_policy,omitempty"`
 	// Text of the +OK greeting. Default: "POP3 ready".
 	Greeting string `json:"greeting,omitempty"`
-	// How long a client may stay silent before it has logged in; also
-	// bounds the STLS handshake and the upstream login. Default: 60s.
+	// How long a client may stay silent, or leave a reply unread, before
+	// it has logged in; also bounds the STLS handshake and the upstream
+	// login. Default: 60s.
 	Timeout caddy.Duration `json:"timeout,omitempty"`
+	// How long a client may take from connecting to logging in, however
+	// busy it keeps the session (NOOP, CAPA, failed logins). Default: 3m.
+	LoginTimeout caddy.Duration `json:"login_timeout,omitempty"`
 	// How long a logged-in session may stay silent in both directions
 	// before it is closed. Default: 10m.
 	ProxyTimeout caddy.Duration `json:"proxy_timeout,omitempty"`
@@ -236,6 +241,9 @@ func (h *Handler) setup() error {
 	}
 	if h.ProxyTimeout == 0 {
 		h.ProxyTimeout = caddy.Duration(defaultProxyTimeout)
+	}
+	if h.LoginTimeout == 0 {
+		h.LoginTimeout = caddy.Duration(defaultLoginTimeout)
 	}
 	if h.MaxErrors == 0 {
 		h.MaxErrors = defaultMaxErrors
@@ -420,6 +428,9 @@ func (h *Handler) Validate() error {
 	}
 	if h.ProxyTimeout < 0 {
 		return errors.New("proxy_timeout: must not be negative")
+	}
+	if h.LoginTimeout < 0 {
+		return errors.New("login_timeout: must not be negative")
 	}
 	if h.MaxErrors < 0 {
 		return errors.New("max_errors: must not be negative")

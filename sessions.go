@@ -107,9 +107,9 @@ func (s *session) view() sessionView {
 	return v
 }
 
-// kick ends the session from another goroutine. Before login the session
-// answers -ERR [SYS/TEMP] with reason and closes; after it both connections
-// are closed.
+// kick ends the session from another goroutine, whatever it waits for.
+// Before login the session answers -ERR [SYS/TEMP] with reason and closes;
+// after it both connections are closed.
 func (s *session) kick(reason string) {
 	if !s.shared.kickReason.CompareAndSwap(nil, &reason) {
 		return
@@ -118,10 +118,15 @@ func (s *session) kick(reason string) {
 		r.end("closed_by_admin")
 		return
 	}
+	// The deadlines wake a read, or a write that a client which stopped
+	// reading holds up; the context ends auth_http, the failure delay,
+	// upstream dials and logins and TLS handshakes. In this order: the
+	// session's last -ERR moves the write deadline again.
 	s.shared.mu.Lock()
 	raw := s.raw
 	s.shared.mu.Unlock()
-	_ = raw.SetReadDeadline(time.Now()) // wakes a session waiting for a command
+	_ = raw.SetDeadline(aLongTimeAgo)
+	s.cancel()
 }
 
 func (s *session) kicked() (string, bool) {

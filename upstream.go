@@ -112,6 +112,10 @@ func (h *Handler) connectUpstream(ctx context.Context, address string, o upstrea
 		return nil, fmt.Errorf("dialing upstream: %w", err)
 	}
 	_ = conn.SetDeadline(deadline) // bounds the TLS handshake and the rest too
+	// A deadline cannot be moved by a kicked session or a stopped health
+	// check; closing ends a greeting or CAPA that is still being read.
+	stop := context.AfterFunc(ctx, func() { _ = conn.Close() })
+	defer stop()
 	c := &upstreamClient{address: address, conn: conn}
 	if err := c.setup(ctx, o, client); err != nil {
 		_ = conn.Close()
