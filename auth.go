@@ -370,7 +370,7 @@ func (s *session) loginDone(req loginRequest, up *upstreamClient, text string, s
 	s.h.emit("pop3_login", func() map[string]any {
 		return map[string]any{"session": s.id, "remote": s.remote, "user": req.creds.Username, "method": req.method, "upstream": up.address}
 	})
-	penalties.succeed(s.clientIP())
+	penalties.succeed(s.clientIP(), req.creds.Username)
 	// The INFO line for the login is the session line at the end.
 	s.debug("login",
 		zap.String("user", req.creds.Username),
@@ -450,6 +450,7 @@ func (s *session) loginFailed(req loginRequest, upstream string, err error) erro
 // authFailed records refused credentials for metrics and for event
 // subscribers (fail2ban-style blocking). Never a password.
 func (s *session) authFailed(req loginRequest) {
+	s.failedUser = req.creds.Username // for the penalty in failureDelay
 	metrics.login(req.method, "failed", -1)
 	s.h.emit("pop3_auth_failed", func() map[string]any {
 		return map[string]any{"session": s.id, "remote": s.remote, "user": req.creds.Username, "method": req.method}
@@ -461,7 +462,7 @@ func (s *session) authFailed(req loginRequest) {
 func (s *session) failureDelay(wait time.Duration, hasWait bool) {
 	d := wait
 	if !hasWait {
-		d = penalties.fail(s.clientIP(), time.Duration(s.h.AuthFailureDelay))
+		d = penalties.fail(s.clientIP(), s.failedUser, time.Duration(s.h.AuthFailureDelay))
 	}
 	d = min(d, maxFailureDelay, s.loginDeadline().Sub(now()))
 	if d > 0 {

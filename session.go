@@ -45,19 +45,20 @@ type session struct {
 	user      string // from USER, waiting for PASS
 	timestamp string // APOP greeting timestamp, when apop is enabled
 
-	start     time.Time
-	result    string // how the session ended, for the session log line
-	loginUser string // user name once logged in
-	method    string
-	early     *upstreamClient // dialled at accept to relay its APOP timestamp and CRAM-MD5 challenge
-	upstream  *upstreamClient // logged in
-	attempts  int             // login attempts, for auth_http's Auth-Login-Attempt
-	loginTook time.Duration   // from the credentials to the upstream's +OK
-	id        string          // in every log line and in -ERR replies with a code
-	remote    string          // client address
-	raw       net.Conn        // the accepted connection under any TLS; a duplicate once detached
-	detached  bool            // the relay took over the connection and writes the session line
-	shared    shared          // what the admin API reads and kick changes
+	start      time.Time
+	result     string // how the session ended, for the session log line
+	loginUser  string // user name once logged in
+	method     string
+	early      *upstreamClient // dialled at accept to relay its APOP timestamp and CRAM-MD5 challenge
+	upstream   *upstreamClient // logged in
+	attempts   int             // login attempts, for auth_http's Auth-Login-Attempt
+	failedUser string          // of the last refused login, for the penalty
+	loginTook  time.Duration   // from the credentials to the upstream's +OK
+	id         string          // in every log line and in -ERR replies with a code
+	remote     string          // client address
+	raw        net.Conn        // the accepted connection under any TLS; a duplicate once detached
+	detached   bool            // the relay took over the connection and writes the session line
+	shared     shared          // what the admin API reads and kick changes
 
 	// ctx ends when the session is kicked or drained, or at login_timeout:
 	// auth_http requests, WAIT retries, the failure delay, upstream dials,
