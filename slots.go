@@ -24,7 +24,7 @@ var sessionSlots slotCounter
 
 type slotCounter struct {
 	once     sync.Once
-	max      int64 // 0: no limit
+	max      int64        // 0: no limit
 	used     atomic.Int64 // sessions and charged pipes
 	warned   atomic.Int64 // unix seconds of the last warning, to rate-limit it
 	override atomic.Int64 // a limit set by tests; 0: none
