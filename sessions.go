@@ -40,12 +40,18 @@ func (r *sessionRegistry) remove(s *session) {
 	r.mu.Unlock()
 }
 
-// matching returns the sessions for which keep is true.
+// matching returns the sessions for which keep is true. keep runs after
+// the lock is released: it may be slow (view asks the kernel for the
+// socket's counts), and every session start and end waits for the lock.
 func (r *sessionRegistry) matching(keep func(*session) bool) []*session {
 	r.mu.Lock()
-	defer r.mu.Unlock()
-	var out []*session
+	all := make([]*session, 0, len(r.m))
 	for _, s := range r.m {
+		all = append(all, s)
+	}
+	r.mu.Unlock()
+	out := all[:0]
+	for _, s := range all {
 		if keep(s) {
 			out = append(out, s)
 		}
@@ -157,17 +163,19 @@ func (adminAPI) Routes() []caddy.AdminRoute {
 func handleSessions(w http.ResponseWriter, r *http.Request) error {
 	q := r.URL.Query()
 	id, user, remote := q.Get("id"), q.Get("user"), q.Get("remote")
+	views := []sessionView{}
 	filter := func(s *session) bool {
 		v := s.view()
 		host, _, _ := net.SplitHostPort(v.Remote)
-		return (id == "" || v.ID == id) && (user == "" || v.User == user) && (remote == "" || host == remote || v.Remote == remote)
+		if (id == "" || v.ID == id) && (user == "" || v.User == user) && (remote == "" || host == remote || v.Remote == remote) {
+			views = append(views, v)
+			return true
+		}
+		return false
 	}
 	switch r.Method {
 	case http.MethodGet:
-		views := []sessionView{}
-		for _, s := range liveSessions.matching(filter) {
-			views = append(views, s.view())
-		}
+		liveSessions.matching(filter)
 		sort.Slice(views, func(i, j int) bool { return views[i].Start.Before(views[j].Start) })
 		w.Header().Set("Content-Type", "application/json")
 		return json.NewEncoder(w).Encode(views)
