@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -152,7 +153,8 @@ type Handler struct {
 	tlsOn     bool        // the handler terminates TLS itself: STLS (starttls not off) or implicit_tls
 	tlsConfig *tls.Config // built once so that session tickets work across connections
 
-	warnAlreadyTLS *sync.Once // implicit_tls behind caddy-l4's tls handler; a pointer, as tests copy Handlers
+	warnAlreadyTLS *sync.Once   // implicit_tls behind caddy-l4's tls handler; a pointer, as tests copy Handlers
+	drained        *atomic.Bool // drain_timeout has passed: sessions that start now end at once
 
 	// relayChallenges: APOP or CRAM-MD5 without an auth server. Each
 	// session then dials the upstream at accept and relays its timestamp
@@ -301,6 +303,7 @@ func (h *Handler) setup() error {
 
 	h.tlsOn = h.StartTLS != StartTLSOff || h.ImplicitTLS
 	h.warnAlreadyTLS = new(sync.Once)
+	h.drained = new(atomic.Bool)
 	h.dialer = &tcpDialer{timeout: time.Duration(h.DialTimeout)}
 	if h.AuthHTTP != nil {
 		repl := caddy.NewReplacer() // {env.*} keeps secrets out of the config file
@@ -444,10 +447,13 @@ func (h *Handler) Validate() error {
 // drain closes the sessions this handler still serves after its config was
 // replaced.
 func (h *Handler) drain() {
+	h.drained.Store(true)
 	for _, s := range liveSessions.matching(func(s *session) bool { return s.h == h }) {
-		s.kick("Server configuration changed, please reconnect")
+		s.kick(drainReason)
 	}
 }
+
+const drainReason = "Server configuration changed, please reconnect"
 
 // emit sends a Caddy event, e.g. pop3_login, to the events app's
 // subscribers. data, which never holds a secret, is built only when the

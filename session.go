@@ -161,6 +161,14 @@ func (s *session) run() error {
 			s.logEnd()
 		}
 	}()
+	if s.h.drained != nil && s.h.drained.Load() {
+		// Accepted by a replaced config after its drain ran: drain sets the
+		// flag before it looks for sessions, so one of the two sees this one.
+		s.kick(drainReason)
+	}
+	if _, kicked := s.kicked(); kicked {
+		return s.ioError(net.ErrClosed)
+	}
 	if s.h.ImplicitTLS && !s.startImplicitTLS() {
 		return nil
 	}

@@ -253,3 +253,17 @@ func TestLoginTimeout(t *testing.T) {
 		t.Errorf("result %q, want login_timeout", r)
 	}
 }
+
+// TestSessionAfterDrainEnds: a connection the replaced config accepts
+// after its drain ran is closed at once, not served for ever.
+func TestSessionAfterDrainEnds(t *testing.T) {
+	_, addr := fakeUpstream(t, nil)
+	h, logs := newTestHandler(t, addr, func(h *Handler) { h.DrainTimeout = caddy.Duration(time.Millisecond) })
+	if err := h.Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "the drain", func() bool { return h.drained.Load() })
+	ts := handleOn(t, h, logs, false)
+	ts.expect("-ERR [SYS/TEMP] Server configuration changed")
+	ts.endsWithin(promptEnd)
+}
