@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -266,4 +267,53 @@ func TestSessionAfterDrainEnds(t *testing.T) {
 	ts := handleOn(t, h, logs, false)
 	ts.expect("-ERR [SYS/TEMP] Server configuration changed")
 	ts.endsWithin(promptEnd)
+}
+
+// TestKickDuringAuthServerWait: Auth-Status: WAIT makes the login wait
+// before it asks again; a kick ends that wait.
+func TestKickDuringAuthServerWait(t *testing.T) {
+	asked := make(chan struct{}, 10)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Auth-Status", "WAIT")
+		w.Header().Set("Auth-Wait", "50")
+		asked <- struct{}{}
+	}))
+	t.Cleanup(srv.Close)
+	h, logs := newTestHandler(t, "", func(h *Handler) {
+		h.Upstream = nil
+		h.AuthHTTP = &AuthHTTP{URL: srv.URL, Timeout: anHour}
+		h.Timeout = anHour
+	})
+	ts := startSession(t, h, logs, false)
+	ts.send("USER alice")
+	ts.expect("+OK")
+	ts.send("PASS secret-pw")
+	select {
+	case <-asked:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the auth server was not asked")
+	}
+	time.Sleep(50 * time.Millisecond) // let it wait for the retry
+	kickSessionsOf(t, h)
+	ts.expect("-ERR [SYS/TEMP] Session closed by the administrator")
+	ts.endsWithin(promptEnd)
+}
+
+// TestKickDuringSTLSHandshake: a client that asked for STLS and sends no
+// ClientHello is ended by a kick.
+func TestKickDuringSTLSHandshake(t *testing.T) {
+	_, addr := fakeUpstream(t, nil)
+	h, logs := newTestHandler(t, addr, func(h *Handler) {
+		h.StartTLS = StartTLSOnly
+		h.Timeout = anHour
+	})
+	ts := startSession(t, h, logs, false)
+	ts.send("STLS")
+	ts.expect("+OK")
+	time.Sleep(50 * time.Millisecond) // let it wait for the ClientHello
+	kickSessionsOf(t, h)
+	ts.endsWithin(promptEnd)
+	if r := sessionResult(t, logs); r != "closed_by_admin" {
+		t.Errorf("result %q, want closed_by_admin", r)
+	}
 }
