@@ -247,7 +247,7 @@ func (s *session) relayCRAMMD5(initial []byte) error {
 		return s.loginFailed(loginRequest{method: AuthCRAMMD5}, "", errChallengeUpstreamLost)
 	}
 	started := now()
-	up.setDeadline(started.Add(time.Duration(s.h.Timeout)))
+	up.setDeadline(s.ioDeadline())
 	challenge, err := up.startSASL("CRAM-MD5")
 	if isRejection(err) {
 		// Refused before the client sent anything: no wrong password.
@@ -298,13 +298,15 @@ func countBadExchange(method string, err error) {
 
 // saslContinue sends a challenge and reads the client's answer; "*" cancels.
 func (s *session) saslContinue(challenge []byte) ([]byte, error) {
+	if !s.setDeadline(s.ioDeadline()) {
+		return nil, net.ErrClosed
+	}
 	if err := s.writeLine("+ " + pop3wire.EncodeSASL(challenge)); err != nil {
 		return nil, err
 	}
 	if err := s.w.Flush(); err != nil {
 		return nil, err
 	}
-	_ = s.cx.SetReadDeadline(now().Add(time.Duration(s.h.Timeout)))
 	line, err := s.r.ReadLine()
 	switch {
 	case errors.Is(err, pop3wire.ErrLineTooLong):
@@ -340,7 +342,7 @@ func (s *session) login(req loginRequest) error {
 	s.attempts++
 	req.attempt, req.remote, req.tls = s.attempts, s.cx.RemoteAddr(), s.tlsState()
 	started := now()
-	deadline := started.Add(time.Duration(s.h.Timeout))
+	deadline := s.ioDeadline()
 	if hasControl(req.creds.Username) || hasControl(req.creds.Identity) {
 		// No mailbox has such a name, and it would go on into logs, events
 		// and the arguments of exec subscribers.
@@ -359,20 +361,22 @@ func (s *session) login(req loginRequest) error {
 		return s.loginDone(req, up, mailboxUser(req.creds), text, started, err)
 	}
 
-	target, err := s.h.authenticator.authenticate(s.cx.Context, req)
+	target, err := s.h.authenticator.authenticate(s.ctx, req)
 	if err != nil {
 		return s.loginFailed(req, "", err)
 	}
 	var up *upstreamClient
 	if target.address == "" {
-		up, err = s.h.pool.connect(s.cx.Context, s.poolRequest(mailboxUser(target.creds)), s.dialClient(), deadline)
+		up, err = s.h.pool.connect(s.ctx, s.poolRequest(mailboxUser(target.creds)), s.dialClient(), deadline)
 	} else {
-		up, err = s.h.pool.connectNamed(s.cx.Context, target.address, s.dialClient(), deadline)
+		up, err = s.h.pool.connectNamed(s.ctx, target.address, s.dialClient(), deadline)
 	}
 	if err != nil {
 		return s.loginFailed(req, target.address, err)
 	}
+	stop := s.closeOnKick(up.conn)
 	text, err := up.login(target.creds)
+	stop()
 	if err != nil {
 		if isRejection(err) {
 			up.quit()
@@ -426,7 +430,7 @@ func (s *session) loginDone(req loginRequest, up *upstreamClient, actingAs, text
 	s.h.emit("pop3_login", func() map[string]any {
 		return map[string]any{"session": s.id, "remote": s.remote, "user": req.creds.Username, "upstream_user": actingAs, "method": req.method, "upstream": up.address}
 	})
-	penalties.succeed(s.clientIP())
+	penalties.succeed(s.clientIP(), req.creds.Username)
 	// The INFO line for the login is the session line at the end.
 	s.debug("login",
 		zap.String("user", req.creds.Username),
@@ -454,6 +458,9 @@ func (s *session) dropEarly() {
 // wait auth_failure_delay (doubling per recent failure from the same
 // address) or the auth server's Auth-Wait before the -ERR.
 func (s *session) loginFailed(req loginRequest, upstream string, err error) error {
+	if cerr := s.ctx.Err(); cerr != nil {
+		return cerr // kicked or out of time: the session ends, nothing failed
+	}
 	fields := []zap.Field{
 		zap.String("user", req.creds.Username),
 		zap.String("method", req.method),
@@ -569,22 +576,30 @@ func textForCode(code string) string {
 // authFailed records refused credentials for metrics and for event
 // subscribers (fail2ban-style blocking). Never a password.
 func (s *session) authFailed(req loginRequest) {
+	s.failedUser = req.creds.Username // for the penalty in failureDelay
 	metrics.login(req.method, "failed", -1)
 	s.h.emit("pop3_auth_failed", func() map[string]any {
 		return map[string]any{"session": s.id, "remote": s.remote, "user": req.creds.Username, "method": req.method}
 	})
 }
 
-// failureDelay sleeps before the -ERR of a refused login.
+// failureDelay waits before the -ERR of a refused login, no longer than
+// the session may live.
 func (s *session) failureDelay(wait time.Duration, hasWait bool) {
 	d := wait
 	if !hasWait {
-		d = penalties.fail(s.clientIP(), time.Duration(s.h.AuthFailureDelay))
+		d = penalties.fail(s.clientIP(), s.failedUser, time.Duration(s.h.AuthFailureDelay))
 	}
-	d = min(d, maxFailureDelay)
+	d = min(d, maxFailureDelay, s.loginDeadline().Sub(now()))
 	if d > 0 {
-		_ = s.w.Flush() // earlier replies are not held back
-		time.Sleep(d)
+		s.setDeadline(s.ioDeadline()) // the login may have used up the last one
+		_ = s.w.Flush()               // earlier replies are not held back
+		t := time.NewTimer(d)
+		select {
+		case <-t.C:
+		case <-s.ctx.Done(): // kicked or drained
+			t.Stop()
+		}
 	}
 }
 

@@ -65,9 +65,11 @@ func (x authHTTPAuthenticator) authenticate(ctx context.Context, req loginReques
 		if retry == maxAuthHTTPRetries {
 			return loginTarget{}, fmt.Errorf("%w: still WAIT after %d retries", errAuthServer, retry)
 		}
+		t := time.NewTimer(min(res.Wait, maxFailureDelay))
 		select {
-		case <-time.After(min(res.Wait, maxFailureDelay)):
-		case <-ctx.Done():
+		case <-t.C:
+		case <-ctx.Done(): // the session was kicked or ran out of time
+			t.Stop()
 			return loginTarget{}, fmt.Errorf("%w: %w", errAuthServer, ctx.Err())
 		}
 	}

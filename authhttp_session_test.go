@@ -254,7 +254,7 @@ func TestFailureDelayDoublesPerClient(t *testing.T) {
 		h.AuthFailureDelay = caddy.Duration(100 * time.Millisecond)
 		h.MaxErrors = 10
 	})
-	penalties.succeed(netip.MustParseAddr("127.0.0.1"))
+	penalties.forget(netip.MustParseAddr("127.0.0.1"))
 	ts := startSession(t, h, logs, true)
 	var took []time.Duration
 	for i := 0; i < 3; i++ {
@@ -269,12 +269,12 @@ func TestFailureDelayDoublesPerClient(t *testing.T) {
 			t.Errorf("failure %d answered after %v, want about %dms (all: %v)", i+1, took[i], min, took)
 		}
 	}
-	// A good login clears the penalty.
+	// A good login clears the user's penalty.
 	ts.loginAndQuit()
-	if d := penalties.fail(netip.MustParseAddr("127.0.0.1"), time.Millisecond); d != time.Millisecond {
+	if d := penalties.fail(netip.MustParseAddr("127.0.0.1"), "alice", time.Millisecond); d != time.Millisecond {
 		t.Errorf("penalty after a good login: %v", d)
 	}
-	penalties.succeed(netip.MustParseAddr("127.0.0.1"))
+	penalties.forget(netip.MustParseAddr("127.0.0.1"))
 }
 
 // TestAuthHTTPRetryEachMethod fails once and then logs in, in one session,

@@ -44,6 +44,7 @@ const (
 //
 //		greeting <text>
 //		timeout <duration>
+//		login_timeout <duration>
 //		proxy_timeout <duration>
 //		pass_error_message <on|off>
 //		max_errors <int>
@@ -66,6 +67,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	var (
 		hasAuth, hasCapabilities, hasStartTLS, hasGreeting bool
 		hasTimeout, hasProxyTimeout, hasPassErrorMessage   bool
+		hasLoginTimeout                                    bool
 		hasMaxErrors, hasMaxLineLength                     bool
 		hasAuthFailureDelay                                bool
 		seen                                               = map[string]bool{}
@@ -247,6 +249,15 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			h.Timeout, hasTimeout = dur, true
+		case "login_timeout":
+			if hasLoginTimeout {
+				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
+			}
+			dur, err := parsePositiveDuration(d, wrapper, optionName)
+			if err != nil {
+				return err
+			}
+			h.LoginTimeout, hasLoginTimeout = dur, true
 		case "proxy_timeout":
 			if hasProxyTimeout {
 				return d.Errf("duplicate %s option '%s'", wrapper, optionName)

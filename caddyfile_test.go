@@ -172,6 +172,11 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			want:  Handler{Upstream: up("a"), Timeout: caddy.Duration(30 * time.Second)},
 		},
 		{
+			name:  "login_timeout",
+			input: "pop3 a {\n\tlogin_timeout 2m\n}",
+			want:  Handler{Upstream: up("a"), LoginTimeout: caddy.Duration(2 * time.Minute)},
+		},
+		{
 			name:  "proxy_timeout in days",
 			input: "pop3 a {\n\tproxy_timeout 1d\n}",
 			want:  Handler{Upstream: up("a"), ProxyTimeout: caddy.Duration(24 * time.Hour)},
@@ -333,6 +338,11 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"timeout zero", "pop3 a {\n\ttimeout 0s\n}", []string{"option 'timeout' duration", "greater than zero"}},
 		{"timeout negative", "pop3 a {\n\ttimeout -5s\n}", []string{"option 'timeout' duration", "greater than zero"}},
 		{"timeout duplicate", "pop3 a {\n\ttimeout 1s\n\ttimeout 2s\n}", []string{"duplicate pop3 option 'timeout'"}},
+
+		// login_timeout
+		{"login_timeout without arg", "pop3 a {\n\tlogin_timeout\n}", []string{"'login_timeout'"}},
+		{"login_timeout zero", "pop3 a {\n\tlogin_timeout 0s\n}", []string{"option 'login_timeout' duration", "greater than zero"}},
+		{"login_timeout duplicate", "pop3 a {\n\tlogin_timeout 1m\n\tlogin_timeout 2m\n}", []string{"duplicate pop3 option 'login_timeout'"}},
 
 		// proxy_timeout
 		{"proxy_timeout without arg", "pop3 a {\n\tproxy_timeout\n}", []string{"'proxy_timeout'"}},

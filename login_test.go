@@ -100,7 +100,7 @@ func TestNonCredentialRefusals(t *testing.T) {
 				}
 			})
 			rec := recordEvents(t, h)
-			penalties.succeed(netip.MustParseAddr("127.0.0.1"))
+			penalties.forget(netip.MustParseAddr("127.0.0.1"))
 			failed := testutil.ToFloat64(metrics.logins.WithLabelValues("plain", "failed"))
 			other := testutil.ToFloat64(metrics.logins.WithLabelValues("plain", tc.result))
 
@@ -159,7 +159,7 @@ func TestCredentialRefusalStillPenalised(t *testing.T) {
 		ts.expect("+OK Logging out")
 		ts.closed()
 	}
-	penalties.succeed(netip.MustParseAddr("127.0.0.1"))
+	penalties.forget(netip.MustParseAddr("127.0.0.1"))
 }
 
 // TestChallengeUpstreamLostNeverSendsDigest checks that once the upstream

@@ -19,7 +19,7 @@ func TestMain(m *testing.M) {
 			fmt.Fprintf(os.Stderr, "leaked session goroutines:\n%s\n", leak)
 			code = 1
 		}
-		if n := sessionSlots.used.Load(); n != 0 && code == 0 {
+		if n := sessionSlots.sessions(); n != 0 && code == 0 {
 			fmt.Fprintf(os.Stderr, "%d session slots never released\n", n)
 			code = 1
 		}

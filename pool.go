@@ -500,7 +500,6 @@ func (p *pool) checkOne(ctx context.Context, u *poolUpstream, timeout time.Durat
 		startTLS:      u.cfg.StartTLS,
 		proxyProtocol: p.h.ProxyProtocol, // a LOCAL header: a haproxy listener greets nobody without one
 		skipCAPA:      true,
-		interruptible: true,
 	}, dialClient{}, now().Add(timeout))
 	if ctx.Err() != nil {
 		if err == nil {

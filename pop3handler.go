@@ -30,6 +30,7 @@ func init() {
 const (
 	defaultGreeting       = "POP3 ready"
 	defaultTimeout        = 60 * time.Second
+	defaultLoginTimeout   = 3 * time.Minute // Dovecot's login processes allow the same
 	defaultProxyTimeout   = 10 * time.Minute
 	defaultMaxErrors      = 5
 	defaultDialTimeout    = 10 * time.Second
@@ -124,9 +125,13 @@ type Handler struct {
 	ConnectionPolicy caddytls.ConnectionPolicies `json:"connection_policy,omitempty"`
 	// Text of the +OK greeting. Default: "POP3 ready".
 	Greeting string `json:"greeting,omitempty"`
-	// How long a client may stay silent before it has logged in; also
-	// bounds the STLS handshake and the upstream login. Default: 60s.
+	// How long a client may stay silent, or leave a reply unread, before
+	// it has logged in; also bounds the STLS handshake and the upstream
+	// login. Default: 60s.
 	Timeout caddy.Duration `json:"timeout,omitempty"`
+	// How long a client may take from connecting to logging in, however
+	// busy it keeps the session (NOOP, CAPA, failed logins). Default: 3m.
+	LoginTimeout caddy.Duration `json:"login_timeout,omitempty"`
 	// How long a logged-in session may stay silent in both directions
 	// before it is closed. Default: 10m.
 	ProxyTimeout caddy.Duration `json:"proxy_timeout,omitempty"`
@@ -148,7 +153,8 @@ type Handler struct {
 	tlsOn     bool        // the handler terminates TLS itself: STLS (starttls not off) or implicit_tls
 	tlsConfig *tls.Config // built once so that session tickets work across connections
 
-	warnAlreadyTLS *sync.Once // implicit_tls behind caddy-l4's tls handler; a pointer, as tests copy Handlers
+	warnAlreadyTLS *sync.Once   // implicit_tls behind caddy-l4's tls handler; a pointer, as tests copy Handlers
+	drained        *atomic.Bool // drain_timeout has passed: sessions that start now end at once
 
 	// relayChallenges: APOP or CRAM-MD5 without an auth server. Each
 	// session then dials the upstream at accept and relays its timestamp
@@ -281,6 +287,9 @@ func (h *Handler) setup() error {
 	if h.ProxyTimeout == 0 {
 		h.ProxyTimeout = caddy.Duration(defaultProxyTimeout)
 	}
+	if h.LoginTimeout == 0 {
+		h.LoginTimeout = caddy.Duration(defaultLoginTimeout)
+	}
 	if h.MaxErrors == 0 {
 		h.MaxErrors = defaultMaxErrors
 	}
@@ -337,6 +346,7 @@ func (h *Handler) setup() error {
 
 	h.tlsOn = h.StartTLS != StartTLSOff || h.ImplicitTLS
 	h.warnAlreadyTLS = new(sync.Once)
+	h.drained = new(atomic.Bool)
 	h.dialer = &tcpDialer{timeout: time.Duration(h.DialTimeout)}
 	if h.AuthHTTP != nil {
 		repl := caddy.NewReplacer() // {env.*} keeps secrets out of the config file
@@ -468,6 +478,9 @@ func (h *Handler) Validate() error {
 	if h.ProxyTimeout < 0 {
 		return errors.New("proxy_timeout: must not be negative")
 	}
+	if h.LoginTimeout < 0 {
+		return errors.New("login_timeout: must not be negative")
+	}
 	if h.MaxErrors < 0 {
 		return errors.New("max_errors: must not be negative")
 	}
@@ -480,10 +493,13 @@ func (h *Handler) Validate() error {
 // drain closes the sessions this handler still serves after its config was
 // replaced.
 func (h *Handler) drain() {
+	h.drained.Store(true)
 	for _, s := range liveSessions.matching(func(s *session) bool { return s.h == h }) {
-		s.kick("Server configuration changed, please reconnect")
+		s.kick(drainReason)
 	}
 }
+
+const drainReason = "Server configuration changed, please reconnect"
 
 // emit sends a Caddy event, e.g. pop3_login, to the events app's
 // subscribers. data, which never holds a secret, is built only when the

@@ -492,8 +492,23 @@ func spliceStep(dst, src *net.TCPConn, head []byte) (int64, error) {
 	if queued == 0 {
 		return int64(m), nil
 	}
-	k, err := dst.ReadFrom(&io.LimitedReader{R: src, N: min(queued, relayChunk)})
+	burst := &io.LimitedReader{R: src, N: min(queued, relayChunk)}
+	if !sessionSlots.takePipe() {
+		// No descriptors left for a pipe (see sessionSlots): copy.
+		k, err := copyWithoutSplice(dst, burst)
+		return int64(m) + k, err
+	}
+	k, err := dst.ReadFrom(burst)
+	sessionSlots.releasePipe()
 	return int64(m) + k, err
+}
+
+// copyWithoutSplice copies through a pooled buffer; hiding dst's ReadFrom
+// keeps io.CopyBuffer from splicing.
+func copyWithoutSplice(dst *net.TCPConn, src io.Reader) (int64, error) {
+	buf := relayBuffers.Get().(*[]byte)
+	defer relayBuffers.Put(buf)
+	return io.CopyBuffer(struct{ io.Writer }{dst}, src, *buf)
 }
 
 // copyStep moves one read's worth through buf, so that every step counts

@@ -2,6 +2,7 @@ package pop3
 
 import (
 	"bufio"
+	"context"
 	"crypto/rand"
 	"crypto/tls"
 	"encoding/hex"
@@ -44,19 +45,27 @@ type session struct {
 	user      string // from USER, waiting for PASS
 	timestamp string // APOP greeting timestamp, when apop is enabled
 
-	start     time.Time
-	result    string // how the session ended, for the session log line
-	loginUser string // user name once logged in
-	method    string
-	early     *upstreamClient // dialled at accept to relay its APOP timestamp and CRAM-MD5 challenge
-	upstream  *upstreamClient // logged in
-	attempts  int             // login attempts, for auth_http's Auth-Login-Attempt
-	loginTook time.Duration   // from the credentials to the upstream's +OK
-	id        string          // in every log line and in -ERR replies with a code
-	remote    string          // client address
-	raw       net.Conn        // the accepted connection under any TLS; a duplicate once detached
-	detached  bool            // the relay took over the connection and writes the session line
-	shared    shared          // what the admin API reads and kick changes
+	start      time.Time
+	result     string // how the session ended, for the session log line
+	loginUser  string // user name once logged in
+	method     string
+	early      *upstreamClient // dialled at accept to relay its APOP timestamp and CRAM-MD5 challenge
+	upstream   *upstreamClient // logged in
+	attempts   int             // login attempts, for auth_http's Auth-Login-Attempt
+	failedUser string          // of the last refused login, for the penalty
+	loginTook  time.Duration   // from the credentials to the upstream's +OK
+	id         string          // in every log line and in -ERR replies with a code
+	remote     string          // client address
+	raw        net.Conn        // the accepted connection under any TLS; a duplicate once detached
+	detached   bool            // the relay took over the connection and writes the session line
+	shared     shared          // what the admin API reads and kick changes
+
+	// ctx ends when the session is kicked or drained, or at login_timeout:
+	// auth_http requests, WAIT retries, the failure delay, upstream dials,
+	// logins and TLS handshakes stop with it. cx.Context is never cancelled.
+	ctx            context.Context
+	cancel         context.CancelFunc
+	stopEarlyWatch func() bool // undoes closeOnKick of early at login
 
 	// upstreamUser is whose mailbox the upstream opened: loginUser, the
 	// AUTH PLAIN authzid (without auth_http), or the auth server's Auth-User.
@@ -109,7 +118,42 @@ func newSession(h *Handler, cx *layer4.Connection) *session {
 		raw:    cx.Conn,
 	}
 	s.shared.tls = s.secure
+	s.ctx, s.cancel = context.WithDeadline(cx.Context, s.loginDeadline())
 	return s
+}
+
+// loginDeadline is when a session that has not logged in is closed,
+// however busy it keeps itself with NOOP or CAPA.
+func (s *session) loginDeadline() time.Time {
+	if s.h.LoginTimeout <= 0 { // a Handler that was not provisioned
+		return s.start.Add(defaultLoginTimeout)
+	}
+	return s.start.Add(time.Duration(s.h.LoginTimeout))
+}
+
+// ioDeadline bounds the next read or write before login: timeout, but no
+// later than login_timeout.
+func (s *session) ioDeadline() time.Time {
+	d := now().Add(time.Duration(s.h.Timeout))
+	if end := s.loginDeadline(); end.Before(d) {
+		return end
+	}
+	return d
+}
+
+// setDeadline sets both deadlines of the client connection and reports
+// false if the session was kicked: kick stores its reason before it moves
+// the deadlines, so a kick that this call undid is seen here.
+func (s *session) setDeadline(t time.Time) bool {
+	_ = s.cx.SetDeadline(t)
+	_, kicked := s.kicked()
+	return !kicked
+}
+
+// closeOnKick closes c when the session's context ends, which a blocked
+// read on c would not notice; stop undoes it.
+func (s *session) closeOnKick(c net.Conn) (stop func() bool) {
+	return context.AfterFunc(s.ctx, func() { _ = c.Close() })
 }
 
 func (s *session) run() error {
@@ -121,6 +165,14 @@ func (s *session) run() error {
 			s.logEnd()
 		}
 	}()
+	if s.h.drained != nil && s.h.drained.Load() {
+		// Accepted by a replaced config after its drain ran: drain sets the
+		// flag before it looks for sessions, so one of the two sees this one.
+		s.kick(drainReason)
+	}
+	if _, kicked := s.kicked(); kicked {
+		return s.ioError(net.ErrClosed)
+	}
 	if s.h.ImplicitTLS && !s.startImplicitTLS() {
 		return nil
 	}
@@ -128,28 +180,44 @@ func (s *session) run() error {
 		return s.ioError(err)
 	}
 	for s.state == stateAuthorization {
+		// Both directions: a client that sends commands and never reads
+		// its replies must not hold the session once the write blocks.
+		if !s.setDeadline(s.ioDeadline()) {
+			return s.ioError(net.ErrClosed)
+		}
 		if !s.r.HasLine() {
 			if err := s.w.Flush(); err != nil {
 				return s.ioError(err)
 			}
 		}
-		_ = s.cx.SetReadDeadline(now().Add(time.Duration(s.h.Timeout)))
-		if _, kicked := s.kicked(); kicked {
-			// kick stores its reason before it moves the deadline, so a kick
-			// that the line above undid is seen here.
-			return s.ioError(net.ErrClosed)
-		}
 		line, err := s.r.ReadLine()
 		if errors.Is(err, pop3wire.ErrLineTooLong) {
 			err = s.reply(errLineTooLong)
 		} else if err == nil {
-			if err = s.dispatch(line); !isConnError(err) {
+			err = s.dispatch(line)
+			if cerr := s.ctx.Err(); cerr != nil && s.state == stateAuthorization {
+				// Kicked or out of time while the command waited: its own
+				// reply (say, auth server unavailable) would mislead.
+				return s.ioError(cerr)
+			}
+			if !isConnError(err) {
 				err = s.reply(err)
 			}
 		}
 		if err != nil {
 			return s.ioError(err)
 		}
+	}
+	if s.state == stateRelay {
+		if s.stopEarlyWatch != nil {
+			s.stopEarlyWatch() // early is the upstream now
+		}
+		s.cancel() // logged in: the relay ends itself, kick reaches it there
+	}
+	// The last replies get their own time: the command may have used up
+	// the deadline set before it.
+	if !s.setDeadline(now().Add(time.Duration(s.h.Timeout))) {
+		return s.ioError(net.ErrClosed)
 	}
 	if err := s.w.Flush(); err != nil {
 		return s.ioError(err)
@@ -167,14 +235,18 @@ func (s *session) run() error {
 func (s *session) greet() error {
 	text := s.h.Greeting
 	if s.h.relayChallenges {
-		up, err := s.h.pool.connect(s.cx.Context, s.poolRequest(""), s.dialClient(), now().Add(time.Duration(s.h.Timeout)))
+		up, err := s.h.pool.connect(s.ctx, s.poolRequest(""), s.dialClient(), s.ioDeadline())
 		if err != nil {
+			if err := s.ctx.Err(); err != nil {
+				return err // kicked while it dialled
+			}
 			s.log(zap.WarnLevel, "upstream unavailable", zap.Error(err))
 			s.state, s.result = stateDone, "upstream_unavailable"
 			return s.writeLine("-ERR " + errUnavailable.Error() + s.idSuffix())
 		}
 		up.setDeadline(time.Time{})
 		s.early = up
+		s.stopEarlyWatch = s.closeOnKick(up.conn) // its reads before login
 		if s.h.hasAuth(AuthAPOP) {
 			s.timestamp = up.timestamp
 		}
@@ -293,10 +365,7 @@ func (s *session) reply(err error) error {
 			return werr
 		}
 	}
-	if s.state == stateDone {
-		return s.w.Flush()
-	}
-	return nil
+	return nil // run flushes after the last command
 }
 
 func (s *session) writeLine(line string) error {
@@ -315,29 +384,36 @@ func (s *session) ioError(err error) error {
 	var ne net.Error
 	if reason, ok := s.kicked(); ok {
 		s.setResult("closed_by_admin")
-		if s.state == stateAuthorization {
-			_ = s.cx.SetWriteDeadline(now().Add(time.Second))
-			_ = s.writeLine("-ERR [SYS/TEMP] " + reason + s.idSuffix())
-			_ = s.w.Flush()
-		}
+		s.lastWords("-ERR [SYS/TEMP] " + reason)
 		s.log(zap.InfoLevel, "session closed", zap.String("reason", reason))
 		return nil
 	}
 	switch {
 	case errors.Is(err, io.EOF), errors.Is(err, net.ErrClosed), errors.Is(err, io.ErrUnexpectedEOF):
 		s.setResult("client_closed")
+	case s.state == stateAuthorization && !now().Before(s.loginDeadline()) &&
+		(errors.Is(err, context.DeadlineExceeded) || errors.As(err, &ne) && ne.Timeout()):
+		s.setResult("login_timeout")
+		s.lastWords("-ERR Not logged in after " + time.Duration(s.h.LoginTimeout).String() + ", closing connection")
 	case errors.As(err, &ne) && ne.Timeout():
 		s.setResult("timeout")
-		if s.state == stateAuthorization {
-			_ = s.cx.SetWriteDeadline(now().Add(time.Second))
-			_ = s.writeLine("-ERR Disconnected for inactivity" + s.idSuffix())
-			_ = s.w.Flush()
-		}
+		s.lastWords("-ERR Disconnected for inactivity")
 	default:
 		s.setResult("client_error")
 	}
 	s.debug("session ended", zap.Error(err))
 	return nil
+}
+
+// lastWords tries to send a final -ERR before login, bounded by a second:
+// the client may have stopped reading.
+func (s *session) lastWords(text string) {
+	if s.state != stateAuthorization || s.w == nil {
+		return
+	}
+	_ = s.cx.SetWriteDeadline(now().Add(time.Second))
+	_ = s.writeLine(text + s.idSuffix())
+	_ = s.w.Flush()
 }
 
 // isConnError reports whether err comes from the connection rather than
@@ -376,6 +452,7 @@ func (s *session) releaseBuffers() {
 
 // logEnd writes the one INFO line per session.
 func (s *session) logEnd() {
+	s.cancel()
 	s.releaseBuffers()
 	liveSessions.remove(s)
 	sessionSlots.release()

@@ -40,12 +40,18 @@ func (r *sessionRegistry) remove(s *session) {
 	r.mu.Unlock()
 }
 
-// matching returns the sessions for which keep is true.
+// matching returns the sessions for which keep is true. keep runs after
+// the lock is released: it may be slow (view asks the kernel for the
+// socket's counts), and every session start and end waits for the lock.
 func (r *sessionRegistry) matching(keep func(*session) bool) []*session {
 	r.mu.Lock()
-	defer r.mu.Unlock()
-	var out []*session
+	all := make([]*session, 0, len(r.m))
 	for _, s := range r.m {
+		all = append(all, s)
+	}
+	r.mu.Unlock()
+	out := all[:0]
+	for _, s := range all {
 		if keep(s) {
 			out = append(out, s)
 		}
@@ -107,9 +113,9 @@ func (s *session) view() sessionView {
 	return v
 }
 
-// kick ends the session from another goroutine. Before login the session
-// answers -ERR [SYS/TEMP] with reason and closes; after it both connections
-// are closed.
+// kick ends the session from another goroutine, whatever it waits for.
+// Before login the session answers -ERR [SYS/TEMP] with reason and closes;
+// after it both connections are closed.
 func (s *session) kick(reason string) {
 	if !s.shared.kickReason.CompareAndSwap(nil, &reason) {
 		return
@@ -118,10 +124,15 @@ func (s *session) kick(reason string) {
 		r.end("closed_by_admin")
 		return
 	}
+	// The deadlines wake a read, or a write that a client which stopped
+	// reading holds up; the context ends auth_http, the failure delay,
+	// upstream dials and logins and TLS handshakes. In this order: the
+	// session's last -ERR moves the write deadline again.
 	s.shared.mu.Lock()
 	raw := s.raw
 	s.shared.mu.Unlock()
-	_ = raw.SetReadDeadline(time.Now()) // wakes a session waiting for a command
+	_ = raw.SetDeadline(aLongTimeAgo)
+	s.cancel()
 }
 
 func (s *session) kicked() (string, bool) {
@@ -152,17 +163,19 @@ func (adminAPI) Routes() []caddy.AdminRoute {
 func handleSessions(w http.ResponseWriter, r *http.Request) error {
 	q := r.URL.Query()
 	id, user, remote := q.Get("id"), q.Get("user"), q.Get("remote")
+	views := []sessionView{}
 	filter := func(s *session) bool {
 		v := s.view()
 		host, _, _ := net.SplitHostPort(v.Remote)
-		return (id == "" || v.ID == id) && (user == "" || v.User == user) && (remote == "" || host == remote || v.Remote == remote)
+		if (id == "" || v.ID == id) && (user == "" || v.User == user) && (remote == "" || host == remote || v.Remote == remote) {
+			views = append(views, v)
+			return true
+		}
+		return false
 	}
 	switch r.Method {
 	case http.MethodGet:
-		views := []sessionView{}
-		for _, s := range liveSessions.matching(filter) {
-			views = append(views, s.view())
-		}
+		liveSessions.matching(filter)
 		sort.Slice(views, func(i, j int) bool { return views[i].Start.Before(views[j].Start) })
 		w.Header().Set("Content-Type", "application/json")
 		return json.NewEncoder(w).Encode(views)

@@ -143,3 +143,31 @@ func TestMetricsNilSafe(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestAdminFiltersOutsideTheRegistryLock: the admin API's filter, which
+// asks the kernel about each socket, must not hold up session starts and
+// ends.
+func TestAdminFiltersOutsideTheRegistryLock(t *testing.T) {
+	_, addr := fakeUpstream(t, nil)
+	h, logs := newTestHandler(t, addr, nil)
+	ts := startSession(t, h, logs, false)
+	ran := false
+	liveSessions.matching(func(*session) bool {
+		ran = true
+		if !liveSessions.mu.TryLock() {
+			t.Error("the registry is locked while the filter runs")
+			return false
+		}
+		liveSessions.mu.Unlock()
+		return false
+	})
+	if !ran {
+		t.Fatal("no session to filter")
+	}
+	if got := len(liveSessions.matching(func(s *session) bool { return s.h == h })); got != 1 {
+		t.Errorf("%d sessions of the handler, want 1", got)
+	}
+	ts.send("QUIT")
+	ts.expect("+OK")
+	ts.closed()
+}

@@ -1,6 +1,7 @@
 package pop3
 
 import (
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -8,22 +9,41 @@ import (
 	"go.uber.org/zap"
 )
 
-// sessionSlots bounds the sessions of all pop3 handlers in the process by
-// its open-files limit. caddy-l4's accept loop ends for good when accept(2)
-// fails with EMFILE (layer4/server.go, serve), so a client flood that used
-// up the descriptors would leave the port deaf until the next reload. Each
-// session holds two descriptors (client and upstream); a reserve is kept
-// for connections accepted but not yet refused, splice pipes, auth_http
-// requests and the rest of Caddy. A session over the limit gets
-// "-ERR [SYS/TEMP]" and is closed at once, which frees its descriptor.
+// sessionSlots bounds the descriptors that the sessions of all pop3
+// handlers in the process hold, by its open-files limit. caddy-l4's accept
+// loop ends for good when accept(2) fails with EMFILE (layer4/server.go,
+// serve), so a client flood that used up the descriptors would leave the
+// port deaf until the next reload. A slot is two descriptors: each session
+// takes one (client and upstream sockets), and so does each splice pipe the
+// relay uses (see takePipe). A reserve is kept for connections accepted but
+// not yet refused, auth_http requests, pipes Go's pool keeps out of reach
+// (one or two per P) and the rest of Caddy. A session over the limit gets
+// "-ERR [SYS/TEMP]" and is closed at once, which frees its descriptor; a
+// stream with no slot for a pipe is copied instead of spliced.
 var sessionSlots slotCounter
 
 type slotCounter struct {
 	once     sync.Once
-	max      int64 // 0: no limit
-	used     atomic.Int64
+	max      int64        // 0: no limit
+	used     atomic.Int64 // sessions and charged pipes
 	warned   atomic.Int64 // unix seconds of the last warning, to rate-limit it
 	override atomic.Int64 // a limit set by tests; 0: none
+	pipes    pipeCounter
+}
+
+// pipeCounter follows the pipes of splice(2). Go keeps them in a sync.Pool
+// (internal/poll.splicePipePool) that nobody can look into: a pipe goes
+// back to the pool after each splice and is closed only when two garbage
+// collections pass without it being used. So the pipes alive are at most
+// the most splices that ran at once since the GC before last (plus the
+// pool's per-P slots, which the reserve covers), and that peak is what is
+// charged; each GC lowers the charge to the peak of the last two cycles.
+type pipeCounter struct {
+	mu              sync.Mutex
+	inUse           int64 // splices running now
+	charged         int64 // pipes counted in used
+	peak, priorPeak int64 // most splices at once this GC cycle and the one before
+	watching        bool  // the GC watcher runs
 }
 
 func (c *slotCounter) limit() int64 {
@@ -46,6 +66,73 @@ func (c *slotCounter) take() bool {
 
 func (c *slotCounter) release() { c.used.Add(-1) }
 
+// takePipe reports whether a splice may run, which may need a new pipe;
+// false: no slot is left for one, copy instead. Each true needs a
+// releasePipe.
+func (c *slotCounter) takePipe() bool {
+	p := &c.pipes
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.inUse == p.charged {
+		if limit := c.limit(); c.used.Add(1) > limit && limit != 0 {
+			c.used.Add(-1)
+			return false
+		}
+		p.charged++
+		if !p.watching {
+			p.watching = true
+			watchGC(c.pipesCollected)
+		}
+	}
+	p.inUse++
+	p.peak = max(p.peak, p.inUse)
+	return true
+}
+
+func (c *slotCounter) releasePipe() {
+	c.pipes.mu.Lock()
+	c.pipes.inUse--
+	c.pipes.mu.Unlock()
+}
+
+// pipesCollected runs after each GC: the pool drops pipes unused for two
+// cycles, so only the peak of the last two stays charged. It reports
+// whether the watcher should go on.
+func (c *slotCounter) pipesCollected() bool {
+	p := &c.pipes
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if keep := max(p.inUse, p.peak, p.priorPeak); keep < p.charged {
+		c.used.Add(keep - p.charged)
+		p.charged = keep
+	}
+	p.priorPeak, p.peak = p.peak, p.inUse
+	if p.charged == 0 {
+		p.watching = false
+	}
+	return p.watching
+}
+
+// sessions is how many sessions hold a slot.
+func (c *slotCounter) sessions() int64 {
+	c.pipes.mu.Lock()
+	defer c.pipes.mu.Unlock()
+	return c.used.Load() - c.pipes.charged
+}
+
+// watchGC calls f after each garbage collection for as long as it returns
+// true, by a finalizer on an object nothing references.
+func watchGC(f func() bool) {
+	s := new(gcSentinel)
+	runtime.SetFinalizer(s, func(*gcSentinel) {
+		if f() {
+			watchGC(f)
+		}
+	})
+}
+
+type gcSentinel [16]byte // not a tiny allocation, whose finalizer could wait for its neighbours
+
 // warnFull logs that sessions are being refused, at most once a minute.
 func (c *slotCounter) warnFull(logger *zap.Logger) {
 	nowSec := now().Unix()
@@ -57,7 +144,7 @@ func (c *slotCounter) warnFull(logger *zap.Logger) {
 		zap.Int64("max_sessions", c.limit()))
 }
 
-// sessionLimit is how many sessions fit in nofile descriptors; 0 is no
+// sessionLimit is how many slots of two descriptors fit in nofile; 0 is no
 // limit (none known).
 func sessionLimit(nofile uint64) int64 {
 	if nofile == 0 || nofile >= 1<<40 {

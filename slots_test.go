@@ -1,9 +1,13 @@
 package pop3
 
 import (
+	"runtime"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/caddy-pop3/caddy-pop3/internal/pop3test"
 )
 
 func TestSessionLimit(t *testing.T) {
@@ -48,11 +52,18 @@ func TestSlotCounter(t *testing.T) {
 func waitForNoSessions(t *testing.T) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
-	for sessionSlots.used.Load() != 0 {
+	for sessionSlots.sessions() != 0 {
 		if time.Now().After(deadline) {
-			t.Fatalf("%d sessions of earlier tests still hold slots", sessionSlots.used.Load())
+			t.Fatalf("%d sessions of earlier tests still hold slots", sessionSlots.sessions())
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+	for sessionSlots.used.Load() != 0 { // their pipes, until the GC has dropped them
+		if time.Now().After(deadline) {
+			t.Fatalf("pipes of earlier tests still hold %d slots", sessionSlots.used.Load())
+		}
+		runtime.GC()
+		time.Sleep(time.Millisecond)
 	}
 }
 
@@ -94,7 +105,99 @@ func TestSessionsOverTheLimitAreRefused(t *testing.T) {
 	next.send("QUIT")
 	next.expect("+OK")
 	<-next.done
-	if got := sessionSlots.used.Load(); got != 0 {
+	if got := sessionSlots.sessions(); got != 0 {
 		t.Fatalf("%d slots held after every session ended", got)
 	}
+}
+
+// TestPipesTakeSlots: a splice pipe costs a slot like a session, and stays
+// charged after the splice (Go's pool keeps the pipe) until garbage
+// collections have dropped it.
+func TestPipesTakeSlots(t *testing.T) {
+	var c slotCounter
+	c.override.Store(4)
+	if !c.take() || !c.take() {
+		t.Fatal("two sessions of four slots refused")
+	}
+	if !c.takePipe() || !c.takePipe() {
+		t.Fatal("two pipes in the two slots left refused")
+	}
+	if c.takePipe() {
+		t.Fatal("a third pipe granted with no slot left")
+	}
+	if c.take() {
+		t.Fatal("a session granted while pipes hold the last slots")
+	}
+	c.releasePipe()
+	c.releasePipe()
+	if !c.takePipe() {
+		t.Fatal("a charged pipe, now free, was not granted again")
+	}
+	c.releasePipe()
+	if c.take() {
+		t.Fatal("a session granted while the pool may still hold both pipes")
+	}
+	if got := c.sessions(); got != 2 {
+		t.Errorf("sessions() = %d, want 2", got)
+	}
+	// The pool drops a pipe two collections after its last use; the charge
+	// goes a collection later, as the pipe's finalizer may still be due.
+	for i := 0; i < 2; i++ {
+		c.pipesCollected()
+		if c.take() {
+			t.Fatalf("a session granted %d collections after the pipes' last use", i+1)
+		}
+	}
+	c.pipesCollected()
+	if !c.take() || !c.take() {
+		t.Fatal("the slots of collected pipes were not freed")
+	}
+}
+
+// TestPipeChargeFollowsGC: the charge drops by itself as the GC runs.
+func TestPipeChargeFollowsGC(t *testing.T) {
+	var c slotCounter
+	c.override.Store(1)
+	if !c.takePipe() {
+		t.Fatal("pipe refused")
+	}
+	c.releasePipe()
+	deadline := time.Now().Add(10 * time.Second)
+	for !c.take() {
+		if time.Now().After(deadline) {
+			t.Fatal("the pipe's slot was not freed after garbage collections")
+		}
+		runtime.GC()
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// TestStreamWithoutPipeSlotIsCopied: at the limit a plain relay copies
+// instead of splicing, and the bytes arrive intact.
+func TestStreamWithoutPipeSlotIsCopied(t *testing.T) {
+	waitForNoSessions(t)
+	sessionSlots.override.Store(1)
+	t.Cleanup(func() { sessionSlots.override.Store(0) })
+	line := strings.Repeat("x", 998) + "\r\n"
+	body := "Subject: big\r\n\r\n" + strings.Repeat(line, 8<<20/len(line))
+	_, addr := fakeUpstream(t, func(u *pop3test.Upstream) { u.Messages = []string{body} })
+	h, logs := newTestHandler(t, addr, nil)
+	ts := startSession(t, h, logs, true)
+	ts.send("USER alice", "PASS secret-pw", "RETR 1")
+	ts.expect("+OK")
+	ts.expect("+OK Logged in.")
+	ts.expect("+OK")
+	got := ts.multiline()
+	if want := strings.Split(strings.TrimSuffix(body, "\r\n"), "\r\n"); !slices.Equal(got, want) {
+		t.Fatalf("RETR: %d lines, want %d", len(got), len(want))
+	}
+	sessionSlots.pipes.mu.Lock()
+	charged := sessionSlots.pipes.charged
+	sessionSlots.pipes.mu.Unlock()
+	if charged != 0 {
+		t.Errorf("%d pipes charged with no slot for one", charged)
+	}
+	ts.send("QUIT")
+	ts.expect("+OK")
+	ts.closed()
 }

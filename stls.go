@@ -2,6 +2,7 @@ package pop3
 
 import (
 	"crypto/tls"
+	"net"
 	"time"
 
 	"github.com/mholt/caddy-l4/layer4"
@@ -42,6 +43,9 @@ func (s *session) handleStartTLS() error {
 		metrics.startTLS("failed")
 		s.debug("STLS handshake failed", zap.Error(err))
 		s.state, s.result = stateDone, "tls_handshake_failed"
+		if _, kicked := s.kicked(); kicked {
+			s.result = "closed_by_admin"
+		}
 		return nil
 	}
 	metrics.startTLS("ok")
@@ -90,9 +94,11 @@ func (s *session) startImplicitTLS() bool {
 // of the session (CAPA, EXTERNAL, Auth-SSL headers, placeholders) whichever
 // way it came.
 func (s *session) handshakeTLS() (*tls.ConnectionState, error) {
-	_ = s.cx.SetDeadline(now().Add(time.Duration(s.h.Timeout)))
+	if !s.setDeadline(s.ioDeadline()) {
+		return nil, net.ErrClosed
+	}
 	tc := tls.Server(&swapConn{Conn: s.cx}, s.h.tlsConfig) // cx, not cx.Conn: it may hold prefetched bytes
-	if err := tc.HandshakeContext(s.cx.Context); err != nil {
+	if err := tc.HandshakeContext(s.ctx); err != nil {
 		return nil, err
 	}
 	_ = s.cx.SetDeadline(time.Time{})

@@ -110,7 +110,6 @@ type upstreamOptions struct {
 	proxyProtocol string      // "", "v1" or "v2": send the client's address first
 	xclient       bool        // send XCLIENT ADDR/PORT before login
 	skipCAPA      bool        // health checks need only the greeting
-	interruptible bool        // the end of ctx ends every wait, not only the dial and handshake
 }
 
 // dialClient is the client a connection is made for: its address goes
@@ -128,12 +127,10 @@ func (h *Handler) connectUpstream(ctx context.Context, address string, o upstrea
 		return nil, fmt.Errorf("dialing upstream: %w", err)
 	}
 	_ = conn.SetDeadline(deadline) // bounds the TLS handshake and the rest too
-	if o.interruptible {
-		// Not for logins: a registration per dial that only a health
-		// check, stopped by a reload, needs.
-		stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
-		defer stop()
-	}
+	// A deadline cannot be moved by a kicked session or a stopped health
+	// check; closing ends a greeting or CAPA that is still being read.
+	stop := context.AfterFunc(ctx, func() { _ = conn.Close() })
+	defer stop()
 	c := &upstreamClient{address: address, conn: conn}
 	if err := c.setup(ctx, o, client); err != nil {
 		_ = conn.Close()
