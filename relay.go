@@ -34,7 +34,7 @@ const (
 var parkAfter = time.Second
 
 // relay copies bytes both ways until the session ends. With plain TCP on
-// both legs the kernel moves the bytes (splice(2) through TCPConn.ReadFrom);
+// both legs Linux moves the bytes (splice(2) through TCPConn.ReadFrom);
 // with TLS on either leg a pooled buffer copies. A quiet session parks when
 // the proxy can reach both sockets under any TLS: plain TCP, TLS that the
 // handler terminated itself (STLS, implicit_tls) and TLS to the upstream;
@@ -54,7 +54,10 @@ func (s *session) relay() error {
 		return nil
 	}
 	// Commands the client pipelined after its login, and anything the
-	// upstream sent after its +OK, must not be lost.
+	// upstream sent after its +OK, must not be lost. The relay's timer is
+	// not running yet: a peer that does not read gets proxy_timeout here.
+	_ = client.SetWriteDeadline(now().Add(r.idle))
+	_ = up.conn.SetWriteDeadline(now().Add(r.idle))
 	n, err := s.r.WriteBufferedTo(up.conn)
 	s.shared.fromClient.Add(n)
 	if err != nil {
@@ -76,7 +79,7 @@ func (s *session) relay() error {
 	// until the session parks: then this goroutine hands the client
 	// connection to the relay and returns to caddy-l4.
 	r.mu.Lock()
-	r.timer = time.AfterFunc(r.nextCheck(0), r.check)
+	r.timer = time.AfterFunc(r.nextCheck(0, 0), r.check)
 	r.mu.Unlock()
 	go r.pump(&r.down)
 	if r.pump(&r.up) {
@@ -127,13 +130,21 @@ type relay struct {
 	result      string
 	timer       *time.Timer
 	quiet       chan struct{} // closed when ended and no pump runs, if not detached
+
+	// The kernel's byte counts of both sockets (TCP_INFO), which check
+	// samples: bytes that a long splice, a blocked write or a draining send
+	// queue moves are activity too, at no cost to the pumps.
+	clientWire, upstreamWire *net.TCPConn
+	wireOK                   bool      // both sockets have counts
+	wireSeen                 int64     // their sum at the last sample
+	wireActive               time.Time // when a sample last saw it change
 }
 
 func newRelay(s *session, client, upstream net.Conn) *relay {
 	_, clientTCP := client.(*net.TCPConn)
 	_, upstreamTCP := upstream.(*net.TCPConn)
 	r := &relay{
-		s: s, idle: time.Duration(s.h.ProxyTimeout), splice: clientTCP && upstreamTCP,
+		s: s, idle: time.Duration(s.h.ProxyTimeout), splice: spliceSupported && clientTCP && upstreamTCP,
 		client: client, upstream: upstream, quiet: make(chan struct{}),
 		running: 2, // both pumps, from before they start: an early end waits for them
 	}
@@ -141,6 +152,9 @@ func newRelay(s *session, client, upstream net.Conn) *relay {
 	r.upstreamRaw = upstreamSocket(upstream)
 	r.up = direction{r: r, toUpstream: true, moved: &s.shared.fromClient}
 	r.down = direction{r: r, moved: &s.shared.toClient}
+	r.clientWire, r.upstreamWire = socketUnder(client), socketUnder(upstream)
+	r.wireSeen, r.wireOK = r.wireProgress()
+	r.wireActive = now()
 	r.touch()
 	return r
 }
@@ -149,6 +163,46 @@ func (r *relay) touch() { r.lastActive.Store(now().UnixNano()) }
 
 func (r *relay) quietFor() time.Duration {
 	return now().Sub(time.Unix(0, r.lastActive.Load()))
+}
+
+// wireProgress sums the kernel's counts of bytes received and acknowledged
+// on both sockets. Called with r.mu held, or before the pumps start.
+func (r *relay) wireProgress() (int64, bool) {
+	if r.clientWire == nil || r.upstreamWire == nil {
+		return 0, false
+	}
+	cin, cout, cok := wireBytes(r.clientWire)
+	uin, uout, uok := wireBytes(r.upstreamWire)
+	return cin + cout + uin + uout, cok && uok
+}
+
+// idleFor is how long neither a pump nor the kernel has moved a byte, as
+// far as the last sample knows, quiet having passed since the pumps last
+// did. Called with r.mu held.
+func (r *relay) idleFor(quiet time.Duration) time.Duration {
+	return min(quiet, now().Sub(r.wireActive))
+}
+
+// socketUnder finds the TCP socket under c's TLS, matcher buffer or PROXY
+// protocol wrapper, for its kernel counts; nil if there is none.
+func socketUnder(c net.Conn) *net.TCPConn {
+	for range 5 {
+		switch v := c.(type) {
+		case *net.TCPConn:
+			return v
+		case *tls.Conn:
+			c = v.NetConn()
+		case *swapConn:
+			c = v.Conn
+		case *layer4.Connection:
+			c = v.Conn
+		case interface{ Raw() net.Conn }:
+			c = v.Raw()
+		default:
+			return nil
+		}
+	}
+	return nil
 }
 
 func (r *relay) canPark() bool {
@@ -221,10 +275,16 @@ func (r *relay) other(d *direction) *direction {
 	return &r.up
 }
 
-// nextCheck says when check should run next, quiet having passed since the
-// last byte moved. Called with r.mu held.
-func (r *relay) nextCheck(quiet time.Duration) time.Duration {
-	next := r.idle - quiet
+// nextCheck says when check should run next, quiet having passed since a
+// pump last moved a byte and idle since any byte moved. With kernel counts
+// it samples them every quarter of proxy_timeout: a session then ends
+// between 1 and 1.25 proxy_timeouts after its last byte. Called with r.mu
+// held.
+func (r *relay) nextCheck(quiet, idle time.Duration) time.Duration {
+	next := r.idle - idle
+	if r.wireOK {
+		next = min(next, r.idle/4)
+	}
 	if r.canPark() && r.running > 0 {
 		if quiet < parkAfter {
 			next = min(next, parkAfter-quiet)
@@ -245,7 +305,11 @@ func (r *relay) check() {
 		return
 	}
 	quiet := r.quietFor()
-	if quiet >= r.idle {
+	if total, ok := r.wireProgress(); ok && total != r.wireSeen {
+		r.wireSeen, r.wireActive = total, now()
+	}
+	idle := r.idleFor(quiet)
+	if idle >= r.idle {
 		r.mu.Unlock()
 		r.end("idle_timeout")
 		return
@@ -258,7 +322,7 @@ func (r *relay) check() {
 			}
 		}
 	}
-	r.timer.Reset(r.nextCheck(quiet))
+	r.timer.Reset(r.nextCheck(quiet, idle))
 	r.mu.Unlock()
 }
 
@@ -361,7 +425,7 @@ func (r *relay) park(d *direction) (parked, detached bool) {
 		} else {
 			r.client, src = dup, dup
 		}
-		r.clientRaw = dup
+		r.clientRaw, r.clientWire = dup, dup
 		r.s.shared.mu.Lock()
 		r.s.raw = dup
 		r.s.shared.mu.Unlock()
@@ -397,7 +461,8 @@ func (r *relay) wake(d *direction) {
 	d.state = pumpRunning
 	r.running++
 	if r.running == 1 {
-		r.timer.Reset(r.nextCheck(r.quietFor())) // it was set for proxy_timeout
+		quiet := r.quietFor()
+		r.timer.Reset(r.nextCheck(quiet, r.idleFor(quiet))) // it was set for proxy_timeout
 	}
 	go r.pump(d)
 }

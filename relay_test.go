@@ -98,8 +98,10 @@ func TestRelayIdleTimeout(t *testing.T) {
 		}
 		start := time.Now()
 		ts.closed()
-		if d := time.Since(start); d < 300*time.Millisecond || d > 2*time.Second {
-			t.Errorf("idle session closed after %v, want about 400-500ms", d)
+		// Between 1 and 1.25 proxy_timeouts (the kernel's counts are
+		// sampled every quarter), and some scheduling slack.
+		if d := time.Since(start); d < 350*time.Millisecond || d > 750*time.Millisecond {
+			t.Errorf("idle session closed after %v, want 400-500ms", d)
 		}
 		if s := logs.FilterMessage("session").All(); len(s) != 1 || s[0].ContextMap()["result"] != "idle_timeout" {
 			t.Errorf("session log %v", s)

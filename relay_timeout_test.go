@@ -1,0 +1,185 @@
+package pop3
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/sha256"
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/caddy-pop3/caddy-pop3/internal/pop3test"
+	"github.com/mholt/caddy-l4/layer4"
+)
+
+// startSlowSession is startSession over a TCP pair whose client end has a
+// small receive buffer, so that the proxy's writes wait for the client's
+// reads instead of filling a large window at once.
+func startSlowSession(t *testing.T, h *Handler, logs *observer.ObservedLogs) *testSession {
+	t.Helper()
+	client, server := tcpPair(t)
+	if err := client.(*net.TCPConn).SetReadBuffer(8 << 10); err != nil {
+		t.Fatal(err)
+	}
+	ts := &testSession{t: t, conn: client, r: bufio.NewReaderSize(client, 4<<10), done: make(chan error, 1), logs: logs, handle: h}
+	cx := layer4.WrapConnection(server, nil, zap.NewNop())
+	go func() {
+		err := h.Handle(cx, nil)
+		_ = server.Close()
+		ts.done <- err
+	}()
+	t.Cleanup(func() { _ = client.Close() })
+	ts.greeting = ts.readLine()
+	return ts
+}
+
+// readSlowly reads n bytes from r at about rate bytes a second.
+func readSlowly(c net.Conn, r io.Reader, n, rate int) ([]byte, error) {
+	out := make([]byte, 0, n)
+	buf := make([]byte, 2<<10)
+	start := time.Now()
+	for len(out) < n {
+		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		m, err := r.Read(buf[:min(len(buf), n-len(out))])
+		out = append(out, buf[:m]...)
+		if err != nil {
+			return out, err
+		}
+		if ahead := time.Duration(len(out))*time.Second/time.Duration(rate) - time.Since(start); ahead > 0 {
+			time.Sleep(ahead)
+		}
+	}
+	return out, nil
+}
+
+// TestRelaySlowClientIsNotIdle: a client that reads a large RETR slowly is
+// active all along, even when one relay step (a splice, a TLS write, the
+// socket's send queue draining) takes longer than proxy_timeout.
+func TestRelaySlowClientIsNotIdle(t *testing.T) {
+	const (
+		proxyTimeout = 300 * time.Millisecond
+		rate         = 192 << 10 // bytes a second at most: 57 KiB per proxy_timeout
+	)
+	msg := bigMessage(256 << 10)
+	for _, tc := range []struct {
+		name string
+		tls  bool
+	}{{"splice", false}, {"tls client", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, addr := fakeUpstream(t, func(u *pop3test.Upstream) { u.Messages = []string{msg} })
+			h, logs := newTestHandler(t, addr, func(h *Handler) {
+				h.ProxyTimeout = caddy.Duration(proxyTimeout)
+				if tc.tls {
+					h.StartTLS = StartTLSOnly
+				}
+			})
+			ts := startSlowSession(t, h, logs)
+			if tc.tls {
+				ts.startTLS()
+			}
+			ts.send("USER alice", "PASS secret-pw", "RETR 1")
+			ts.expect("+OK")
+			ts.expect("+OK Logged in.")
+			ts.expect("+OK")
+			got, err := readSlowly(ts.conn, ts.r, len(msg)+3, rate)
+			if err != nil {
+				t.Fatalf("after %d of %d bytes: %v; session %v", len(got), len(msg)+3, err, logs.FilterMessage("session").All())
+			}
+			if sha256.Sum256(got) != sha256.Sum256([]byte(msg+".\r\n")) {
+				t.Fatal("relayed message differs")
+			}
+			ts.send("QUIT")
+			ts.expect("+OK bye")
+			if line := sessionLine(t, logs); line["result"] != "ok" {
+				t.Errorf("session line %v", line)
+			}
+		})
+	}
+}
+
+// TestRelayStuckClientEnds: a client that stops reading mid-RETR moves no
+// byte, so proxy_timeout ends the session although a write to it is blocked.
+func TestRelayStuckClientEnds(t *testing.T) {
+	const proxyTimeout = 300 * time.Millisecond
+	msg := bigMessage(8 << 20)
+	for _, tc := range []struct {
+		name string
+		tls  bool
+	}{{"splice", false}, {"tls client", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, addr := fakeUpstream(t, func(u *pop3test.Upstream) { u.Messages = []string{msg} })
+			h, logs := newTestHandler(t, addr, func(h *Handler) {
+				h.ProxyTimeout = caddy.Duration(proxyTimeout)
+				if tc.tls {
+					h.StartTLS = StartTLSOnly
+				}
+			})
+			ts := startSlowSession(t, h, logs)
+			if tc.tls {
+				ts.startTLS()
+			}
+			ts.send("USER alice", "PASS secret-pw", "RETR 1")
+			ts.expect("+OK")
+			ts.expect("+OK Logged in.")
+			ts.expect("+OK")
+			start := time.Now()
+			line := sessionLine(t, logs)
+			if line["result"] != "idle_timeout" {
+				t.Errorf("session line %v", line)
+			}
+			// The buffers fill within milliseconds; then nothing moves.
+			if d := time.Since(start); d > 3*time.Second {
+				t.Errorf("a stuck session ended after %v, want about %v", d, proxyTimeout)
+			}
+		})
+	}
+}
+
+// TestRelayUpstreamCloseDeliversAll: the upstream's close ends the session,
+// but only after every byte it sent reached the client, a slow one included.
+func TestRelayUpstreamCloseDeliversAll(t *testing.T) {
+	msg := bigMessage(256 << 10)
+	for _, tc := range []struct {
+		name string
+		tls  bool
+	}{{"splice", false}, {"tls client", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, addr := fakeUpstream(t, func(u *pop3test.Upstream) { u.Messages = []string{msg} })
+			h, logs := newTestHandler(t, addr, func(h *Handler) {
+				if tc.tls {
+					h.StartTLS = StartTLSOnly
+				}
+			})
+			ts := startSlowSession(t, h, logs)
+			if tc.tls {
+				ts.startTLS()
+			}
+			// The upstream answers QUIT and closes while most of the
+			// message still waits in the proxy's buffers.
+			ts.send("USER alice", "PASS secret-pw", "RETR 1", "QUIT")
+			ts.expect("+OK")
+			ts.expect("+OK Logged in.")
+			ts.expect("+OK")
+			want := msg + ".\r\n+OK bye\r\n"
+			got, err := readSlowly(ts.conn, ts.r, len(want), 1<<20)
+			if err != nil {
+				t.Fatalf("after %d of %d bytes: %v", len(got), len(want), err)
+			}
+			if !bytes.Equal(got, []byte(want)) {
+				t.Fatal("relayed bytes differ")
+			}
+			_ = ts.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if n, err := ts.r.Read(make([]byte, 1)); err != io.EOF {
+				t.Fatalf("after the upstream's close: %d bytes, %v; want EOF", n, err)
+			}
+			if line := sessionLine(t, logs); line["result"] != "ok" {
+				t.Errorf("session line %v", line)
+			}
+		})
+	}
+}
