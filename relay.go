@@ -380,13 +380,14 @@ func (r *relay) pump(d *direction) (detached bool) {
 			r.touch()
 		}
 		var ne net.Error
+		var we writeError
 		switch {
 		case eof:
 			r.directionDone(d, nil)
 			return false
 		case err == nil:
 			continue
-		case errors.As(err, &ne) && ne.Timeout(): // check asked this pump to park
+		case !errors.As(err, &we) && errors.As(err, &ne) && ne.Timeout(): // check asked this pump to park
 			if parked, detached := r.park(d); parked {
 				return detached
 			}
@@ -468,29 +469,39 @@ func (r *relay) wake(d *direction) {
 }
 
 // directionDone ends d: at the client's EOF the upstream gets a half-close
-// and may still answer; any other end of a direction ends the session.
+// and may still answer; the upstream's EOF ends the session once all it
+// sent is written to the client (POP3 has nothing more to relay after it);
+// an error ends the session, labelled with the side that failed: a write
+// fails on d's destination, anything else on its source.
 func (r *relay) directionDone(d *direction, err error) {
 	r.mu.Lock()
 	d.state = pumpDone
 	r.running--
 	upstream, ended := r.upstream, r.ended
 	r.mu.Unlock()
+	var we writeError
+	clientFailed := d.toUpstream != errors.As(err, &we)
 	switch {
 	case ended: // the error is the relay closing the connections
 		r.settle()
 	case d.toUpstream && err == nil:
 		closeWrite(upstream) // let the upstream answer and close
 		r.settle()
-	case d.toUpstream:
-		r.s.debug("relay from client", zap.Error(err))
-		r.end("client_error")
 	case err == nil:
-		r.end("ok") // closing sends the client its FIN: no shutdown(2) first
+		r.end("ok") // closing sends the client its FIN after the queued bytes: no shutdown(2) first
+	case clientFailed:
+		r.s.debug("relay: client connection failed", zap.Bool("to_upstream", d.toUpstream), zap.Error(err))
+		r.end("client_error")
 	default:
-		r.s.debug("relay from upstream", zap.Error(err))
+		r.s.debug("relay: upstream connection failed", zap.Bool("to_upstream", d.toUpstream), zap.Error(err))
 		r.end("upstream_error")
 	}
 }
+
+// writeError marks a relay step's error as its destination's.
+type writeError struct{ error }
+
+func (e writeError) Unwrap() error { return e.error }
 
 // end closes both connections once; the first reason wins.
 func (r *relay) end(result string) {
@@ -547,7 +558,7 @@ func spliceStep(dst, src *net.TCPConn, head []byte) (int64, error) {
 	m, err := src.Read(head)
 	if m > 0 {
 		if _, werr := dst.Write(head[:m]); werr != nil {
-			return int64(m), werr
+			return int64(m), writeError{werr}
 		}
 	}
 	if err != nil || m < len(head) {
@@ -558,6 +569,13 @@ func spliceStep(dst, src *net.TCPConn, head []byte) (int64, error) {
 		return int64(m), nil
 	}
 	k, err := dst.ReadFrom(&io.LimitedReader{R: src, N: min(queued, relayChunk)})
+	// splice's error does not say which socket failed: the one that is
+	// gone did. The bytes were queued, so the destination is likelier; a
+	// timeout is check's read deadline on the source.
+	var ne net.Error
+	if err != nil && !(errors.As(err, &ne) && ne.Timeout()) && !(socketFailed(src) && !socketFailed(dst)) {
+		err = writeError{err}
+	}
 	return int64(m) + k, err
 }
 
@@ -567,7 +585,7 @@ func copyStep(dst, src net.Conn, buf []byte) (int64, error) {
 	m, err := src.Read(buf)
 	if m > 0 {
 		if _, werr := dst.Write(buf[:m]); werr != nil {
-			return int64(m), werr
+			return int64(m), writeError{werr}
 		}
 	}
 	return int64(m), err

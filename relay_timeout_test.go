@@ -10,11 +10,11 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/mholt/caddy-l4/layer4"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/caddy-pop3/caddy-pop3/internal/pop3test"
-	"github.com/mholt/caddy-l4/layer4"
 )
 
 // startSlowSession is startSession over a TCP pair whose client end has a
@@ -179,6 +179,46 @@ func TestRelayUpstreamCloseDeliversAll(t *testing.T) {
 			}
 			if line := sessionLine(t, logs); line["result"] != "ok" {
 				t.Errorf("session line %v", line)
+			}
+		})
+	}
+}
+
+// TestRelayClientResetIsClientError: a client that resets its connection
+// while the proxy writes a RETR to it failed on the client's side, although
+// the write happened in the upstream-to-client direction.
+func TestRelayClientResetIsClientError(t *testing.T) {
+	msg := bigMessage(8 << 20)
+	for _, tc := range []struct {
+		name string
+		tls  bool
+	}{{"splice", false}, {"tls client", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, addr := fakeUpstream(t, func(u *pop3test.Upstream) { u.Messages = []string{msg} })
+			h, logs := newTestHandler(t, addr, func(h *Handler) {
+				if tc.tls {
+					h.StartTLS = StartTLSOnly
+				}
+			})
+			ts := startSlowSession(t, h, logs)
+			raw := ts.conn.(*net.TCPConn)
+			if tc.tls {
+				ts.startTLS()
+			}
+			ts.send("USER alice", "PASS secret-pw", "RETR 1")
+			ts.expect("+OK")
+			ts.expect("+OK Logged in.")
+			ts.expect("+OK")
+			// The client's direction ends first (EOF, or close_notify in
+			// TLS), so only the upstream-to-client one sees the reset.
+			if err := closeWriteConn(ts.conn); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(100 * time.Millisecond)
+			_ = raw.SetLinger(0)
+			_ = raw.Close()
+			if line := sessionLine(t, logs); line["result"] != "client_error" {
+				t.Errorf("session line %v, want result client_error", line)
 			}
 		})
 	}
