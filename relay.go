@@ -520,9 +520,23 @@ func (r *relay) end(result string) {
 	}
 	client, upstream := r.client, r.upstream
 	r.mu.Unlock()
+	if result != "ok" {
+		// A session cut off sends no close_notify: tls.Conn.Close would
+		// wait up to 5 s to write it to a peer that reads nothing, holding
+		// up a kick or the timer.
+		closeUnderTLS(upstream)
+		closeUnderTLS(client)
+	}
 	_ = upstream.Close()
 	_ = client.Close()
 	r.settle()
+}
+
+// closeUnderTLS closes the connection under c if c is TLS.
+func closeUnderTLS(c net.Conn) {
+	if tc, ok := c.(*tls.Conn); ok {
+		_ = tc.NetConn().Close()
+	}
 }
 
 // settle finishes the session once it has ended and no pump runs: the

@@ -223,3 +223,56 @@ func TestRelayClientResetIsClientError(t *testing.T) {
 		})
 	}
 }
+
+// TestRelayEndDoesNotWaitForAStuckTLSClient: a TLS client that reads
+// nothing cannot take the close_notify alert; a session ended by
+// proxy_timeout or a kick closes at once instead of waiting for that write.
+func TestRelayEndDoesNotWaitForAStuckTLSClient(t *testing.T) {
+	for _, kick := range []bool{false, true} {
+		name := "proxy_timeout"
+		if kick {
+			name = "kick"
+		}
+		t.Run(name, func(t *testing.T) {
+			_, addr := fakeUpstream(t, nil)
+			h, logs := newTestHandler(t, addr, func(h *Handler) {
+				h.StartTLS = StartTLSOnly
+				h.ProxyTimeout = caddy.Duration(300 * time.Millisecond)
+				if kick {
+					h.ProxyTimeout = caddy.Duration(time.Minute)
+				}
+			})
+			ts := startSession(t, h, logs, false) // a pipe: a write waits for the reader
+			ts.startTLS()
+			ts.send("USER alice", "PASS secret-pw")
+			ts.expect("+OK")
+			ts.expect("+OK Logged in.")
+			// From here the client reads nothing.
+			start := time.Now()
+			if kick {
+				time.Sleep(50 * time.Millisecond)
+				for _, s := range liveSessions.matching(func(s *session) bool { return s.h == h }) {
+					s.kick("test")
+				}
+				if d := time.Since(start); d > time.Second {
+					t.Errorf("kick took %v", d)
+				}
+			}
+			deadline := time.Now().Add(3 * time.Second)
+			for len(logs.FilterMessage("session").All()) == 0 && time.Now().Before(deadline) {
+				time.Sleep(10 * time.Millisecond)
+			}
+			lines := logs.FilterMessage("session").All()
+			if len(lines) != 1 {
+				t.Fatalf("no session line after %v", time.Since(start))
+			}
+			want := "idle_timeout"
+			if kick {
+				want = "closed_by_admin"
+			}
+			if got := lines[0].ContextMap()["result"]; got != want {
+				t.Errorf("result %v, want %s", got, want)
+			}
+		})
+	}
+}
