@@ -49,6 +49,7 @@ const (
 //		pass_error_message <on|off>
 //		max_errors <int>
 //		max_line_length <bytes>
+//		max_command_length <bytes>
 //	}
 //
 // Each capabilities argument is one CAPA line; quote it when it holds a
@@ -302,6 +303,16 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			h.MaxLineLength, hasMaxLineLength = val, true
+		case "max_command_length":
+			if seen[optionName] {
+				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
+			}
+			// Validate checks it against max_line_length, which may come later.
+			val, err := parseIntInRange(d, wrapper, optionName, defaultMaxCommandLength, maxMaxLineLength)
+			if err != nil {
+				return err
+			}
+			h.MaxCommandLength, seen[optionName] = val, true
 		default:
 			return d.Errf("unrecognized %s option '%s'", wrapper, optionName)
 		}

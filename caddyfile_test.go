@@ -207,6 +207,16 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			want:  Handler{Upstream: up("a"), MaxLineLength: 512},
 		},
 		{
+			name:  "max_command_length lower bound",
+			input: "pop3 a {\n\tmax_command_length 255\n}",
+			want:  Handler{Upstream: up("a"), MaxCommandLength: 255},
+		},
+		{
+			name:  "max_command_length",
+			input: "pop3 a {\n\tmax_command_length 4096\n\tmax_line_length 4096\n}",
+			want:  Handler{Upstream: up("a"), MaxCommandLength: 4096, MaxLineLength: 4096},
+		},
+		{
 			name:  "max_line_length upper bound",
 			input: "pop3 a {\n\tmax_line_length 1048576\n}",
 			want:  Handler{Upstream: up("a"), MaxLineLength: 1048576},
@@ -368,6 +378,13 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"max_line_length too small", "pop3 a {\n\tmax_line_length 511\n}", []string{"option 'max_line_length'", "between 512 and 1048576"}},
 		{"max_line_length too large", "pop3 a {\n\tmax_line_length 1048577\n}", []string{"option 'max_line_length'", "between 512 and 1048576"}},
 		{"max_line_length duplicate", "pop3 a {\n\tmax_line_length 1024\n\tmax_line_length 2048\n}", []string{"duplicate pop3 option 'max_line_length'"}},
+
+		// max_command_length
+		{"max_command_length without arg", "pop3 a {\n\tmax_command_length\n}", []string{"'max_command_length'"}},
+		{"max_command_length not a number", "pop3 a {\n\tmax_command_length 1k\n}", []string{"option 'max_command_length'"}},
+		{"max_command_length too small", "pop3 a {\n\tmax_command_length 254\n}", []string{"option 'max_command_length'", "between 255 and 1048576"}},
+		{"max_command_length too large", "pop3 a {\n\tmax_command_length 1048577\n}", []string{"option 'max_command_length'", "between 255 and 1048576"}},
+		{"max_command_length duplicate", "pop3 a {\n\tmax_command_length 300\n\tmax_command_length 400\n}", []string{"duplicate pop3 option 'max_command_length'"}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -317,3 +317,32 @@ func TestParkingUnderChurn(t *testing.T) {
 		t.Errorf("%d of %d sessions parked, want most", parked, sessions)
 	}
 }
+
+// TestParkedRelaySlowClient: a relay that parks while its client drains
+// the socket's send queue slowly is still active: the kernel's counts move.
+func TestParkedRelaySlowClient(t *testing.T) {
+	withParkAfter(t, 50*time.Millisecond)
+	msg := bigMessage(256 << 10)
+	_, addr := fakeUpstream(t, func(u *pop3test.Upstream) { u.Messages = []string{msg} })
+	h, logs := newTestHandler(t, addr, func(h *Handler) { h.ProxyTimeout = caddy.Duration(300 * time.Millisecond) })
+	ts := startSlowSession(t, h, logs)
+	ts.send("USER alice", "PASS secret-pw", "RETR 1")
+	ts.expect("+OK")
+	ts.expect("+OK Logged in.")
+	ts.expect("+OK")
+	got, err := readSlowly(ts.conn, ts.r, len(msg)+3, 192<<10)
+	if err != nil {
+		t.Fatalf("after %d of %d bytes: %v", len(got), len(msg)+3, err)
+	}
+	if string(got) != msg+".\r\n" {
+		t.Fatal("relayed message differs")
+	}
+	if len(logs.FilterMessage("relay parked").All()) == 0 {
+		t.Error("the relay did not park while the client read")
+	}
+	ts.send("QUIT")
+	ts.expect("+OK bye")
+	if line := sessionLine(t, logs); line["result"] != "ok" {
+		t.Errorf("session line %v", line)
+	}
+}

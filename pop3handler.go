@@ -41,6 +41,12 @@ const (
 	defaultStartTLSPolicy = StartTLSOnly
 )
 
+// defaultMaxCommandLength is RFC 2449 §4's bound: "The maximum length of a
+// command is increased from 47 characters (4 character command, single
+// space, 40 character argument, CRLF) to 255 octets, including the
+// terminating CRLF." Servers must accept that much, so it is also the least.
+const defaultMaxCommandLength = 255
+
 // StartTLS policies: whether STLS is offered and whether login needs TLS.
 const (
 	StartTLSOff  = "off"  // no STLS; login in plaintext unless the route's tls handler ran first
@@ -145,8 +151,15 @@ type Handler struct {
 	// go on before they are closed: with -ERR [SYS/TEMP] before login, a
 	// TCP close after. Default: unlimited.
 	DrainTimeout caddy.Duration `json:"drain_timeout,omitempty"`
-	// Longest command line, SASL response included, in bytes. Default: 32768.
+	// Longest AUTH line or SASL response in bytes, without its line end;
+	// every line is read to its end within this bound. Default: 32768.
 	MaxLineLength int `json:"max_line_length,omitempty"`
+	// Longest command line other than AUTH (whose initial response may be
+	// an OAuth token) in bytes, counting its line end as CRLF (RFC 2449
+	// §4); a longer one is answered -ERR Line too long. SASL responses are
+	// bounded by max_line_length. Default: 255; at least 255, at most
+	// max_line_length.
+	MaxCommandLength int `json:"max_command_length,omitempty"`
 
 	ctx       caddy.Context // Handle gets no context; l4tls and l4proxy keep it the same way
 	logger    *zap.Logger
@@ -295,6 +308,9 @@ func (h *Handler) setup() error {
 	}
 	if h.MaxLineLength == 0 {
 		h.MaxLineLength = defaultMaxLineLength
+	}
+	if h.MaxCommandLength == 0 {
+		h.MaxCommandLength = defaultMaxCommandLength
 	}
 	if h.AuthFailureDelay == 0 {
 		h.AuthFailureDelay = caddy.Duration(defaultFailureDelay)
@@ -486,6 +502,13 @@ func (h *Handler) Validate() error {
 	}
 	if h.MaxLineLength < 0 || (h.MaxLineLength > 0 && h.MaxLineLength < 512) || h.MaxLineLength > 1<<20 {
 		return errors.New("max_line_length: must be between 512 and 1048576 bytes")
+	}
+	maxLine := h.MaxLineLength
+	if maxLine == 0 {
+		maxLine = defaultMaxLineLength
+	}
+	if h.MaxCommandLength < 0 || (h.MaxCommandLength > 0 && h.MaxCommandLength < defaultMaxCommandLength) || h.MaxCommandLength > maxLine {
+		return fmt.Errorf("max_command_length: must be between %d and max_line_length (%d) bytes", defaultMaxCommandLength, maxLine)
 	}
 	return nil
 }

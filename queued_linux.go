@@ -6,6 +6,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// spliceSupported: plain relays move bytes with splice(2).
+const spliceSupported = true
+
 // queuedBytes returns how many bytes wait in c's receive queue (SIOCINQ), so
 // that splice(2) is asked for no more than is there: Go's splice holds a
 // pipe until it has moved all it was asked for.

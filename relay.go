@@ -34,7 +34,7 @@ const (
 var parkAfter = time.Second
 
 // relay copies bytes both ways until the session ends. With plain TCP on
-// both legs the kernel moves the bytes (splice(2) through TCPConn.ReadFrom);
+// both legs Linux moves the bytes (splice(2) through TCPConn.ReadFrom);
 // with TLS on either leg a pooled buffer copies. A quiet session parks when
 // the proxy can reach both sockets under any TLS: plain TCP, TLS that the
 // handler terminated itself (STLS, implicit_tls) and TLS to the upstream;
@@ -54,7 +54,10 @@ func (s *session) relay() error {
 		return nil
 	}
 	// Commands the client pipelined after its login, and anything the
-	// upstream sent after its +OK, must not be lost.
+	// upstream sent after its +OK, must not be lost. The relay's timer is
+	// not running yet: a peer that does not read gets proxy_timeout here.
+	_ = client.SetWriteDeadline(now().Add(r.idle))
+	_ = up.conn.SetWriteDeadline(now().Add(r.idle))
 	n, err := s.r.WriteBufferedTo(up.conn)
 	s.shared.fromClient.Add(n)
 	if err != nil {
@@ -76,7 +79,7 @@ func (s *session) relay() error {
 	// until the session parks: then this goroutine hands the client
 	// connection to the relay and returns to caddy-l4.
 	r.mu.Lock()
-	r.timer = time.AfterFunc(r.nextCheck(0), r.check)
+	r.timer = time.AfterFunc(r.nextCheck(0, 0), r.check)
 	r.mu.Unlock()
 	go r.pump(&r.down)
 	if r.pump(&r.up) {
@@ -127,13 +130,21 @@ type relay struct {
 	result      string
 	timer       *time.Timer
 	quiet       chan struct{} // closed when ended and no pump runs, if not detached
+
+	// The kernel's byte counts of both sockets (TCP_INFO), which check
+	// samples: bytes that a long splice, a blocked write or a draining send
+	// queue moves are activity too, at no cost to the pumps.
+	clientWire, upstreamWire *net.TCPConn
+	wireOK                   bool      // both sockets have counts
+	wireSeen                 int64     // their sum at the last sample
+	wireActive               time.Time // when a sample last saw it change
 }
 
 func newRelay(s *session, client, upstream net.Conn) *relay {
 	_, clientTCP := client.(*net.TCPConn)
 	_, upstreamTCP := upstream.(*net.TCPConn)
 	r := &relay{
-		s: s, idle: time.Duration(s.h.ProxyTimeout), splice: clientTCP && upstreamTCP,
+		s: s, idle: time.Duration(s.h.ProxyTimeout), splice: spliceSupported && clientTCP && upstreamTCP,
 		client: client, upstream: upstream, quiet: make(chan struct{}),
 		running: 2, // both pumps, from before they start: an early end waits for them
 	}
@@ -141,6 +152,9 @@ func newRelay(s *session, client, upstream net.Conn) *relay {
 	r.upstreamRaw = upstreamSocket(upstream)
 	r.up = direction{r: r, toUpstream: true, moved: &s.shared.fromClient}
 	r.down = direction{r: r, moved: &s.shared.toClient}
+	r.clientWire, r.upstreamWire = socketUnder(client), socketUnder(upstream)
+	r.wireSeen, r.wireOK = r.wireProgress()
+	r.wireActive = now()
 	r.touch()
 	return r
 }
@@ -149,6 +163,46 @@ func (r *relay) touch() { r.lastActive.Store(now().UnixNano()) }
 
 func (r *relay) quietFor() time.Duration {
 	return now().Sub(time.Unix(0, r.lastActive.Load()))
+}
+
+// wireProgress sums the kernel's counts of bytes received and acknowledged
+// on both sockets. Called with r.mu held, or before the pumps start.
+func (r *relay) wireProgress() (int64, bool) {
+	if r.clientWire == nil || r.upstreamWire == nil {
+		return 0, false
+	}
+	cin, cout, cok := wireBytes(r.clientWire)
+	uin, uout, uok := wireBytes(r.upstreamWire)
+	return cin + cout + uin + uout, cok && uok
+}
+
+// idleFor is how long neither a pump nor the kernel has moved a byte, as
+// far as the last sample knows, quiet having passed since the pumps last
+// did. Called with r.mu held.
+func (r *relay) idleFor(quiet time.Duration) time.Duration {
+	return min(quiet, now().Sub(r.wireActive))
+}
+
+// socketUnder finds the TCP socket under c's TLS, matcher buffer or PROXY
+// protocol wrapper, for its kernel counts; nil if there is none.
+func socketUnder(c net.Conn) *net.TCPConn {
+	for range 5 {
+		switch v := c.(type) {
+		case *net.TCPConn:
+			return v
+		case *tls.Conn:
+			c = v.NetConn()
+		case *swapConn:
+			c = v.Conn
+		case *layer4.Connection:
+			c = v.Conn
+		case interface{ Raw() net.Conn }:
+			c = v.Raw()
+		default:
+			return nil
+		}
+	}
+	return nil
 }
 
 func (r *relay) canPark() bool {
@@ -221,10 +275,16 @@ func (r *relay) other(d *direction) *direction {
 	return &r.up
 }
 
-// nextCheck says when check should run next, quiet having passed since the
-// last byte moved. Called with r.mu held.
-func (r *relay) nextCheck(quiet time.Duration) time.Duration {
-	next := r.idle - quiet
+// nextCheck says when check should run next, quiet having passed since a
+// pump last moved a byte and idle since any byte moved. With kernel counts
+// it samples them every quarter of proxy_timeout: a session then ends
+// between 1 and 1.25 proxy_timeouts after its last byte. Called with r.mu
+// held.
+func (r *relay) nextCheck(quiet, idle time.Duration) time.Duration {
+	next := r.idle - idle
+	if r.wireOK {
+		next = min(next, r.idle/4)
+	}
 	if r.canPark() && r.running > 0 {
 		if quiet < parkAfter {
 			next = min(next, parkAfter-quiet)
@@ -245,7 +305,11 @@ func (r *relay) check() {
 		return
 	}
 	quiet := r.quietFor()
-	if quiet >= r.idle {
+	if total, ok := r.wireProgress(); ok && total != r.wireSeen {
+		r.wireSeen, r.wireActive = total, now()
+	}
+	idle := r.idleFor(quiet)
+	if idle >= r.idle {
 		r.mu.Unlock()
 		r.end("idle_timeout")
 		return
@@ -258,7 +322,7 @@ func (r *relay) check() {
 			}
 		}
 	}
-	r.timer.Reset(r.nextCheck(quiet))
+	r.timer.Reset(r.nextCheck(quiet, idle))
 	r.mu.Unlock()
 }
 
@@ -316,13 +380,14 @@ func (r *relay) pump(d *direction) (detached bool) {
 			r.touch()
 		}
 		var ne net.Error
+		var we writeError
 		switch {
 		case eof:
 			r.directionDone(d, nil)
 			return false
 		case err == nil:
 			continue
-		case errors.As(err, &ne) && ne.Timeout(): // check asked this pump to park
+		case !errors.As(err, &we) && errors.As(err, &ne) && ne.Timeout(): // check asked this pump to park
 			if parked, detached := r.park(d); parked {
 				return detached
 			}
@@ -361,7 +426,7 @@ func (r *relay) park(d *direction) (parked, detached bool) {
 		} else {
 			r.client, src = dup, dup
 		}
-		r.clientRaw = dup
+		r.clientRaw, r.clientWire = dup, dup
 		r.s.shared.mu.Lock()
 		r.s.raw = dup
 		r.s.shared.mu.Unlock()
@@ -397,35 +462,46 @@ func (r *relay) wake(d *direction) {
 	d.state = pumpRunning
 	r.running++
 	if r.running == 1 {
-		r.timer.Reset(r.nextCheck(r.quietFor())) // it was set for proxy_timeout
+		quiet := r.quietFor()
+		r.timer.Reset(r.nextCheck(quiet, r.idleFor(quiet))) // it was set for proxy_timeout
 	}
 	go r.pump(d)
 }
 
 // directionDone ends d: at the client's EOF the upstream gets a half-close
-// and may still answer; any other end of a direction ends the session.
+// and may still answer; the upstream's EOF ends the session once all it
+// sent is written to the client (POP3 has nothing more to relay after it);
+// an error ends the session, labelled with the side that failed: a write
+// fails on d's destination, anything else on its source.
 func (r *relay) directionDone(d *direction, err error) {
 	r.mu.Lock()
 	d.state = pumpDone
 	r.running--
 	upstream, ended := r.upstream, r.ended
 	r.mu.Unlock()
+	var we writeError
+	clientFailed := d.toUpstream != errors.As(err, &we)
 	switch {
 	case ended: // the error is the relay closing the connections
 		r.settle()
 	case d.toUpstream && err == nil:
 		closeWrite(upstream) // let the upstream answer and close
 		r.settle()
-	case d.toUpstream:
-		r.s.debug("relay from client", zap.Error(err))
-		r.end("client_error")
 	case err == nil:
-		r.end("ok") // closing sends the client its FIN: no shutdown(2) first
+		r.end("ok") // closing sends the client its FIN after the queued bytes: no shutdown(2) first
+	case clientFailed:
+		r.s.debug("relay: client connection failed", zap.Bool("to_upstream", d.toUpstream), zap.Error(err))
+		r.end("client_error")
 	default:
-		r.s.debug("relay from upstream", zap.Error(err))
+		r.s.debug("relay: upstream connection failed", zap.Bool("to_upstream", d.toUpstream), zap.Error(err))
 		r.end("upstream_error")
 	}
 }
+
+// writeError marks a relay step's error as its destination's.
+type writeError struct{ error }
+
+func (e writeError) Unwrap() error { return e.error }
 
 // end closes both connections once; the first reason wins.
 func (r *relay) end(result string) {
@@ -444,9 +520,23 @@ func (r *relay) end(result string) {
 	}
 	client, upstream := r.client, r.upstream
 	r.mu.Unlock()
+	if result != "ok" {
+		// A session cut off sends no close_notify: tls.Conn.Close would
+		// wait up to 5 s to write it to a peer that reads nothing, holding
+		// up a kick or the timer.
+		closeUnderTLS(upstream)
+		closeUnderTLS(client)
+	}
 	_ = upstream.Close()
 	_ = client.Close()
 	r.settle()
+}
+
+// closeUnderTLS closes the connection under c if c is TLS.
+func closeUnderTLS(c net.Conn) {
+	if tc, ok := c.(*tls.Conn); ok {
+		_ = tc.NetConn().Close()
+	}
 }
 
 // settle finishes the session once it has ended and no pump runs: the
@@ -482,7 +572,7 @@ func spliceStep(dst, src *net.TCPConn, head []byte) (int64, error) {
 	m, err := src.Read(head)
 	if m > 0 {
 		if _, werr := dst.Write(head[:m]); werr != nil {
-			return int64(m), werr
+			return int64(m), writeError{werr}
 		}
 	}
 	if err != nil || m < len(head) {
@@ -493,13 +583,21 @@ func spliceStep(dst, src *net.TCPConn, head []byte) (int64, error) {
 		return int64(m), nil
 	}
 	burst := &io.LimitedReader{R: src, N: min(queued, relayChunk)}
-	if !sessionSlots.takePipe() {
+	var k int64
+	if sessionSlots.takePipe() {
+		k, err = dst.ReadFrom(burst)
+		sessionSlots.releasePipe()
+	} else {
 		// No descriptors left for a pipe (see sessionSlots): copy.
-		k, err := copyWithoutSplice(dst, burst)
-		return int64(m) + k, err
+		k, err = copyWithoutSplice(dst, burst)
 	}
-	k, err := dst.ReadFrom(burst)
-	sessionSlots.releasePipe()
+	// splice's error does not say which socket failed: the one that is
+	// gone did. The bytes were queued, so the destination is likelier; a
+	// timeout is check's read deadline on the source.
+	var ne net.Error
+	if err != nil && !(errors.As(err, &ne) && ne.Timeout()) && !(socketFailed(src) && !socketFailed(dst)) {
+		err = writeError{err}
+	}
 	return int64(m) + k, err
 }
 
@@ -517,7 +615,7 @@ func copyStep(dst, src net.Conn, buf []byte) (int64, error) {
 	m, err := src.Read(buf)
 	if m > 0 {
 		if _, werr := dst.Write(buf[:m]); werr != nil {
-			return int64(m), werr
+			return int64(m), writeError{werr}
 		}
 	}
 	return int64(m), err

@@ -296,6 +296,12 @@ var hostname = func() string {
 
 // dispatch runs one command and returns nil or the -ERR to send.
 func (s *session) dispatch(line []byte) error {
+	// max_command_length counts the line end as CRLF, as RFC 2449 §4 does.
+	// An AUTH line may carry a long initial response (RFC 5034 §4).
+	if len(line)+len("\r\n") > s.h.MaxCommandLength && !pop3wire.HasKeyword(line, "AUTH") {
+		s.debug("command line too long")
+		return errLineTooLong
+	}
 	cmd, err := pop3wire.ParseCommand(line)
 	if err != nil {
 		s.debug("malformed command")

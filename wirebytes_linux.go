@@ -9,7 +9,7 @@ import (
 // wireBytes returns how many bytes the kernel has received from the peer of
 // c and how many the peer has acknowledged, from TCP_INFO. It lets the admin
 // API show live counts of a relay that splice(2) moves without the proxy
-// seeing the bytes.
+// seeing the bytes, and the relay see bytes move while one step blocks.
 func wireBytes(c net.Conn) (received, acked int64, ok bool) {
 	if raw, isWrapped := c.(interface{ Raw() net.Conn }); isWrapped { // PROXY protocol handler
 		c = raw.Raw()
@@ -18,15 +18,30 @@ func wireBytes(c net.Conn) (received, acked int64, ok bool) {
 	if !isTCP {
 		return 0, 0, false
 	}
-	sc, err := tc.SyscallConn()
-	if err != nil {
+	info, ok := tcpInfo(tc)
+	if !ok {
 		return 0, 0, false
+	}
+	return int64(info.Bytes_received), int64(info.Bytes_acked), true
+}
+
+// socketFailed reports whether c's connection is gone (reset, or closed
+// here), so that a failed splice can tell which of its sockets failed.
+func socketFailed(c *net.TCPConn) bool {
+	info, ok := tcpInfo(c)
+	return !ok || info.State == unix.BPF_TCP_CLOSE
+}
+
+func tcpInfo(c *net.TCPConn) (*unix.TCPInfo, bool) {
+	sc, err := c.SyscallConn()
+	if err != nil {
+		return nil, false
 	}
 	var info *unix.TCPInfo
 	if cerr := sc.Control(func(fd uintptr) {
 		info, err = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
 	}); cerr != nil || err != nil {
-		return 0, 0, false
+		return nil, false
 	}
-	return int64(info.Bytes_received), int64(info.Bytes_acked), true
+	return info, true
 }

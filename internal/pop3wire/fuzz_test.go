@@ -26,11 +26,16 @@ func FuzzParseCommand(f *testing.F) {
 		if ContainsLineBreakOrNUL(c.Rest) {
 			t.Fatalf("rest %q holds CR, LF or NUL", c.Rest)
 		}
+		if HasKeyword(line, "AUTH") != (c.Name == "AUTH") {
+			t.Fatalf("HasKeyword(%q, AUTH) disagrees with the keyword %q", line, c.Name)
+		}
 	})
 }
 
 // FuzzReadLine checks that no returned line is over the limit or holds a
-// line end, whatever the input.
+// line end, whatever the input, and that the lines are exactly the input's
+// LF-terminated lines: the tail of a line over the limit never becomes a
+// line of its own.
 func FuzzReadLine(f *testing.F) {
 	f.Add([]byte("USER a\r\nPASS b\r\n"), 16)
 	f.Add([]byte(strings.Repeat("x", 100)+"\nNOOP\r\n"), 10)
@@ -39,17 +44,31 @@ func FuzzReadLine(f *testing.F) {
 		if limit < 1 || limit > 1<<16 {
 			return
 		}
+		want := bytes.SplitAfter(in, []byte("\n"))
+		if last := want[len(want)-1]; !bytes.HasSuffix(last, []byte("\n")) {
+			want = want[:len(want)-1] // no line end: not a line
+		}
 		r := NewReader(bytes.NewReader(in), limit)
 		for i := 0; i <= len(in); i++ {
 			line, err := r.ReadLine()
+			if i == len(want) {
+				if err != io.EOF {
+					t.Fatalf("after the last line: %q, %v", line, err)
+				}
+				return
+			}
+			w := bytes.TrimSuffix(bytes.TrimSuffix(want[i], []byte("\n")), []byte("\r"))
 			if errors.Is(err, ErrLineTooLong) {
+				if len(w) <= limit {
+					t.Fatalf("line %d of %d bytes refused with limit %d", i, len(w), limit)
+				}
 				continue
 			}
 			if err != nil {
-				if err != io.EOF {
-					t.Fatal(err)
-				}
-				return
+				t.Fatal(err)
+			}
+			if !bytes.Equal(line, w) {
+				t.Fatalf("line %d: got %q, want %q", i, line, w)
 			}
 			if len(line) > limit || bytes.IndexByte(line, '\n') >= 0 {
 				t.Fatalf("line %q over limit %d or holds LF", line, limit)

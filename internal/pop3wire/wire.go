@@ -181,6 +181,25 @@ func ParseCommand(line []byte) (Command, error) {
 	return Command{Name: keyword(upper[:len(name)]), Rest: string(rest)}, nil
 }
 
+// HasKeyword reports whether line is the command keyword (upper case),
+// spelled in any case, alone or followed by a space.
+func HasKeyword(line []byte, keyword string) bool {
+	n := len(keyword)
+	if len(line) < n || (len(line) > n && line[n] != ' ') {
+		return false
+	}
+	for i := range n {
+		c := line[i]
+		if 'a' <= c && c <= 'z' {
+			c -= 'a' - 'A'
+		}
+		if c != keyword[i] {
+			return false
+		}
+	}
+	return true
+}
+
 // keyword returns the upper-case keyword as a string, without allocating
 // for the commands a session sees every time.
 func keyword(upper []byte) string {

@@ -6,6 +6,7 @@ import (
 	"io"
 	"strings"
 	"testing"
+	"testing/iotest"
 )
 
 func TestReadLine(t *testing.T) {
@@ -156,5 +157,62 @@ func TestParseCommandAllocations(t *testing.T) {
 	// none for a known keyword.
 	if allocs > 1 {
 		t.Errorf("ParseCommand allocates %.0f times per call, want at most 1", allocs)
+	}
+}
+
+func TestHasKeyword(t *testing.T) {
+	for _, tc := range []struct {
+		line string
+		want bool
+	}{
+		{"AUTH", true}, {"auth PLAIN x", true}, {"AuTh ", true},
+		{"AUTHX", false}, {"AUT", false}, {" AUTH", false}, {"AUTH\tPLAIN", false}, {"", false},
+	} {
+		if got := HasKeyword([]byte(tc.line), "AUTH"); got != tc.want {
+			t.Errorf("HasKeyword(%q) = %v", tc.line, got)
+		}
+	}
+}
+
+// TestReadLineHostile: an over-long line is consumed to its end however its
+// bytes arrive, with bounded memory, and its tail never becomes a line.
+func TestReadLineHostile(t *testing.T) {
+	const max = 1000
+	for _, tc := range []struct {
+		name string
+		in   string
+		want []string // "" marks ErrLineTooLong
+	}{
+		{"1 MB without LF, then the tail", strings.Repeat("a", 1<<20) + "QUIT\r\nNOOP\r\n", []string{"", "NOOP"}},
+		{"limit plus one", strings.Repeat("b", max+1) + "\r\n" + strings.Repeat("b", max) + "\r\n", []string{"", strings.Repeat("b", max)}},
+		{"limit with a bare LF", strings.Repeat("c", max) + "\nQUIT\n", []string{strings.Repeat("c", max), "QUIT"}},
+		{"bare CR does not end a line", "USER a\rPASS b\r\n", []string{"USER a\rPASS b"}},
+		{"NUL bytes stay in the line", "US\x00ER\r\n", []string{"US\x00ER"}},
+		{"CR before the limit's end", strings.Repeat("d", max) + "\r\r\nQUIT\r\n", []string{"", "QUIT"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for _, one := range []bool{false, true} {
+				var src io.Reader = strings.NewReader(tc.in)
+				if one {
+					src = iotest.OneByteReader(src) // a line in many small segments
+				}
+				r := NewReader(src, max)
+				for i, want := range tc.want {
+					got, err := r.ReadLine()
+					switch {
+					case want == "" && !errors.Is(err, ErrLineTooLong):
+						t.Fatalf("line %d: got %q, %v; want ErrLineTooLong", i, got, err)
+					case want != "" && (err != nil || string(got) != want):
+						t.Fatalf("line %d: got %d bytes %q, %v", i, len(got), got[:min(len(got), 20)], err)
+					}
+					if cap(r.long) > 2*(max+2+readerBufferSize) {
+						t.Fatalf("line %d: the long-line buffer grew to %d bytes", i, cap(r.long))
+					}
+				}
+				if got, err := r.ReadLine(); err != io.EOF {
+					t.Fatalf("after the lines: %q, %v; want EOF", got, err)
+				}
+			}
+		})
 	}
 }
