@@ -21,7 +21,7 @@ for pkg in $(go list ./...); do
 	targets=$(go test -list '^Fuzz' "$pkg" 2>/dev/null | grep -E '^Fuzz' | grep -E -- "$pattern" || true)
 	for target in $targets; do
 		printf '\n=== %s %s (%s)\n' "$pkg" "$target" "$duration"
-		if ! go test -run '^$' -fuzz "^${target}\$" -fuzztime "$duration" "$pkg"; then
+		if ! go test -run '^$' -fuzz "^${target}\$" -fuzztime "$duration" -fuzzminimizetime 10s "$pkg"; then
 			failed+=("$pkg $target")
 		fi
 	done
