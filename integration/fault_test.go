@@ -14,6 +14,7 @@ import (
 	"bufio"
 	"bytes"
 	"crypto/sha256"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -263,9 +264,9 @@ func retrPrefix(r io.Reader, want []byte, off int, limit int) (int, error) {
 // --- upstream killed mid-RETR ---------------------------------------------------
 
 // TestFaultUpstreamKilledMidRetr SIGKILLs a Dovecot while 50 clients are in
-// the middle of a 32 MiB RETR through the proxy: each client gets what was
-// in flight, a prefix of the message, then a clean EOF within a few
-// seconds; a new login gets -ERR [SYS/TEMP] at once; Caddy is back at its
+// the middle of a 32 MiB RETR through the proxy and 10 more sit parked:
+// each streaming client gets what was in flight, a prefix of the message,
+// then a clean EOF, and each parked one a clean EOF, within a few seconds; a new login gets -ERR [SYS/TEMP] at once; Caddy is back at its
 // baseline.
 func TestFaultUpstreamKilledMidRetr(t *testing.T) {
 	need(t)
@@ -285,6 +286,13 @@ func TestFaultUpstreamKilledMidRetr(t *testing.T) {
 	base := a.baseline(t)
 	want := append(stuffed(env.bigMsgs[1]), ".\r\n"...)
 
+	// Idle sessions that park while the others start streaming.
+	var idle []*client
+	for i := 0; i < 10; i++ {
+		c := dialPOP3(t, addr, nil)
+		c.login(user, pass)
+		idle = append(idle, c)
+	}
 	const n = 50
 	const head = 256 << 10 // read before the kill
 	var ready, done sync.WaitGroup
@@ -324,6 +332,9 @@ func TestFaultUpstreamKilledMidRetr(t *testing.T) {
 		}()
 	}
 	ready.Wait()
+	waitFor(t, 10*time.Second, "the idle sessions to park", func() bool {
+		return a.metrics(t).get(pfx+"parked_sessions") >= float64(len(idle))
+	})
 	b.kill(t)
 	kill := time.Now()
 	close(killed)
@@ -344,6 +355,12 @@ func TestFaultUpstreamKilledMidRetr(t *testing.T) {
 	if cut < n/2 {
 		t.Errorf("only %d of %d RETRs were cut by the kill: the test did not kill Dovecot mid-RETR", cut, n)
 	}
+	for i, c := range idle {
+		c.deadline(5 * time.Second)
+		if rest, err := io.ReadAll(c.r); err != nil || len(rest) > 0 {
+			t.Errorf("parked session %d: %q, %v after the kill, want a clean EOF", i, rest, err)
+		}
+	}
 	if d := time.Since(kill); d > 5*time.Second {
 		t.Errorf("the clients took %v after the kill to see the end", d)
 	}
@@ -356,6 +373,7 @@ func TestFaultUpstreamKilledMidRetr(t *testing.T) {
 	}
 	c.expectClosed()
 	a.expectBaseline(t, base, 10*time.Second)
+	noCaddyErrors(t, a.caddyProc)
 }
 
 // --- auth server restarted under load ---------------------------------------------
@@ -416,6 +434,7 @@ func TestFaultAuthServerRestarts(t *testing.T) {
 	c.quit()
 	auth.set("down") // Caddy's idle connections to it close
 	a.expectBaseline(t, base, 10*time.Second)
+	noCaddyErrors(t, a.caddyProc)
 }
 
 // authLoadLogin is one session of TestFaultAuthServerRestarts: it counts a
@@ -493,6 +512,7 @@ func TestFaultClientsStopReading(t *testing.T) {
 	t.Run("stalls", func(t *testing.T) { stopReadingCases(t, a, addr, limit, &wg) })
 	wg.Wait()
 	a.expectBaseline(t, base, 10*time.Second)
+	noCaddyErrors(t, a.caddyProc)
 }
 
 // stopReadingCases are the cases of TestFaultClientsStopReading, run in
@@ -557,8 +577,9 @@ func stopReadingCases(t *testing.T, a *adminCaddy, addr string, limit time.Durat
 // --- reload every second under load -----------------------------------------------
 
 // TestFaultReloadEverySecond loads a new config (POST /load) every second for
-// ten seconds while clients log in, read their mail and quit, and two
-// clients stream the 32 MiB message slowly across the reloads: every
+// ten seconds while clients log in, read their mail and quit (plain and
+// implicit_tls), and two clients stream the 32 MiB message slowly across
+// the reloads: every
 // greeting is one of the two configs', every login succeeds, every reply is
 // Dovecot's, the long RETRs are byte-exact, and Caddy is back at its
 // baseline.
@@ -566,12 +587,52 @@ func TestFaultReloadEverySecond(t *testing.T) {
 	need(t)
 	usedSecret(alice, alicePass)
 	usedSecret(big, bigPass)
-	addr := freePortT(t)
+	addr, tlsAddr := freePortT(t), freePortT(t)
 	greetings := []string{"fault reload A", "fault reload B"}
 	cfg := func(admin string, i int) string {
-		return faultCaddyfile(admin, addr, env.dc.POP3Addr, fmt.Sprintf("greeting %q\nproxy_timeout %ds", greetings[i%2], 60+i))
+		return fmt.Sprintf(`{
+	admin %[1]s
+	local_certs
+	skip_install_trust
+	tls_automate_names localhost
+	layer4 {
+		%[2]s {
+			route {
+				pop3 %[4]s {
+					starttls off
+					auth_failure_delay 1ms
+					greeting %[5]q
+					proxy_timeout %[6]ds
+				}
+			}
+		}
+		%[3]s {
+			route {
+				pop3 %[4]s {
+					implicit_tls
+					auth_failure_delay 1ms
+					greeting %[5]q
+					connection_policy {
+						default_sni localhost
+					}
+				}
+			}
+		}
 	}
-	a := startAdminCaddy(t, "fault-reload", func(admin string) string { return cfg(admin, 0) }, listener{addr: addr})
+}
+`, admin, addr, tlsAddr, env.dc.POP3Addr, greetings[i%2], 60+i)
+	}
+	a := startAdminCaddy(t, "fault-reload", func(admin string) string { return cfg(admin, 0) }, listener{addr: addr}, listener{addr: tlsAddr, tls: true})
+	tlsCfg, err := a.tlsConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dials := []func() (net.Conn, error){
+		func() (net.Conn, error) { return net.DialTimeout("tcp", addr, 5*time.Second) },
+		func() (net.Conn, error) {
+			return tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", tlsAddr, tlsCfg)
+		},
+	}
 
 	direct := dialPOP3(t, env.dc.POP3Addr, nil)
 	direct.login(alice, alicePass)
@@ -584,6 +645,7 @@ func TestFaultReloadEverySecond(t *testing.T) {
 	var wg sync.WaitGroup
 	var logins atomic.Int64
 	for w := 0; w < 4; w++ {
+		dial := dials[w%2]
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -593,7 +655,7 @@ func TestFaultReloadEverySecond(t *testing.T) {
 					return
 				default:
 				}
-				if err := reloadLoadSession(addr, greetings, want); err != nil {
+				if err := reloadLoadSession(dial, greetings, want); err != nil {
 					t.Error(err)
 					return
 				}
@@ -615,6 +677,8 @@ func TestFaultReloadEverySecond(t *testing.T) {
 			var tail []byte
 			var size int64
 			c.deadline(60 * time.Second)
+			const rate = 4 << 20 // bytes per second
+			start := time.Now()
 			for {
 				n, err := c.r.Read(buf)
 				h.Write(buf[:n])
@@ -630,7 +694,7 @@ func TestFaultReloadEverySecond(t *testing.T) {
 					t.Errorf("long RETR after %d of %d bytes: %v", size, bigSize, err)
 					return
 				}
-				time.Sleep(60 * time.Millisecond)
+				time.Sleep(time.Until(start.Add(time.Duration(size) * time.Second / rate)))
 			}
 			if size != bigSize || [32]byte(h.Sum(nil)) != bigSum {
 				t.Errorf("long RETR across reloads: %d bytes (want %d), sha256 differs: %v", size, bigSize, [32]byte(h.Sum(nil)) != bigSum)
@@ -649,11 +713,12 @@ func TestFaultReloadEverySecond(t *testing.T) {
 		t.Errorf("only %d sessions during 10 s of reloads", logins.Load())
 	}
 	a.expectBaseline(t, base, 15*time.Second)
+	noCaddyErrors(t, a.caddyProc)
 }
 
 // reloadLoadSession is one session of TestFaultReloadEverySecond.
-func reloadLoadSession(addr string, greetings, want []string) error {
-	conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
+func reloadLoadSession(dial func() (net.Conn, error), greetings, want []string) error {
+	conn, err := dial()
 	if err != nil {
 		return err
 	}
