@@ -569,6 +569,15 @@ func stopReadingCases(t *testing.T, a *adminCaddy, addr string, limit time.Durat
 		}
 		if !gone(t, c) {
 			t.Errorf("a client that sends commands and never reads still has its session %v after timeout %v: the session is stuck writing replies, with no write deadline before login", time.Since(start), limit)
+			// The admin API must be able to end it all the same.
+			a.kick(t, "remote="+url.QueryEscape(c.tcp.LocalAddr().String()))
+			kicked := time.Now()
+			for !gone(t, c) && time.Since(kicked) < 3*time.Second {
+				time.Sleep(50 * time.Millisecond)
+			}
+			if !gone(t, c) {
+				t.Errorf("DELETE /pop3/sessions did not end the stuck session either within 3s")
+			}
 		}
 		c.tcp.Close()
 	})
