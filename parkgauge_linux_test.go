@@ -27,6 +27,7 @@ func TestParkedSessionsMetricNilSafe(t *testing.T) {
 // (QUIT, client close, kick, proxy_timeout) takes it off again; afterwards
 // the process is back at its descriptors, goroutines and parker entries.
 func TestParkedSessionsGauge(t *testing.T) {
+	waitForNoSessions(t) // none of an earlier test is parked or about to be
 	withParkAfter(t, 50*time.Millisecond)
 	_, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, func(h *Handler) { h.ProxyTimeout = caddy.Duration(3 * time.Second) })
@@ -85,6 +86,16 @@ func TestParkedSessionsGauge(t *testing.T) {
 	waitGauge(gauge)
 	for i := range ts {
 		_ = ts[i].conn.Close()
+	}
+	// Every session line written: the relays are done with parkAfter
+	// before withParkAfter's cleanup sets it back (the observer's lock
+	// orders the two for the race detector).
+	deadline := time.Now().Add(5 * time.Second)
+	for len(logs.FilterMessage("session").All()) < n && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := len(logs.FilterMessage("session").All()); got != n {
+		t.Errorf("%d session lines, want %d", got, n)
 	}
 	expectBaseline(t, base, 2, 5*time.Second)
 }
