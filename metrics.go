@@ -13,6 +13,7 @@ import (
 type pop3Metrics struct {
 	sessions           *prometheus.CounterVec
 	activeSessions     prometheus.Gauge
+	parkedSessions     prometheus.Gauge
 	logins             *prometheus.CounterVec
 	loginDuration      *prometheus.HistogramVec
 	dialErrors         *prometheus.CounterVec
@@ -34,6 +35,10 @@ func newPOP3Metrics() *pop3Metrics {
 		activeSessions: prometheus.NewGauge(prometheus.GaugeOpts{
 			Namespace: ns, Subsystem: sub, Name: "active_sessions",
 			Help: "POP3 sessions open now, before or after login.",
+		}),
+		parkedSessions: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "parked_sessions",
+			Help: "Logged-in POP3 sessions parked now: quiet, both directions waiting in the epoll set, no goroutine.",
 		}),
 		logins: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub, Name: "logins_total",
@@ -73,7 +78,7 @@ func (m *pop3Metrics) register(reg *prometheus.Registry) error {
 	if m == nil || reg == nil {
 		return nil
 	}
-	for _, c := range []prometheus.Collector{m.sessions, m.activeSessions, m.logins, m.loginDuration, m.dialErrors, m.upstreamHealthy, m.bytes, m.stls, m.implicitHandshakes} {
+	for _, c := range []prometheus.Collector{m.sessions, m.activeSessions, m.parkedSessions, m.logins, m.loginDuration, m.dialErrors, m.upstreamHealthy, m.bytes, m.stls, m.implicitHandshakes} {
 		if err := reg.Register(c); err != nil && !errors.As(err, new(prometheus.AlreadyRegisteredError)) {
 			return err
 		}
@@ -102,6 +107,14 @@ func (m *pop3Metrics) sessionEnded(result string, fromClient, toClient int64) {
 func (m *pop3Metrics) sessionRefused(result string) {
 	if m != nil {
 		m.sessions.WithLabelValues(result).Inc()
+	}
+}
+
+// parked counts a session that parked (delta 1) or woke or ended parked
+// (delta -1).
+func (m *pop3Metrics) parked(delta float64) {
+	if m != nil {
+		m.parkedSessions.Add(delta)
 	}
 }
 

@@ -87,6 +87,13 @@ func (p *parker) forget(token uint64) {
 	p.mu.Unlock()
 }
 
+// waitingCount is how many directions wait in the parker now.
+func (p *parker) waitingCount() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.waiting)
+}
+
 func (p *parker) loop() {
 	events := make([]unix.EpollEvent, 256)
 	for {

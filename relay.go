@@ -127,6 +127,7 @@ type relay struct {
 	running     int       // pumps with a goroutine, the handler's included
 	detached    bool      // the handler returned: the relay ends the session itself
 	ended       bool
+	counted     bool // counted in the parked_sessions gauge
 	result      string
 	timer       *time.Timer
 	quiet       chan struct{} // closed when ended and no pump runs, if not detached
@@ -445,11 +446,28 @@ func (r *relay) park(d *direction) (parked, detached bool) {
 	}
 	d.state = pumpParked
 	r.running--
+	r.countParked()
 	if !d.toUpstream && !r.detached && r.up.state == pumpRunning {
 		// The handler's direction was told to park while this one ran.
 		_ = r.client.SetReadDeadline(aLongTimeAgo)
 	}
 	return true, detached
+}
+
+// countParked keeps the parked_sessions gauge: a session is parked while it
+// has not ended, no pump runs and a direction waits in the parker. Called
+// with r.mu held after each change of those.
+func (r *relay) countParked() {
+	parked := !r.ended && r.running == 0 && (r.up.state == pumpParked || r.down.state == pumpParked)
+	if parked == r.counted {
+		return
+	}
+	r.counted = parked
+	if parked {
+		metrics.parked(1)
+	} else {
+		metrics.parked(-1)
+	}
 }
 
 // wake runs a parked direction whose source has data or hung up.
@@ -461,6 +479,7 @@ func (r *relay) wake(d *direction) {
 	}
 	d.state = pumpRunning
 	r.running++
+	r.countParked()
 	if r.running == 1 {
 		quiet := r.quietFor()
 		r.timer.Reset(r.nextCheck(quiet, r.idleFor(quiet))) // it was set for proxy_timeout
@@ -477,6 +496,7 @@ func (r *relay) directionDone(d *direction, err error) {
 	r.mu.Lock()
 	d.state = pumpDone
 	r.running--
+	r.countParked()
 	upstream, ended := r.upstream, r.ended
 	r.mu.Unlock()
 	var we writeError
@@ -512,6 +532,7 @@ func (r *relay) end(result string) {
 		return
 	}
 	r.ended, r.result = true, result
+	r.countParked()
 	for _, d := range []*direction{&r.up, &r.down} {
 		if d.state == pumpParked {
 			theParker.forget(d.token)

@@ -93,3 +93,41 @@ func FuzzDecodeSASL(f *testing.F) {
 		}
 	})
 }
+
+// FuzzParseResponse checks that any server line parses without panic into
+// parts taken from the line: a code without ']', status kinds that exclude
+// each other, and no byte that the line did not hold.
+func FuzzParseResponse(f *testing.F) {
+	for _, s := range []string{
+		"+OK Dovecot ready. <1896.697170952@dbc.mtview.ca.us>", "+OK", "+ ", "+", "+ VXNlcm5hbWU6",
+		"-ERR [AUTH] Authentication failed.", "-ERR [SYS/TEMP] try later", "-ERR [IN-USE] locked",
+		"-err lower case", "+ok [] empty code", "-ERR [unterminated", "+OK [A]]b", "+OKAY", "-ERRx", "",
+		"+OK \x00\r [\xff]", "-ERR [LOGIN-DELAY] 60",
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, line []byte) {
+		r, err := ParseResponse(line)
+		if err != nil {
+			if !errors.Is(err, ErrBadResponse) {
+				t.Fatalf("error %v is not ErrBadResponse", err)
+			}
+			return
+		}
+		if r.OK && r.Continuation {
+			t.Fatalf("%q: both +OK and continuation", line)
+		}
+		if strings.Contains(r.Code, "]") {
+			t.Fatalf("%q: code %q holds ']'", line, r.Code)
+		}
+		if !bytes.Contains(line, []byte(r.Text)) || !bytes.Contains(line, []byte(r.Code)) {
+			t.Fatalf("%q: code %q or text %q not from the line", line, r.Code, r.Text)
+		}
+		if len(r.Code)+len(r.Text) > len(line) {
+			t.Fatalf("%q: code %q and text %q longer than the line", line, r.Code, r.Text)
+		}
+		if r.Code != "" && !bytes.Contains(line, []byte("["+r.Code+"]")) {
+			t.Fatalf("%q: code %q not in brackets", line, r.Code)
+		}
+	})
+}
