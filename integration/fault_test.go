@@ -30,6 +30,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -652,7 +653,7 @@ func TestFaultReloadEverySecond(t *testing.T) {
 
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
-	var logins atomic.Int64
+	var logins, resets atomic.Int64
 	for w := 0; w < 4; w++ {
 		dial := dials[w%2]
 		wg.Add(1)
@@ -664,7 +665,12 @@ func TestFaultReloadEverySecond(t *testing.T) {
 					return
 				default:
 				}
-				if err := reloadLoadSession(dial, greetings, want); err != nil {
+				err := reloadLoadSession(dial, greetings, want)
+				if errors.Is(err, errResetInAcceptQueue) {
+					resets.Add(1)
+					continue
+				}
+				if err != nil {
 					t.Error(err)
 					return
 				}
@@ -717,17 +723,29 @@ func TestFaultReloadEverySecond(t *testing.T) {
 	}
 	close(stop)
 	wg.Wait()
-	t.Logf("%d sessions during the reloads", logins.Load())
+	t.Logf("%d sessions during the reloads; %d connections reset before the greeting", logins.Load(), resets.Load())
 	if logins.Load() < 20 {
 		t.Errorf("only %d sessions during 10 s of reloads", logins.Load())
+	}
+	if resets.Load() > logins.Load()/20 {
+		t.Errorf("%d of %d connections reset before the greeting: more than the old listener's accept queue at each reload explains", resets.Load(), logins.Load()+resets.Load())
 	}
 	a.expectBaseline(t, base, 15*time.Second)
 	noCaddyErrors(t, a.caddyProc)
 }
 
+// errResetInAcceptQueue: a connection reset before anything was read from
+// it. Caddy gives each config its own SO_REUSEPORT listener, and Linux
+// resets the connections still queued on the old one when it closes at a
+// reload (the kernel's behaviour, not the handler's: no session existed).
+var errResetInAcceptQueue = errors.New("connection reset before the greeting")
+
 // reloadLoadSession is one session of TestFaultReloadEverySecond.
 func reloadLoadSession(dial func() (net.Conn, error), greetings, want []string) error {
 	conn, err := dial()
+	if errors.Is(err, syscall.ECONNRESET) {
+		return errResetInAcceptQueue // at connect, or in the implicit_tls handshake
+	}
 	if err != nil {
 		return err
 	}
@@ -737,7 +755,7 @@ func reloadLoadSession(dial func() (net.Conn, error), greetings, want []string) 
 	line := func() (string, error) {
 		l, err := r.ReadString('\n')
 		if err != nil || !strings.HasSuffix(l, "\r\n") {
-			return l, fmt.Errorf("reading: %q %v", l, err)
+			return l, fmt.Errorf("reading: %q: %w", l, err)
 		}
 		return strings.TrimSuffix(l, "\r\n"), nil
 	}
@@ -748,6 +766,9 @@ func reloadLoadSession(dial func() (net.Conn, error), greetings, want []string) 
 		return line()
 	}
 	g, err := line()
+	if err != nil && g == "" && errors.Is(err, syscall.ECONNRESET) {
+		return errResetInAcceptQueue
+	}
 	if err != nil {
 		return fmt.Errorf("greeting: %w", err)
 	}
