@@ -19,9 +19,9 @@ import (
 
 // withParkAfter shortens parkAfter for one test.
 func withParkAfter(t *testing.T, d time.Duration) {
-	old := parkAfter
-	parkAfter = d
-	t.Cleanup(func() { parkAfter = old })
+	old := parkAfter.get()
+	parkAfter.set(d)
+	t.Cleanup(func() { parkAfter.set(old) })
 }
 
 // relayGoroutines counts goroutines running a relay pump.

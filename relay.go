@@ -31,7 +31,19 @@ const (
 // goroutines: each direction then waits in one process-wide epoll set, and
 // the session costs two sockets and a few hundred bytes until data moves.
 // Long enough that a session busy with commands never pays for parking.
-var parkAfter = time.Second
+var parkAfter = newAtomicDuration(time.Second) // atomic: tests change it while relays of earlier tests end
+
+// atomicDuration is a time.Duration read and set from any goroutine.
+type atomicDuration struct{ v atomic.Int64 }
+
+func newAtomicDuration(d time.Duration) *atomicDuration {
+	a := new(atomicDuration)
+	a.set(d)
+	return a
+}
+
+func (a *atomicDuration) get() time.Duration  { return time.Duration(a.v.Load()) }
+func (a *atomicDuration) set(d time.Duration) { a.v.Store(int64(d)) }
 
 // relay copies bytes both ways until the session ends. With plain TCP on
 // both legs Linux moves the bytes (splice(2) through TCPConn.ReadFrom);
@@ -287,10 +299,10 @@ func (r *relay) nextCheck(quiet, idle time.Duration) time.Duration {
 		next = min(next, r.idle/4)
 	}
 	if r.canPark() && r.running > 0 {
-		if quiet < parkAfter {
-			next = min(next, parkAfter-quiet)
+		if after := parkAfter.get(); quiet < after {
+			next = min(next, after-quiet)
 		} else {
-			next = min(next, parkAfter)
+			next = min(next, after)
 		}
 	}
 	return max(next, time.Millisecond)
@@ -315,7 +327,7 @@ func (r *relay) check() {
 		r.end("idle_timeout")
 		return
 	}
-	if r.canPark() && quiet >= parkAfter {
+	if r.canPark() && quiet >= parkAfter.get() {
 		for _, d := range []*direction{&r.up, &r.down} {
 			if d.state == pumpRunning {
 				src, _ := r.ends(d)
@@ -407,7 +419,7 @@ func (r *relay) park(d *direction) (parked, detached bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	src, _ := r.ends(d)
-	if r.ended || !r.canPark() || r.quietFor() < parkAfter {
+	if r.ended || !r.canPark() || r.quietFor() < parkAfter.get() {
 		_ = src.SetReadDeadline(time.Time{})
 		return false, false
 	}
