@@ -58,24 +58,6 @@ func (ts *testSession) waitParked() {
 	}
 }
 
-// sessionLine waits for the session's INFO line and returns its fields.
-func sessionLine(t *testing.T, logs *observer.ObservedLogs) map[string]any {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		if lines := logs.FilterMessage("session").All(); len(lines) > 0 {
-			if len(lines) != 1 {
-				t.Fatalf("%d session lines", len(lines))
-			}
-			return lines[0].ContextMap()
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("no session line")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 // expectClosed checks that the client sees the connection end.
 func (ts *testSession) expectClosed() {
 	ts.t.Helper()

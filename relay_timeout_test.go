@@ -39,8 +39,8 @@ func startSlowSession(t *testing.T, h *Handler, logs *observer.ObservedLogs) *te
 	return ts
 }
 
-// endLine waits for the session's one INFO line and returns its fields.
-func endLine(t *testing.T, logs *observer.ObservedLogs) map[string]any {
+// sessionLine waits for the session's one INFO line and returns its fields.
+func sessionLine(t *testing.T, logs *observer.ObservedLogs) map[string]any {
 	t.Helper()
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
 		if lines := logs.FilterMessage("session").All(); len(lines) > 0 {
@@ -114,7 +114,7 @@ func TestRelaySlowClientIsNotIdle(t *testing.T) {
 			}
 			ts.send("QUIT")
 			ts.expect("+OK bye")
-			if line := endLine(t, logs); line["result"] != "ok" {
+			if line := sessionLine(t, logs); line["result"] != "ok" {
 				t.Errorf("session line %v", line)
 			}
 		})
@@ -147,7 +147,7 @@ func TestRelayStuckClientEnds(t *testing.T) {
 			ts.expect("+OK Logged in.")
 			ts.expect("+OK")
 			start := time.Now()
-			line := endLine(t, logs)
+			line := sessionLine(t, logs)
 			if line["result"] != "idle_timeout" {
 				t.Errorf("session line %v", line)
 			}
@@ -196,7 +196,7 @@ func TestRelayUpstreamCloseDeliversAll(t *testing.T) {
 			if n, err := ts.r.Read(make([]byte, 1)); err != io.EOF {
 				t.Fatalf("after the upstream's close: %d bytes, %v; want EOF", n, err)
 			}
-			if line := endLine(t, logs); line["result"] != "ok" {
+			if line := sessionLine(t, logs); line["result"] != "ok" {
 				t.Errorf("session line %v", line)
 			}
 		})
@@ -236,7 +236,7 @@ func TestRelayClientResetIsClientError(t *testing.T) {
 			time.Sleep(100 * time.Millisecond)
 			_ = raw.SetLinger(0)
 			_ = raw.Close()
-			if line := endLine(t, logs); line["result"] != "client_error" {
+			if line := sessionLine(t, logs); line["result"] != "client_error" {
 				t.Errorf("session line %v, want result client_error", line)
 			}
 		})

@@ -58,18 +58,6 @@ func sessionResult(t *testing.T, logs *observer.ObservedLogs) string {
 	return r
 }
 
-// waitUntil polls cond for up to 5 seconds.
-func waitUntil(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 // unreadReplies starts a session over a pipe whose client sends a command
 // and never reads the reply: the session blocks in its write.
 func unreadReplies(t *testing.T, mod func(*Handler)) (*testSession, *Handler, *observer.ObservedLogs) {
@@ -124,7 +112,7 @@ func TestKickDuringFailureDelay(t *testing.T) {
 	ts.send("USER alice")
 	ts.expect("+OK")
 	ts.send("PASS wrong")
-	waitUntil(t, "the refused login", func() bool { return logs.FilterMessage("login failed").Len() == 1 })
+	waitFor(t, "the refused login", func() bool { return logs.FilterMessage("login failed").Len() == 1 })
 	start := time.Now()
 	kickSessionsOf(t, h)
 	ts.expect("-ERR [SYS/TEMP] Session closed by the administrator")
@@ -147,7 +135,7 @@ func TestKickDuringSlowAuthServer(t *testing.T) {
 	ts.send("USER alice")
 	ts.expect("+OK")
 	ts.send("PASS secret-pw")
-	waitUntil(t, "the auth request", func() bool { return len(as.Requests()) == 1 })
+	waitFor(t, "the auth request", func() bool { return len(as.Requests()) == 1 })
 	kickSessionsOf(t, h)
 	ts.expect("-ERR [SYS/TEMP] Session closed by the administrator")
 	ts.endsWithin(promptEnd)
@@ -216,7 +204,7 @@ func TestKickDuringEarlyUpstream(t *testing.T) {
 		h.DialTimeout = anHour
 	})
 	ts := handleOn(t, h, logs, false)
-	waitUntil(t, "the session", func() bool {
+	waitFor(t, "the session", func() bool {
 		return len(liveSessions.matching(func(s *session) bool { return s.h == h })) == 1
 	})
 	time.Sleep(50 * time.Millisecond) // let it wait for the upstream's greeting
@@ -263,7 +251,7 @@ func TestSessionAfterDrainEnds(t *testing.T) {
 	if err := h.Cleanup(); err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, "the drain", func() bool { return h.drained.Load() })
+	waitFor(t, "the drain", func() bool { return h.drained.Load() })
 	ts := handleOn(t, h, logs, false)
 	ts.expect("-ERR [SYS/TEMP] Server configuration changed")
 	ts.endsWithin(promptEnd)
