@@ -53,11 +53,42 @@ func TestConnectionFloodLeavesTheListenerServing(t *testing.T) {
 		sessions = append(sessions, c)
 	}
 
-	const flood, atOnce = 40, 8
-	replies := make([]string, flood)
+	floodExpectRefused(t, addr, 40, 8)
+
+	// The sessions that fit work on.
+	for _, c := range sessions {
+		c.ok("STAT")
+		c.quit()
+	}
+	// And the listener still accepts and serves.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		err := p.probe(listener{addr: addr})
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the listener no longer greets after the flood (last: %v)", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	c := dialPOP3(t, addr, nil)
+	c.login(alice, alicePass)
+	c.ok("STAT")
+	c.quit()
+	if !strings.Contains(p.log(), "refusing sessions") {
+		t.Error("Caddy logged no warning about refused sessions")
+	}
+}
+
+// floodExpectRefused opens n connections to addr, atOnce at a time, and
+// expects each to get "-ERR [SYS/TEMP] Too many connections" and a close.
+func floodExpectRefused(t *testing.T, addr string, n, atOnce int) {
+	t.Helper()
+	replies := make([]string, n)
 	var wg sync.WaitGroup
 	slots := make(chan struct{}, atOnce)
-	for i := range flood {
+	for i := range n {
 		wg.Add(1)
 		slots <- struct{}{}
 		go func() {
@@ -88,30 +119,5 @@ func TestConnectionFloodLeavesTheListenerServing(t *testing.T) {
 		if !strings.HasPrefix(r, "-ERR [SYS/TEMP] Too many connections") {
 			t.Errorf("flood connection %d: %q, want -ERR [SYS/TEMP] Too many connections and a close", i, r)
 		}
-	}
-
-	// The sessions that fit work on.
-	for _, c := range sessions {
-		c.ok("STAT")
-		c.quit()
-	}
-	// And the listener still accepts and serves.
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		err := p.probe(listener{addr: addr})
-		if err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the listener no longer greets after the flood (last: %v)", err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	c := dialPOP3(t, addr, nil)
-	c.login(alice, alicePass)
-	c.ok("STAT")
-	c.quit()
-	if !strings.Contains(p.log(), "refusing sessions") {
-		t.Error("Caddy logged no warning about refused sessions")
 	}
 }

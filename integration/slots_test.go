@@ -9,7 +9,6 @@ import (
 	"io"
 	"net"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 )
@@ -76,42 +75,7 @@ func TestFloodWhileRetrsStream(t *testing.T) {
 		t.Fatalf("%d streaming sessions fit in 16 slots, want fewer: each stream's pipe takes a slot", len(streams))
 	}
 
-	const flood, atOnce = 40, 8
-	replies := make([]string, flood)
-	var wg sync.WaitGroup
-	slots := make(chan struct{}, atOnce)
-	for i := range flood {
-		wg.Add(1)
-		slots <- struct{}{}
-		go func() {
-			defer wg.Done()
-			defer func() { <-slots }()
-			conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
-			if err != nil {
-				replies[i] = "dial: " + err.Error()
-				return
-			}
-			defer conn.Close()
-			_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
-			r := bufio.NewReader(conn)
-			line, err := r.ReadString('\n')
-			if err != nil {
-				replies[i] = fmt.Sprintf("no reply: %v", err)
-				return
-			}
-			if _, err := r.ReadByte(); err == nil {
-				replies[i] = "open after: " + line
-				return
-			}
-			replies[i] = strings.TrimSuffix(line, "\r\n")
-		}()
-	}
-	wg.Wait()
-	for i, r := range replies {
-		if !strings.HasPrefix(r, "-ERR [SYS/TEMP] Too many connections") {
-			t.Errorf("flood connection %d: %q, want -ERR [SYS/TEMP] Too many connections and a close", i, r)
-		}
-	}
+	floodExpectRefused(t, addr, 40, 8)
 
 	// The streams complete, byte for byte.
 	wantSum, wantSize := bigRetrBody()
