@@ -311,7 +311,8 @@ func TestAuthNamedUnresolvedTLSUpstream(t *testing.T) {
 
 // Options that an auth server's choice (or a missing fail_duration) makes
 // useless are named in a WARN at start, and so is plaintext to addresses
-// the auth server names that no TLS upstream matches.
+// the auth server names that no TLS upstream matches, and a relayed APOP
+// timestamp read before the upstream's STLS.
 func TestProvisionWarnsOfPoolOptions(t *testing.T) {
 	for _, tc := range []struct {
 		name string
@@ -325,6 +326,11 @@ func TestProvisionWarnsOfPoolOptions(t *testing.T) {
 		{"auth_http alone", Handler{AuthHTTP: &AuthHTTP{}}, []string{"plaintext"}},
 		{"max_fails alone", Handler{MaxFails: 3, Upstream: []*Upstream{{Address: "mail1:110"}}}, []string{"max_fails"}},
 		{"health_interval, templates only", Handler{HealthInterval: caddy.Duration(time.Second), Upstream: []*Upstream{{Address: "{pop3.domain}"}}}, []string{"health_interval"}},
+		{"relayed apop, starttls upstream", Handler{Auth: []string{"APOP"}, Upstream: []*Upstream{{Address: "mail1:110", TLS: &reverseproxy.TLSConfig{}, StartTLS: true}}},
+			[]string{"APOP timestamp"}},
+		{"relayed apop, tls upstream", Handler{Auth: []string{AuthAPOP}, Upstream: []*Upstream{{Address: "mail1:995", TLS: &reverseproxy.TLSConfig{}}}}, nil},
+		{"apop with auth_http, starttls upstream", Handler{Auth: []string{AuthAPOP}, AuthHTTP: &AuthHTTP{},
+			Upstream: []*Upstream{{Address: "mail1:110", TLS: &reverseproxy.TLSConfig{}, StartTLS: true}}}, nil},
 		{"nothing to warn of", Handler{LBPolicy: PolicyFirst, HealthInterval: caddy.Duration(time.Second), Upstream: []*Upstream{{Address: "mail1:110", Weight: 2}}}, nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -258,6 +258,7 @@ func (h *Handler) warnPoolOptions() {
 		h.logger.Warn("health_interval: no upstream without placeholders to check")
 	}
 	if h.AuthHTTP == nil {
+		h.warnAPOPBeforeSTLS()
 		return
 	}
 	var ignored []string
@@ -285,6 +286,24 @@ func (h *Handler) warnPoolOptions() {
 	}
 	if !tlsOnly {
 		h.logger.Warn("auth_http: an upstream the auth server names that is no configured upstream with tls is reached in plaintext, passwords included")
+	}
+}
+
+// warnAPOPBeforeSTLS warns of relayed APOP to an upstream with starttls:
+// POP3 greets before STLS, so the timestamp the client signs crosses the
+// network in plaintext, where an attacker can put in one of its own
+// connection's and log in with the client's digest if it sees the client's
+// side too. CRAM-MD5's challenge comes after STLS. A refusal would break
+// working configs whose network is trusted; tls (implicit) has no such gap.
+func (h *Handler) warnAPOPBeforeSTLS() {
+	if !slices.ContainsFunc(h.Auth, func(m string) bool { return strings.EqualFold(m, AuthAPOP) }) {
+		return // called before setup makes the names lower case
+	}
+	for _, u := range h.Upstream {
+		if u != nil && u.TLS != nil && u.StartTLS {
+			h.logger.Warn("auth apop: the upstream's APOP timestamp arrives in its greeting before STLS, unprotected; use tls instead of starttls to protect it",
+				zap.String("upstream", u.Address))
+		}
 	}
 }
 
