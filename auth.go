@@ -423,6 +423,9 @@ func (s *session) loginDone(req loginRequest, up *upstreamClient, actingAs, text
 	s.state = stateRelay
 	s.shared.mu.Lock()
 	s.shared.user, s.shared.upstream, s.shared.relaying = req.creds.Username, up.address, true
+	if actingAs != req.creds.Username {
+		s.shared.upstreamUser = actingAs
+	}
 	s.shared.wireIn, s.shared.wireOut, s.shared.wireOK = wireBytes(s.raw)
 	s.shared.mu.Unlock()
 	s.loginTook = now().Sub(started)
