@@ -70,6 +70,8 @@ type session struct {
 	// upstreamUser is whose mailbox the upstream opened: loginUser, the
 	// AUTH PLAIN authzid (without auth_http), or the auth server's Auth-User.
 	upstreamUser string
+
+	notReading bool // the last words found the client not reading: no close_notify either
 }
 
 // replyError is a -ERR reply: an optional RFC 2449 response code and text
@@ -262,12 +264,22 @@ func (s *session) greet() error {
 // closeNotify ends the client's TLS session with a close_notify alert (RFC
 // 8446 §6.1) before the connection closes: OpenSSL 3 clients report a
 // close without one as an error. The relay sends it itself when the
-// upstream ends first; a second one is never sent.
+// upstream ends first; a second one is never sent. tls.Conn gives the
+// alert a 5 s write deadline of its own: a client that reads nothing gets
+// a second, then the socket closes under the TLS session, as the relay's
+// ends do.
 func (s *session) closeNotify() {
-	if tc, ok := s.cx.Conn.(*tls.Conn); ok {
-		_ = s.cx.SetWriteDeadline(now().Add(time.Second))
-		_ = tc.CloseWrite()
+	tc, ok := s.cx.Conn.(*tls.Conn)
+	if !ok {
+		return
 	}
+	if s.notReading {
+		closeUnderTLS(tc)
+		return
+	}
+	bound := time.AfterFunc(time.Second, func() { closeUnderTLS(tc) })
+	_ = tc.CloseWrite()
+	bound.Stop()
 }
 
 // tlsState returns the client connection's TLS state, nil if plaintext.
@@ -419,7 +431,9 @@ func (s *session) lastWords(text string) {
 	}
 	_ = s.cx.SetWriteDeadline(now().Add(time.Second))
 	_ = s.writeLine(text + s.idSuffix())
-	_ = s.w.Flush()
+	if err := s.w.Flush(); err != nil {
+		s.notReading = true
+	}
 }
 
 // isConnError reports whether err comes from the connection rather than
