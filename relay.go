@@ -27,6 +27,10 @@ const (
 	copyHead = 1 << 10
 )
 
+// testHookRelayFlush, set only by tests, runs after the relay is visible
+// to kick and before it flushes what the login left buffered.
+var testHookRelayFlush func(*session)
+
 // parkAfter is how long a plain TCP relay stays quiet before it gives up its
 // goroutines: each direction then waits in one process-wide epoll set, and
 // the session costs two sockets and a few hundred bytes until data moves.
@@ -53,6 +57,9 @@ func (s *session) relay() error {
 		s.result = "closed_by_admin"
 		return nil
 	}
+	if testHookRelayFlush != nil {
+		testHookRelayFlush(s)
+	}
 	// Commands the client pipelined after its login, and anything the
 	// upstream sent after its +OK, must not be lost. The relay's timer is
 	// not running yet: a peer that does not read gets proxy_timeout here.
@@ -62,6 +69,9 @@ func (s *session) relay() error {
 	s.shared.fromClient.Add(n)
 	if err != nil {
 		s.result = "upstream_error"
+		if _, kicked := s.kicked(); kicked {
+			s.result = "closed_by_admin" // kick closed the connections
+		}
 		return nil
 	}
 	n, err = up.r.WriteBufferedTo(client)

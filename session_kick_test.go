@@ -362,3 +362,21 @@ func TestTLSEndBoundedForClientThatReadsNothing(t *testing.T) {
 		})
 	}
 }
+
+// TestKickBeforeRelayFlush: a kick that lands after the relay started and
+// before it passed on the commands pipelined after the login is the
+// administrator's, not an upstream error.
+func TestKickBeforeRelayFlush(t *testing.T) {
+	_, addr := fakeUpstream(t, nil)
+	h, logs := newTestHandler(t, addr, nil)
+	testHookRelayFlush = func(s *session) { s.kick("Session closed by the administrator") }
+	t.Cleanup(func() { testHookRelayFlush = nil })
+	ts := startSession(t, h, logs, true)
+	ts.send("USER alice", "PASS secret-pw", "STAT") // STAT waits in the buffer at login
+	ts.expect("+OK")
+	ts.expect("+OK Logged in.")
+	ts.closed()
+	if r := sessionResult(t, logs); r != "closed_by_admin" {
+		t.Errorf("result %q, want closed_by_admin", r)
+	}
+}
