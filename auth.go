@@ -365,6 +365,10 @@ func (s *session) login(req loginRequest) error {
 	if err != nil {
 		return s.loginFailed(req, "", err)
 	}
+	// The upstream's time starts now: an auth server that took longer than
+	// timeout (WAIT retries included) must not make its dial fail at once
+	// and count against it.
+	deadline = s.ioDeadline()
 	var up *upstreamClient
 	if target.address == "" {
 		up, err = s.h.pool.connect(s.ctx, s.poolRequest(mailboxUser(target.creds)), s.dialClient(), deadline)
