@@ -465,7 +465,7 @@ func (s *session) dropEarly() {
 // wait auth_failure_delay (doubling per recent failure from the same
 // address) or the auth server's Auth-Wait before the -ERR.
 func (s *session) loginFailed(req loginRequest, upstream string, err error) error {
-	if cerr := s.ctx.Err(); cerr != nil {
+	if cerr := s.ended(); cerr != nil {
 		return cerr // kicked or out of time: the session ends, nothing failed
 	}
 	fields := []zap.Field{

@@ -152,6 +152,19 @@ func (s *session) setDeadline(t time.Time) bool {
 	return !kicked
 }
 
+// ended reports why the session's context ended, or is about to: at
+// login_timeout a connection's deadline may wake a wait before the
+// context's own timer has fired.
+func (s *session) ended() error {
+	if err := s.ctx.Err(); err != nil {
+		return err
+	}
+	if s.state == stateAuthorization && !now().Before(s.loginDeadline()) {
+		return context.DeadlineExceeded
+	}
+	return nil
+}
+
 // closeOnKick closes c when the session's context ends, which a blocked
 // read on c would not notice; stop undoes it.
 func (s *session) closeOnKick(c net.Conn) (stop func() bool) {
@@ -197,7 +210,7 @@ func (s *session) run() error {
 			err = s.reply(errLineTooLong)
 		} else if err == nil {
 			err = s.dispatch(line)
-			if cerr := s.ctx.Err(); cerr != nil && s.state == stateAuthorization {
+			if cerr := s.ended(); cerr != nil && s.state == stateAuthorization {
 				// Kicked or out of time while the command waited: its own
 				// reply (say, auth server unavailable) would mislead.
 				return s.ioError(cerr)
@@ -239,7 +252,7 @@ func (s *session) greet() error {
 	if s.h.relayChallenges {
 		up, err := s.h.pool.connect(s.ctx, s.poolRequest(""), s.dialClient(), s.ioDeadline())
 		if err != nil {
-			if err := s.ctx.Err(); err != nil {
+			if err := s.ended(); err != nil {
 				return err // kicked while it dialled
 			}
 			s.log(zap.WarnLevel, "upstream unavailable", zap.Error(err))

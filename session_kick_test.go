@@ -380,3 +380,30 @@ func TestKickBeforeRelayFlush(t *testing.T) {
 		t.Errorf("result %q, want closed_by_admin", r)
 	}
 }
+
+// TestLoginTimeoutDuringDialCountsNoFailure: a login that runs into
+// login_timeout while its upstream is still greeting ends the session; the
+// upstream is not blamed, or a client timing its logins so could take
+// every upstream out of service with max_fails.
+func TestLoginTimeoutDuringDialCountsNoFailure(t *testing.T) {
+	for range 5 { // the session's deadline and its context end together: either may wake the dial first
+		addr, _ := stuckUpstream(t, false)
+		h, logs := newTestHandler(t, addr, func(h *Handler) {
+			h.Timeout = anHour
+			h.DialTimeout = anHour
+			h.LoginTimeout = caddy.Duration(200 * time.Millisecond)
+			h.FailDuration = caddy.Duration(time.Minute)
+			h.MaxFails = 1
+		})
+		ts := startSession(t, h, logs, true)
+		ts.send("USER alice", "PASS secret-pw")
+		ts.expect("+OK")
+		ts.endsWithin(promptEnd)
+		if r := sessionResult(t, logs); r != "login_timeout" {
+			t.Errorf("result %q, want login_timeout", r)
+		}
+		if n := h.pool.upstreams[0].peer.fails.since(time.Time{}); n != 0 {
+			t.Fatalf("%d failures counted against the upstream", n)
+		}
+	}
+}
