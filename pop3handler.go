@@ -4,6 +4,7 @@
 package pop3
 
 import (
+	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -561,9 +562,13 @@ func (h *Handler) emit(name string, data func() map[string]any) {
 		return
 	}
 	d := data()
+	// Not cancelled by a reload: the events app drops events whose context
+	// is done, and a session of a replaced config may live on for hours.
+	ctx := h.ctx
+	ctx.Context = context.WithoutCancel(ctx.Context)
 	go func() {
 		defer func() { <-emitting }()
-		h.events.Emit(h.ctx, name, d)
+		h.events.Emit(ctx, name, d)
 	}()
 }
 
