@@ -538,7 +538,7 @@ func (r *relay) end(result string) {
 		closeUnderTLS(client)
 	}
 	_ = upstream.Close()
-	_ = client.Close()
+	closeNotifyWithin(client, client.Close)
 	r.settle()
 }
 
@@ -548,6 +548,22 @@ func closeUnderTLS(c net.Conn) {
 		_ = tc.NetConn().Close()
 	}
 }
+
+// closeNotifyWithin runs end, which sends c's close_notify if c is TLS,
+// for at most closeNotifyTime: tls.Conn gives that write 5 s of its own,
+// and a peer that reads nothing would hold the session's end up for them.
+// Then the socket closes under the TLS session.
+func closeNotifyWithin(c net.Conn, end func() error) {
+	if _, ok := c.(*tls.Conn); !ok {
+		_ = end()
+		return
+	}
+	bound := time.AfterFunc(closeNotifyTime, func() { closeUnderTLS(c) })
+	_ = end()
+	bound.Stop()
+}
+
+const closeNotifyTime = time.Second
 
 // settle finishes the session once it has ended and no pump runs: the
 // handler does it unless the relay detached, in which case this goroutine

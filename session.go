@@ -277,10 +277,8 @@ func (s *session) greet() error {
 // closeNotify ends the client's TLS session with a close_notify alert (RFC
 // 8446 §6.1) before the connection closes: OpenSSL 3 clients report a
 // close without one as an error. The relay sends it itself when the
-// upstream ends first; a second one is never sent. tls.Conn gives the
-// alert a 5 s write deadline of its own: a client that reads nothing gets
-// a second, then the socket closes under the TLS session, as the relay's
-// ends do.
+// upstream ends first; a second one is never sent. A client that reads
+// nothing gets a second for it (closeNotifyWithin).
 func (s *session) closeNotify() {
 	tc, ok := s.cx.Conn.(*tls.Conn)
 	if !ok {
@@ -290,9 +288,7 @@ func (s *session) closeNotify() {
 		closeUnderTLS(tc)
 		return
 	}
-	bound := time.AfterFunc(time.Second, func() { closeUnderTLS(tc) })
-	_ = tc.CloseWrite()
-	bound.Stop()
+	closeNotifyWithin(tc, tc.CloseWrite)
 }
 
 // tlsState returns the client connection's TLS state, nil if plaintext.
