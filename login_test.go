@@ -368,6 +368,9 @@ func TestRelayedCRAMMD5RefusedUpstream(t *testing.T) {
 	ts.send("USER alice", "PASS secret-pw") // the early upstream still serves
 	ts.expect("+OK")
 	ts.expect("+OK Logged in.")
+	ts.send("QUIT") // a relay left running would race with the next test's parkAfter
+	ts.expect("+OK")
+	ts.closed()
 }
 
 // TestEarlyUpstreamInUseEndsSession checks that an [IN-USE] from the
