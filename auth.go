@@ -260,7 +260,7 @@ func (s *session) relayCRAMMD5(initial []byte) error {
 	}
 	server := sasl.NewCRAMMD5(string(challenge))
 	response, err := s.saslExchange(server, nil)
-	if err == nil && hasControl(server.Credentials().Username) {
+	if err == nil && s.badUserName(server.Credentials().Username) {
 		err = errBadCredentials // as login refuses it
 	}
 	if err != nil {
@@ -343,9 +343,10 @@ func (s *session) login(req loginRequest) error {
 	req.attempt, req.remote, req.tls = s.attempts, s.cx.RemoteAddr(), s.tlsState()
 	started := now()
 	deadline := s.ioDeadline()
-	if hasControl(req.creds.Username) || hasControl(req.creds.Identity) {
+	if s.badUserName(req.creds.Username) || s.badUserName(req.creds.Identity) {
 		// No mailbox has such a name, and it would go on into logs, events
-		// and the arguments of exec subscribers.
+		// and the arguments of exec subscribers; the log gets its start.
+		req.creds = sasl.Credentials{Username: truncate(req.creds.Username, 64), Identity: truncate(req.creds.Identity, 64)}
 		return s.loginFailed(req, "", errBadCredentials)
 	}
 
@@ -389,6 +390,13 @@ func (s *session) login(req loginRequest) error {
 		}
 	}
 	return s.loginDone(req, up, mailboxUser(target.creds), text, started, err)
+}
+
+// badUserName reports whether a user name or authzid is one no mailbox
+// has: with a control byte, or longer than a USER command could carry
+// (max_command_length), which only a SASL exchange can send.
+func (s *session) badUserName(name string) bool {
+	return hasControl(name) || len(name) > s.h.MaxCommandLength
 }
 
 // mailboxUser is whose mailbox a login opens: the authorization identity
