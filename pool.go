@@ -272,15 +272,8 @@ func (p *pool) connect(ctx context.Context, req poolRequest, client dialClient, 
 			continue
 		}
 		tried++
-		// dial_timeout bounds the dial and greeting of one attempt, so
-		// that a silent upstream leaves time for the next.
-		attemptDeadline := now().Add(time.Duration(p.h.DialTimeout))
-		if deadline.Before(attemptDeadline) {
-			attemptDeadline = deadline
-		}
-		c, err := p.attempt(ctx, u, address, client, attemptDeadline, deadline)
+		c, err := p.attempt(ctx, u, address, client, deadline)
 		if err == nil {
-			c.setDeadline(deadline)
 			return c, nil
 		}
 		lastErr = err
@@ -293,15 +286,21 @@ func (p *pool) connect(ctx context.Context, req poolRequest, client dialClient, 
 
 // attempt connects to address for u, which the caller reserved: on success
 // the connection releases it when closed, on failure it is released and
-// the failure counted unless the session was out of time (sessionDeadline).
-func (p *pool) attempt(ctx context.Context, u *poolUpstream, address string, client dialClient, deadline, sessionDeadline time.Time) (*upstreamClient, error) {
-	c, err := p.h.connectUpstream(ctx, address, p.optionsOf(u), client, deadline)
+// the failure counted unless the session was out of time (deadline).
+func (p *pool) attempt(ctx context.Context, u *poolUpstream, address string, client dialClient, deadline time.Time) (*upstreamClient, error) {
+	// dial_timeout bounds the dial and greeting of one attempt, so that a
+	// silent upstream leaves time for the next and is counted as failed.
+	attemptDeadline := now().Add(time.Duration(p.h.DialTimeout))
+	if deadline.Before(attemptDeadline) {
+		attemptDeadline = deadline
+	}
+	c, err := p.h.connectUpstream(ctx, address, p.optionsOf(u), client, attemptDeadline)
 	if err != nil {
 		u.release()
 		// The session's own deadline (login_timeout) may cut an attempt
 		// short, and a client can time its login so: that is no failure of
 		// the upstream, which would otherwise be taken out of service.
-		if ctx.Err() != nil || !now().Before(sessionDeadline) {
+		if ctx.Err() != nil || !now().Before(deadline) {
 			return nil, err // the session ended, not the upstream: no failure to count
 		}
 		p.countFailure(u)
@@ -310,6 +309,7 @@ func (p *pool) attempt(ctx context.Context, u *poolUpstream, address string, cli
 		return nil, err
 	}
 	c.onClose = u.release
+	c.setDeadline(deadline)
 	p.warnXCLIENT(c)
 	return c, nil
 }
@@ -623,7 +623,7 @@ func (p *pool) connectNamed(ctx context.Context, address string, client dialClie
 	if !p.available(u) || !u.reserve() {
 		return nil, fmt.Errorf("%w: upstream %s (%s) is down or full", errNoUpstream, u.cfg.Address, address)
 	}
-	return p.attempt(ctx, u, address, client, deadline, deadline)
+	return p.attempt(ctx, u, address, client, deadline)
 }
 
 // namedIndex finds the configured upstream behind an IP address and port

@@ -352,3 +352,27 @@ func TestProvisionWarnsOfPoolOptions(t *testing.T) {
 		})
 	}
 }
+
+// TestNamedUpstreamSilentGreetingCounted: a configured upstream that an
+// auth server names and that accepts but never greets fails the login
+// after dial_timeout, as on the pool's own path, and counts as a failure;
+// not after the session's timeout, and not uncounted.
+func TestNamedUpstreamSilentGreetingCounted(t *testing.T) {
+	addr, _ := stuckUpstream(t, false)
+	as := &pop3test.AuthServer{Users: map[string]pop3test.AuthUser{"alice": {Password: "secret-pw", Server: addr}}}
+	url := as.Start(t)
+	h, logs := newTestHandler(t, addr, func(h *Handler) {
+		h.AuthHTTP = &AuthHTTP{URL: url, Timeout: caddy.Duration(5 * time.Second)}
+		h.Timeout = anHour
+		h.DialTimeout = caddy.Duration(300 * time.Millisecond)
+		h.FailDuration = caddy.Duration(time.Minute)
+		h.MaxFails = 1
+	})
+	ts := startSession(t, h, logs, false)
+	ts.send("USER alice", "PASS secret-pw")
+	ts.expect("+OK")
+	ts.expect("-ERR [SYS/TEMP]")
+	if n := h.pool.upstreams[0].peer.fails.since(time.Time{}); n != 1 {
+		t.Errorf("%d failures counted against the upstream, want 1", n)
+	}
+}
