@@ -536,9 +536,12 @@ func (r *relay) end(result string) {
 		// up a kick or the timer.
 		closeUnderTLS(upstream)
 		closeUnderTLS(client)
+		_ = upstream.Close()
+		_ = client.Close()
+	} else {
+		_ = upstream.Close()
+		closeNotifyWithin(client, client.Close) // after the upstream's last bytes
 	}
-	_ = upstream.Close()
-	closeNotifyWithin(client, client.Close)
 	r.settle()
 }
 
