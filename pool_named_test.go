@@ -325,12 +325,16 @@ func TestProvisionWarnsOfPoolOptions(t *testing.T) {
 		{"auth_http, every upstream TLS", Handler{AuthHTTP: &AuthHTTP{}, Upstream: []*Upstream{{Address: "mail1:995", TLS: &reverseproxy.TLSConfig{}}}}, nil},
 		{"auth_http alone", Handler{AuthHTTP: &AuthHTTP{}}, []string{"plaintext"}},
 		{"max_fails alone", Handler{MaxFails: 3, Upstream: []*Upstream{{Address: "mail1:110"}}}, []string{"max_fails"}},
-		{"health_interval, templates only", Handler{HealthInterval: caddy.Duration(time.Second), Upstream: []*Upstream{{Address: "{pop3.domain}"}}}, []string{"health_interval"}},
+		{"health_interval, templates only", Handler{HealthInterval: caddy.Duration(time.Second), Upstream: []*Upstream{{Address: "{pop3.domain}"}}}, []string{"health_interval", "client's DNS"}},
 		{"relayed apop, starttls upstream", Handler{Auth: []string{"APOP"}, Upstream: []*Upstream{{Address: "mail1:110", TLS: &reverseproxy.TLSConfig{}, StartTLS: true}}},
 			[]string{"APOP timestamp"}},
 		{"relayed apop, tls upstream", Handler{Auth: []string{AuthAPOP}, Upstream: []*Upstream{{Address: "mail1:995", TLS: &reverseproxy.TLSConfig{}}}}, nil},
 		{"apop with auth_http, starttls upstream", Handler{Auth: []string{AuthAPOP}, AuthHTTP: &AuthHTTP{},
 			Upstream: []*Upstream{{Address: "mail1:110", TLS: &reverseproxy.TLSConfig{}, StartTLS: true}}}, nil},
+		{"client names the zone", Handler{Upstream: []*Upstream{{Address: "pop.{pop3.domain}:110"}, {Address: "{l4.tls.server_name}"}}},
+			[]string{"client's DNS", "client's DNS"}},
+		{"client names a label under ours", Handler{Upstream: []*Upstream{{Address: "{pop3.domain}.mail.example.net:110"}}}, nil},
+		{"client names the zone, tls", Handler{Upstream: []*Upstream{{Address: "pop.{pop3.domain}:995", TLS: &reverseproxy.TLSConfig{}}}}, nil},
 		{"nothing to warn of", Handler{LBPolicy: PolicyFirst, HealthInterval: caddy.Duration(time.Second), Upstream: []*Upstream{{Address: "mail1:110", Weight: 2}}}, nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

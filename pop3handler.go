@@ -259,6 +259,12 @@ func (h *Handler) warnPoolOptions() {
 		h.logger.Warn("health_interval: no upstream without placeholders to check")
 	}
 	if h.AuthHTTP == nil {
+		for _, u := range h.Upstream {
+			if u != nil && u.TLS == nil && clientNamesZone(u.Address) {
+				h.logger.Warn("upstream: the client's user name or SNI ends the host name, so the client's DNS can point it at any address, internal ones included; put the placeholder under a domain of yours (e.g. {pop3.domain}.mail.example.net) or use tls",
+					zap.String("upstream", u.Address))
+			}
+		}
 		h.warnAPOPBeforeSTLS()
 		return
 	}
@@ -288,6 +294,31 @@ func (h *Handler) warnPoolOptions() {
 	if !tlsOnly {
 		h.logger.Warn("auth_http: an upstream the auth server names that is no configured upstream with tls is reached in plaintext, passwords included")
 	}
+}
+
+// clientNamesZone reports whether the last label of an upstream template's
+// host comes from the client ({pop3.*}, {l4.tls.server_name}): then the
+// client chooses the DNS zone, and with it the address.
+func clientNamesZone(address string) bool {
+	host, _, err := splitTemplate(address, "110")
+	if err != nil {
+		return false // Validate says why
+	}
+	depth, start := 0, 0
+	for i := 0; i < len(host); i++ {
+		switch host[i] {
+		case '{':
+			depth++
+		case '}':
+			depth--
+		case '.':
+			if depth == 0 {
+				start = i + 1
+			}
+		}
+	}
+	last := host[start:]
+	return strings.Contains(last, "{pop3.") || strings.Contains(last, "{l4.tls.server_name}")
 }
 
 // warnAPOPBeforeSTLS warns of relayed APOP to an upstream with starttls:
