@@ -286,7 +286,7 @@ func (p *pool) connect(ctx context.Context, req poolRequest, client dialClient, 
 
 // attempt connects to address for u, which the caller reserved: on success
 // the connection releases it when closed, on failure it is released and
-// the failure counted unless the session was out of time (deadline).
+// the failure counted unless the session ended.
 func (p *pool) attempt(ctx context.Context, u *poolUpstream, address string, client dialClient, deadline time.Time) (*upstreamClient, error) {
 	// dial_timeout bounds the dial and greeting of one attempt, so that a
 	// silent upstream leaves time for the next and is counted as failed.
@@ -297,10 +297,11 @@ func (p *pool) attempt(ctx context.Context, u *poolUpstream, address string, cli
 	c, err := p.h.connectUpstream(ctx, address, p.optionsOf(u), client, attemptDeadline)
 	if err != nil {
 		u.release()
-		// The session's own deadline (login_timeout) may cut an attempt
-		// short, and a client can time its login so: that is no failure of
-		// the upstream, which would otherwise be taken out of service.
-		if ctx.Err() != nil || !now().Before(deadline) {
+		// The session's end (login_timeout, its context's deadline) may cut
+		// an attempt short, and a client can time its login so: that is no
+		// failure of the upstream, which would otherwise be taken out of
+		// service. The context's timer may not have fired yet.
+		if end, ok := ctx.Deadline(); ctx.Err() != nil || ok && !now().Before(end) {
 			return nil, err // the session ended, not the upstream: no failure to count
 		}
 		p.countFailure(u)
