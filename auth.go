@@ -260,7 +260,7 @@ func (s *session) relayCRAMMD5(initial []byte) error {
 	}
 	server := sasl.NewCRAMMD5(string(challenge))
 	response, err := s.saslExchange(server, nil)
-	if err == nil && hasControl(server.Credentials().Username) {
+	if err == nil && s.badUserName(server.Credentials().Username) {
 		err = errBadCredentials // as login refuses it
 	}
 	if err != nil {
@@ -343,9 +343,10 @@ func (s *session) login(req loginRequest) error {
 	req.attempt, req.remote, req.tls = s.attempts, s.cx.RemoteAddr(), s.tlsState()
 	started := now()
 	deadline := s.ioDeadline()
-	if hasControl(req.creds.Username) || hasControl(req.creds.Identity) {
+	if s.badUserName(req.creds.Username) || s.badUserName(req.creds.Identity) {
 		// No mailbox has such a name, and it would go on into logs, events
-		// and the arguments of exec subscribers.
+		// and the arguments of exec subscribers; the log gets its start.
+		req.creds = sasl.Credentials{Username: truncate(req.creds.Username, 64), Identity: truncate(req.creds.Identity, 64)}
 		return s.loginFailed(req, "", errBadCredentials)
 	}
 
@@ -365,6 +366,10 @@ func (s *session) login(req loginRequest) error {
 	if err != nil {
 		return s.loginFailed(req, "", err)
 	}
+	// The upstream's time starts now: an auth server that took longer than
+	// timeout (WAIT retries included) must not make its dial fail at once
+	// and count against it.
+	deadline = s.ioDeadline()
 	var up *upstreamClient
 	if target.address == "" {
 		up, err = s.h.pool.connect(s.ctx, s.poolRequest(mailboxUser(target.creds)), s.dialClient(), deadline)
@@ -385,6 +390,13 @@ func (s *session) login(req loginRequest) error {
 		}
 	}
 	return s.loginDone(req, up, mailboxUser(target.creds), text, started, err)
+}
+
+// badUserName reports whether a user name or authzid is one no mailbox
+// has: with a control byte, or longer than a USER command could carry
+// (max_command_length), which only a SASL exchange can send.
+func (s *session) badUserName(name string) bool {
+	return hasControl(name) || len(name) > s.h.MaxCommandLength
 }
 
 // mailboxUser is whose mailbox a login opens: the authorization identity
@@ -423,6 +435,9 @@ func (s *session) loginDone(req loginRequest, up *upstreamClient, actingAs, text
 	s.state = stateRelay
 	s.shared.mu.Lock()
 	s.shared.user, s.shared.upstream, s.shared.relaying = req.creds.Username, up.address, true
+	if actingAs != req.creds.Username {
+		s.shared.upstreamUser = actingAs
+	}
 	s.shared.wireIn, s.shared.wireOut, s.shared.wireOK = wireBytes(s.raw)
 	s.shared.mu.Unlock()
 	s.loginTook = now().Sub(started)
@@ -458,7 +473,7 @@ func (s *session) dropEarly() {
 // wait auth_failure_delay (doubling per recent failure from the same
 // address) or the auth server's Auth-Wait before the -ERR.
 func (s *session) loginFailed(req loginRequest, upstream string, err error) error {
-	if cerr := s.ctx.Err(); cerr != nil {
+	if cerr := s.ended(); cerr != nil {
 		return cerr // kicked or out of time: the session ends, nothing failed
 	}
 	fields := []zap.Field{

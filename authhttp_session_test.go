@@ -348,3 +348,26 @@ func TestAuthHTTPRetryEachMethod(t *testing.T) {
 		})
 	}
 }
+
+// TestSlowAuthServerLeavesUpstreamItsTime: an auth server slower than
+// timeout (which bounds the client's silence) still gets the login its
+// upstream: the dial's deadline starts when the auth server has answered,
+// and the upstream is not blamed for time the auth server used.
+func TestSlowAuthServerLeavesUpstreamItsTime(t *testing.T) {
+	_, _, mod := authHTTPSetup(t, func(as *pop3test.AuthServer) { as.Delay = 600 * time.Millisecond })
+	h, logs := newTestHandler(t, "", func(h *Handler) {
+		mod(h)
+		h.Timeout = caddy.Duration(300 * time.Millisecond)
+		h.AuthHTTP.Timeout = caddy.Duration(5 * time.Second)
+	})
+	ts := startSession(t, h, logs, false)
+	ts.send("USER alice", "PASS secret-pw")
+	ts.expect("+OK")
+	ts.expect("+OK Logged in.")
+	ts.send("QUIT")
+	ts.expect("+OK")
+	ts.closed()
+	if n := logs.FilterMessage("upstream unavailable").Len(); n != 0 {
+		t.Errorf("%d upstream unavailable lines", n)
+	}
+}

@@ -132,3 +132,25 @@ func TestEventsDroppedWhenSubscribersStuck(t *testing.T) {
 		t.Errorf("%d events delivered, want %d", len(got), maxEmitting)
 	}
 }
+
+// TestEventsAfterReload: a session of a replaced config still reports its
+// logins and failures; the config's context, cancelled by the reload,
+// would make the events app drop them with an ERROR.
+func TestEventsAfterReload(t *testing.T) {
+	_, addr := fakeUpstream(t, nil)
+	h, logs := newTestHandler(t, addr, nil)
+	rec := recordEvents(t, h)
+	ctx, cancel := caddy.NewContext(h.ctx)
+	h.ctx = ctx
+	ts := startSession(t, h, logs, false)
+	cancel() // the reload
+	ts.send("USER alice", "PASS wrong-pw")
+	ts.expect("+OK")
+	ts.expect("-ERR [AUTH]")
+	ts.send("QUIT")
+	ts.expect("+OK")
+	ts.closed()
+	if got := rec.wait(t, 1); len(got) != 1 || got[0].name != "pop3_auth_failed" {
+		t.Errorf("events %v, want pop3_auth_failed", got)
+	}
+}

@@ -2,6 +2,7 @@ package pop3
 
 import (
 	"encoding/base64"
+	"fmt"
 	"net/netip"
 	"slices"
 	"strings"
@@ -368,6 +369,9 @@ func TestRelayedCRAMMD5RefusedUpstream(t *testing.T) {
 	ts.send("USER alice", "PASS secret-pw") // the early upstream still serves
 	ts.expect("+OK")
 	ts.expect("+OK Logged in.")
+	ts.send("QUIT") // a relay left running would race with the next test's parkAfter
+	ts.expect("+OK")
+	ts.closed()
 }
 
 // TestEarlyUpstreamInUseEndsSession checks that an [IN-USE] from the
@@ -413,5 +417,43 @@ func TestUpstreamGreetingTextBoundedInLog(t *testing.T) {
 	}
 	if !found {
 		t.Error("no log entry names the greeting")
+	}
+}
+
+// TestLongUserNameRefused: a user name or authzid longer than a command
+// line may be (max_command_length), which only a SASL exchange can carry,
+// goes nowhere: not upstream, not into an event, and not whole into the log.
+func TestLongUserNameRefused(t *testing.T) {
+	up, addr := fakeUpstream(t, nil)
+	h, logs := newTestHandler(t, addr, nil)
+	rec := recordEvents(t, h)
+	ts := startSession(t, h, logs, false)
+	long := strings.Repeat("a", 300)
+	for _, lines := range [][]string{
+		{"AUTH PLAIN " + b64("\x00"+long+"\x00secret-pw")},
+		{"AUTH PLAIN " + b64(long+"\x00alice\x00secret-pw")},
+		{"AUTH LOGIN", b64(long), b64("secret-pw")},
+	} {
+		ts.send(lines...)
+		for range lines[1:] {
+			ts.expect("+")
+		}
+		ts.expect("-ERR [AUTH] Invalid credentials syntax")
+	}
+	if len(rec.wait(t, 0)) != 0 {
+		t.Error("an event was emitted")
+	}
+	for _, l := range up.Lines() {
+		if strings.HasPrefix(l, "AUTH PLAIN") || strings.HasPrefix(l, "USER") {
+			t.Errorf("upstream got %q", l)
+		}
+	}
+	ts.send("QUIT")
+	ts.expect("+OK")
+	ts.closed()
+	for _, e := range logs.All() {
+		if strings.Contains(fmt.Sprint(e.ContextMap()), long) {
+			t.Errorf("log line %q holds the whole user name", e.Message)
+		}
 	}
 }

@@ -272,15 +272,8 @@ func (p *pool) connect(ctx context.Context, req poolRequest, client dialClient, 
 			continue
 		}
 		tried++
-		// dial_timeout bounds the dial and greeting of one attempt, so
-		// that a silent upstream leaves time for the next.
-		attemptDeadline := now().Add(time.Duration(p.h.DialTimeout))
-		if deadline.Before(attemptDeadline) {
-			attemptDeadline = deadline
-		}
-		c, err := p.attempt(ctx, u, address, client, attemptDeadline)
+		c, err := p.attempt(ctx, u, address, client, deadline)
 		if err == nil {
-			c.setDeadline(deadline)
 			return c, nil
 		}
 		lastErr = err
@@ -293,12 +286,22 @@ func (p *pool) connect(ctx context.Context, req poolRequest, client dialClient, 
 
 // attempt connects to address for u, which the caller reserved: on success
 // the connection releases it when closed, on failure it is released and
-// the failure counted.
+// the failure counted unless the session ended.
 func (p *pool) attempt(ctx context.Context, u *poolUpstream, address string, client dialClient, deadline time.Time) (*upstreamClient, error) {
-	c, err := p.h.connectUpstream(ctx, address, p.optionsOf(u), client, deadline)
+	// dial_timeout bounds the dial and greeting of one attempt, so that a
+	// silent upstream leaves time for the next and is counted as failed.
+	attemptDeadline := now().Add(time.Duration(p.h.DialTimeout))
+	if deadline.Before(attemptDeadline) {
+		attemptDeadline = deadline
+	}
+	c, err := p.h.connectUpstream(ctx, address, p.optionsOf(u), client, attemptDeadline)
 	if err != nil {
 		u.release()
-		if ctx.Err() != nil {
+		// The session's end (login_timeout, its context's deadline) may cut
+		// an attempt short, and a client can time its login so: that is no
+		// failure of the upstream, which would otherwise be taken out of
+		// service. The context's timer may not have fired yet.
+		if end, ok := ctx.Deadline(); ctx.Err() != nil || ok && !now().Before(end) {
 			return nil, err // the session ended, not the upstream: no failure to count
 		}
 		p.countFailure(u)
@@ -307,6 +310,7 @@ func (p *pool) attempt(ctx context.Context, u *poolUpstream, address string, cli
 		return nil, err
 	}
 	c.onClose = u.release
+	c.setDeadline(deadline)
 	p.warnXCLIENT(c)
 	return c, nil
 }

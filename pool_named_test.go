@@ -311,7 +311,8 @@ func TestAuthNamedUnresolvedTLSUpstream(t *testing.T) {
 
 // Options that an auth server's choice (or a missing fail_duration) makes
 // useless are named in a WARN at start, and so is plaintext to addresses
-// the auth server names that no TLS upstream matches.
+// the auth server names that no TLS upstream matches, and a relayed APOP
+// timestamp read before the upstream's STLS.
 func TestProvisionWarnsOfPoolOptions(t *testing.T) {
 	for _, tc := range []struct {
 		name string
@@ -324,7 +325,16 @@ func TestProvisionWarnsOfPoolOptions(t *testing.T) {
 		{"auth_http, every upstream TLS", Handler{AuthHTTP: &AuthHTTP{}, Upstream: []*Upstream{{Address: "mail1:995", TLS: &reverseproxy.TLSConfig{}}}}, nil},
 		{"auth_http alone", Handler{AuthHTTP: &AuthHTTP{}}, []string{"plaintext"}},
 		{"max_fails alone", Handler{MaxFails: 3, Upstream: []*Upstream{{Address: "mail1:110"}}}, []string{"max_fails"}},
-		{"health_interval, templates only", Handler{HealthInterval: caddy.Duration(time.Second), Upstream: []*Upstream{{Address: "{pop3.domain}"}}}, []string{"health_interval"}},
+		{"health_interval, templates only", Handler{HealthInterval: caddy.Duration(time.Second), Upstream: []*Upstream{{Address: "{pop3.domain}"}}}, []string{"health_interval", "client's DNS"}},
+		{"relayed apop, starttls upstream", Handler{Auth: []string{"APOP"}, Upstream: []*Upstream{{Address: "mail1:110", TLS: &reverseproxy.TLSConfig{}, StartTLS: true}}},
+			[]string{"APOP timestamp"}},
+		{"relayed apop, tls upstream", Handler{Auth: []string{AuthAPOP}, Upstream: []*Upstream{{Address: "mail1:995", TLS: &reverseproxy.TLSConfig{}}}}, nil},
+		{"apop with auth_http, starttls upstream", Handler{Auth: []string{AuthAPOP}, AuthHTTP: &AuthHTTP{},
+			Upstream: []*Upstream{{Address: "mail1:110", TLS: &reverseproxy.TLSConfig{}, StartTLS: true}}}, nil},
+		{"client names the zone", Handler{Upstream: []*Upstream{{Address: "pop.{pop3.domain}:110"}, {Address: "{l4.tls.server_name}"}}},
+			[]string{"client's DNS", "client's DNS"}},
+		{"client names a label under ours", Handler{Upstream: []*Upstream{{Address: "{pop3.domain}.mail.example.net:110"}}}, nil},
+		{"client names the zone, tls", Handler{Upstream: []*Upstream{{Address: "pop.{pop3.domain}:995", TLS: &reverseproxy.TLSConfig{}}}}, nil},
 		{"nothing to warn of", Handler{LBPolicy: PolicyFirst, HealthInterval: caddy.Duration(time.Second), Upstream: []*Upstream{{Address: "mail1:110", Weight: 2}}}, nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -344,5 +354,29 @@ func TestProvisionWarnsOfPoolOptions(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestNamedUpstreamSilentGreetingCounted: a configured upstream that an
+// auth server names and that accepts but never greets fails the login
+// after dial_timeout, as on the pool's own path, and counts as a failure;
+// not after the session's timeout, and not uncounted.
+func TestNamedUpstreamSilentGreetingCounted(t *testing.T) {
+	addr, _ := stuckUpstream(t, false)
+	as := &pop3test.AuthServer{Users: map[string]pop3test.AuthUser{"alice": {Password: "secret-pw", Server: addr}}}
+	url := as.Start(t)
+	h, logs := newTestHandler(t, addr, func(h *Handler) {
+		h.AuthHTTP = &AuthHTTP{URL: url, Timeout: caddy.Duration(5 * time.Second)}
+		h.Timeout = anHour
+		h.DialTimeout = caddy.Duration(300 * time.Millisecond)
+		h.FailDuration = caddy.Duration(time.Minute)
+		h.MaxFails = 1
+	})
+	ts := startSession(t, h, logs, false)
+	ts.send("USER alice", "PASS secret-pw")
+	ts.expect("+OK")
+	ts.expect("-ERR [SYS/TEMP]")
+	if n := h.pool.upstreams[0].peer.fails.since(time.Time{}); n != 1 {
+		t.Errorf("%d failures counted against the upstream, want 1", n)
 	}
 }

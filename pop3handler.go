@@ -4,6 +4,7 @@
 package pop3
 
 import (
+	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -258,6 +259,13 @@ func (h *Handler) warnPoolOptions() {
 		h.logger.Warn("health_interval: no upstream without placeholders to check")
 	}
 	if h.AuthHTTP == nil {
+		for _, u := range h.Upstream {
+			if u != nil && u.TLS == nil && clientNamesZone(u.Address) {
+				h.logger.Warn("upstream: the client's user name or SNI ends the host name, so the client's DNS can point it at any address, internal ones included; put the placeholder under a domain of yours (e.g. {pop3.domain}.mail.example.net) or use tls",
+					zap.String("upstream", u.Address))
+			}
+		}
+		h.warnAPOPBeforeSTLS()
 		return
 	}
 	var ignored []string
@@ -285,6 +293,49 @@ func (h *Handler) warnPoolOptions() {
 	}
 	if !tlsOnly {
 		h.logger.Warn("auth_http: an upstream the auth server names that is no configured upstream with tls is reached in plaintext, passwords included")
+	}
+}
+
+// clientNamesZone reports whether the last label of an upstream template's
+// host comes from the client ({pop3.*}, {l4.tls.server_name}): then the
+// client chooses the DNS zone, and with it the address.
+func clientNamesZone(address string) bool {
+	host, _, err := splitTemplate(address, "110")
+	if err != nil {
+		return false // Validate says why
+	}
+	depth, start := 0, 0
+	for i := 0; i < len(host); i++ {
+		switch host[i] {
+		case '{':
+			depth++
+		case '}':
+			depth--
+		case '.':
+			if depth == 0 {
+				start = i + 1
+			}
+		}
+	}
+	last := host[start:]
+	return strings.Contains(last, "{pop3.") || strings.Contains(last, "{l4.tls.server_name}")
+}
+
+// warnAPOPBeforeSTLS warns of relayed APOP to an upstream with starttls:
+// POP3 greets before STLS, so the timestamp the client signs crosses the
+// network in plaintext, where an attacker can put in one of its own
+// connection's and log in with the client's digest if it sees the client's
+// side too. CRAM-MD5's challenge comes after STLS. A refusal would break
+// working configs whose network is trusted; tls (implicit) has no such gap.
+func (h *Handler) warnAPOPBeforeSTLS() {
+	if !slices.ContainsFunc(h.Auth, func(m string) bool { return strings.EqualFold(m, AuthAPOP) }) {
+		return // called before setup makes the names lower case
+	}
+	for _, u := range h.Upstream {
+		if u != nil && u.TLS != nil && u.StartTLS {
+			h.logger.Warn("auth apop: the upstream's APOP timestamp arrives in its greeting before STLS, unprotected; use tls instead of starttls to protect it",
+				zap.String("upstream", u.Address))
+		}
 	}
 }
 
@@ -542,9 +593,13 @@ func (h *Handler) emit(name string, data func() map[string]any) {
 		return
 	}
 	d := data()
+	// Not cancelled by a reload: the events app drops events whose context
+	// is done, and a session of a replaced config may live on for hours.
+	ctx := h.ctx
+	ctx.Context = context.WithoutCancel(ctx.Context)
 	go func() {
 		defer func() { <-emitting }()
-		h.events.Emit(h.ctx, name, d)
+		h.events.Emit(ctx, name, d)
 	}()
 }
 

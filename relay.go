@@ -27,6 +27,10 @@ const (
 	copyHead = 1 << 10
 )
 
+// testHookRelayFlush, set only by tests, runs after the relay is visible
+// to kick and before it flushes what the login left buffered.
+var testHookRelayFlush func(*session)
+
 // parkAfter is how long a plain TCP relay stays quiet before it gives up its
 // goroutines: each direction then waits in one process-wide epoll set, and
 // the session costs two sockets and a few hundred bytes until data moves.
@@ -65,6 +69,9 @@ func (s *session) relay() error {
 		s.result = "closed_by_admin"
 		return nil
 	}
+	if testHookRelayFlush != nil {
+		testHookRelayFlush(s)
+	}
 	// Commands the client pipelined after its login, and anything the
 	// upstream sent after its +OK, must not be lost. The relay's timer is
 	// not running yet: a peer that does not read gets proxy_timeout here.
@@ -74,6 +81,9 @@ func (s *session) relay() error {
 	s.shared.fromClient.Add(n)
 	if err != nil {
 		s.result = "upstream_error"
+		if _, kicked := s.kicked(); kicked {
+			s.result = "closed_by_admin" // kick closed the connections
+		}
 		return nil
 	}
 	n, err = up.r.WriteBufferedTo(client)
@@ -559,9 +569,12 @@ func (r *relay) end(result string) {
 		// up a kick or the timer.
 		closeUnderTLS(upstream)
 		closeUnderTLS(client)
+		_ = upstream.Close()
+		_ = client.Close()
+	} else {
+		_ = upstream.Close()
+		closeNotifyWithin(client, client.Close) // after the upstream's last bytes
 	}
-	_ = upstream.Close()
-	_ = client.Close()
 	r.settle()
 }
 
@@ -571,6 +584,22 @@ func closeUnderTLS(c net.Conn) {
 		_ = tc.NetConn().Close()
 	}
 }
+
+// closeNotifyWithin runs end, which sends c's close_notify if c is TLS,
+// for at most closeNotifyTime: tls.Conn gives that write 5 s of its own,
+// and a peer that reads nothing would hold the session's end up for them.
+// Then the socket closes under the TLS session.
+func closeNotifyWithin(c net.Conn, end func() error) {
+	if _, ok := c.(*tls.Conn); !ok {
+		_ = end()
+		return
+	}
+	bound := time.AfterFunc(closeNotifyTime, func() { closeUnderTLS(c) })
+	_ = end()
+	bound.Stop()
+}
+
+const closeNotifyTime = time.Second
 
 // settle finishes the session once it has ended and no pump runs: the
 // handler does it unless the relay detached, in which case this goroutine

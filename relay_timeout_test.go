@@ -295,3 +295,33 @@ func TestRelayEndDoesNotWaitForAStuckTLSClient(t *testing.T) {
 		})
 	}
 }
+
+// TestRelayUpstreamEndBoundsCloseNotify: when the upstream ends a TLS
+// client's session, the close_notify after its last bytes waits at most
+// about a second for a client that reads nothing more, not tls.Conn's 5 s.
+func TestRelayUpstreamEndBoundsCloseNotify(t *testing.T) {
+	_, addr := fakeUpstream(t, nil)
+	h, logs := newTestHandler(t, addr, func(h *Handler) {
+		h.StartTLS = StartTLSOnly
+		h.ProxyTimeout = caddy.Duration(time.Minute)
+	})
+	ts := startSession(t, h, logs, false) // a pipe: a write waits for the reader
+	ts.startTLS()
+	ts.send("USER alice", "PASS secret-pw")
+	ts.expect("+OK")
+	ts.expect("+OK Logged in.")
+	ts.send("QUIT")
+	ts.expect("+OK bye") // then the client reads nothing
+	start := time.Now()
+	select {
+	case <-ts.done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("session still running")
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Errorf("session took %v to end after the upstream's close", d)
+	}
+	if lines := logs.FilterMessage("session").All(); len(lines) != 1 || lines[0].ContextMap()["result"] != "ok" {
+		t.Errorf("session lines %v, want one with result ok", lines)
+	}
+}

@@ -70,6 +70,8 @@ type session struct {
 	// upstreamUser is whose mailbox the upstream opened: loginUser, the
 	// AUTH PLAIN authzid (without auth_http), or the auth server's Auth-User.
 	upstreamUser string
+
+	notReading bool // the last words found the client not reading: no close_notify either
 }
 
 // replyError is a -ERR reply: an optional RFC 2449 response code and text
@@ -150,6 +152,19 @@ func (s *session) setDeadline(t time.Time) bool {
 	return !kicked
 }
 
+// ended reports why the session's context ended, or is about to: at
+// login_timeout a connection's deadline may wake a wait before the
+// context's own timer has fired.
+func (s *session) ended() error {
+	if err := s.ctx.Err(); err != nil {
+		return err
+	}
+	if s.state == stateAuthorization && !now().Before(s.loginDeadline()) {
+		return context.DeadlineExceeded
+	}
+	return nil
+}
+
 // closeOnKick closes c when the session's context ends, which a blocked
 // read on c would not notice; stop undoes it.
 func (s *session) closeOnKick(c net.Conn) (stop func() bool) {
@@ -195,7 +210,7 @@ func (s *session) run() error {
 			err = s.reply(errLineTooLong)
 		} else if err == nil {
 			err = s.dispatch(line)
-			if cerr := s.ctx.Err(); cerr != nil && s.state == stateAuthorization {
+			if cerr := s.ended(); cerr != nil && s.state == stateAuthorization {
 				// Kicked or out of time while the command waited: its own
 				// reply (say, auth server unavailable) would mislead.
 				return s.ioError(cerr)
@@ -237,7 +252,7 @@ func (s *session) greet() error {
 	if s.h.relayChallenges {
 		up, err := s.h.pool.connect(s.ctx, s.poolRequest(""), s.dialClient(), s.ioDeadline())
 		if err != nil {
-			if err := s.ctx.Err(); err != nil {
+			if err := s.ended(); err != nil {
 				return err // kicked while it dialled
 			}
 			s.log(zap.WarnLevel, "upstream unavailable", zap.Error(err))
@@ -262,12 +277,18 @@ func (s *session) greet() error {
 // closeNotify ends the client's TLS session with a close_notify alert (RFC
 // 8446 §6.1) before the connection closes: OpenSSL 3 clients report a
 // close without one as an error. The relay sends it itself when the
-// upstream ends first; a second one is never sent.
+// upstream ends first; a second one is never sent. A client that reads
+// nothing gets a second for it (closeNotifyWithin).
 func (s *session) closeNotify() {
-	if tc, ok := s.cx.Conn.(*tls.Conn); ok {
-		_ = s.cx.SetWriteDeadline(now().Add(time.Second))
-		_ = tc.CloseWrite()
+	tc, ok := s.cx.Conn.(*tls.Conn)
+	if !ok {
+		return
 	}
+	if s.notReading {
+		closeUnderTLS(tc)
+		return
+	}
+	closeNotifyWithin(tc, tc.CloseWrite)
 }
 
 // tlsState returns the client connection's TLS state, nil if plaintext.
@@ -419,7 +440,9 @@ func (s *session) lastWords(text string) {
 	}
 	_ = s.cx.SetWriteDeadline(now().Add(time.Second))
 	_ = s.writeLine(text + s.idSuffix())
-	_ = s.w.Flush()
+	if err := s.w.Flush(); err != nil {
+		s.notReading = true
+	}
 }
 
 // isConnError reports whether err comes from the connection rather than

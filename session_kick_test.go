@@ -2,6 +2,7 @@ package pop3
 
 import (
 	"bufio"
+	"crypto/tls"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -303,5 +304,94 @@ func TestKickDuringSTLSHandshake(t *testing.T) {
 	ts.endsWithin(promptEnd)
 	if r := sessionResult(t, logs); r != "closed_by_admin" {
 		t.Errorf("result %q, want closed_by_admin", r)
+	}
+}
+
+// TestTLSEndBoundedForClientThatReadsNothing: a TLS session ended before
+// login (kick, timeout, login_timeout, drain) whose client reads nothing
+// ends within about a second: its last -ERR gets one, and tls.Conn's own
+// 5 s for close_notify does not apply.
+func TestTLSEndBoundedForClientThatReadsNothing(t *testing.T) {
+	for _, tc := range []struct {
+		name, result string
+		mod          func(*Handler)
+		end          func(*Handler, *testSession)
+	}{
+		{"kick", "closed_by_admin", func(h *Handler) { h.Timeout = anHour }, func(h *Handler, _ *testSession) { kickSessionsOf(t, h) }},
+		{"timeout", "timeout", func(h *Handler) { h.Timeout = caddy.Duration(200 * time.Millisecond) }, func(*Handler, *testSession) {}},
+		{"login_timeout", "login_timeout", func(h *Handler) { h.LoginTimeout = caddy.Duration(200 * time.Millisecond) }, func(*Handler, *testSession) {}},
+		// No last words: the unread +OK times out, then close_notify has its second.
+		{"quit", "quit", func(h *Handler) { h.Timeout = caddy.Duration(200 * time.Millisecond) }, func(_ *Handler, ts *testSession) { ts.send("QUIT") }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, addr := fakeUpstream(t, nil)
+			h, logs := newTestHandler(t, addr, func(h *Handler) {
+				h.ImplicitTLS = true
+				tc.mod(h)
+			})
+			ts := handleOn(t, h, logs, false) // a pipe: a write blocks until the client reads
+			c := tls.Client(ts.conn, &tls.Config{InsecureSkipVerify: true})
+			_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+			if err := c.Handshake(); err != nil {
+				t.Fatalf("TLS handshake: %v", err)
+			}
+			ts.conn, ts.r = c, bufio.NewReader(c)
+			ts.expect("+OK POP3 ready")
+			// From here on the client reads nothing.
+			start := time.Now()
+			tc.end(h, ts)
+			ts.endsWithin(10 * time.Second)
+			if d := time.Since(start); d > 2*time.Second {
+				t.Errorf("session took %v to end, want about 1s", d)
+			}
+			if r := sessionResult(t, logs); r != tc.result {
+				t.Errorf("result %q, want %s", r, tc.result)
+			}
+		})
+	}
+}
+
+// TestKickBeforeRelayFlush: a kick that lands after the relay started and
+// before it passed on the commands pipelined after the login is the
+// administrator's, not an upstream error.
+func TestKickBeforeRelayFlush(t *testing.T) {
+	_, addr := fakeUpstream(t, nil)
+	h, logs := newTestHandler(t, addr, nil)
+	testHookRelayFlush = func(s *session) { s.kick("Session closed by the administrator") }
+	t.Cleanup(func() { testHookRelayFlush = nil })
+	ts := startSession(t, h, logs, true)
+	ts.send("USER alice", "PASS secret-pw", "STAT") // STAT waits in the buffer at login
+	ts.expect("+OK")
+	ts.expect("+OK Logged in.")
+	ts.closed()
+	if r := sessionResult(t, logs); r != "closed_by_admin" {
+		t.Errorf("result %q, want closed_by_admin", r)
+	}
+}
+
+// TestLoginTimeoutDuringDialCountsNoFailure: a login that runs into
+// login_timeout while its upstream is still greeting ends the session; the
+// upstream is not blamed, or a client timing its logins so could take
+// every upstream out of service with max_fails.
+func TestLoginTimeoutDuringDialCountsNoFailure(t *testing.T) {
+	for range 5 { // the session's deadline and its context end together: either may wake the dial first
+		addr, _ := stuckUpstream(t, false)
+		h, logs := newTestHandler(t, addr, func(h *Handler) {
+			h.Timeout = anHour
+			h.DialTimeout = anHour
+			h.LoginTimeout = caddy.Duration(200 * time.Millisecond)
+			h.FailDuration = caddy.Duration(time.Minute)
+			h.MaxFails = 1
+		})
+		ts := startSession(t, h, logs, true)
+		ts.send("USER alice", "PASS secret-pw")
+		ts.expect("+OK")
+		ts.endsWithin(promptEnd)
+		if r := sessionResult(t, logs); r != "login_timeout" {
+			t.Errorf("result %q, want login_timeout", r)
+		}
+		if n := h.pool.upstreams[0].peer.fails.since(time.Time{}); n != 0 {
+			t.Fatalf("%d failures counted against the upstream", n)
+		}
 	}
 }

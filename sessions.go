@@ -67,24 +67,28 @@ func newSessionID() string {
 
 // sessionView is what the admin API shows of a session, like doveadm who.
 type sessionView struct {
-	ID         string    `json:"id"`
-	User       string    `json:"user,omitempty"`
-	Remote     string    `json:"remote"`
-	Upstream   string    `json:"upstream,omitempty"`
-	State      string    `json:"state"`
-	TLS        bool      `json:"tls"`
-	Start      time.Time `json:"start"`
-	FromClient int64     `json:"bytes_from_client"`
-	ToClient   int64     `json:"bytes_to_client"`
+	ID   string `json:"id"`
+	User string `json:"user,omitempty"`
+	// UpstreamUser is whose mailbox the session acts as, when that is not
+	// User: an authzid, or the auth server's Auth-User.
+	UpstreamUser string    `json:"upstream_user,omitempty"`
+	Remote       string    `json:"remote"`
+	Upstream     string    `json:"upstream,omitempty"`
+	State        string    `json:"state"`
+	TLS          bool      `json:"tls"`
+	Start        time.Time `json:"start"`
+	FromClient   int64     `json:"bytes_from_client"`
+	ToClient     int64     `json:"bytes_to_client"`
 }
 
 // shared is the part of a session other goroutines may read or change.
 type shared struct {
-	mu       sync.Mutex
-	user     string
-	upstream string
-	relaying bool
-	tls      bool
+	mu           sync.Mutex
+	user         string
+	upstreamUser string // only when it differs from user
+	upstream     string
+	relaying     bool
+	tls          bool
 
 	fromClient atomic.Int64
 	toClient   atomic.Int64
@@ -101,6 +105,7 @@ func (s *session) view() sessionView {
 	v := sessionView{
 		ID: s.id, User: s.shared.user, Remote: s.remote, Upstream: s.shared.upstream, State: "authorization",
 		TLS: s.shared.tls, Start: s.start, FromClient: s.shared.fromClient.Load(), ToClient: s.shared.toClient.Load(),
+		UpstreamUser: s.shared.upstreamUser,
 	}
 	if s.shared.relaying {
 		v.State = "relay"
@@ -143,8 +148,8 @@ func (s *session) kicked() (string, bool) {
 }
 
 // adminAPI serves /pop3/sessions on Caddy's admin endpoint: GET lists the
-// live sessions; DELETE with id, user or remote (client IP) closes them,
-// as doveadm who and doveadm kick do.
+// live sessions; DELETE with id, user (login or upstream user) or remote
+// (client IP) closes them, as doveadm who and doveadm kick do.
 type adminAPI struct{}
 
 // CaddyModule returns the Caddy module information.
@@ -167,7 +172,9 @@ func handleSessions(w http.ResponseWriter, r *http.Request) error {
 	filter := func(s *session) bool {
 		v := s.view()
 		host, _, _ := net.SplitHostPort(v.Remote)
-		if (id == "" || v.ID == id) && (user == "" || v.User == user) && (remote == "" || host == remote || v.Remote == remote) {
+		// user matches the login name or the mailbox acted as: kicking a
+		// mailbox's sessions must reach those that logged in for it.
+		if (id == "" || v.ID == id) && (user == "" || v.User == user || v.UpstreamUser == user) && (remote == "" || host == remote || v.Remote == remote) {
 			views = append(views, v)
 			return true
 		}

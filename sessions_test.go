@@ -171,3 +171,38 @@ func TestAdminFiltersOutsideTheRegistryLock(t *testing.T) {
 	ts.expect("+OK")
 	ts.closed()
 }
+
+// TestAdminShowsAndKicksUpstreamUser: a session that logged in as one user
+// for another's mailbox (an authzid) shows both, and DELETE ?user= with
+// either name closes it.
+func TestAdminShowsAndKicksUpstreamUser(t *testing.T) {
+	_, addr := fakeUpstream(t, nil)
+	h, logs := newTestHandler(t, addr, nil)
+	for _, kickBy := range []string{"bob@example.com", "alice"} {
+		ts := startSession(t, h, logs, true)
+		ts.send("AUTH PLAIN " + b64("bob@example.com\x00alice\x00secret-pw"))
+		ts.expect("+OK Logged in.")
+		var views []sessionView
+		if err := json.NewDecoder(adminRequest(t, http.MethodGet, "").Body).Decode(&views); err != nil {
+			t.Fatal(err)
+		}
+		if len(views) != 1 || views[0].User != "alice" || views[0].UpstreamUser != "bob@example.com" {
+			t.Fatalf("sessions %+v, want user alice, upstream_user bob@example.com", views)
+		}
+		if body := adminRequest(t, http.MethodDelete, "?user="+kickBy).Body.String(); !strings.Contains(body, `"closed":1`) {
+			t.Errorf("DELETE ?user=%s: %s", kickBy, body)
+		}
+		ts.closed()
+	}
+	// Without an authzid there is no second name to show.
+	ts := startSession(t, h, logs, true)
+	ts.send("USER alice", "PASS secret-pw")
+	ts.expect("+OK")
+	ts.expect("+OK Logged in.")
+	if body := adminRequest(t, http.MethodGet, "").Body.String(); strings.Contains(body, "upstream_user") {
+		t.Errorf("upstream_user shown for a session acting as its own user: %s", body)
+	}
+	ts.send("QUIT")
+	ts.expect("+OK")
+	ts.closed()
+}
