@@ -120,7 +120,9 @@ func newSession(h *Handler, cx *layer4.Connection) *session {
 		raw:    cx.Conn,
 	}
 	s.shared.tls = s.secure
-	s.ctx, s.cancel = context.WithDeadline(cx.Context, s.loginDeadline())
+	// Not from cx.Context: its replacer holds the whole connection, which a
+	// parked session, whose handler has returned, must not keep alive.
+	s.ctx, s.cancel = context.WithDeadline(context.Background(), s.loginDeadline())
 	return s
 }
 

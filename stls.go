@@ -1,6 +1,7 @@
 package pop3
 
 import (
+	"context"
 	"crypto/tls"
 	"net"
 	"time"
@@ -98,7 +99,12 @@ func (s *session) handshakeTLS() (*tls.ConnectionState, error) {
 		return nil, net.ErrClosed
 	}
 	tc := tls.Server(&swapConn{Conn: s.cx}, s.h.tlsConfig) // cx, not cx.Conn: it may hold prefetched bytes
-	if err := tc.HandshakeContext(s.ctx); err != nil {
+	// The connection's own context carries its replacer, which SNI
+	// matchers of the connection policy read; the session's ends it.
+	hctx, stop := context.WithCancel(s.cx.Context)
+	defer stop()
+	defer context.AfterFunc(s.ctx, stop)()
+	if err := tc.HandshakeContext(hctx); err != nil {
 		return nil, err
 	}
 	_ = s.cx.SetDeadline(time.Time{})
