@@ -112,6 +112,22 @@ func parkedSession(t *testing.T, mod func(*Handler)) (*testSession, *observer.Ob
 	return ts, logs
 }
 
+// TestParkedSessionReleasesItsConnection: once parked, a session holds its
+// sockets and not the layer4 connection the handler got (its replacer,
+// vars and buffers), which is most of what an idle session would cost.
+func TestParkedSessionReleasesItsConnection(t *testing.T) {
+	ts, _ := parkedSession(t, nil)
+	for i := 0; i < 5 && ts.cx.Value() != nil; i++ {
+		runtime.GC()
+	}
+	if ts.cx.Value() != nil {
+		t.Error("a parked session keeps the layer4 connection alive")
+	}
+	ts.send("QUIT")
+	ts.expect("+OK bye")
+	ts.expectClosed()
+}
+
 func TestParkedRelayIdleTimeout(t *testing.T) {
 	start := time.Now()
 	ts, logs := parkedSession(t, func(h *Handler) { h.ProxyTimeout = caddy.Duration(500 * time.Millisecond) })

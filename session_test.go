@@ -17,6 +17,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"weak"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/mholt/caddy-l4/layer4"
@@ -35,6 +36,7 @@ type testSession struct {
 	logs     *observer.ObservedLogs
 	handle   *Handler
 	greeting string
+	cx       weak.Pointer[layer4.Connection] // what Handle got, to see it collected
 }
 
 func newTestHandler(t *testing.T, upstream string, mod func(*Handler)) (*Handler, *observer.ObservedLogs) {
@@ -97,6 +99,7 @@ func handleOn(t *testing.T, h *Handler, logs *observer.ObservedLogs, tcp bool) *
 	}
 	ts := &testSession{t: t, conn: client, r: bufio.NewReader(client), done: make(chan error, 1), logs: logs, handle: h}
 	cx := layer4.WrapConnection(server, nil, zap.NewNop())
+	ts.cx = weak.Make(cx)
 	go func() {
 		err := h.Handle(cx, nil)
 		_ = server.Close()
