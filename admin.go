@@ -1,0 +1,107 @@
+package pop3
+
+import (
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"sort"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+)
+
+func init() {
+	caddy.RegisterModule(adminAPI{})
+}
+
+// sessionView is what the admin API shows of a session, like doveadm who.
+type sessionView struct {
+	ID   string `json:"id"`
+	User string `json:"user,omitempty"`
+	// UpstreamUser is whose mailbox the session acts as, when that is not
+	// User: an authzid, or the auth server's Auth-User.
+	UpstreamUser string    `json:"upstream_user,omitempty"`
+	Remote       string    `json:"remote"`
+	Upstream     string    `json:"upstream,omitempty"`
+	State        string    `json:"state"`
+	TLS          bool      `json:"tls"`
+	Start        time.Time `json:"start"`
+	FromClient   int64     `json:"bytes_from_client"`
+	ToClient     int64     `json:"bytes_to_client"`
+}
+
+func (s *session) view() sessionView {
+	s.shared.mu.Lock()
+	defer s.shared.mu.Unlock()
+	v := sessionView{
+		ID: s.id, User: s.shared.user, Remote: s.remote, Upstream: s.shared.upstream, State: "authorization",
+		TLS: s.shared.tls, Start: s.start, FromClient: s.shared.fromClient.Load(), ToClient: s.shared.toClient.Load(),
+		UpstreamUser: s.shared.upstreamUser,
+	}
+	if s.shared.relaying {
+		v.State = "relay"
+		// The relay's own counts grow in chunks; the kernel's are live (on
+		// the wire, so TLS records count whole).
+		if in, out, ok := wireBytes(s.raw); ok && s.shared.wireOK {
+			v.FromClient, v.ToClient = max(v.FromClient, in-s.shared.wireIn), max(v.ToClient, out-s.shared.wireOut)
+		}
+	}
+	return v
+}
+
+// adminAPI serves /pop3/sessions on Caddy's admin endpoint: GET lists the
+// live sessions; DELETE with id, user (login or upstream user) or remote
+// (client IP) closes them, as doveadm who and doveadm kick do.
+type adminAPI struct{}
+
+// CaddyModule returns the Caddy module information.
+func (adminAPI) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "admin.api.pop3",
+		New: func() caddy.Module { return adminAPI{} },
+	}
+}
+
+// Routes implements caddy.AdminRouter.
+func (adminAPI) Routes() []caddy.AdminRoute {
+	return []caddy.AdminRoute{{Pattern: "/pop3/sessions", Handler: caddy.AdminHandlerFunc(handleSessions)}}
+}
+
+func handleSessions(w http.ResponseWriter, r *http.Request) error {
+	q := r.URL.Query()
+	id, user, remote := q.Get("id"), q.Get("user"), q.Get("remote")
+	views := []sessionView{}
+	filter := func(s *session) bool {
+		v := s.view()
+		host, _, _ := net.SplitHostPort(v.Remote)
+		// user matches the login name or the mailbox acted as: kicking a
+		// mailbox's sessions must reach those that logged in for it.
+		if (id == "" || v.ID == id) && (user == "" || v.User == user || v.UpstreamUser == user) && (remote == "" || host == remote || v.Remote == remote) {
+			views = append(views, v)
+			return true
+		}
+		return false
+	}
+	switch r.Method {
+	case http.MethodGet:
+		liveSessions.matching(filter)
+		sort.Slice(views, func(i, j int) bool { return views[i].Start.Before(views[j].Start) })
+		w.Header().Set("Content-Type", "application/json")
+		return json.NewEncoder(w).Encode(views)
+	case http.MethodDelete:
+		if id == "" && user == "" && remote == "" {
+			return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: fmt.Errorf("name the sessions to close with id, user or remote")}
+		}
+		kicked := liveSessions.matching(filter)
+		for _, s := range kicked {
+			s.kick("Session closed by the administrator")
+		}
+		w.Header().Set("Content-Type", "application/json")
+		return json.NewEncoder(w).Encode(map[string]int{"closed": len(kicked)})
+	}
+	return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method %s not allowed", r.Method)}
+}
+
+// Interface guards
+var _ caddy.AdminRouter = adminAPI{}
