@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+
+	"github.com/caddy-pop3/caddy-pop3/internal/sockopt"
 )
 
 func init() {
@@ -43,7 +45,7 @@ func (s *session) view() sessionView {
 		v.State = "relay"
 		// The relay's own counts grow in chunks; the kernel's are live (on
 		// the wire, so TLS records count whole).
-		if in, out, ok := wireBytes(s.raw); ok && s.shared.wireOK {
+		if in, out, ok := sockopt.WireBytes(s.raw); ok && s.shared.wireOK {
 			v.FromClient, v.ToClient = max(v.FromClient, in-s.shared.wireIn), max(v.ToClient, out-s.shared.wireOut)
 		}
 	}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/caddy-pop3/caddy-pop3/internal/pop3wire"
 	"github.com/caddy-pop3/caddy-pop3/internal/sasl"
+	"github.com/caddy-pop3/caddy-pop3/internal/sockopt"
 )
 
 var (
@@ -438,7 +439,7 @@ func (s *session) loginDone(req loginRequest, up *upstreamClient, actingAs, text
 	if actingAs != req.creds.Username {
 		s.shared.upstreamUser = actingAs
 	}
-	s.shared.wireIn, s.shared.wireOut, s.shared.wireOK = wireBytes(s.raw)
+	s.shared.wireIn, s.shared.wireOut, s.shared.wireOK = sockopt.WireBytes(s.raw)
 	s.shared.mu.Unlock()
 	s.loginTook = now().Sub(started)
 	metrics.login(req.method, "ok", s.loginTook.Seconds())

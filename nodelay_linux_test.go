@@ -31,15 +31,15 @@ func TestUpstreamSocketsSendAtOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	if v := sockopt(t, conn, unix.IPPROTO_TCP, unix.TCP_NODELAY); v != 1 {
+	if v := getsockoptInt(t, conn, unix.IPPROTO_TCP, unix.TCP_NODELAY); v != 1 {
 		t.Errorf("upstream socket: TCP_NODELAY is %d, want 1", v)
 	}
-	if v := sockopt(t, conn, unix.SOL_SOCKET, unix.SO_KEEPALIVE); v != 0 {
+	if v := getsockoptInt(t, conn, unix.SOL_SOCKET, unix.SO_KEEPALIVE); v != 0 {
 		t.Errorf("upstream socket: SO_KEEPALIVE is %d, want 0 (proxy_timeout ends idle sessions)", v)
 	}
 }
 
-func sockopt(t *testing.T, c net.Conn, level, opt int) int {
+func getsockoptInt(t *testing.T, c net.Conn, level, opt int) int {
 	t.Helper()
 	rc, err := c.(*net.TCPConn).SyscallConn()
 	if err != nil {

@@ -11,6 +11,8 @@ import (
 
 	"github.com/mholt/caddy-l4/layer4"
 	"go.uber.org/zap"
+
+	"github.com/caddy-pop3/caddy-pop3/internal/sockopt"
 )
 
 // relayChunk is how much one splice or copy call moves at most.
@@ -167,7 +169,7 @@ func newRelay(s *session, client, upstream net.Conn) *relay {
 	_, clientTCP := client.(*net.TCPConn)
 	_, upstreamTCP := upstream.(*net.TCPConn)
 	r := &relay{
-		s: s, idle: time.Duration(s.h.ProxyTimeout), splice: spliceSupported && clientTCP && upstreamTCP,
+		s: s, idle: time.Duration(s.h.ProxyTimeout), splice: sockopt.SpliceSupported && clientTCP && upstreamTCP,
 		client: client, upstream: upstream, quiet: make(chan struct{}),
 		running: 2, // both pumps, from before they start: an early end waits for them
 	}
@@ -196,8 +198,8 @@ func (r *relay) wireProgress() (int64, bool) {
 	if r.clientWire == nil || r.upstreamWire == nil {
 		return 0, false
 	}
-	cin, cout, cok := wireBytes(r.clientWire)
-	uin, uout, uok := wireBytes(r.upstreamWire)
+	cin, cout, cok := sockopt.WireBytes(r.clientWire)
+	uin, uout, uok := sockopt.WireBytes(r.upstreamWire)
 	return cin + cout + uin + uout, cok && uok
 }
 
@@ -649,7 +651,7 @@ func spliceStep(dst, src *net.TCPConn, head []byte) (int64, error) {
 	if err != nil || m < len(head) {
 		return int64(m), err
 	}
-	queued := queuedBytes(src)
+	queued := sockopt.QueuedBytes(src)
 	if queued == 0 {
 		return int64(m), nil
 	}
@@ -666,7 +668,7 @@ func spliceStep(dst, src *net.TCPConn, head []byte) (int64, error) {
 	// gone did. The bytes were queued, so the destination is likelier; a
 	// timeout is check's read deadline on the source.
 	var ne net.Error
-	if err != nil && !(errors.As(err, &ne) && ne.Timeout()) && !(socketFailed(src) && !socketFailed(dst)) {
+	if err != nil && !(errors.As(err, &ne) && ne.Timeout()) && !(sockopt.SocketFailed(src) && !sockopt.SocketFailed(dst)) {
 		err = writeError{err}
 	}
 	return int64(m) + k, err

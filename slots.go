@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+
+	"github.com/caddy-pop3/caddy-pop3/internal/sockopt"
 )
 
 // sessionSlots bounds the descriptors that the sessions of all pop3
@@ -50,7 +52,7 @@ func (c *slotCounter) limit() int64 {
 	if o := c.override.Load(); o > 0 {
 		return o
 	}
-	c.once.Do(func() { c.max = sessionLimit(openFilesLimit()) })
+	c.once.Do(func() { c.max = sessionLimit(sockopt.OpenFilesLimit()) })
 	return c.max
 }
 

@@ -1,4 +1,4 @@
-package pop3
+package sockopt
 
 import (
 	"net"
@@ -6,11 +6,11 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// wireBytes returns how many bytes the kernel has received from the peer of
+// WireBytes returns how many bytes the kernel has received from the peer of
 // c and how many the peer has acknowledged, from TCP_INFO. It lets the admin
 // API show live counts of a relay that splice(2) moves without the proxy
 // seeing the bytes, and the relay see bytes move while one step blocks.
-func wireBytes(c net.Conn) (received, acked int64, ok bool) {
+func WireBytes(c net.Conn) (received, acked int64, ok bool) {
 	if raw, isWrapped := c.(interface{ Raw() net.Conn }); isWrapped { // PROXY protocol handler
 		c = raw.Raw()
 	}
@@ -25,9 +25,9 @@ func wireBytes(c net.Conn) (received, acked int64, ok bool) {
 	return int64(info.Bytes_received), int64(info.Bytes_acked), true
 }
 
-// socketFailed reports whether c's connection is gone (reset, or closed
+// SocketFailed reports whether c's connection is gone (reset, or closed
 // here), so that a failed splice can tell which of its sockets failed.
-func socketFailed(c *net.TCPConn) bool {
+func SocketFailed(c *net.TCPConn) bool {
 	info, ok := tcpInfo(c)
 	return !ok || info.State == unix.BPF_TCP_CLOSE
 }

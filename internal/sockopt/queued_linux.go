@@ -1,4 +1,4 @@
-package pop3
+package sockopt
 
 import (
 	"net"
@@ -6,13 +6,13 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// spliceSupported: plain relays move bytes with splice(2).
-const spliceSupported = true
+// SpliceSupported: plain relays move bytes with splice(2).
+const SpliceSupported = true
 
-// queuedBytes returns how many bytes wait in c's receive queue (SIOCINQ), so
+// QueuedBytes returns how many bytes wait in c's receive queue (SIOCINQ), so
 // that splice(2) is asked for no more than is there: Go's splice holds a
 // pipe until it has moved all it was asked for.
-func queuedBytes(c *net.TCPConn) int64 {
+func QueuedBytes(c *net.TCPConn) int64 {
 	rc, err := c.SyscallConn()
 	if err != nil {
 		return 0

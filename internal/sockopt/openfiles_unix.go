@@ -1,12 +1,12 @@
 //go:build unix
 
-package pop3
+package sockopt
 
 import "golang.org/x/sys/unix"
 
-// openFilesLimit is the soft RLIMIT_NOFILE (Go raises it to the hard limit
+// OpenFilesLimit is the soft RLIMIT_NOFILE (Go raises it to the hard limit
 // at start-up); 0 when unknown or unlimited.
-func openFilesLimit() uint64 {
+func OpenFilesLimit() uint64 {
 	var rl unix.Rlimit
 	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &rl); err != nil || rl.Cur == unix.RLIM_INFINITY {
 		return 0
