@@ -21,25 +21,7 @@ import (
 // 40 connections would need 72 descriptors with the 16 sessions' 32.)
 func TestConnectionFloodLeavesTheListenerServing(t *testing.T) {
 	need(t)
-	addr, err := freePort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cf := fmt.Sprintf(`{
-	admin off
-	layer4 {
-		%s {
-			route {
-				pop3 %s {
-					starttls off
-				}
-			}
-		}
-	}
-}
-`, addr, env.dc.POP3Addr)
-	lowLimit := []string{"/bin/sh", "-c", `ulimit -n 64 && exec "$0" "$@"`}
-	p := startCaddyWith(t, "flood", cf, lowLimit, listener{addr: addr})
+	p, addr := startLowLimitCaddy(t, "flood")
 
 	const fit = 16 // sessionLimit(64)
 	var sessions []*client
@@ -61,21 +43,7 @@ func TestConnectionFloodLeavesTheListenerServing(t *testing.T) {
 		c.quit()
 	}
 	// And the listener still accepts and serves.
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		err := p.probe(listener{addr: addr})
-		if err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the listener no longer greets after the flood (last: %v)", err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	c := dialPOP3(t, addr, nil)
-	c.login(alice, alicePass)
-	c.ok("STAT")
-	c.quit()
+	expectServing(t, p, addr)
 	if !strings.Contains(p.log(), "refusing sessions") {
 		t.Error("Caddy logged no warning about refused sessions")
 	}
@@ -120,4 +88,50 @@ func floodExpectRefused(t *testing.T, addr string, n, atOnce int) {
 			t.Errorf("flood connection %d: %q, want -ERR [SYS/TEMP] Too many connections and a close", i, r)
 		}
 	}
+}
+
+// startLowLimitCaddy starts a Caddy whose open files limit is 64, with one
+// plaintext pop3 listener in front of the shared Dovecot.
+func startLowLimitCaddy(t *testing.T, name string) (*caddyProc, string) {
+	t.Helper()
+	addr, err := freePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cf := fmt.Sprintf(`{
+	admin off
+	layer4 {
+		%s {
+			route {
+				pop3 %s {
+					starttls off
+				}
+			}
+		}
+	}
+}
+`, addr, env.dc.POP3Addr)
+	lowLimit := []string{"/bin/sh", "-c", `ulimit -n 64 && exec "$0" "$@"`}
+	return startCaddyWith(t, name, cf, lowLimit, listener{addr: addr}), addr
+}
+
+// expectServing checks that the listener at addr greets again after a
+// flood and that a login works there.
+func expectServing(t *testing.T, p *caddyProc, addr string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		err := p.probe(listener{addr: addr})
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the listener no longer greets after the flood (last: %v)", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	c := dialPOP3(t, addr, nil)
+	c.login(alice, alicePass)
+	c.ok("STAT")
+	c.quit()
 }

@@ -5,7 +5,6 @@ package integration
 import (
 	"bufio"
 	"crypto/sha256"
-	"fmt"
 	"io"
 	"net"
 	"strings"
@@ -24,25 +23,7 @@ import (
 func TestFloodWhileRetrsStream(t *testing.T) {
 	need(t)
 	usedSecret(big, bigPass)
-	addr, err := freePort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cf := fmt.Sprintf(`{
-	admin off
-	layer4 {
-		%s {
-			route {
-				pop3 %s {
-					starttls off
-				}
-			}
-		}
-	}
-}
-`, addr, env.dc.POP3Addr)
-	lowLimit := []string{"/bin/sh", "-c", `ulimit -n 64 && exec "$0" "$@"`}
-	p := startCaddyWith(t, "flood-retr", cf, lowLimit, listener{addr: addr})
+	p, addr := startLowLimitCaddy(t, "flood-retr")
 
 	// Sessions until the proxy refuses one, each with a RETR streaming.
 	var streams []*client
@@ -104,19 +85,5 @@ func TestFloodWhileRetrsStream(t *testing.T) {
 		c.quit()
 	}
 	// And the listener still accepts and serves.
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		err := p.probe(listener{addr: addr})
-		if err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the listener no longer greets after the flood (last: %v)", err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	c := dialPOP3(t, addr, nil)
-	c.login(alice, alicePass)
-	c.ok("STAT")
-	c.quit()
+	expectServing(t, p, addr)
 }
