@@ -114,7 +114,7 @@ func TestEventsDroppedWhenSubscribersStuck(t *testing.T) {
 	h, logs := newTestHandler(t, addr, nil)
 	rec := recordEvents(t, h)
 	rec.block = make(chan struct{})
-	lastDropWarned.Store(0)
+	dropWarning.reset()
 	for i := 0; i < maxEmitting; i++ {
 		h.emit("pop3_login", func() map[string]any { return map[string]any{"n": i} })
 	}

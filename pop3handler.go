@@ -608,17 +608,16 @@ func (h *Handler) emit(name string, data func() map[string]any) {
 const maxEmitting = 256
 
 var (
-	emitting       = make(chan struct{}, maxEmitting)
-	droppedEvents  atomic.Int64
-	lastDropWarned atomic.Int64 // unix nanoseconds of the last warning
+	emitting      = make(chan struct{}, maxEmitting)
+	droppedEvents atomic.Int64
+	dropWarning   onceAMinute
 )
 
 // warnDroppedEvent counts a dropped event and warns at most once a
 // minute, with the count since the last warning.
 func warnDroppedEvent(logger *zap.Logger, name string) {
 	droppedEvents.Add(1)
-	t, last := now().UnixNano(), lastDropWarned.Load()
-	if t-last < int64(time.Minute) || !lastDropWarned.CompareAndSwap(last, t) {
+	if !dropWarning.allow() {
 		return
 	}
 	logger.Warn("event subscribers too slow: events dropped",

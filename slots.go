@@ -28,7 +28,7 @@ type slotCounter struct {
 	once     sync.Once
 	max      int64        // 0: no limit
 	used     atomic.Int64 // sessions and charged pipes
-	warned   atomic.Int64 // unix seconds of the last warning, to rate-limit it
+	warned   onceAMinute  // the warning that sessions are refused
 	override atomic.Int64 // a limit set by tests; 0: none
 	pipes    pipeCounter
 }
@@ -137,9 +137,7 @@ type gcSentinel [16]byte // not a tiny allocation, whose finalizer could wait fo
 
 // warnFull logs that sessions are being refused, at most once a minute.
 func (c *slotCounter) warnFull(logger *zap.Logger) {
-	nowSec := now().Unix()
-	last := c.warned.Load()
-	if nowSec-last < 60 || !c.warned.CompareAndSwap(last, nowSec) {
+	if !c.warned.allow() {
 		return
 	}
 	logger.Warn("refusing sessions: the process is near its open files limit; raise it (e.g. LimitNOFILE in the systemd unit) for more concurrent sessions",
@@ -161,3 +159,15 @@ func sessionLimit(nofile uint64) int64 {
 
 // refuseWriteTimeout bounds the -ERR written to a refused client.
 const refuseWriteTimeout = time.Second
+
+// onceAMinute lets a warning through at most once a minute, so that a
+// flood does not flood the log too.
+type onceAMinute struct{ last atomic.Int64 } // unix nanoseconds of the last one
+
+func (o *onceAMinute) allow() bool {
+	t, last := now().UnixNano(), o.last.Load()
+	return t-last >= int64(time.Minute) && o.last.CompareAndSwap(last, t)
+}
+
+// reset lets the next warning through, for tests.
+func (o *onceAMinute) reset() { o.last.Store(0) }

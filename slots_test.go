@@ -73,7 +73,7 @@ func waitForNoSessions(t *testing.T) {
 func TestSessionsOverTheLimitAreRefused(t *testing.T) {
 	waitForNoSessions(t)
 	sessionSlots.override.Store(1)
-	sessionSlots.warned.Store(0) // the warning is rate-limited process-wide
+	sessionSlots.warned.reset() // the warning is rate-limited process-wide
 	t.Cleanup(func() { sessionSlots.override.Store(0) })
 
 	_, addr := fakeUpstream(t, nil)
