@@ -22,6 +22,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 
 	"github.com/caddy-pop3/caddy-pop3/internal/opensslfmt"
+	"github.com/caddy-pop3/caddy-pop3/internal/sasl"
 )
 
 // The auth_http client speaks the protocol of NGINX's
@@ -255,7 +256,7 @@ func (c *AuthHTTP) newRequest(ctx context.Context, r authHTTPRequest) (*http.Req
 	// Fields are set by direct map assignment to keep NGINX's spelling:
 	// Header.Set would canonicalise Auth-SSL-Verify to Auth-Ssl-Verify.
 	h := req.Header
-	set := func(name, value string) { h[name] = append(h[name], sanitizeHeaderValue(value)) }
+	set := func(name, value string) { h[name] = append(h[name], stripControl(value)) }
 
 	method := authHTTPMethodName(r.Method)
 	set("Auth-Method", method)
@@ -448,36 +449,7 @@ func escapeMailAuth(s string) string {
 	return b.String()
 }
 
-func mailAuthEscaped(c byte) bool { return c < 0x20 || c == ' ' || c == '%' || c == 0x7f }
-
-// sanitizeHeaderValue drops control bytes (0x00-0x1F, 0x7F) so that no
-// value, whether from the client, DNS or configuration, can end the field
-// and start another (CVE-2026-28753 was NGINX putting a PTR answer with CR
-// LF into Client-Host).
-func sanitizeHeaderValue(s string) string {
-	if !hasControl(s) {
-		return s
-	}
-	return stripControl(s)
-}
-
-func stripControl(s string) string {
-	return strings.Map(func(r rune) rune {
-		if r < 0x20 || r == 0x7f {
-			return -1
-		}
-		return r
-	}, s)
-}
-
-func hasControl(s string) bool {
-	for i := 0; i < len(s); i++ {
-		if s[i] < 0x20 || s[i] == 0x7f {
-			return true
-		}
-	}
-	return false
-}
+func mailAuthEscaped(c byte) bool { return isControl(c) || c == ' ' || c == '%' }
 
 // clientHostValue checks a resolved client name as NGINX does since the
 // fix for CVE-2026-28753 (ngx_mail_smtp_validate_host: RFC 1034 §3.5
@@ -581,4 +553,103 @@ func clientVerifyResult(st *tls.ConnectionState) string {
 	default:
 		return "FAILED:certificate not verified"
 	}
+}
+
+// authHTTPAuthenticator asks the auth server about each login (NGINX's
+// auth_http) and logs in where it says, with the credentials it gives.
+type authHTTPAuthenticator struct {
+	a            *AuthHTTP
+	verifyClient bool // a connection policy asks for client certificates
+}
+
+// maxAuthHTTPRetries bounds Auth-Status: WAIT answers for one login; NGINX
+// has no bound.
+const maxAuthHTTPRetries = 5
+
+func (x authHTTPAuthenticator) authenticate(ctx context.Context, req loginRequest) (loginTarget, error) {
+	if req.creds.Identity != "" && req.creds.Identity != req.creds.Username {
+		// The auth server approves Auth-User alone (NGINX's protocol has no
+		// field for an authorization identity); sent upstream with its
+		// Auth-User and Auth-Pass, which may be master credentials, it would
+		// open another user's mailbox.
+		return loginTarget{}, errAuthzidRefused
+	}
+	clientIP := ""
+	if host, _, err := net.SplitHostPort(req.remote.String()); err == nil {
+		clientIP = host
+	}
+	areq := authHTTPRequest{
+		Method:       req.method,
+		User:         req.creds.Username,
+		Pass:         req.creds.Password,
+		Salt:         req.salt,
+		Attempt:      req.attempt,
+		ClientIP:     clientIP,
+		TLS:          req.tls,
+		VerifyClient: x.verifyClient || (req.tls != nil && len(req.tls.PeerCertificates) > 0),
+	}
+	var res authHTTPResult
+	for retry := 0; ; retry++ {
+		var err error
+		res, err = x.a.check(ctx, areq)
+		if err != nil {
+			return loginTarget{}, fmt.Errorf("%w: %w", errAuthServer, err)
+		}
+		if !res.Retry {
+			break
+		}
+		if retry == maxAuthHTTPRetries {
+			return loginTarget{}, fmt.Errorf("%w: still WAIT after %d retries", errAuthServer, retry)
+		}
+		t := time.NewTimer(min(res.Wait, maxFailureDelay))
+		select {
+		case <-t.C:
+		case <-ctx.Done(): // the session was kicked or ran out of time
+			t.Stop()
+			return loginTarget{}, fmt.Errorf("%w: %w", errAuthServer, ctx.Err())
+		}
+	}
+	if !res.OK {
+		return loginTarget{}, refusalFromAuthServer(res)
+	}
+	creds := sasl.Credentials{Username: req.creds.Username, Password: req.creds.Password}
+	if res.User != "" {
+		creds.Username = res.User
+	}
+	switch {
+	case res.Pass != "":
+		creds.Password = res.Pass
+	case req.method != AuthPlain:
+		// A digest, token or certificate is no password for the upstream;
+		// NGINX refuses the same way.
+		return loginTarget{}, fmt.Errorf("%w: no Auth-Pass for method %s", errAuthServer, req.method)
+	}
+	if creds.Username == "" {
+		return loginTarget{}, fmt.Errorf("%w: no Auth-User for a login without a user name", errAuthServer)
+	}
+	return loginTarget{address: res.Address, creds: creds}, nil
+}
+
+// refusalFromAuthServer turns Auth-Status and Auth-Error-Code into the
+// client's -ERR. The text is the auth server's, as NGINX shows it; an RFC
+// 2449 code comes from Auth-Error-Code or a leading "[CODE]" in the text,
+// else [AUTH].
+func refusalFromAuthServer(res authHTTPResult) *authRefusal {
+	text := sanitizeReplyText(res.ErrorText)
+	code := ""
+	if strings.HasPrefix(text, "[") {
+		if end := strings.IndexByte(text, ']'); end > 1 {
+			code, text = text[1:end], strings.TrimSpace(text[end+1:])
+		}
+	}
+	if c := strings.Trim(sanitizeReplyText(res.ErrorCode), "[] "); isResponseCode(c) {
+		code = c
+	}
+	if !isResponseCode(code) {
+		code = codeAuth
+	}
+	if text == "" {
+		text = errAuthFailed.text
+	}
+	return &authRefusal{code: code, text: text, wait: res.Wait, hasWait: res.HasWait}
 }

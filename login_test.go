@@ -457,3 +457,29 @@ func TestLongUserNameRefused(t *testing.T) {
 		}
 	}
 }
+
+// TestStripControl: the one filter for text crossing from one peer to
+// another drops exactly the control bytes and keeps every other byte as it
+// is, invalid UTF-8 included: a user name in Auth-User must reach the auth
+// server as the client sent it, not with U+FFFD in place of its bytes.
+func TestStripControl(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct{ in, want string }{
+		{"plain text", "plain text"},
+		{"a\r\nb\x00c\x7fd\te", "abcde"},
+		{"caf\xe9\r\n", "caf\xe9"},         // Latin-1, not UTF-8
+		{"\xff\xfe", "\xff\xfe"},           // no control byte: the same string
+		{"ünïcode\x1b[31m", "ünïcode[31m"}, // an escape sequence loses its ESC
+	} {
+		if got := stripControl(tc.in); got != tc.want {
+			t.Errorf("stripControl(%q) = %q, want %q", tc.in, got, tc.want)
+		}
+		if hasControl(stripControl(tc.in)) {
+			t.Errorf("stripControl(%q) keeps a control byte", tc.in)
+		}
+	}
+	long := strings.Repeat("x", 300) + "\r\n"
+	if got := sanitizeReplyText(long); len(got) != 200 || hasControl(got) {
+		t.Errorf("sanitizeReplyText: %d bytes, control bytes %v", len(got), hasControl(got))
+	}
+}

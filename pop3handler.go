@@ -669,7 +669,7 @@ func (h *Handler) refuseFull(cx *layer4.Connection) {
 		return
 	}
 	_ = cx.SetWriteDeadline(now().Add(refuseWriteTimeout))
-	_, _ = cx.Write([]byte("-ERR [SYS/TEMP] Too many connections, try again later\r\n"))
+	_, _ = cx.Write([]byte(errTooManySessions.line() + "\r\n"))
 }
 
 // growStack makes the goroutine's stack big enough for a login in one

@@ -76,38 +76,6 @@ type session struct {
 	notReading bool // the last words found the client not reading: no close_notify either
 }
 
-// replyError is a -ERR reply: an optional RFC 2449 response code and text
-// the client may see. fatal closes the session after the reply.
-type replyError struct {
-	code  string
-	text  string
-	fatal bool
-}
-
-func (e *replyError) Error() string {
-	if e.code != "" {
-		return "[" + e.code + "] " + e.text
-	}
-	return e.text
-}
-
-// RFC 2449 and 3206 response codes the proxy sets itself; others (IN-USE,
-// LOGIN-DELAY, SYS/PERM) come from the upstream or the auth server as given.
-const (
-	codeAuth    = "AUTH"
-	codeSysTemp = "SYS/TEMP"
-)
-
-var (
-	errUnknownCommand = &replyError{text: "Unknown command"}
-	errLineTooLong    = &replyError{text: "Line too long"}
-	errSyntax         = &replyError{text: "Syntax error"}
-	errPlaintextLogin = &replyError{code: codeAuth, text: "Plaintext authentication disallowed on non-secure connection, use STLS first"}
-	errAuthFailed     = &replyError{code: codeAuth, text: "Authentication failed"}
-	errUnavailable    = &replyError{code: codeSysTemp, text: "Service temporarily unavailable, try again later", fatal: true}
-	errInternal       = &replyError{code: codeSysTemp, text: "Internal error", fatal: true}
-)
-
 func newSession(h *Handler, cx *layer4.Connection) *session {
 	id, remote := newSessionID(), cx.RemoteAddr().String()
 	s := &session{
@@ -261,7 +229,7 @@ func (s *session) greet() error {
 			}
 			s.log(zap.WarnLevel, "upstream unavailable", zap.Error(err))
 			s.state, s.result = stateDone, "upstream_unavailable"
-			return s.writeLine("-ERR " + errUnavailable.Error() + s.idSuffix())
+			return s.writeLine(errUnavailable.line() + s.idSuffix())
 		}
 		up.setDeadline(time.Time{})
 		s.early = up
@@ -365,40 +333,6 @@ func (s *session) handleQuit() error {
 	return s.writeLine("+OK Logging out")
 }
 
-// reply is the one place that writes -ERR. A replyError goes out as it is;
-// any other error is logged and answered as an internal error.
-func (s *session) reply(err error) error {
-	if err == nil {
-		return nil
-	}
-	var re *replyError
-	if !errors.As(err, &re) {
-		s.log(zap.ErrorLevel, "handling command", zap.Error(err))
-		re = errInternal
-	}
-	text := re.Error()
-	if re.code != "" {
-		text += s.idSuffix() // lets an operator find the session in the log
-	}
-	if werr := s.writeLine("-ERR " + text); werr != nil {
-		return werr
-	}
-	s.errors++
-	switch {
-	case re.fatal:
-		s.state = stateDone
-		if s.result == "" {
-			s.result = "error"
-		}
-	case s.h.MaxErrors > 0 && s.errors >= s.h.MaxErrors:
-		s.state, s.result = stateDone, "too_many_errors"
-		if werr := s.writeLine("-ERR Too many errors, closing connection" + s.idSuffix()); werr != nil {
-			return werr
-		}
-	}
-	return nil // run flushes after the last command
-}
-
 func (s *session) writeLine(line string) error {
 	if _, err := s.w.WriteString(line); err != nil {
 		return err
@@ -415,7 +349,7 @@ func (s *session) ioError(err error) error {
 	var ne net.Error
 	if reason, ok := s.kicked(); ok {
 		s.setResult("closed_by_admin")
-		s.lastWords("-ERR [SYS/TEMP] " + reason)
+		s.lastWords(errKicked(reason))
 		s.log(zap.InfoLevel, "session closed", zap.String("reason", reason))
 		return nil
 	}
@@ -425,36 +359,15 @@ func (s *session) ioError(err error) error {
 	case s.state == stateAuthorization && !now().Before(s.loginDeadline()) &&
 		(errors.Is(err, context.DeadlineExceeded) || errors.As(err, &ne) && ne.Timeout()):
 		s.setResult("login_timeout")
-		s.lastWords("-ERR Not logged in after " + time.Duration(s.h.LoginTimeout).String() + ", closing connection")
+		s.lastWords(errLoginTimeout(time.Duration(s.h.LoginTimeout)))
 	case errors.As(err, &ne) && ne.Timeout():
 		s.setResult("timeout")
-		s.lastWords("-ERR Disconnected for inactivity")
+		s.lastWords(errInactive)
 	default:
 		s.setResult("client_error")
 	}
 	s.debug("session ended", zap.Error(err))
 	return nil
-}
-
-// lastWords tries to send a final -ERR before login, bounded by a second:
-// the client may have stopped reading.
-func (s *session) lastWords(text string) {
-	if s.state != stateAuthorization || s.w == nil {
-		return
-	}
-	_ = s.cx.SetWriteDeadline(now().Add(time.Second))
-	_ = s.writeLine(text + s.idSuffix())
-	if err := s.w.Flush(); err != nil {
-		s.notReading = true
-	}
-}
-
-// isConnError reports whether err comes from the connection rather than
-// from a command: those end the session without a reply.
-func isConnError(err error) bool {
-	var ne net.Error
-	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
-		errors.Is(err, net.ErrClosed) || errors.As(err, &ne)
 }
 
 func (s *session) setResult(r string) {

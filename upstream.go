@@ -38,27 +38,6 @@ func (d *tcpDialer) dial(ctx context.Context, address string, deadline time.Time
 	return nd.DialContext(ctx, "tcp", address)
 }
 
-// upstreamRejection is the upstream's -ERR to the login: the credentials
-// were refused, the upstream itself works.
-type upstreamRejection struct {
-	code string
-	text string
-}
-
-// newUpstreamRejection keeps of an -ERR what may reach the client and the
-// log: an RFC 2449 code only when well formed, the text sanitized.
-func newUpstreamRejection(resp pop3wire.Response) *upstreamRejection {
-	code := resp.Code
-	if !isResponseCode(code) {
-		code = ""
-	}
-	return &upstreamRejection{code: code, text: sanitizeReplyText(resp.Text)}
-}
-
-func (e *upstreamRejection) Error() string {
-	return fmt.Sprintf("upstream refused login: [%s] %s", e.code, e.text)
-}
-
 // errAuthzidUnsupported answers an authorization identity for an upstream
 // without AUTH PLAIN, where USER/PASS cannot carry it.
 var errAuthzidUnsupported = &replyError{code: codeAuth, text: "Authorization identity not supported"}
