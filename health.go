@@ -139,10 +139,10 @@ func (p *pool) recoverChecker() {
 // configured), expect +OK, QUIT. A check that ctx ended (a reload, a stop)
 // proves nothing and counts neither way.
 func (p *pool) checkOne(ctx context.Context, u *poolUpstream, timeout time.Duration, passes, fails int64) {
-	c, err := p.h.connectUpstream(ctx, u.cfg.Address, upstreamOptions{
+	c, err := connectUpstream(ctx, p.dialer, u.cfg.Address, upstreamOptions{
 		tls:           u.tlsConfig,
 		startTLS:      u.cfg.StartTLS,
-		proxyProtocol: p.h.ProxyProtocol, // a LOCAL header: a haproxy listener greets nobody without one
+		proxyProtocol: p.proxyProtocol, // a LOCAL header: a haproxy listener greets nobody without one
 		skipCAPA:      true,
 	}, dialClient{}, now().Add(timeout))
 	if ctx.Err() != nil {

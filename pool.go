@@ -68,7 +68,6 @@ type poolUpstream struct {
 
 // pool chooses an upstream for each session and connects to it.
 type pool struct {
-	h           *Handler
 	upstreams   []*poolUpstream
 	policy      string
 	tryDuration time.Duration
@@ -76,6 +75,11 @@ type pool struct {
 	failFor     time.Duration
 	rr          atomic.Uint64
 	logger      *zap.Logger
+
+	dialer        upstreamDialer
+	dialTimeout   time.Duration // bounds one attempt's dial and greeting
+	proxyProtocol string        // "", "v1" or "v2"
+	xclient       bool
 
 	// tlsOnly: every configured upstream uses TLS, so an auth server's
 	// address that matches none of them is not sent a password in plaintext.
@@ -224,11 +228,11 @@ func (p *pool) connect(ctx context.Context, req poolRequest, client dialClient, 
 func (p *pool) attempt(ctx context.Context, u *poolUpstream, address string, client dialClient, deadline time.Time) (*upstreamClient, error) {
 	// dial_timeout bounds the dial and greeting of one attempt, so that a
 	// silent upstream leaves time for the next and is counted as failed.
-	attemptDeadline := now().Add(time.Duration(p.h.DialTimeout))
+	attemptDeadline := now().Add(p.dialTimeout)
 	if deadline.Before(attemptDeadline) {
 		attemptDeadline = deadline
 	}
-	c, err := p.h.connectUpstream(ctx, address, p.optionsOf(u), client, attemptDeadline)
+	c, err := connectUpstream(ctx, p.dialer, address, p.optionsOf(u), client, attemptDeadline)
 	if err != nil {
 		u.release()
 		// The session's end (login_timeout, its context's deadline) may cut
@@ -260,8 +264,8 @@ func (p *pool) optionsOf(u *poolUpstream) upstreamOptions {
 	return upstreamOptions{
 		tls:           u.tlsConfig,
 		startTLS:      u.cfg.StartTLS,
-		proxyProtocol: p.h.ProxyProtocol,
-		xclient:       p.h.XClient,
+		proxyProtocol: p.proxyProtocol,
+		xclient:       p.xclient,
 	}
 }
 
@@ -373,16 +377,34 @@ func hostnameSafe(s string) string {
 	return strings.Trim(s, ".")
 }
 
-// buildPool prepares the upstreams: TLS client configs, and state shared
-// across reloads for every address (and template).
-func (h *Handler) buildPool() (_ *pool, err error) {
+// poolConfig is what the pool takes from the handler's options.
+type poolConfig struct {
+	upstreams     []*Upstream
+	policy        string
+	tryDuration   time.Duration
+	failFor       time.Duration // fail_duration
+	maxFails      int
+	dialer        upstreamDialer
+	dialTimeout   time.Duration
+	proxyProtocol string
+	xclient       bool
+	named         bool // an auth server names each login's upstream by address
+}
+
+// newPool prepares the upstreams: TLS client configs, and state shared
+// across reloads for every address (and template). ctx provides what TLS
+// client configs load (trust pools, certificates).
+func newPool(ctx caddy.Context, cfg poolConfig, logger *zap.Logger) (_ *pool, err error) {
 	p := &pool{
-		h:           h,
-		policy:      h.LBPolicy,
-		tryDuration: time.Duration(h.LBTryDuration),
-		failFor:     time.Duration(h.FailDuration),
-		logger:      h.logger,
-		tlsOnly:     len(h.Upstream) > 0,
+		policy:        cfg.policy,
+		tryDuration:   cfg.tryDuration,
+		failFor:       cfg.failFor,
+		logger:        logger,
+		tlsOnly:       len(cfg.upstreams) > 0,
+		dialer:        cfg.dialer,
+		dialTimeout:   cfg.dialTimeout,
+		proxyProtocol: cfg.proxyProtocol,
+		xclient:       cfg.xclient,
 	}
 	defer func() {
 		if err != nil {
@@ -390,9 +412,9 @@ func (h *Handler) buildPool() (_ *pool, err error) {
 		}
 	}()
 	if p.failFor > 0 {
-		p.maxFails = int64(max(h.MaxFails, 1))
+		p.maxFails = int64(max(cfg.maxFails, 1))
 	}
-	for i, u := range h.Upstream {
+	for i, u := range cfg.upstreams {
 		pu := &poolUpstream{cfg: u, template: hasPlaceholder(u.Address), weight: max(u.Weight, 1)}
 		if pu.template {
 			port := "110"
@@ -404,21 +426,21 @@ func (h *Handler) buildPool() (_ *pool, err error) {
 			}
 		}
 		if u.TLS != nil {
-			cfg, err := u.TLS.MakeTLSClientConfig(h.ctx)
+			tlsCfg, err := u.TLS.MakeTLSClientConfig(ctx)
 			if err != nil {
 				return nil, fmt.Errorf("upstream %d: tls: %w", i, err)
 			}
-			if cfg == nil {
+			if tlsCfg == nil {
 				// Caddy returns nil for empty settings; a bare `tls` or
 				// `starttls` still means TLS, verified against system roots.
-				cfg = new(tls.Config)
+				tlsCfg = new(tls.Config)
 			}
-			if cfg.ServerName == "" && !cfg.InsecureSkipVerify && !pu.template {
+			if tlsCfg.ServerName == "" && !tlsCfg.InsecureSkipVerify && !pu.template {
 				// The configured name, also when an auth server names the
 				// upstream by its IP address.
-				cfg.ServerName, _, _ = net.SplitHostPort(u.Address)
+				tlsCfg.ServerName, _, _ = net.SplitHostPort(u.Address)
 			}
-			pu.tlsConfig = cfg
+			pu.tlsConfig = tlsCfg
 		} else {
 			p.tlsOnly = false
 		}
@@ -431,7 +453,7 @@ func (h *Handler) buildPool() (_ *pool, err error) {
 		pu.peer = v.(*peer)
 		p.upstreams = append(p.upstreams, pu)
 	}
-	if h.AuthHTTP != nil {
+	if cfg.named {
 		p.named = newNamedIndex(p)
 	}
 	return p, nil
@@ -461,7 +483,7 @@ func (p *pool) connectNamed(ctx context.Context, address string, client dialClie
 			// It may be an upstream with TLS whose name does not resolve now.
 			return nil, fmt.Errorf("%w: the auth server named %s, and not every configured upstream with TLS could be resolved to compare", errNoUpstream, address)
 		}
-		c, err := p.h.connectUpstream(ctx, address, upstreamOptions{proxyProtocol: p.h.ProxyProtocol, xclient: p.h.XClient}, client, deadline)
+		c, err := connectUpstream(ctx, p.dialer, address, upstreamOptions{proxyProtocol: p.proxyProtocol, xclient: p.xclient}, client, deadline)
 		if err == nil {
 			p.warnXCLIENT(c)
 		}
@@ -584,7 +606,7 @@ func (ix *namedIndex) refreshLocked() chan struct{} {
 // resolve maps every address of every static upstream to it. A name that
 // does not resolve now keeps the addresses it had.
 func (ix *namedIndex) resolve(old map[netip.AddrPort]*poolUpstream) map[netip.AddrPort]*poolUpstream {
-	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(ix.p.h.DialTimeout))
+	ctx, cancel := context.WithTimeout(context.Background(), ix.p.dialTimeout)
 	defer cancel()
 	m := make(map[netip.AddrPort]*poolUpstream, len(old))
 	add := func(ap netip.AddrPort, u *poolUpstream) {

@@ -642,7 +642,7 @@ func TestTemplateMaxConnections(t *testing.T) {
 	held.expect("+OK")
 }
 
-// A failed buildPool gives back the shared state it took.
+// A failed newPool gives back the shared state it took.
 func TestBuildPoolFailureReleasesState(t *testing.T) {
 	addr := closedPort(t)
 	h := &Handler{Upstream: []*Upstream{{Address: addr}, {Address: "127.0.0.1:2", TLS: &reverseproxy.TLSConfig{ClientCertificateFile: "x.pem"}}}, logger: zap.NewNop()}
@@ -665,7 +665,7 @@ func TestCAPACacheKey(t *testing.T) {
 	connect := func(address string, o upstreamOptions, remote string) {
 		t.Helper()
 		client := dialClient{remote: net.TCPAddrFromAddrPort(netip.MustParseAddrPort(remote)), local: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 110}}
-		c, err := h.connectUpstream(context.Background(), address, o, client, time.Now().Add(5*time.Second))
+		c, err := connectUpstream(context.Background(), h.pool.dialer, address, o, client, time.Now().Add(5*time.Second))
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -176,7 +176,6 @@ type Handler struct {
 	relayChallenges bool
 
 	authenticator authenticator
-	dialer        upstreamDialer
 	pool          *pool
 	events        *caddyevents.App // nil: no events app
 }
@@ -414,7 +413,6 @@ func (h *Handler) setup() error {
 	h.tlsOn = h.StartTLS != StartTLSOff || h.ImplicitTLS
 	h.warnAlreadyTLS = new(sync.Once)
 	h.drained = new(atomic.Bool)
-	h.dialer = &tcpDialer{timeout: time.Duration(h.DialTimeout)}
 	if h.AuthHTTP != nil {
 		repl := caddy.NewReplacer() // {env.*} keeps secrets out of the config file
 		for name, v := range h.AuthHTTP.Header {
@@ -435,7 +433,18 @@ func (h *Handler) setup() error {
 	if h.logger == nil {
 		h.logger = zap.NewNop()
 	}
-	pool, err := h.buildPool()
+	pool, err := newPool(h.ctx, poolConfig{
+		upstreams:     h.Upstream,
+		policy:        h.LBPolicy,
+		tryDuration:   time.Duration(h.LBTryDuration),
+		failFor:       time.Duration(h.FailDuration),
+		maxFails:      h.MaxFails,
+		dialer:        &tcpDialer{timeout: time.Duration(h.DialTimeout)},
+		dialTimeout:   time.Duration(h.DialTimeout),
+		proxyProtocol: h.ProxyProtocol,
+		xclient:       h.XClient,
+		named:         h.AuthHTTP != nil,
+	}, h.logger)
 	if err != nil {
 		return err
 	}

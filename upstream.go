@@ -100,8 +100,8 @@ type dialClient struct {
 
 // connectUpstream dials address, sends the PROXY header, does TLS or STLS,
 // reads the greeting, sends XCLIENT and asks CAPA, all before deadline.
-func (h *Handler) connectUpstream(ctx context.Context, address string, o upstreamOptions, client dialClient, deadline time.Time) (*upstreamClient, error) {
-	conn, err := h.dialer.dial(ctx, address, deadline)
+func connectUpstream(ctx context.Context, dialer upstreamDialer, address string, o upstreamOptions, client dialClient, deadline time.Time) (*upstreamClient, error) {
+	conn, err := dialer.dial(ctx, address, deadline)
 	if err != nil {
 		return nil, fmt.Errorf("dialing upstream: %w", err)
 	}
