@@ -55,7 +55,9 @@ func (s *session) view() sessionView {
 // adminAPI serves /pop3/sessions on Caddy's admin endpoint: GET lists the
 // live sessions; DELETE with id, user (login or upstream user) or remote
 // (client IP) closes them, as doveadm who and doveadm kick do.
-type adminAPI struct{}
+type adminAPI struct {
+	proc *processState // nil: theProcess
+}
 
 // CaddyModule returns the Caddy module information.
 func (adminAPI) CaddyModule() caddy.ModuleInfo {
@@ -66,11 +68,15 @@ func (adminAPI) CaddyModule() caddy.ModuleInfo {
 }
 
 // Routes implements caddy.AdminRouter.
-func (adminAPI) Routes() []caddy.AdminRoute {
-	return []caddy.AdminRoute{{Pattern: "/pop3/sessions", Handler: caddy.AdminHandlerFunc(handleSessions)}}
+func (a adminAPI) Routes() []caddy.AdminRoute {
+	return []caddy.AdminRoute{{Pattern: "/pop3/sessions", Handler: caddy.AdminHandlerFunc(a.handleSessions)}}
 }
 
-func handleSessions(w http.ResponseWriter, r *http.Request) error {
+func (a adminAPI) handleSessions(w http.ResponseWriter, r *http.Request) error {
+	proc := a.proc
+	if proc == nil {
+		proc = theProcess
+	}
 	q := r.URL.Query()
 	id, user, remote := q.Get("id"), q.Get("user"), q.Get("remote")
 	views := []sessionView{}
@@ -87,7 +93,7 @@ func handleSessions(w http.ResponseWriter, r *http.Request) error {
 	}
 	switch r.Method {
 	case http.MethodGet:
-		liveSessions.matching(filter)
+		proc.sessions.matching(filter)
 		sort.Slice(views, func(i, j int) bool { return views[i].Start.Before(views[j].Start) })
 		w.Header().Set("Content-Type", "application/json")
 		return json.NewEncoder(w).Encode(views)
@@ -95,7 +101,7 @@ func handleSessions(w http.ResponseWriter, r *http.Request) error {
 		if id == "" && user == "" && remote == "" {
 			return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: fmt.Errorf("name the sessions to close with id, user or remote")}
 		}
-		kicked := liveSessions.matching(filter)
+		kicked := proc.sessions.matching(filter)
 		for _, s := range kicked {
 			s.kick("Session closed by the administrator")
 		}

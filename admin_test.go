@@ -10,11 +10,11 @@ import (
 	"github.com/caddyserver/caddy/v2"
 )
 
-func adminRequest(t *testing.T, method, query string) *httptest.ResponseRecorder {
+func adminRequest(t *testing.T, proc *processState, method, query string) *httptest.ResponseRecorder {
 	t.Helper()
 	rec := httptest.NewRecorder()
 	req := httptest.NewRequest(method, "/pop3/sessions"+query, nil)
-	if err := handleSessions(rec, req); err != nil {
+	if err := (adminAPI{proc: proc}).handleSessions(rec, req); err != nil {
 		if ae, ok := err.(caddy.APIError); ok {
 			rec.Code = ae.HTTPStatus
 			return rec
@@ -36,7 +36,7 @@ func TestAdminListsAndKicksSessions(t *testing.T) {
 	after.multiline()
 
 	var views []sessionView
-	if err := json.NewDecoder(adminRequest(t, http.MethodGet, "").Body).Decode(&views); err != nil {
+	if err := json.NewDecoder(adminRequest(t, h.proc, http.MethodGet, "").Body).Decode(&views); err != nil {
 		t.Fatal(err)
 	}
 	var alice *sessionView
@@ -48,22 +48,22 @@ func TestAdminListsAndKicksSessions(t *testing.T) {
 	if len(views) != 2 || alice == nil || alice.State != "relay" || alice.Upstream != addr || alice.FromClient == 0 {
 		t.Fatalf("sessions %+v", views)
 	}
-	if rec := adminRequest(t, http.MethodDelete, ""); rec.Code != http.StatusBadRequest {
+	if rec := adminRequest(t, h.proc, http.MethodDelete, ""); rec.Code != http.StatusBadRequest {
 		t.Errorf("DELETE without a filter: %d", rec.Code)
 	}
 
 	// Kick by user: the relaying session is closed.
-	if body := adminRequest(t, http.MethodDelete, "?user=alice").Body.String(); !strings.Contains(body, `"closed":1`) {
+	if body := adminRequest(t, h.proc, http.MethodDelete, "?user=alice").Body.String(); !strings.Contains(body, `"closed":1`) {
 		t.Errorf("DELETE ?user=alice: %s", body)
 	}
 	after.closed()
 	// Kick by id: the session before login gets a -ERR with the reason.
 	var rest []sessionView
-	_ = json.NewDecoder(adminRequest(t, http.MethodGet, "").Body).Decode(&rest)
+	_ = json.NewDecoder(adminRequest(t, h.proc, http.MethodGet, "").Body).Decode(&rest)
 	if len(rest) != 1 {
 		t.Fatalf("left: %+v", rest)
 	}
-	adminRequest(t, http.MethodDelete, "?id="+rest[0].ID)
+	adminRequest(t, h.proc, http.MethodDelete, "?id="+rest[0].ID)
 	if got := before.expect("-ERR [SYS/TEMP] Session closed by the administrator"); !strings.HasSuffix(got, "(session "+rest[0].ID+")") {
 		t.Errorf("kick reply %q", got)
 	}
@@ -83,19 +83,19 @@ func TestAdminFiltersOutsideTheRegistryLock(t *testing.T) {
 	h, logs := newTestHandler(t, addr, nil)
 	ts := startSession(t, h, logs, false)
 	ran := false
-	liveSessions.matching(func(*session) bool {
+	h.proc.sessions.matching(func(*session) bool {
 		ran = true
-		if !liveSessions.mu.TryLock() {
+		if !h.proc.sessions.mu.TryLock() {
 			t.Error("the registry is locked while the filter runs")
 			return false
 		}
-		liveSessions.mu.Unlock()
+		h.proc.sessions.mu.Unlock()
 		return false
 	})
 	if !ran {
 		t.Fatal("no session to filter")
 	}
-	if got := len(liveSessions.matching(func(s *session) bool { return s.h == h })); got != 1 {
+	if got := len(h.proc.sessions.matching(func(s *session) bool { return s.h == h })); got != 1 {
 		t.Errorf("%d sessions of the handler, want 1", got)
 	}
 	ts.send("QUIT")
@@ -114,13 +114,13 @@ func TestAdminShowsAndKicksUpstreamUser(t *testing.T) {
 		ts.send("AUTH PLAIN " + b64("bob@example.com\x00alice\x00secret-pw"))
 		ts.expect("+OK Logged in.")
 		var views []sessionView
-		if err := json.NewDecoder(adminRequest(t, http.MethodGet, "").Body).Decode(&views); err != nil {
+		if err := json.NewDecoder(adminRequest(t, h.proc, http.MethodGet, "").Body).Decode(&views); err != nil {
 			t.Fatal(err)
 		}
 		if len(views) != 1 || views[0].User != "alice" || views[0].UpstreamUser != "bob@example.com" {
 			t.Fatalf("sessions %+v, want user alice, upstream_user bob@example.com", views)
 		}
-		if body := adminRequest(t, http.MethodDelete, "?user="+kickBy).Body.String(); !strings.Contains(body, `"closed":1`) {
+		if body := adminRequest(t, h.proc, http.MethodDelete, "?user="+kickBy).Body.String(); !strings.Contains(body, `"closed":1`) {
 			t.Errorf("DELETE ?user=%s: %s", kickBy, body)
 		}
 		ts.closed()
@@ -130,7 +130,7 @@ func TestAdminShowsAndKicksUpstreamUser(t *testing.T) {
 	ts.send("USER alice", "PASS secret-pw")
 	ts.expect("+OK")
 	ts.expect("+OK Logged in.")
-	if body := adminRequest(t, http.MethodGet, "").Body.String(); strings.Contains(body, "upstream_user") {
+	if body := adminRequest(t, h.proc, http.MethodGet, "").Body.String(); strings.Contains(body, "upstream_user") {
 		t.Errorf("upstream_user shown for a session acting as its own user: %s", body)
 	}
 	ts.send("QUIT")

@@ -84,7 +84,7 @@ func (s *session) handleAuth(cmd pop3wire.Command) error {
 	if len(args) == 2 {
 		r, err := pop3wire.DecodeSASL(args[1])
 		if err != nil {
-			countBadExchange(mechanismMethod(name), errBadBase64)
+			s.countBadExchange(mechanismMethod(name), errBadBase64)
 			return errBadBase64
 		}
 		response = r
@@ -114,7 +114,7 @@ func (s *session) handleAuth(cmd pop3wire.Command) error {
 		return errNoMechanism
 	}
 	if _, err := s.saslExchange(server, response); err != nil {
-		countBadExchange(method, err)
+		s.countBadExchange(method, err)
 		return err
 	}
 	err := s.login(loginRequest{method: method, creds: server.Credentials(), salt: salt})
@@ -178,7 +178,7 @@ func (s *session) relayCRAMMD5(initial []byte) error {
 	if isRejection(err) {
 		// Refused before the client sent anything: no wrong password.
 		s.log(zap.InfoLevel, "upstream refused AUTH CRAM-MD5", zap.String("upstream", up.address), zap.Error(err))
-		metrics.login(AuthCRAMMD5, "unavailable", -1)
+		s.h.proc.metrics.login(AuthCRAMMD5, "unavailable", -1)
 		return errCRAMMD5Unavailable
 	}
 	if err != nil {
@@ -190,7 +190,7 @@ func (s *session) relayCRAMMD5(initial []byte) error {
 		err = errBadCredentials // as login refuses it
 	}
 	if err != nil {
-		countBadExchange(AuthCRAMMD5, err)
+		s.countBadExchange(AuthCRAMMD5, err)
 		if isConnError(err) {
 			return err // the client is gone; the session ends and closes the upstream
 		}
@@ -213,12 +213,12 @@ func (s *session) relayCRAMMD5(initial []byte) error {
 
 // countBadExchange counts a SASL exchange that ended before a login could
 // be tried: cancelled by the client, or malformed.
-func countBadExchange(method string, err error) {
+func (s *session) countBadExchange(method string, err error) {
 	switch {
 	case errors.Is(err, errAuthCancelled):
-		metrics.login(method, "cancelled", -1)
+		s.h.proc.metrics.login(method, "cancelled", -1)
 	case errors.Is(err, errBadCredentials), errors.Is(err, errBadBase64), errors.Is(err, errLineTooLong):
-		metrics.login(method, "invalid", -1)
+		s.h.proc.metrics.login(method, "invalid", -1)
 	}
 }
 

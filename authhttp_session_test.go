@@ -254,7 +254,7 @@ func TestFailureDelayDoublesPerClient(t *testing.T) {
 		h.AuthFailureDelay = caddy.Duration(100 * time.Millisecond)
 		h.MaxErrors = 10
 	})
-	penalties.forget(netip.MustParseAddr("127.0.0.1"))
+	h.proc.penalties.forget(netip.MustParseAddr("127.0.0.1"))
 	ts := startSession(t, h, logs, true)
 	var took []time.Duration
 	for i := 0; i < 3; i++ {
@@ -271,10 +271,10 @@ func TestFailureDelayDoublesPerClient(t *testing.T) {
 	}
 	// A good login clears the user's penalty.
 	ts.loginAndQuit()
-	if d := penalties.fail(netip.MustParseAddr("127.0.0.1"), "alice", time.Millisecond); d != time.Millisecond {
+	if d := h.proc.penalties.fail(netip.MustParseAddr("127.0.0.1"), "alice", time.Millisecond); d != time.Millisecond {
 		t.Errorf("penalty after a good login: %v", d)
 	}
-	penalties.forget(netip.MustParseAddr("127.0.0.1"))
+	h.proc.penalties.forget(netip.MustParseAddr("127.0.0.1"))
 }
 
 // TestAuthHTTPRetryEachMethod fails once and then logs in, in one session,

@@ -13,6 +13,7 @@ import (
 // eventRecorder is an events subscriber that records what it gets; block,
 // when set, holds every call until it is closed.
 type eventRecorder struct {
+	queue  *eventQueue // the handler's events in flight
 	mu     sync.Mutex
 	events []recordedEvent
 	block  chan struct{}
@@ -42,7 +43,7 @@ func (r *eventRecorder) wait(t *testing.T, n int) []recordedEvent {
 		r.mu.Lock()
 		got := append([]recordedEvent(nil), r.events...)
 		r.mu.Unlock()
-		if len(got) >= n && len(emitting) == 0 {
+		if len(got) >= n && len(r.queue.emitting) == 0 {
 			return got
 		}
 		if time.Now().After(deadline) {
@@ -62,7 +63,7 @@ func recordEvents(t *testing.T, h *Handler) *eventRecorder {
 	if err := app.Provision(ctx); err != nil {
 		t.Fatal(err)
 	}
-	rec := new(eventRecorder)
+	rec := &eventRecorder{queue: h.proc.events}
 	for _, name := range []string{"pop3_login", "pop3_auth_failed"} {
 		if err := app.On(name, rec); err != nil {
 			t.Fatal(err)
@@ -114,11 +115,11 @@ func TestEventsDroppedWhenSubscribersStuck(t *testing.T) {
 	h, logs := newTestHandler(t, addr, nil)
 	rec := recordEvents(t, h)
 	rec.block = make(chan struct{})
-	dropWarning.reset()
+	h.proc.events.warning.reset()
 	for i := 0; i < maxEmitting; i++ {
 		h.emit("pop3_login", func() map[string]any { return map[string]any{"n": i} })
 	}
-	if n := len(emitting); n != maxEmitting {
+	if n := len(h.proc.events.emitting); n != maxEmitting {
 		t.Fatalf("%d events in flight, want %d", n, maxEmitting)
 	}
 	ts := startSession(t, h, logs, false)

@@ -153,7 +153,7 @@ func (p *pool) checkOne(ctx context.Context, u *poolUpstream, timeout time.Durat
 	}
 	if err == nil {
 		c.quit()
-		metrics.health(u.cfg.Address, true)
+		p.proc.metrics.health(u.cfg.Address, true)
 		u.peer.failsRun.Store(0)
 		if u.peer.passes.Add(1) >= passes && u.peer.unhealthy.CompareAndSwap(true, false) {
 			p.logger.Info("upstream healthy", zap.String("upstream", u.cfg.Address))
@@ -161,7 +161,7 @@ func (p *pool) checkOne(ctx context.Context, u *poolUpstream, timeout time.Durat
 		return
 	}
 	u.peer.passes.Store(0)
-	metrics.health(u.cfg.Address, false)
+	p.proc.metrics.health(u.cfg.Address, false)
 	if u.peer.failsRun.Add(1) >= fails && u.peer.unhealthy.CompareAndSwap(false, true) {
 		p.logger.Warn("upstream unhealthy", zap.String("upstream", u.cfg.Address), zap.Error(err))
 	}

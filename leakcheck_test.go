@@ -27,7 +27,7 @@ func takeProcessBaseline() processBaseline {
 	return processBaseline{
 		fds:        openFDs("/proc/self/fd"),
 		goroutines: runtime.NumGoroutine(),
-		parked:     testutil.ToFloat64(metrics.parkedSessions),
+		parked:     parkedGauges(),
 		waiting:    theParker.waitingCount(),
 	}
 }
@@ -102,4 +102,14 @@ func fdDiff(base, now map[string]string) string {
 	}
 	sort.Strings(lines)
 	return strings.Join(lines, "\n")
+}
+
+// parkedGauges adds the parked_sessions gauges of theProcess and of every
+// test's own process state: the sessions parked in this process.
+func parkedGauges() float64 {
+	var sum float64
+	for _, proc := range testProcesses() {
+		sum += testutil.ToFloat64(proc.metrics.parkedSessions)
+	}
+	return sum
 }

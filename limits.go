@@ -27,8 +27,6 @@ import (
 // (one or two per P) and the rest of Caddy. A session over the limit gets
 // "-ERR [SYS/TEMP]" and is closed at once, which frees its descriptor; a
 // stream with no slot for a pipe is copied instead of spliced.
-var sessionSlots slotCounter
-
 type slotCounter struct {
 	once     sync.Once
 	max      int64        // 0: no limit

@@ -50,22 +50,25 @@ func TestSlotCounter(t *testing.T) {
 	}
 }
 
-// waitForNoSessions waits until the sessions of earlier tests have ended.
+// waitForNoSessions waits until the sessions of earlier tests have ended,
+// in every process state.
 func waitForNoSessions(t *testing.T) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
-	for sessionSlots.sessions() != 0 {
-		if time.Now().After(deadline) {
-			t.Fatalf("%d sessions of earlier tests still hold slots", sessionSlots.sessions())
+	for _, proc := range testProcesses() {
+		for proc.slots.sessions() != 0 {
+			if time.Now().After(deadline) {
+				t.Fatalf("%d sessions of earlier tests still hold slots", proc.slots.sessions())
+			}
+			time.Sleep(10 * time.Millisecond)
 		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	for sessionSlots.used.Load() != 0 { // their pipes, until the GC has dropped them
-		if time.Now().After(deadline) {
-			t.Fatalf("pipes of earlier tests still hold %d slots", sessionSlots.used.Load())
+		for proc.slots.used.Load() != 0 { // their pipes, until the GC has dropped them
+			if time.Now().After(deadline) {
+				t.Fatalf("pipes of earlier tests still hold %d slots", proc.slots.used.Load())
+			}
+			runtime.GC()
+			time.Sleep(time.Millisecond)
 		}
-		runtime.GC()
-		time.Sleep(time.Millisecond)
 	}
 }
 
@@ -73,13 +76,9 @@ func waitForNoSessions(t *testing.T) {
 // limit a new client gets -ERR [SYS/TEMP] at once and its connection
 // closes; a slot freed by a session's end serves the next client.
 func TestSessionsOverTheLimitAreRefused(t *testing.T) {
-	waitForNoSessions(t)
-	sessionSlots.override.Store(1)
-	sessionSlots.warned.reset() // the warning is rate-limited process-wide
-	t.Cleanup(func() { sessionSlots.override.Store(0) })
-
 	_, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, nil)
+	h.proc.slots.override.Store(1)
 	first := startSession(t, h, logs, true)
 
 	refused := handleOn(t, h, logs, true)
@@ -107,7 +106,7 @@ func TestSessionsOverTheLimitAreRefused(t *testing.T) {
 	next.send("QUIT")
 	next.expect("+OK")
 	<-next.done
-	if got := sessionSlots.sessions(); got != 0 {
+	if got := h.proc.slots.sessions(); got != 0 {
 		t.Fatalf("%d slots held after every session ended", got)
 	}
 }
@@ -177,13 +176,11 @@ func TestPipeChargeFollowsGC(t *testing.T) {
 // TestStreamWithoutPipeSlotIsCopied: at the limit a plain relay copies
 // instead of splicing, and the bytes arrive intact.
 func TestStreamWithoutPipeSlotIsCopied(t *testing.T) {
-	waitForNoSessions(t)
-	sessionSlots.override.Store(1)
-	t.Cleanup(func() { sessionSlots.override.Store(0) })
 	line := strings.Repeat("x", 998) + "\r\n"
 	body := "Subject: big\r\n\r\n" + strings.Repeat(line, 8<<20/len(line))
 	_, addr := fakeUpstream(t, func(u *pop3test.Upstream) { u.Messages = []string{body} })
 	h, logs := newTestHandler(t, addr, nil)
+	h.proc.slots.override.Store(1)
 	ts := startSession(t, h, logs, true)
 	ts.send("USER alice", "PASS secret-pw", "RETR 1")
 	ts.expect("+OK")
@@ -193,9 +190,9 @@ func TestStreamWithoutPipeSlotIsCopied(t *testing.T) {
 	if want := strings.Split(strings.TrimSuffix(body, "\r\n"), "\r\n"); !slices.Equal(got, want) {
 		t.Fatalf("RETR: %d lines, want %d", len(got), len(want))
 	}
-	sessionSlots.pipes.mu.Lock()
-	charged := sessionSlots.pipes.charged
-	sessionSlots.pipes.mu.Unlock()
+	h.proc.slots.pipes.mu.Lock()
+	charged := h.proc.slots.pipes.charged
+	h.proc.slots.pipes.mu.Unlock()
 	if charged != 0 {
 		t.Errorf("%d pipes charged with no slot for one", charged)
 	}

@@ -170,11 +170,11 @@ func (s *session) loginDone(req loginRequest, up *upstreamClient, actingAs, text
 	s.shared.wireIn, s.shared.wireOut, s.shared.wireOK = sockopt.WireBytes(s.raw)
 	s.shared.mu.Unlock()
 	s.loginTook = now().Sub(started)
-	metrics.login(req.method, "ok", s.loginTook.Seconds())
+	s.h.proc.metrics.login(req.method, "ok", s.loginTook.Seconds())
 	s.h.emit("pop3_login", func() map[string]any {
 		return map[string]any{"session": s.id, "remote": s.remote, "user": req.creds.Username, "upstream_user": actingAs, "method": req.method, "upstream": up.address}
 	})
-	penalties.succeed(s.clientIP(), req.creds.Username)
+	s.h.proc.penalties.succeed(s.clientIP(), req.creds.Username)
 	// The INFO line for the login is the session line at the end.
 	s.debug("login",
 		zap.String("user", req.creds.Username),
@@ -231,7 +231,7 @@ func (s *session) loginFailed(req loginRequest, upstream string, err error) erro
 		}
 		if !credentials {
 			s.log(zap.InfoLevel, "login refused", fields...)
-			metrics.login(req.method, resultForCode(reply.code), -1)
+			s.h.proc.metrics.login(req.method, resultForCode(reply.code), -1)
 			return reply
 		}
 		s.log(zap.InfoLevel, "login failed", fields...)
@@ -241,7 +241,7 @@ func (s *session) loginFailed(req loginRequest, upstream string, err error) erro
 	case errors.As(err, &refused):
 		if !isCredentialCode(refused.code) {
 			s.log(zap.InfoLevel, "login refused", fields...)
-			metrics.login(req.method, resultForCode(refused.code), -1)
+			s.h.proc.metrics.login(req.method, resultForCode(refused.code), -1)
 			if refused.hasWait {
 				s.failureDelay(refused.wait, true) // the auth server's own wait, no penalty
 			}
@@ -253,14 +253,14 @@ func (s *session) loginFailed(req loginRequest, upstream string, err error) erro
 		return &replyError{code: refused.code, text: refused.text}
 	case errors.As(err, &re):
 		s.log(zap.InfoLevel, "login refused", fields...)
-		metrics.login(req.method, "invalid", -1)
+		s.h.proc.metrics.login(req.method, "invalid", -1)
 		return err
 	case errors.Is(err, errAuthServer):
 		s.log(zap.WarnLevel, "auth server unavailable", fields...)
-		metrics.login(req.method, "unavailable", -1)
+		s.h.proc.metrics.login(req.method, "unavailable", -1)
 		return errAuthUnavailable
 	}
-	metrics.login(req.method, "unavailable", -1)
+	s.h.proc.metrics.login(req.method, "unavailable", -1)
 	if errors.Is(err, errNoUpstream) {
 		s.log(zap.WarnLevel, "no upstream available", fields...)
 	} else {
@@ -274,7 +274,7 @@ func (s *session) loginFailed(req loginRequest, upstream string, err error) erro
 // subscribers (fail2ban-style blocking). Never a password.
 func (s *session) authFailed(req loginRequest) {
 	s.failedUser = req.creds.Username // for the penalty in failureDelay
-	metrics.login(req.method, "failed", -1)
+	s.h.proc.metrics.login(req.method, "failed", -1)
 	s.h.emit("pop3_auth_failed", func() map[string]any {
 		return map[string]any{"session": s.id, "remote": s.remote, "user": req.creds.Username, "method": req.method}
 	})
@@ -285,7 +285,7 @@ func (s *session) authFailed(req loginRequest) {
 func (s *session) failureDelay(wait time.Duration, hasWait bool) {
 	d := wait
 	if !hasWait {
-		d = penalties.fail(s.clientIP(), s.failedUser, time.Duration(s.h.AuthFailureDelay))
+		d = s.h.proc.penalties.fail(s.clientIP(), s.failedUser, time.Duration(s.h.AuthFailureDelay))
 	}
 	d = min(d, maxFailureDelay, s.loginDeadline().Sub(now()))
 	if d > 0 {

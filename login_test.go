@@ -101,9 +101,9 @@ func TestNonCredentialRefusals(t *testing.T) {
 				}
 			})
 			rec := recordEvents(t, h)
-			penalties.forget(netip.MustParseAddr("127.0.0.1"))
-			failed := testutil.ToFloat64(metrics.logins.WithLabelValues("plain", "failed"))
-			other := testutil.ToFloat64(metrics.logins.WithLabelValues("plain", tc.result))
+			h.proc.penalties.forget(netip.MustParseAddr("127.0.0.1"))
+			failed := testutil.ToFloat64(h.proc.metrics.logins.WithLabelValues("plain", "failed"))
+			other := testutil.ToFloat64(h.proc.metrics.logins.WithLabelValues("plain", tc.result))
 
 			ts := startSessionGreeting(t, h, logs)
 			start := time.Now()
@@ -119,16 +119,16 @@ func TestNonCredentialRefusals(t *testing.T) {
 			ts.expect("+OK Logging out")
 			ts.closed()
 
-			penalties.mu.Lock()
-			_, penalised := penalties.m[netip.MustParseAddr("127.0.0.1")]
-			penalties.mu.Unlock()
+			h.proc.penalties.mu.Lock()
+			_, penalised := h.proc.penalties.m[netip.MustParseAddr("127.0.0.1")]
+			h.proc.penalties.mu.Unlock()
 			if penalised {
 				t.Error("the client address got a login penalty")
 			}
-			if d := testutil.ToFloat64(metrics.logins.WithLabelValues("plain", "failed")) - failed; d != 0 {
+			if d := testutil.ToFloat64(h.proc.metrics.logins.WithLabelValues("plain", "failed")) - failed; d != 0 {
 				t.Errorf("logins failed +%v", d)
 			}
-			if d := testutil.ToFloat64(metrics.logins.WithLabelValues("plain", tc.result)) - other; d != 1 {
+			if d := testutil.ToFloat64(h.proc.metrics.logins.WithLabelValues("plain", tc.result)) - other; d != 1 {
 				t.Errorf("logins %s +%v, want +1", tc.result, d)
 			}
 			if got := rec.wait(t, 0); len(got) != 0 {
@@ -145,12 +145,12 @@ func TestCredentialRefusalStillPenalised(t *testing.T) {
 		_, addr := fakeUpstream(t, func(u *pop3test.Upstream) { u.FailText = failText })
 		h, logs := newTestHandler(t, addr, nil)
 		rec := recordEvents(t, h)
-		failed := testutil.ToFloat64(metrics.logins.WithLabelValues("plain", "failed"))
+		failed := testutil.ToFloat64(h.proc.metrics.logins.WithLabelValues("plain", "failed"))
 		ts := startSessionGreeting(t, h, logs)
 		ts.send("USER alice", "PASS wrong-pw")
 		ts.expect("+OK")
 		ts.expect("-ERR [")
-		if d := testutil.ToFloat64(metrics.logins.WithLabelValues("plain", "failed")) - failed; d != 1 {
+		if d := testutil.ToFloat64(h.proc.metrics.logins.WithLabelValues("plain", "failed")) - failed; d != 1 {
 			t.Errorf("%q: logins failed +%v", failText, d)
 		}
 		if got := rec.wait(t, 1); len(got) != 1 || got[0].name != "pop3_auth_failed" {
@@ -160,7 +160,6 @@ func TestCredentialRefusalStillPenalised(t *testing.T) {
 		ts.expect("+OK Logging out")
 		ts.closed()
 	}
-	penalties.forget(netip.MustParseAddr("127.0.0.1"))
 }
 
 // TestChallengeUpstreamLostNeverSendsDigest checks that once the upstream
@@ -303,11 +302,11 @@ func TestAuthzidWithoutUpstreamPlain(t *testing.T) {
 	up, addr := fakeUpstream(t, func(u *pop3test.Upstream) { u.SASL = nil })
 	h, logs := newTestHandler(t, addr, nil)
 	rec := recordEvents(t, h)
-	failed := testutil.ToFloat64(metrics.logins.WithLabelValues("plain", "failed"))
+	failed := testutil.ToFloat64(h.proc.metrics.logins.WithLabelValues("plain", "failed"))
 	ts := startSession(t, h, logs, false)
 	ts.send("AUTH PLAIN " + b64("bob@example.com\x00alice\x00secret-pw"))
 	ts.expect("-ERR [AUTH] Authorization identity not supported")
-	if d := testutil.ToFloat64(metrics.logins.WithLabelValues("plain", "failed")) - failed; d != 0 {
+	if d := testutil.ToFloat64(h.proc.metrics.logins.WithLabelValues("plain", "failed")) - failed; d != 0 {
 		t.Errorf("logins failed +%v", d)
 	}
 	if got := rec.wait(t, 0); len(got) != 0 {
@@ -356,11 +355,11 @@ func TestRelayedCRAMMD5RefusedUpstream(t *testing.T) {
 	})
 	h, logs := newTestHandler(t, addr, func(h *Handler) { h.Auth = []string{AuthPlain, AuthCRAMMD5} })
 	rec := recordEvents(t, h)
-	failed := testutil.ToFloat64(metrics.logins.WithLabelValues(AuthCRAMMD5, "failed"))
+	failed := testutil.ToFloat64(h.proc.metrics.logins.WithLabelValues(AuthCRAMMD5, "failed"))
 	ts := startSessionGreeting(t, h, logs)
 	ts.send("AUTH CRAM-MD5")
 	ts.expect("-ERR [SYS/TEMP] CRAM-MD5 is not available now")
-	if d := testutil.ToFloat64(metrics.logins.WithLabelValues(AuthCRAMMD5, "failed")) - failed; d != 0 {
+	if d := testutil.ToFloat64(h.proc.metrics.logins.WithLabelValues(AuthCRAMMD5, "failed")) - failed; d != 0 {
 		t.Errorf("logins failed +%v", d)
 	}
 	if got := rec.wait(t, 0); len(got) != 0 {

@@ -5,6 +5,7 @@ import (
 	"os"
 	"runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -19,9 +20,11 @@ func TestMain(m *testing.M) {
 			fmt.Fprintf(os.Stderr, "leaked session goroutines:\n%s\n", leak)
 			code = 1
 		}
-		if n := sessionSlots.sessions(); n != 0 && code == 0 {
-			fmt.Fprintf(os.Stderr, "%d session slots never released\n", n)
-			code = 1
+		for _, proc := range testProcesses() {
+			if n := proc.slots.sessions(); n != 0 && code == 0 {
+				fmt.Fprintf(os.Stderr, "%d session slots never released\n", n)
+				code = 1
+			}
 		}
 	}
 	os.Exit(code)
@@ -39,8 +42,10 @@ func waitForSessionGoroutines(d time.Duration) string {
 			}
 		}
 		// A parked relay has no goroutine: it must have ended all the same.
-		for _, s := range liveSessions.matching(func(*session) bool { return true }) {
-			leaked = append(leaked, "session "+s.id+" still registered")
+		for _, proc := range testProcesses() {
+			for _, s := range proc.sessions.matching(func(*session) bool { return true }) {
+				leaked = append(leaked, "session "+s.id+" still registered")
+			}
 		}
 		if len(leaked) == 0 {
 			return ""
@@ -50,4 +55,26 @@ func waitForSessionGoroutines(d time.Duration) string {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+var (
+	testProcessesMu sync.Mutex
+	allTestProcs    = []*processState{theProcess}
+)
+
+// newTestProcess is a processState of a test's own, which TestMain and the
+// leak checks look at together with theProcess.
+func newTestProcess() *processState {
+	p := newProcessState()
+	testProcessesMu.Lock()
+	allTestProcs = append(allTestProcs, p)
+	testProcessesMu.Unlock()
+	return p
+}
+
+// testProcesses is theProcess and every test's own.
+func testProcesses() []*processState {
+	testProcessesMu.Lock()
+	defer testProcessesMu.Unlock()
+	return append([]*processState(nil), allTestProcs...)
 }

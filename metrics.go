@@ -23,8 +23,6 @@ type pop3Metrics struct {
 	implicitHandshakes *prometheus.CounterVec
 }
 
-var metrics = newPOP3Metrics()
-
 func newPOP3Metrics() *pop3Metrics {
 	const ns, sub = "caddy", "layer4_pop3"
 	return &pop3Metrics{

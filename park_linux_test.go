@@ -142,7 +142,7 @@ func TestParkedRelayIdleTimeout(t *testing.T) {
 
 func TestParkedRelayKick(t *testing.T) {
 	ts, logs := parkedSession(t, nil)
-	views := liveSessions.matching(func(s *session) bool { return s.view().User == "alice" })
+	views := ts.handle.proc.sessions.matching(func(s *session) bool { return s.view().User == "alice" })
 	if len(views) != 1 {
 		t.Fatalf("%d parked sessions listed, want 1", len(views))
 	}

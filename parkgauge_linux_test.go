@@ -31,7 +31,7 @@ func TestParkedSessionsGauge(t *testing.T) {
 	withParkAfter(t, 50*time.Millisecond)
 	_, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, func(h *Handler) { h.ProxyTimeout = caddy.Duration(3 * time.Second) })
-	parked := func() float64 { return testutil.ToFloat64(metrics.parkedSessions) }
+	parked := func() float64 { return testutil.ToFloat64(h.proc.metrics.parkedSessions) }
 	waitGauge := func(want float64) {
 		t.Helper()
 		deadline := time.Now().Add(5 * time.Second)
@@ -74,7 +74,7 @@ func TestParkedSessionsGauge(t *testing.T) {
 	_ = ts[1].conn.Close()
 	waitGauge(gauge + n - 2)
 
-	views := liveSessions.matching(func(s *session) bool { return s.view().Remote == ts[2].conn.LocalAddr().String() })
+	views := h.proc.sessions.matching(func(s *session) bool { return s.view().Remote == ts[2].conn.LocalAddr().String() })
 	if len(views) != 1 {
 		t.Fatalf("%d sessions for the third client", len(views))
 	}

@@ -36,10 +36,6 @@ var knownPolicies = []string{PolicyRoundRobin, PolicyLeastConn, PolicyRandom, Po
 // errNoUpstream: every upstream is down, unhealthy or full.
 var errNoUpstream = errors.New("no upstream available")
 
-// peers holds per-address state (connections, failures, health) shared by
-// every handler and kept across config reloads, as caddy-l4's proxy does.
-var peers = caddy.NewUsagePool()
-
 // peer is the state of one upstream address (or of one address template,
 // whose sessions max_connections counts together).
 type peer struct {
@@ -68,6 +64,7 @@ type poolUpstream struct {
 
 // pool chooses an upstream for each session and connects to it.
 type pool struct {
+	proc        *processState // peers, CAPA answers, metrics
 	upstreams   []*poolUpstream
 	policy      string
 	tryDuration time.Duration
@@ -243,7 +240,7 @@ func (p *pool) attempt(ctx context.Context, u *poolUpstream, address string, cli
 			return nil, err // the session ended, not the upstream: no failure to count
 		}
 		p.countFailure(u)
-		metrics.dialError(u.cfg.Address)
+		p.proc.metrics.dialError(u.cfg.Address)
 		p.logger.Warn("upstream unavailable", zap.String("upstream", address), zap.Error(err))
 		return nil, err
 	}
@@ -266,6 +263,7 @@ func (p *pool) optionsOf(u *poolUpstream) upstreamOptions {
 		startTLS:      u.cfg.StartTLS,
 		proxyProtocol: p.proxyProtocol,
 		xclient:       p.xclient,
+		capas:         p.proc.capas,
 	}
 }
 
@@ -394,8 +392,9 @@ type poolConfig struct {
 // newPool prepares the upstreams: TLS client configs, and state shared
 // across reloads for every address (and template). ctx provides what TLS
 // client configs load (trust pools, certificates).
-func newPool(ctx caddy.Context, cfg poolConfig, logger *zap.Logger) (_ *pool, err error) {
+func newPool(ctx caddy.Context, proc *processState, cfg poolConfig, logger *zap.Logger) (_ *pool, err error) {
 	p := &pool{
+		proc:          proc,
 		policy:        cfg.policy,
 		tryDuration:   cfg.tryDuration,
 		failFor:       cfg.failFor,
@@ -444,7 +443,7 @@ func newPool(ctx caddy.Context, cfg poolConfig, logger *zap.Logger) (_ *pool, er
 		} else {
 			p.tlsOnly = false
 		}
-		v, _, err := peers.LoadOrNew(u.Address, func() (caddy.Destructor, error) {
+		v, _, err := p.proc.peers.LoadOrNew(u.Address, func() (caddy.Destructor, error) {
 			return &peer{address: u.Address}, nil
 		})
 		if err != nil {
@@ -462,7 +461,7 @@ func newPool(ctx caddy.Context, cfg poolConfig, logger *zap.Logger) (_ *pool, er
 // release drops this config's hold on the shared upstream state.
 func (p *pool) release() {
 	for _, u := range p.upstreams {
-		_, _ = peers.Delete(u.peer.address)
+		_, _ = p.proc.peers.Delete(u.peer.address)
 	}
 }
 
@@ -483,7 +482,7 @@ func (p *pool) connectNamed(ctx context.Context, address string, client dialClie
 			// It may be an upstream with TLS whose name does not resolve now.
 			return nil, fmt.Errorf("%w: the auth server named %s, and not every configured upstream with TLS could be resolved to compare", errNoUpstream, address)
 		}
-		c, err := connectUpstream(ctx, p.dialer, address, upstreamOptions{proxyProtocol: p.proxyProtocol, xclient: p.xclient}, client, deadline)
+		c, err := connectUpstream(ctx, p.dialer, address, upstreamOptions{proxyProtocol: p.proxyProtocol, xclient: p.xclient, capas: p.proc.capas}, client, deadline)
 		if err == nil {
 			p.warnXCLIENT(c)
 		}
@@ -502,7 +501,7 @@ func (p *pool) connectNamed(ctx context.Context, address string, client dialClie
 type namedIndex struct {
 	p           *pool
 	static      bool                                                                  // every configured host is an IP address: nothing to resolve
-	resolveHost func(ctx context.Context, network, host string) ([]netip.Addr, error) // lookupNetIP when built
+	resolveHost func(ctx context.Context, network, host string) ([]netip.Addr, error) // processState.lookupHost when built
 	mu          sync.Mutex
 	byAddr      map[netip.AddrPort]*poolUpstream // replaced, never changed
 	complete    bool                             // byAddr holds an address of every upstream with TLS
@@ -515,11 +514,8 @@ const (
 	namedRetry = 5 * time.Second
 )
 
-// lookupNetIP resolves a configured host name; tests replace it.
-var lookupNetIP = net.DefaultResolver.LookupNetIP
-
 func newNamedIndex(p *pool) *namedIndex {
-	ix := &namedIndex{p: p, static: true, resolveHost: lookupNetIP, byAddr: map[netip.AddrPort]*poolUpstream{}}
+	ix := &namedIndex{p: p, static: true, resolveHost: p.proc.lookupHost, byAddr: map[netip.AddrPort]*poolUpstream{}}
 	for _, u := range p.upstreams {
 		if u.template {
 			continue

@@ -193,8 +193,7 @@ func TestAuthNamedResolvesAgain(t *testing.T) {
 	var mu sync.Mutex
 	answer, failing := netip.MustParseAddr("192.0.2.1"), false
 	var lookups atomic.Int64
-	old := lookupNetIP
-	lookupNetIP = func(_ context.Context, _, host string) ([]netip.Addr, error) {
+	lookupHost := func(_ context.Context, _, host string) ([]netip.Addr, error) {
 		lookups.Add(1)
 		mu.Lock()
 		defer mu.Unlock()
@@ -203,8 +202,7 @@ func TestAuthNamedResolvesAgain(t *testing.T) {
 		}
 		return []netip.Addr{answer}, nil
 	}
-	h := namedHandler(t, "127.0.0.1:"+port, []*Upstream{{Address: "mail.test:" + port, StartTLS: true, TLS: &reverseproxy.TLSConfig{ServerName: "localhost"}}}, nil)
-	lookupNetIP = old
+	h := namedHandler(t, "127.0.0.1:"+port, []*Upstream{{Address: "mail.test:" + port, StartTLS: true, TLS: &reverseproxy.TLSConfig{ServerName: "localhost"}}}, func(h *Handler) { h.proc.lookupHost = lookupHost })
 	h.pool.upstreams[0].tlsConfig.RootCAs = roots
 	ix := h.pool.named
 	age := func(d time.Duration) {
@@ -270,8 +268,7 @@ func TestAuthNamedUnresolvedTLSUpstream(t *testing.T) {
 	fake, port, roots := stlsUpstream(t)
 	var mu sync.Mutex
 	failing := true
-	old := lookupNetIP
-	lookupNetIP = func(_ context.Context, _, host string) ([]netip.Addr, error) {
+	lookupHost := func(_ context.Context, _, host string) ([]netip.Addr, error) {
 		mu.Lock()
 		defer mu.Unlock()
 		if failing {
@@ -282,8 +279,7 @@ func TestAuthNamedUnresolvedTLSUpstream(t *testing.T) {
 	h := namedHandler(t, "127.0.0.1:"+port, []*Upstream{
 		{Address: "mail.test:" + port, StartTLS: true, TLS: &reverseproxy.TLSConfig{ServerName: "localhost"}},
 		{Address: "127.0.0.1:1"},
-	}, nil)
-	lookupNetIP = old
+	}, func(h *Handler) { h.proc.lookupHost = lookupHost })
 	h.pool.upstreams[0].tlsConfig.RootCAs = roots
 	if _, reply := namedLogin(t, h); !hasPrefix(reply, "-ERR [SYS/TEMP]") {
 		t.Errorf("login while mail.test does not resolve: %q, want -ERR [SYS/TEMP]", reply)

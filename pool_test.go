@@ -403,7 +403,7 @@ func TestHealthStateClearedWithoutChecker(t *testing.T) {
 	before.pool.startHealthChecker(ctx, 20*time.Millisecond, time.Second, 1, 1)
 	waitFor(t, "the upstream to be marked unhealthy", func() bool { return before.pool.upstreams[0].peer.unhealthy.Load() })
 
-	after, _ := newTestHandler(t, badAddr, nil) // shares the address's state
+	after, _ := newTestHandler(t, badAddr, func(h *Handler) { h.proc = before.proc }) // a reload: shares the address's state
 	if after.pool.upstreams[0].peer != before.pool.upstreams[0].peer {
 		t.Fatal("the new config does not share the upstream's state")
 	}
@@ -649,7 +649,7 @@ func TestBuildPoolFailureReleasesState(t *testing.T) {
 	if err := h.setup(); err == nil {
 		t.Fatal("setup accepted a client certificate without a key")
 	}
-	if n, ok := peers.References(addr); ok {
+	if n, ok := h.proc.peers.References(addr); ok {
 		t.Errorf("%d references to %s left", n, addr)
 	}
 }
@@ -665,6 +665,7 @@ func TestCAPACacheKey(t *testing.T) {
 	connect := func(address string, o upstreamOptions, remote string) {
 		t.Helper()
 		client := dialClient{remote: net.TCPAddrFromAddrPort(netip.MustParseAddrPort(remote)), local: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 110}}
+		o.capas = h.proc.capas
 		c, err := connectUpstream(context.Background(), h.pool.dialer, address, o, client, time.Now().Add(5*time.Second))
 		if err != nil {
 			t.Fatal(err)
@@ -729,8 +730,15 @@ func TestReloadAppliesItsFailDuration(t *testing.T) {
 	if before.pool.available(before.pool.upstreams[0]) {
 		t.Fatal("a failure within fail_duration left the upstream available")
 	}
-	after, _ := newTestHandler(t, addr, func(h *Handler) { h.FailDuration = caddy.Duration(50 * time.Millisecond) })
-	off, _ := newTestHandler(t, addr, nil)
+	// Reloads: the new configs share the address's state with the old one.
+	after, _ := newTestHandler(t, addr, func(h *Handler) {
+		h.FailDuration = caddy.Duration(50 * time.Millisecond)
+		h.proc = before.proc
+	})
+	if after.pool.upstreams[0].peer != before.pool.upstreams[0].peer {
+		t.Fatal("the new config does not share the upstream's state")
+	}
+	off, _ := newTestHandler(t, addr, func(h *Handler) { h.proc = before.proc })
 	if !off.pool.available(off.pool.upstreams[0]) {
 		t.Error("a config without fail_duration counts the old config's failure")
 	}

@@ -178,6 +178,7 @@ type Handler struct {
 	authenticator authenticator
 	pool          *pool
 	events        *caddyevents.App // nil: no events app
+	proc          *processState    // theProcess unless a test gives its own
 }
 
 // Upstream is one upstream POP3 server.
@@ -230,7 +231,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 		h.tlsConfig = h.ConnectionPolicy.TLSConfig(ctx)
 	}
-	if err := metrics.register(ctx.GetMetricsRegistry()); err != nil {
+	if err := h.proc.metrics.register(ctx.GetMetricsRegistry()); err != nil {
 		return fmt.Errorf("registering metrics: %w", err)
 	}
 	if app, err := ctx.App("events"); err == nil {
@@ -410,6 +411,9 @@ func (h *Handler) setup() error {
 		return err
 	}
 
+	if h.proc == nil {
+		h.proc = theProcess
+	}
 	h.tlsOn = h.StartTLS != StartTLSOff || h.ImplicitTLS
 	h.warnAlreadyTLS = new(sync.Once)
 	h.drained = new(atomic.Bool)
@@ -433,7 +437,7 @@ func (h *Handler) setup() error {
 	if h.logger == nil {
 		h.logger = zap.NewNop()
 	}
-	pool, err := newPool(h.ctx, poolConfig{
+	pool, err := newPool(h.ctx, h.proc, poolConfig{
 		upstreams:     h.Upstream,
 		policy:        h.LBPolicy,
 		tryDuration:   time.Duration(h.LBTryDuration),
@@ -577,7 +581,7 @@ func (h *Handler) Validate() error {
 // replaced.
 func (h *Handler) drain() {
 	h.drained.Store(true)
-	for _, s := range liveSessions.matching(func(s *session) bool { return s.h == h }) {
+	for _, s := range h.proc.sessions.matching(func(s *session) bool { return s.h == h }) {
 		s.kick(drainReason)
 	}
 }
@@ -595,10 +599,11 @@ func (h *Handler) emit(name string, data func() map[string]any) {
 	if h.events == nil || !h.events.ShouldEmit(name) {
 		return
 	}
+	q := h.proc.events
 	select {
-	case emitting <- struct{}{}:
+	case q.emitting <- struct{}{}:
 	default:
-		warnDroppedEvent(h.logger, name)
+		q.warnDropped(h.logger, name)
 		return
 	}
 	d := data()
@@ -607,7 +612,7 @@ func (h *Handler) emit(name string, data func() map[string]any) {
 	ctx := h.ctx
 	ctx.Context = context.WithoutCancel(ctx.Context)
 	go func() {
-		defer func() { <-emitting }()
+		defer func() { <-q.emitting }()
 		h.events.Emit(ctx, name, d)
 	}()
 }
@@ -616,21 +621,26 @@ func (h *Handler) emit(name string, data func() map[string]any) {
 // for all handlers of the process.
 const maxEmitting = 256
 
-var (
-	emitting      = make(chan struct{}, maxEmitting)
-	droppedEvents atomic.Int64
-	dropWarning   onceAMinute
-)
+// eventQueue bounds the events in flight to subscribers.
+type eventQueue struct {
+	emitting chan struct{} // a token per event in flight
+	dropped  atomic.Int64  // since the last warning
+	warning  onceAMinute
+}
 
-// warnDroppedEvent counts a dropped event and warns at most once a
-// minute, with the count since the last warning.
-func warnDroppedEvent(logger *zap.Logger, name string) {
-	droppedEvents.Add(1)
-	if !dropWarning.allow() {
+func newEventQueue() *eventQueue {
+	return &eventQueue{emitting: make(chan struct{}, maxEmitting)}
+}
+
+// warnDropped counts a dropped event and warns at most once a minute, with
+// the count since the last warning.
+func (q *eventQueue) warnDropped(logger *zap.Logger, name string) {
+	q.dropped.Add(1)
+	if !q.warning.allow() {
 		return
 	}
 	logger.Warn("event subscribers too slow: events dropped",
-		zap.String("event", name), zap.Int64("dropped", droppedEvents.Swap(0)), zap.Int("in_flight", maxEmitting))
+		zap.String("event", name), zap.Int64("dropped", q.dropped.Swap(0)), zap.Int("in_flight", maxEmitting))
 }
 
 // relayChallengesWanted: apop or cram-md5 without an auth server.
@@ -658,7 +668,7 @@ func (h *Handler) Cleanup() error {
 // Handle serves one POP3 client connection. It returns nil for ordinary
 // ends (QUIT, client EOF, timeouts) since caddy-l4 logs any error at ERROR.
 func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
-	if !sessionSlots.take() {
+	if !h.proc.slots.take() {
 		h.refuseFull(cx)
 		return nil
 	}
@@ -672,8 +682,8 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 // read; on an implicit_tls port, where a plaintext -ERR would be garbage,
 // the connection is only closed.
 func (h *Handler) refuseFull(cx *layer4.Connection) {
-	sessionSlots.warnFull(h.logger)
-	metrics.sessionRefused("too_many_sessions")
+	h.proc.slots.warnFull(h.logger)
+	h.proc.metrics.sessionRefused("too_many_sessions")
 	if h.ImplicitTLS {
 		return
 	}

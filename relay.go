@@ -388,7 +388,7 @@ func (r *relay) pump(d *direction) (detached bool) {
 		var err error
 		eof := false
 		if r.splice {
-			n, err = spliceStep(dstTCP, srcTCP, head)
+			n, err = spliceStep(dstTCP, srcTCP, head, r.s.h.proc.slots)
 			if err == io.EOF {
 				eof, err = true, nil
 			}
@@ -497,9 +497,9 @@ func (r *relay) countParked() {
 	}
 	r.counted = parked
 	if parked {
-		metrics.parked(1)
+		r.s.h.proc.metrics.parked(1)
 	} else {
-		metrics.parked(-1)
+		r.s.h.proc.metrics.parked(-1)
 	}
 }
 
@@ -641,7 +641,7 @@ const spliceHead = 256
 // NGINX does), more by splice(2) of exactly what is queued. Waiting happens
 // in the read, which holds neither a pipe nor a pooled buffer, so an idle
 // session keeps two descriptors and no buffers.
-func spliceStep(dst, src *net.TCPConn, head []byte) (int64, error) {
+func spliceStep(dst, src *net.TCPConn, head []byte, slots *slotCounter) (int64, error) {
 	m, err := src.Read(head)
 	if m > 0 {
 		if _, werr := dst.Write(head[:m]); werr != nil {
@@ -657,9 +657,9 @@ func spliceStep(dst, src *net.TCPConn, head []byte) (int64, error) {
 	}
 	burst := &io.LimitedReader{R: src, N: min(queued, relayChunk)}
 	var k int64
-	if sessionSlots.takePipe() {
+	if slots.takePipe() {
 		k, err = dst.ReadFrom(burst)
-		sessionSlots.releasePipe()
+		slots.releasePipe()
 	} else {
 		// No descriptors left for a pipe (see sessionSlots): copy.
 		k, err = copyWithoutSplice(dst, burst)

@@ -270,7 +270,7 @@ func TestRelayEndDoesNotWaitForAStuckTLSClient(t *testing.T) {
 			start := time.Now()
 			if kick {
 				time.Sleep(50 * time.Millisecond)
-				for _, s := range liveSessions.matching(func(s *session) bool { return s.h == h }) {
+				for _, s := range h.proc.sessions.matching(func(s *session) bool { return s.h == h }) {
 					s.kick("test")
 				}
 				if d := time.Since(start); d > time.Second {

@@ -144,8 +144,8 @@ func (s *session) closeOnKick(c net.Conn) (stop func() bool) {
 }
 
 func (s *session) run() error {
-	liveSessions.add(s)
-	metrics.sessionStarted()
+	s.h.proc.sessions.add(s)
+	s.h.proc.metrics.sessionStarted()
 	defer func() {
 		if !s.detached { // else the relay ends the session
 			s.closeNotify()
@@ -400,8 +400,8 @@ func (s *session) releaseBuffers() {
 func (s *session) logEnd() {
 	s.cancel()
 	s.releaseBuffers()
-	liveSessions.remove(s)
-	sessionSlots.release()
+	s.h.proc.sessions.remove(s)
+	s.h.proc.slots.release()
 	if s.upstream != nil {
 		s.upstream.close()
 	}
@@ -428,13 +428,11 @@ func (s *session) logEnd() {
 		}
 		ce.Write(fields...)
 	}
-	metrics.sessionEnded(s.result, s.shared.fromClient.Load(), s.shared.toClient.Load())
+	s.h.proc.metrics.sessionEnded(s.result, s.shared.fromClient.Load(), s.shared.toClient.Load())
 }
 
-// liveSessions is every open session of every pop3 handler, for the admin
-// API and for draining a replaced config.
-var liveSessions = &sessionRegistry{m: make(map[string]*session)}
-
+// sessionRegistry is every open session of every pop3 handler, for the
+// admin API and for draining a replaced config.
 type sessionRegistry struct {
 	mu sync.Mutex
 	m  map[string]*session

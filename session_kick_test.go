@@ -27,11 +27,11 @@ const (
 // kickSessionsOf kicks every session of h through the admin API, by id.
 func kickSessionsOf(t *testing.T, h *Handler) {
 	t.Helper()
-	ss := liveSessions.matching(func(s *session) bool { return s.h == h })
+	ss := h.proc.sessions.matching(func(s *session) bool { return s.h == h })
 	if len(ss) != 1 {
 		t.Fatalf("%d live sessions of the handler, want 1", len(ss))
 	}
-	if body := adminRequest(t, http.MethodDelete, "?id="+ss[0].id).Body.String(); !strings.Contains(body, `"closed":1`) {
+	if body := adminRequest(t, h.proc, http.MethodDelete, "?id="+ss[0].id).Body.String(); !strings.Contains(body, `"closed":1`) {
 		t.Fatalf("DELETE ?id=%s: %s", ss[0].id, body)
 	}
 }
@@ -206,7 +206,7 @@ func TestKickDuringEarlyUpstream(t *testing.T) {
 	})
 	ts := handleOn(t, h, logs, false)
 	waitFor(t, "the session", func() bool {
-		return len(liveSessions.matching(func(s *session) bool { return s.h == h })) == 1
+		return len(h.proc.sessions.matching(func(s *session) bool { return s.h == h })) == 1
 	})
 	time.Sleep(50 * time.Millisecond) // let it wait for the upstream's greeting
 	kickSessionsOf(t, h)

@@ -48,13 +48,13 @@ func newTestHandler(t *testing.T, upstream string, mod func(*Handler)) (*Handler
 		StartTLS:         StartTLSOff,
 		Timeout:          caddy.Duration(5 * time.Second),
 		AuthFailureDelay: caddy.Duration(time.Millisecond),
+		proc:             newTestProcess(),
 	}
 	if mod != nil {
 		mod(h)
 	}
 	core, logs := observer.New(zap.DebugLevel)
 	h.logger = zap.New(core)
-	capas = &capaCache{m: make(map[capaKey]capaEntry)} // a recycled port may hold another fake
 	if err := h.setup(); err != nil {
 		t.Fatalf("setup: %v", err)
 	}
@@ -362,27 +362,27 @@ func TestMetrics(t *testing.T) {
 	_, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, nil)
 	reg := prometheus.NewPedanticRegistry()
-	if err := metrics.register(reg); err != nil {
+	if err := h.proc.metrics.register(reg); err != nil {
 		t.Fatal(err)
 	}
-	if err := metrics.register(reg); err != nil { // a second handler of the same config
+	if err := h.proc.metrics.register(reg); err != nil { // a second handler of the same config
 		t.Fatal(err)
 	}
-	okBefore := testutil.ToFloat64(metrics.logins.WithLabelValues("plain", "ok"))
-	failedBefore := testutil.ToFloat64(metrics.logins.WithLabelValues("plain", "failed"))
-	quitBefore := testutil.ToFloat64(metrics.sessions.WithLabelValues("ok"))
+	okBefore := testutil.ToFloat64(h.proc.metrics.logins.WithLabelValues("plain", "ok"))
+	failedBefore := testutil.ToFloat64(h.proc.metrics.logins.WithLabelValues("plain", "failed"))
+	quitBefore := testutil.ToFloat64(h.proc.metrics.sessions.WithLabelValues("ok"))
 	ts := startSession(t, h, logs, false)
 	ts.send("USER alice", "PASS bad")
 	ts.expect("+OK")
 	ts.expect("-ERR")
 	ts.loginAndQuit()
-	if d := testutil.ToFloat64(metrics.logins.WithLabelValues("plain", "ok")) - okBefore; d != 1 {
+	if d := testutil.ToFloat64(h.proc.metrics.logins.WithLabelValues("plain", "ok")) - okBefore; d != 1 {
 		t.Errorf("logins ok +%v", d)
 	}
-	if d := testutil.ToFloat64(metrics.logins.WithLabelValues("plain", "failed")) - failedBefore; d != 1 {
+	if d := testutil.ToFloat64(h.proc.metrics.logins.WithLabelValues("plain", "failed")) - failedBefore; d != 1 {
 		t.Errorf("logins failed +%v", d)
 	}
-	if d := testutil.ToFloat64(metrics.sessions.WithLabelValues("ok")) - quitBefore; d != 1 {
+	if d := testutil.ToFloat64(h.proc.metrics.sessions.WithLabelValues("ok")) - quitBefore; d != 1 {
 		t.Errorf("sessions ok +%v", d)
 	}
 	if n, err := testutil.GatherAndCount(reg, "caddy_layer4_pop3_login_duration_seconds"); err != nil || n == 0 {

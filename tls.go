@@ -29,7 +29,7 @@ func (s *session) handleStartTLS() error {
 	case !s.canSTLS():
 		return errNoSTLS
 	case s.r.Buffered() > 0:
-		metrics.startTLS("refused")
+		s.h.proc.metrics.startTLS("refused")
 		s.log(zap.WarnLevel, "plaintext pipelined after STLS, closing")
 		s.result = "stls_injection"
 		return errSTLSPipelined
@@ -41,7 +41,7 @@ func (s *session) handleStartTLS() error {
 		return err
 	}
 	if _, err := s.handshakeTLS(); err != nil {
-		metrics.startTLS("failed")
+		s.h.proc.metrics.startTLS("failed")
 		s.debug("STLS handshake failed", zap.Error(err))
 		s.state, s.result = stateDone, "tls_handshake_failed"
 		if _, kicked := s.kicked(); kicked {
@@ -49,7 +49,7 @@ func (s *session) handleStartTLS() error {
 		}
 		return nil
 	}
-	metrics.startTLS("ok")
+	s.h.proc.metrics.startTLS("ok")
 	// Forget everything from before TLS (RFC 2595 §4).
 	s.user = ""
 	s.errors = 0
@@ -72,7 +72,7 @@ func (s *session) startImplicitTLS() bool {
 	}
 	st, err := s.handshakeTLS()
 	if err != nil {
-		metrics.implicitTLS("failed")
+		s.h.proc.metrics.implicitTLS("failed")
 		s.debug("TLS handshake failed", zap.Error(err))
 		s.state, s.result = stateDone, "tls_handshake_failed"
 		if _, kicked := s.kicked(); kicked {
@@ -81,9 +81,9 @@ func (s *session) startImplicitTLS() bool {
 		return false
 	}
 	if st.DidResume {
-		metrics.implicitTLS("resumed")
+		s.h.proc.metrics.implicitTLS("resumed")
 	} else {
-		metrics.implicitTLS("ok")
+		s.h.proc.metrics.implicitTLS("ok")
 	}
 	return true
 }

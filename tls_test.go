@@ -148,8 +148,8 @@ func startImplicitSession(t *testing.T, h *Handler, logs *observer.ObservedLogs,
 	return ts, tc.ConnectionState()
 }
 
-func implicitCount(result string) float64 {
-	return testutil.ToFloat64(metrics.implicitHandshakes.WithLabelValues(result))
+func implicitCount(h *Handler, result string) float64 {
+	return testutil.ToFloat64(h.proc.metrics.implicitHandshakes.WithLabelValues(result))
 }
 
 func TestImplicitTLSLoginAndResumption(t *testing.T) {
@@ -161,7 +161,7 @@ func TestImplicitTLSLoginAndResumption(t *testing.T) {
 		MinVersion:         tls.VersionTLS13,
 		ClientSessionCache: tls.NewLRUClientSessionCache(4),
 	}
-	okBefore, resumedBefore := implicitCount("ok"), implicitCount("resumed")
+	okBefore, resumedBefore := implicitCount(h, "ok"), implicitCount(h, "resumed")
 
 	ts, st := startImplicitSession(t, h, logs, cfg)
 	if st.DidResume || len(st.VerifiedChains) == 0 {
@@ -194,10 +194,10 @@ func TestImplicitTLSLoginAndResumption(t *testing.T) {
 	ts.expect("+OK")
 	ts.closed()
 
-	if d := implicitCount("ok") - okBefore; d != 1 {
+	if d := implicitCount(h, "ok") - okBefore; d != 1 {
 		t.Errorf("implicit_tls_total{result=ok} +%v, want 1", d)
 	}
-	if d := implicitCount("resumed") - resumedBefore; d != 1 {
+	if d := implicitCount(h, "resumed") - resumedBefore; d != 1 {
 		t.Errorf("implicit_tls_total{result=resumed} +%v, want 1", d)
 	}
 	for _, e := range logs.FilterMessage("session").All() {
@@ -228,7 +228,7 @@ func handshakeFailed(t *testing.T, ts *testSession, logs *observer.ObservedLogs,
 	if len(logs.FilterMessage("TLS handshake failed").All()) != 1 {
 		t.Error("no debug line for the failed handshake")
 	}
-	if d := implicitCount("failed") - failedBefore; d != 1 {
+	if d := implicitCount(ts.handle, "failed") - failedBefore; d != 1 {
 		t.Errorf("implicit_tls_total{result=failed} +%v, want 1", d)
 	}
 }
@@ -236,7 +236,7 @@ func handshakeFailed(t *testing.T, ts *testSession, logs *observer.ObservedLogs,
 func TestImplicitTLSPlaintextClient(t *testing.T) {
 	up, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, func(h *Handler) { h.ImplicitTLS = true })
-	before := implicitCount("failed")
+	before := implicitCount(h, "failed")
 	ts := handleOn(t, h, logs, true)
 	ts.send("CAPA")
 	handshakeFailed(t, ts, logs, before)
@@ -251,7 +251,7 @@ func TestImplicitTLSTimeout(t *testing.T) {
 		h.ImplicitTLS = true
 		h.Timeout = caddy.Duration(300 * time.Millisecond)
 	})
-	before := implicitCount("failed")
+	before := implicitCount(h, "failed")
 	start := time.Now()
 	ts := handleOn(t, h, logs, true) // connects and never sends a ClientHello
 	handshakeFailed(t, ts, logs, before)

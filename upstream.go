@@ -89,6 +89,7 @@ type upstreamOptions struct {
 	proxyProtocol string      // "", "v1" or "v2": send the client's address first
 	xclient       bool        // send XCLIENT ADDR/PORT before login
 	skipCAPA      bool        // health checks need only the greeting
+	capas         *capaCache  // the upstreams' SASL mechanisms; nil with skipCAPA
 }
 
 // dialClient is the client a connection is made for: its address goes
@@ -185,19 +186,15 @@ func (c *upstreamClient) setup(ctx context.Context, o upstreamOptions, client di
 		// offers plaintext logins only to a trusted or secured one.
 		key.client = addrOf(client.remote)
 	}
-	if mechs, ok := capas.get(key); ok {
+	if mechs, ok := o.capas.get(key); ok {
 		c.mechs = mechs
 		return nil
 	}
 	if c.mechs, err = c.capa(); err == nil {
-		capas.put(key, c.mechs)
+		o.capas.put(key, c.mechs)
 	}
 	return err
 }
-
-// capas remembers each upstream's SASL mechanisms for a minute, so that a
-// login costs no CAPA round trip (NGINX asks none at all).
-var capas = &capaCache{m: make(map[capaKey]capaEntry)}
 
 const (
 	capaTTL        = time.Minute
@@ -230,12 +227,18 @@ type capaEntry struct {
 	at    time.Time
 }
 
+// capaCache remembers each upstream's SASL mechanisms for a minute, so that
+// a login costs no CAPA round trip (NGINX asks none at all). A nil cache
+// remembers nothing.
 type capaCache struct {
 	mu sync.Mutex
 	m  map[capaKey]capaEntry
 }
 
 func (c *capaCache) get(k capaKey) (map[string]bool, bool) {
+	if c == nil {
+		return nil, false
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	e, ok := c.m[k]
@@ -246,6 +249,9 @@ func (c *capaCache) get(k capaKey) (map[string]bool, bool) {
 }
 
 func (c *capaCache) put(k capaKey, mechs map[string]bool) {
+	if c == nil {
+		return
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if len(c.m) >= capaCacheLimit {
