@@ -25,6 +25,7 @@ func adminRequest(t *testing.T, proc *processState, method, query string) *httpt
 }
 
 func TestAdminListsAndKicksSessions(t *testing.T) {
+	t.Parallel()
 	_, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, nil)
 	before := startSession(t, h, logs, true) // not logged in
@@ -79,6 +80,7 @@ func TestAdminListsAndKicksSessions(t *testing.T) {
 // asks the kernel about each socket, must not hold up session starts and
 // ends.
 func TestAdminFiltersOutsideTheRegistryLock(t *testing.T) {
+	t.Parallel()
 	_, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, nil)
 	ts := startSession(t, h, logs, false)
@@ -107,6 +109,7 @@ func TestAdminFiltersOutsideTheRegistryLock(t *testing.T) {
 // for another's mailbox (an authzid) shows both, and DELETE ?user= with
 // either name closes it.
 func TestAdminShowsAndKicksUpstreamUser(t *testing.T) {
+	t.Parallel()
 	_, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, nil)
 	for _, kickBy := range []string{"bob@example.com", "alice"} {

@@ -13,6 +13,7 @@ import (
 )
 
 func TestLoginMethods(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		name     string
 		sasl     []string // upstream mechanisms
@@ -85,6 +86,7 @@ func TestLoginMethods(t *testing.T) {
 }
 
 func TestFailedLoginThenRetry(t *testing.T) {
+	t.Parallel()
 	up, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, nil)
 	ts := startSession(t, h, logs, false)
@@ -108,6 +110,7 @@ func TestFailedLoginThenRetry(t *testing.T) {
 }
 
 func TestPassErrorMessage(t *testing.T) {
+	t.Parallel()
 	for _, pass := range []bool{false, true} {
 		_, addr := fakeUpstream(t, func(u *pop3test.Upstream) { u.FailText = "-ERR [IN-USE] Mailbox locked by backend" })
 		h, logs := newTestHandler(t, addr, func(h *Handler) { h.PassErrorMessage = pass })
@@ -125,6 +128,7 @@ func TestPassErrorMessage(t *testing.T) {
 }
 
 func TestRefusedAuthInput(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		name  string
 		lines []string
@@ -170,6 +174,7 @@ func TestRefusedAuthInput(t *testing.T) {
 }
 
 func TestMaxErrors(t *testing.T) {
+	t.Parallel()
 	_, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, func(h *Handler) { h.MaxErrors = 3 })
 	ts := startSession(t, h, logs, false)
@@ -182,6 +187,7 @@ func TestMaxErrors(t *testing.T) {
 }
 
 func TestLongLine(t *testing.T) {
+	t.Parallel()
 	_, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, func(h *Handler) { h.MaxLineLength = 1024 })
 	ts := startSession(t, h, logs, false)
@@ -192,6 +198,7 @@ func TestLongLine(t *testing.T) {
 }
 
 func TestIdleClientBeforeLogin(t *testing.T) {
+	t.Parallel()
 	_, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, func(h *Handler) { h.Timeout = caddy.Duration(200 * time.Millisecond) })
 	ts := startSession(t, h, logs, false)
@@ -200,6 +207,7 @@ func TestIdleClientBeforeLogin(t *testing.T) {
 }
 
 func TestClientDisconnects(t *testing.T) {
+	t.Parallel()
 	_, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, nil)
 	ts := startSession(t, h, logs, false)
@@ -216,6 +224,7 @@ func TestClientDisconnects(t *testing.T) {
 }
 
 func TestUpstreamFailures(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		name string
 		mod  func(*pop3test.Upstream)
@@ -258,6 +267,7 @@ func closedPort(t *testing.T) string {
 }
 
 func TestPipelining(t *testing.T) {
+	t.Parallel()
 	for _, tcp := range []bool{false, true} {
 		up, addr := fakeUpstream(t, nil)
 		h, logs := newTestHandler(t, addr, nil)
@@ -282,6 +292,7 @@ func TestPipelining(t *testing.T) {
 }
 
 func TestIdleDuringSASL(t *testing.T) {
+	t.Parallel()
 	_, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, func(h *Handler) { h.Timeout = caddy.Duration(300 * time.Millisecond) })
 	ts := startSession(t, h, logs, false)

@@ -72,6 +72,7 @@ func TestAuthHTTPRoutesPerUser(t *testing.T) {
 }
 
 func TestAuthHTTPRewritesCredentials(t *testing.T) {
+	t.Parallel()
 	_, ups, mod := authHTTPSetup(t, nil)
 	h, logs := newTestHandler(t, "", mod)
 	ts := startSession(t, h, logs, false)
@@ -84,6 +85,7 @@ func TestAuthHTTPRewritesCredentials(t *testing.T) {
 }
 
 func TestAuthHTTPAPOPAndCRAMMD5(t *testing.T) {
+	t.Parallel()
 	as, _, mod := authHTTPSetup(t, nil)
 	h, logs := newTestHandler(t, "", mod)
 	ts2 := startSessionGreeting(t, h, logs)
@@ -122,6 +124,7 @@ func TestAuthHTTPAPOPAndCRAMMD5(t *testing.T) {
 }
 
 func TestAuthHTTPTokens(t *testing.T) {
+	t.Parallel()
 	as, ups, mod := authHTTPSetup(t, nil)
 	h, logs := newTestHandler(t, "", mod)
 	token := "tok-" + strings.Repeat("x", 20000)
@@ -160,6 +163,7 @@ func TestAuthHTTPRefusalAndWait(t *testing.T) {
 }
 
 func TestAuthHTTPUnavailable(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name string
 		mod  func(*pop3test.AuthServer)
@@ -193,6 +197,7 @@ func TestAuthHTTPUnavailable(t *testing.T) {
 // TestAuthExternal logs in with a client certificate presented in the STLS
 // handshake and in the implicit_tls one.
 func TestAuthExternal(t *testing.T) {
+	t.Parallel()
 	for _, implicit := range []bool{false, true} {
 		t.Run(map[bool]string{false: "stls", true: "implicit_tls"}[implicit], func(t *testing.T) {
 			ca, caKey := testCA(t)
@@ -280,6 +285,7 @@ func TestFailureDelayDoublesPerClient(t *testing.T) {
 // TestAuthHTTPRetryEachMethod fails once and then logs in, in one session,
 // for every method: a failed exchange must leave the session usable.
 func TestAuthHTTPRetryEachMethod(t *testing.T) {
+	t.Parallel()
 	_, _, mod := authHTTPSetup(t, func(a *pop3test.AuthServer) { a.ErrorCode = "LOGIN-DELAY" })
 	h, logs := newTestHandler(t, "", mod)
 	token := "tok-" + strings.Repeat("x", 20000)
@@ -354,6 +360,7 @@ func TestAuthHTTPRetryEachMethod(t *testing.T) {
 // upstream: the dial's deadline starts when the auth server has answered,
 // and the upstream is not blamed for time the auth server used.
 func TestSlowAuthServerLeavesUpstreamItsTime(t *testing.T) {
+	t.Parallel()
 	_, _, mod := authHTTPSetup(t, func(as *pop3test.AuthServer) { as.Delay = 600 * time.Millisecond })
 	h, logs := newTestHandler(t, "", func(h *Handler) {
 		mod(h)

@@ -112,6 +112,7 @@ func downAuthServer(t *testing.T) string {
 }
 
 func TestAuthHTTPRequestFields(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		name string
 		req  authHTTPRequest
@@ -287,6 +288,7 @@ func assertFields(t *testing.T, req pop3test.AuthRequest, want map[string]string
 }
 
 func TestAuthHTTPEscapeMailAuth(t *testing.T) {
+	t.Parallel()
 	for c := 0; c < 256; c++ {
 		in := string([]byte{byte(c)})
 		want := in
@@ -303,6 +305,7 @@ func TestAuthHTTPEscapeMailAuth(t *testing.T) {
 }
 
 func TestAuthHTTPClientHostValue(t *testing.T) {
+	t.Parallel()
 	for in, want := range map[string]string{
 		"mail.example.org":    "mail.example.org",
 		"Host-1.Example.ORG":  "Host-1.Example.ORG",
@@ -424,6 +427,7 @@ func handshake(t *testing.T, server, client *tls.Config) *tls.ConnectionState {
 }
 
 func TestAuthHTTPTLSFields(t *testing.T) {
+	t.Parallel()
 	pki := newTestPKI(t)
 	sum := sha1.Sum(pki.clientLeaf.Raw)
 	fingerprint := hex.EncodeToString(sum[:])
@@ -565,6 +569,7 @@ func TestAuthHTTPTLSFields(t *testing.T) {
 }
 
 func TestAuthHTTPResponse(t *testing.T) {
+	t.Parallel()
 	const okHead = "HTTP/1.0 200 OK\r\nAuth-Status: OK\r\n"
 	tests := []struct {
 		name     string
@@ -663,6 +668,7 @@ func TestAuthHTTPTimeout(t *testing.T) {
 }
 
 func TestAuthHTTPServerDown(t *testing.T) {
+	t.Parallel()
 	a := newTestAuthHTTP(t, downAuthServer(t))
 	_, err := a.check(context.Background(), authHTTPRequest{Method: "plain", User: "u", Pass: "p", Attempt: 1})
 	if err == nil {
@@ -674,6 +680,7 @@ func TestAuthHTTPServerDown(t *testing.T) {
 }
 
 func TestAuthHTTPRedirectNotFollowed(t *testing.T) {
+	t.Parallel()
 	target := &pop3test.AuthServer{Users: map[string]pop3test.AuthUser{"u": {Password: "p", Server: "127.0.0.1:110"}}}
 	targetURL := target.Start(t)
 	redirect := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -691,6 +698,7 @@ func TestAuthHTTPRedirectNotFollowed(t *testing.T) {
 }
 
 func TestAuthHTTPFakeServer(t *testing.T) {
+	t.Parallel()
 	const salt = "<1896.697170952@dbc.mtview.ca.us>"
 	apop := func(password string) string {
 		sum := md5.Sum([]byte(salt + password))
@@ -752,6 +760,7 @@ func TestAuthHTTPFakeServer(t *testing.T) {
 // the request, the URL and a configured field and looks for them in the
 // error text.
 func TestAuthHTTPErrorsHoldNoSecret(t *testing.T) {
+	t.Parallel()
 	const (
 		password = "s3cret pässword"
 		salt     = "<salt-secret.1@pop.example>"
@@ -798,6 +807,7 @@ func TestAuthHTTPErrorsHoldNoSecret(t *testing.T) {
 }
 
 func TestAuthHTTPProvision(t *testing.T) {
+	t.Parallel()
 	const secret = "prov-secret"
 	tests := []struct {
 		name    string

@@ -7,6 +7,7 @@ import (
 )
 
 func TestCapabilities(t *testing.T) {
+	t.Parallel()
 	tests := []struct {
 		name     string
 		mod      func(*Handler)
@@ -48,6 +49,7 @@ func TestCapabilities(t *testing.T) {
 }
 
 func TestGreetingAndCaseInsensitivity(t *testing.T) {
+	t.Parallel()
 	_, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, nil)
 	ts := startSession(t, h, logs, false)
@@ -64,6 +66,7 @@ func TestGreetingAndCaseInsensitivity(t *testing.T) {
 }
 
 func TestAPOPGreetingTimestamp(t *testing.T) {
+	t.Parallel()
 	ts := newAPOPTimestamp()
 	if !strings.HasPrefix(ts, "<") || !strings.HasSuffix(ts, ">") || !strings.Contains(ts, "@") {
 		t.Errorf("timestamp %q is not an RFC 1939 msg-id", ts)
@@ -74,6 +77,7 @@ func TestAPOPGreetingTimestamp(t *testing.T) {
 }
 
 func TestValidateRefusesBadCapabilities(t *testing.T) {
+	t.Parallel()
 	for _, c := range []string{"", " ", "TOP\r\nX", "STLS", "sasl PLAIN"} {
 		h := &Handler{Upstream: []*Upstream{{Address: "127.0.0.1:110"}}, Capabilities: []string{c}}
 		if err := h.setup(); err == nil || !strings.Contains(err.Error(), "capabilities") {
@@ -83,6 +87,7 @@ func TestValidateRefusesBadCapabilities(t *testing.T) {
 }
 
 func TestValidateAuthMethods(t *testing.T) {
+	t.Parallel()
 	one := []*Upstream{{Address: "127.0.0.1:110"}}
 	two := []*Upstream{{Address: "127.0.0.1:110"}, {Address: "127.0.0.2:110"}}
 	auth := &AuthHTTP{URL: "http://127.0.0.1:9000/auth"}

@@ -33,6 +33,7 @@ func challengeUpstream(t *testing.T) (*pop3test.Upstream, string) {
 }
 
 func TestAPOPRelaysUpstreamTimestamp(t *testing.T) {
+	t.Parallel()
 	up, addr := challengeUpstream(t)
 	h, logs := newTestHandler(t, addr, func(h *Handler) { h.Auth = []string{AuthAPOP} })
 	ts := startSessionGreeting(t, h, logs)
@@ -56,6 +57,7 @@ func TestAPOPRelaysUpstreamTimestamp(t *testing.T) {
 }
 
 func TestCRAMMD5RelaysUpstreamChallenge(t *testing.T) {
+	t.Parallel()
 	_, addr := challengeUpstream(t)
 	h, logs := newTestHandler(t, addr, func(h *Handler) { h.Auth = []string{AuthPlain, AuthCRAMMD5} })
 	ts := startSessionGreeting(t, h, logs)
@@ -84,6 +86,7 @@ func TestCRAMMD5RelaysUpstreamChallenge(t *testing.T) {
 }
 
 func TestPlainLoginReusesEarlyUpstream(t *testing.T) {
+	t.Parallel()
 	up, addr := challengeUpstream(t)
 	h, logs := newTestHandler(t, addr, func(h *Handler) { h.Auth = []string{AuthPlain, AuthAPOP} })
 	ts := startSessionGreeting(t, h, logs)
@@ -94,6 +97,7 @@ func TestPlainLoginReusesEarlyUpstream(t *testing.T) {
 }
 
 func TestChallengeRelayUpstreamDown(t *testing.T) {
+	t.Parallel()
 	h, logs := newTestHandler(t, closedPort(t), func(h *Handler) { h.Auth = []string{AuthAPOP} })
 	ts := startSessionGreeting(t, h, logs)
 	if !strings.HasPrefix(ts.greeting, "-ERR [SYS/TEMP]") {
@@ -103,6 +107,7 @@ func TestChallengeRelayUpstreamDown(t *testing.T) {
 }
 
 func TestAPOPWithoutUpstreamTimestamp(t *testing.T) {
+	t.Parallel()
 	_, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, func(h *Handler) { h.Auth = []string{AuthPlain, AuthAPOP} })
 	ts := startSessionGreeting(t, h, logs)

@@ -79,6 +79,7 @@ func recordEvents(t *testing.T, h *Handler) *eventRecorder {
 // TestSlowSubscriberDoesNotDelayLogin checks that a subscriber that takes
 // its time (an exec of a script) holds up neither the login nor the -ERR.
 func TestSlowSubscriberDoesNotDelayLogin(t *testing.T) {
+	t.Parallel()
 	_, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, nil)
 	rec := recordEvents(t, h)
@@ -111,6 +112,7 @@ func TestSlowSubscriberDoesNotDelayLogin(t *testing.T) {
 // stuck subscriber are bounded: beyond maxEmitting they are dropped, with
 // one warning, and the session goes on.
 func TestEventsDroppedWhenSubscribersStuck(t *testing.T) {
+	t.Parallel()
 	_, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, nil)
 	rec := recordEvents(t, h)
@@ -138,6 +140,7 @@ func TestEventsDroppedWhenSubscribersStuck(t *testing.T) {
 // logins and failures; the config's context, cancelled by the reload,
 // would make the events app drop them with an ERROR.
 func TestEventsAfterReload(t *testing.T) {
+	t.Parallel()
 	_, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, nil)
 	rec := recordEvents(t, h)

@@ -13,6 +13,7 @@ import (
 // with its CRLF. A longer one gets -ERR Line too long, reaches no upstream,
 // and the session goes on; AUTH lines keep max_line_length.
 func TestCommandLineLength(t *testing.T) {
+	t.Parallel()
 	userLine := func(octets int) string { // a USER line of octets with its CRLF
 		return "USER " + strings.Repeat("u", octets-len("USER \r\n"))
 	}
@@ -151,6 +152,7 @@ func TestLineOverMaxLineLength(t *testing.T) {
 // TestHostileCommandBytes: a bare CR or a NUL does not split a command
 // line, and such a line reaches no upstream.
 func TestHostileCommandBytes(t *testing.T) {
+	t.Parallel()
 	u, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, func(h *Handler) { h.MaxErrors = 10 })
 	ts := startSession(t, h, logs, true)
@@ -174,6 +176,7 @@ func TestHostileCommandBytes(t *testing.T) {
 }
 
 func TestValidateMaxCommandLength(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		command, line int
 		ok            bool

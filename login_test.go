@@ -21,6 +21,7 @@ import (
 // returns: with master credentials from Auth-User/Auth-Pass, "victim\0
 // attacker\0attacker-pw" would open the victim's mailbox.
 func TestAuthHTTPRefusesForeignAuthzid(t *testing.T) {
+	t.Parallel()
 	up, addr := fakeUpstream(t, func(u *pop3test.Upstream) { u.Users["master"] = "master-pw" })
 	as := &pop3test.AuthServer{Users: map[string]pop3test.AuthUser{
 		"attacker": {Password: "attacker-pw", Server: addr, RewriteUser: "master", RewritePass: "master-pw"},
@@ -65,6 +66,7 @@ func TestAuthHTTPRefusesForeignAuthzid(t *testing.T) {
 // TestPassThroughKeepsAuthzid checks that without auth_http the authzid goes
 // to the upstream, which decides about it itself.
 func TestPassThroughKeepsAuthzid(t *testing.T) {
+	t.Parallel()
 	up, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, nil)
 	ts := startSession(t, h, logs, false)
@@ -141,6 +143,7 @@ func TestNonCredentialRefusals(t *testing.T) {
 // TestCredentialRefusalStillPenalised is the counterpart: [AUTH], no code
 // and a code the client does not know blame the credentials.
 func TestCredentialRefusalStillPenalised(t *testing.T) {
+	t.Parallel()
 	for _, failText := range []string{"-ERR [AUTH] Authentication failed.", "-ERR bad password", "-ERR [X-VENDOR] no"} {
 		_, addr := fakeUpstream(t, func(u *pop3test.Upstream) { u.FailText = failText })
 		h, logs := newTestHandler(t, addr, nil)
@@ -166,6 +169,7 @@ func TestCredentialRefusalStillPenalised(t *testing.T) {
 // whose challenge was relayed is gone, an APOP or CRAM-MD5 digest goes
 // nowhere: not as a password to a new upstream connection.
 func TestChallengeUpstreamLostNeverSendsDigest(t *testing.T) {
+	t.Parallel()
 	for _, second := range []string{"APOP", "CRAM-MD5"} {
 		t.Run(second, func(t *testing.T) {
 			// The upstream closes at the client's cancel of AUTH CRAM-MD5.
@@ -212,6 +216,7 @@ func TestChallengeUpstreamLostNeverSendsDigest(t *testing.T) {
 // TestPassThroughRefusesDigests checks the guard itself: without an auth
 // server an APOP or CRAM-MD5 login never becomes USER/PASS.
 func TestPassThroughRefusesDigests(t *testing.T) {
+	t.Parallel()
 	for _, method := range []string{AuthAPOP, AuthCRAMMD5} {
 		_, err := passThrough{}.authenticate(t.Context(), loginRequest{method: method})
 		if err == nil {
@@ -223,6 +228,7 @@ func TestPassThroughRefusesDigests(t *testing.T) {
 // TestUpstreamReplyTextChecked checks that the upstream's +OK code and text
 // reach the client only as one clean line with a well-formed code.
 func TestUpstreamReplyTextChecked(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct{ resp, want string }{
 		{"+OK [X-FOO] Logged in.", "[X-FOO] Logged in."},
 		{"+OK [bad code\x01 with space] hi", "hi"},
@@ -251,6 +257,7 @@ func TestUpstreamReplyTextChecked(t *testing.T) {
 // a control byte goes nowhere: not upstream, not to the auth server, not
 // into an event.
 func TestControlBytesInUserNameRefused(t *testing.T) {
+	t.Parallel()
 	up, addr := challengeUpstream(t)
 	h, logs := newTestHandler(t, addr, func(h *Handler) { h.Auth = []string{AuthPlain, AuthAPOP, AuthCRAMMD5} })
 	rec := recordEvents(t, h)
@@ -282,6 +289,7 @@ func TestControlBytesInUserNameRefused(t *testing.T) {
 }
 
 func TestAPOPTimestampChecked(t *testing.T) {
+	t.Parallel()
 	for greeting, want := range map[string]string{
 		"Dovecot ready. <1896.697170952@dbc.mtview.ca.us>": "<1896.697170952@dbc.mtview.ca.us>",
 		"ready <no-at-sign>":                         "",
@@ -299,6 +307,7 @@ func TestAPOPTimestampChecked(t *testing.T) {
 // cannot take (no AUTH PLAIN) is refused as not supported, not counted as
 // a wrong password.
 func TestAuthzidWithoutUpstreamPlain(t *testing.T) {
+	t.Parallel()
 	up, addr := fakeUpstream(t, func(u *pop3test.Upstream) { u.SASL = nil })
 	h, logs := newTestHandler(t, addr, nil)
 	rec := recordEvents(t, h)
@@ -325,6 +334,7 @@ func TestAuthzidWithoutUpstreamPlain(t *testing.T) {
 // mailbox of the authorization identity decides the upstream ({pop3.user},
 // user_hash) and is logged as the user acted as.
 func TestPassThroughAuthzidChoosesUpstream(t *testing.T) {
+	t.Parallel()
 	up, addr := fakeUpstream(t, nil)
 	_, port, _ := strings.Cut(addr, ":")
 	h, logs := newTestHandler(t, "{pop3.user}:"+port, nil)
@@ -378,6 +388,7 @@ func TestRelayedCRAMMD5RefusedUpstream(t *testing.T) {
 // connection, and no other upstream could check a digest made over its
 // timestamp.
 func TestEarlyUpstreamInUseEndsSession(t *testing.T) {
+	t.Parallel()
 	up, addr := fakeUpstream(t, func(u *pop3test.Upstream) {
 		u.Timestamp = upstreamTimestamp
 		u.FailText = "-ERR [IN-USE] Unable to lock maildrop"
@@ -396,6 +407,7 @@ func TestEarlyUpstreamInUseEndsSession(t *testing.T) {
 // TestUpstreamGreetingTextBoundedInLog checks that an upstream's -ERR
 // greeting reaches the log as one short clean line.
 func TestUpstreamGreetingTextBoundedInLog(t *testing.T) {
+	t.Parallel()
 	_, addr := fakeUpstream(t, func(u *pop3test.Upstream) {
 		u.Greeting = "-ERR [SYS/TEMP] \x1b[2J" + strings.Repeat("x", 8000)
 	})
@@ -423,6 +435,7 @@ func TestUpstreamGreetingTextBoundedInLog(t *testing.T) {
 // line may be (max_command_length), which only a SASL exchange can carry,
 // goes nowhere: not upstream, not into an event, and not whole into the log.
 func TestLongUserNameRefused(t *testing.T) {
+	t.Parallel()
 	up, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, nil)
 	rec := recordEvents(t, h)

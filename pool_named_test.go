@@ -67,6 +67,7 @@ func namedLogin(t *testing.T, h *Handler) (*testSession, string) {
 // its host name with STLS. The login must go over STLS, verified against
 // the configured name (the certificate has no IP address in it).
 func TestAuthNamedUpstreamGetsItsTLS(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name       string
 		serverName string
@@ -108,6 +109,7 @@ func hasPrefix(s, p string) bool { return len(s) >= len(p) && s[:len(p)] == p }
 // max_connections, the health state and passive failures of the configured
 // upstream apply when the auth server names it by IP address.
 func TestAuthNamedUpstreamGetsItsLimitsAndHealth(t *testing.T) {
+	t.Parallel()
 	_, addr := fakeUpstream(t, nil)
 	_, port, _ := net.SplitHostPort(addr)
 	h := namedHandler(t, addr, []*Upstream{{Address: "localhost:" + port, MaxConnections: 1}}, nil)
@@ -162,6 +164,7 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 // upstream uses TLS (plaintext there would be a downgrade), dialled in
 // plaintext as NGINX does otherwise.
 func TestAuthNamedUnknownAddress(t *testing.T) {
+	t.Parallel()
 	fake, addr := fakeUpstream(t, nil)
 	h := namedHandler(t, addr, []*Upstream{{Address: "localhost:1", StartTLS: true, TLS: &reverseproxy.TLSConfig{}}}, nil)
 	if _, reply := namedLogin(t, h); !hasPrefix(reply, "-ERR [SYS/TEMP]") {
@@ -189,6 +192,7 @@ func TestAuthNamedUnknownAddress(t *testing.T) {
 // found, after namedRetry (not per login) for one not found, and a name
 // that fails to resolve keeps the addresses it had.
 func TestAuthNamedResolvesAgain(t *testing.T) {
+	t.Parallel()
 	fake, port, roots := stlsUpstream(t)
 	var mu sync.Mutex
 	answer, failing := netip.MustParseAddr("192.0.2.1"), false
@@ -265,6 +269,7 @@ func TestAuthNamedResolvesAgain(t *testing.T) {
 // address is refused, not sent the password in plaintext, until the name
 // resolves.
 func TestAuthNamedUnresolvedTLSUpstream(t *testing.T) {
+	t.Parallel()
 	fake, port, roots := stlsUpstream(t)
 	var mu sync.Mutex
 	failing := true
@@ -310,6 +315,7 @@ func TestAuthNamedUnresolvedTLSUpstream(t *testing.T) {
 // the auth server names that no TLS upstream matches, and a relayed APOP
 // timestamp read before the upstream's STLS.
 func TestProvisionWarnsOfPoolOptions(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name string
 		h    Handler
@@ -358,6 +364,7 @@ func TestProvisionWarnsOfPoolOptions(t *testing.T) {
 // after dial_timeout, as on the pool's own path, and counts as a failure;
 // not after the session's timeout, and not uncounted.
 func TestNamedUpstreamSilentGreetingCounted(t *testing.T) {
+	t.Parallel()
 	addr, _ := stuckUpstream(t, false)
 	as := &pop3test.AuthServer{Users: map[string]pop3test.AuthUser{"alice": {Password: "secret-pw", Server: addr}}}
 	url := as.Start(t)

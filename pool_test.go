@@ -49,6 +49,7 @@ func chooseFor(t *testing.T, h *Handler, user string) int {
 }
 
 func TestUserHashIsStableAndMovesOnlyTheLeaversUsers(t *testing.T) {
+	t.Parallel()
 	_, ups := namedUpstreams(t, 3)
 	h, _ := newTestHandler(t, "", func(h *Handler) { h.Upstream = ups })
 	const users = 3000
@@ -85,6 +86,7 @@ func TestUserHashIsStableAndMovesOnlyTheLeaversUsers(t *testing.T) {
 }
 
 func TestPolicies(t *testing.T) {
+	t.Parallel()
 	_, ups := namedUpstreams(t, 3)
 	t.Run("round_robin", func(t *testing.T) {
 		h, _ := newTestHandler(t, "", func(h *Handler) { h.Upstream = ups; h.LBPolicy = PolicyRoundRobin })
@@ -196,6 +198,7 @@ func TestFailoverBeforeLogin(t *testing.T) {
 }
 
 func TestAllUpstreamsFull(t *testing.T) {
+	t.Parallel()
 	_, ups := namedUpstreams(t, 2)
 	for _, u := range ups {
 		u.MaxConnections = 1
@@ -248,6 +251,7 @@ func TestActiveHealthCheck(t *testing.T) {
 }
 
 func TestAddressPlaceholders(t *testing.T) {
+	t.Parallel()
 	_, addr := fakeUpstream(t, func(u *pop3test.Upstream) { u.Users["alice@localhost"] = "secret-pw"; u.Name = "by-domain" })
 	_, port, _ := net.SplitHostPort(addr)
 	h, logs := newTestHandler(t, "", func(h *Handler) { h.Upstream = []*Upstream{{Address: "{pop3.domain}:" + port}} })
@@ -264,6 +268,7 @@ func TestAddressPlaceholders(t *testing.T) {
 }
 
 func TestUpstreamTLS(t *testing.T) {
+	t.Parallel()
 	cert := testCertificate(t) // for "localhost"
 	leaf, _ := x509.ParseCertificate(cert.Certificate[0])
 	roots := x509.NewCertPool()
@@ -306,6 +311,7 @@ func TestUpstreamTLS(t *testing.T) {
 }
 
 func TestProxyProtocolAndXCLIENT(t *testing.T) {
+	t.Parallel()
 	for _, version := range []string{"v1", "v2"} {
 		t.Run(version, func(t *testing.T) {
 			ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -355,6 +361,7 @@ func TestProxyProtocolAndXCLIENT(t *testing.T) {
 }
 
 func TestBareTLSStillMeansTLS(t *testing.T) {
+	t.Parallel()
 	for _, stls := range []bool{false, true} {
 		h, _ := newTestHandler(t, "", func(h *Handler) {
 			h.Upstream = []*Upstream{{Address: "127.0.0.1:995", TLS: &reverseproxy.TLSConfig{}, StartTLS: stls}}
@@ -366,6 +373,7 @@ func TestBareTLSStillMeansTLS(t *testing.T) {
 }
 
 func TestUpstreamCAPAIsCached(t *testing.T) {
+	t.Parallel()
 	up, addr := fakeUpstream(t, nil)
 	h, _ := newTestHandler(t, addr, nil)
 	for i := 0; i < 3; i++ {
@@ -379,6 +387,7 @@ func TestUpstreamCAPAIsCached(t *testing.T) {
 // round_robin's counter is unsigned: past the int range (on 32-bit, after
 // 2^31 sessions) it must still give an index in range.
 func TestRoundRobinCounterWraps(t *testing.T) {
+	t.Parallel()
 	_, ups := namedUpstreams(t, 3)
 	h, _ := newTestHandler(t, "", func(h *Handler) { h.Upstream = ups; h.LBPolicy = PolicyRoundRobin })
 	h.pool.rr.Store(1 << 63)
@@ -395,6 +404,7 @@ func TestRoundRobinCounterWraps(t *testing.T) {
 // stops, the upstream it marked down is usable again (nothing else would
 // clear the mark).
 func TestHealthStateClearedWithoutChecker(t *testing.T) {
+	t.Parallel()
 	bad := &pop3test.Upstream{Greeting: "-ERR down"}
 	badAddr := bad.Start(t)
 	before, _ := newTestHandler(t, badAddr, nil)
@@ -439,6 +449,7 @@ func TestCancelledHealthCheckCountsNothing(t *testing.T) {
 // With proxy_protocol, the active check sends a LOCAL header (v1: PROXY
 // UNKNOWN): a listener that wants a header greets nobody without one.
 func TestHealthCheckSendsProxyLocal(t *testing.T) {
+	t.Parallel()
 	for _, version := range []string{"v1", "v2"} {
 		t.Run(version, func(t *testing.T) {
 			ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -480,6 +491,7 @@ func TestHealthCheckSendsProxyLocal(t *testing.T) {
 // A placeholder value, whoever chose it, is a host name or nothing: never
 // an address, a port or another syntax; the port is the template's.
 func TestResolveAddressTakesOnlyAHostName(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		tmpl, port, value, want string
 	}{
@@ -527,6 +539,7 @@ func TestResolveAddressTakesOnlyAHostName(t *testing.T) {
 }
 
 func TestAddressTemplatePort(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		tmpl, defaultPort, host, port string
 	}{
@@ -573,6 +586,7 @@ func TestAddressTemplatePort(t *testing.T) {
 // A real TLS client sets an SNI through STLS and implicit TLS: a host name
 // reaches the upstream, an address with a port does not.
 func TestSNIPlaceholderTakesNoAddress(t *testing.T) {
+	t.Parallel()
 	fake, addr := fakeUpstream(t, nil)
 	_, port, _ := net.SplitHostPort(addr)
 	for _, tc := range []struct {
@@ -627,6 +641,7 @@ func TestSNIPlaceholderTakesNoAddress(t *testing.T) {
 
 // max_connections on an address template counts all its sessions.
 func TestTemplateMaxConnections(t *testing.T) {
+	t.Parallel()
 	_, addr := fakeUpstream(t, func(u *pop3test.Upstream) { u.Users["alice@localhost"] = "secret-pw" })
 	_, port, _ := net.SplitHostPort(addr)
 	h, logs := newTestHandler(t, "", func(h *Handler) { h.Upstream = []*Upstream{{Address: "{pop3.domain}:" + port, MaxConnections: 1}} })
@@ -644,6 +659,7 @@ func TestTemplateMaxConnections(t *testing.T) {
 
 // A failed newPool gives back the shared state it took.
 func TestBuildPoolFailureReleasesState(t *testing.T) {
+	t.Parallel()
 	addr := closedPort(t)
 	h := &Handler{Upstream: []*Upstream{{Address: addr}, {Address: "127.0.0.1:2", TLS: &reverseproxy.TLSConfig{ClientCertificateFile: "x.pem"}}}, logger: zap.NewNop()}
 	if err := h.setup(); err == nil {
@@ -658,6 +674,7 @@ func TestBuildPoolFailureReleasesState(t *testing.T) {
 // key: the client it was told of by XCLIENT (or PROXY), and the TLS
 // identity.
 func TestCAPACacheKey(t *testing.T) {
+	t.Parallel()
 	fake, addr := fakeUpstream(t, nil)
 	stls, stlsPort, roots := stlsUpstream(t)
 	h, _ := newTestHandler(t, addr, nil)
@@ -703,6 +720,7 @@ func TestCAPACacheKey(t *testing.T) {
 // A session that ends while it connects (a kick, a drain) counts no failure
 // against the upstreams and tries no more of them.
 func TestEndedSessionCountsNoUpstreamFailure(t *testing.T) {
+	t.Parallel()
 	h, _ := newTestHandler(t, "", func(h *Handler) {
 		h.Upstream = []*Upstream{{Address: closedPort(t)}, {Address: closedPort(t)}, {Address: closedPort(t)}}
 		h.LBPolicy = PolicyFirst

@@ -34,6 +34,7 @@ func bigMessage(size int) string {
 }
 
 func TestRelayLargeMessage(t *testing.T) {
+	t.Parallel()
 	msg := bigMessage(4 << 20)
 	for _, tc := range []struct {
 		name       string
@@ -112,6 +113,7 @@ func TestRelayIdleTimeout(t *testing.T) {
 }
 
 func TestRelayHalfClose(t *testing.T) {
+	t.Parallel()
 	_, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, nil)
 	ts := startSession(t, h, logs, true)

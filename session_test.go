@@ -359,6 +359,7 @@ func TestDrainAfterReload(t *testing.T) {
 }
 
 func TestMetrics(t *testing.T) {
+	t.Parallel()
 	_, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, nil)
 	reg := prometheus.NewPedanticRegistry()
@@ -391,6 +392,7 @@ func TestMetrics(t *testing.T) {
 }
 
 func TestMetricsNilSafe(t *testing.T) {
+	t.Parallel()
 	var m *pop3Metrics
 	m.sessionStarted()
 	m.sessionEnded("ok", 1, 2)

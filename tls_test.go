@@ -17,6 +17,7 @@ import (
 )
 
 func TestStartTLSOnly(t *testing.T) {
+	t.Parallel()
 	up, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, func(h *Handler) { h.StartTLS = StartTLSOnly })
 	ts := startSession(t, h, logs, false)
@@ -41,6 +42,7 @@ func TestStartTLSOnly(t *testing.T) {
 }
 
 func TestStartTLSResetsState(t *testing.T) {
+	t.Parallel()
 	_, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, func(h *Handler) { h.StartTLS = StartTLSOn; h.MaxErrors = 3 })
 	ts := startSession(t, h, logs, false)
@@ -58,6 +60,7 @@ func TestStartTLSResetsState(t *testing.T) {
 }
 
 func TestStartTLSInjection(t *testing.T) {
+	t.Parallel()
 	up, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, func(h *Handler) { h.StartTLS = StartTLSOn })
 	ts := startSession(t, h, logs, true)
@@ -72,6 +75,7 @@ func TestStartTLSInjection(t *testing.T) {
 }
 
 func TestNoSTLSWhenOff(t *testing.T) {
+	t.Parallel()
 	_, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, nil)
 	ts := startSession(t, h, logs, false)
@@ -107,6 +111,7 @@ func startBehindTLSHandler(t *testing.T, h *Handler, logs *observer.ObservedLogs
 }
 
 func TestRouteTLSIsSecure(t *testing.T) {
+	t.Parallel()
 	_, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, func(h *Handler) { h.StartTLS = StartTLSOnly })
 	ts := startBehindTLSHandler(t, h, logs)
@@ -153,6 +158,7 @@ func implicitCount(h *Handler, result string) float64 {
 }
 
 func TestImplicitTLSLoginAndResumption(t *testing.T) {
+	t.Parallel()
 	up, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, func(h *Handler) { h.ImplicitTLS = true; h.StartTLS = StartTLSOnly })
 	cfg := &tls.Config{
@@ -234,6 +240,7 @@ func handshakeFailed(t *testing.T, ts *testSession, logs *observer.ObservedLogs,
 }
 
 func TestImplicitTLSPlaintextClient(t *testing.T) {
+	t.Parallel()
 	up, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, func(h *Handler) { h.ImplicitTLS = true })
 	before := implicitCount(h, "failed")
@@ -264,6 +271,7 @@ func TestImplicitTLSTimeout(t *testing.T) {
 // front, the connection is TLS already and the session must not wait for a
 // second handshake.
 func TestImplicitTLSBehindTLSHandler(t *testing.T) {
+	t.Parallel()
 	_, addr := fakeUpstream(t, nil)
 	h, logs := newTestHandler(t, addr, func(h *Handler) { h.ImplicitTLS = true })
 	for range 2 {
