@@ -678,7 +678,7 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 }
 
 // refuseFull answers a client that finds the process at its session limit
-// (see sessionSlots) and lets caddy-l4 close the connection. Nothing is
+// (see slotCounter) and lets caddy-l4 close the connection. Nothing is
 // read; on an implicit_tls port, where a plaintext -ERR would be garbage,
 // the connection is only closed.
 func (h *Handler) refuseFull(cx *layer4.Connection) {

@@ -661,7 +661,7 @@ func spliceStep(dst, src *net.TCPConn, head []byte, slots *slotCounter) (int64, 
 		k, err = dst.ReadFrom(burst)
 		slots.releasePipe()
 	} else {
-		// No descriptors left for a pipe (see sessionSlots): copy.
+		// No descriptors left for a pipe (see slotCounter): copy.
 		k, err = copyWithoutSplice(dst, burst)
 	}
 	// splice's error does not say which socket failed: the one that is
