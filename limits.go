@@ -16,8 +16,8 @@ import (
 	"github.com/caddy-pop3/caddy-pop3/internal/sockopt"
 )
 
-// slotCounter (processState.slots) bounds the descriptors that the sessions of all pop3
-// handlers in the process hold, by its open-files limit. caddy-l4's accept
+// slotCounter bounds the descriptors that the sessions of all pop3 handlers
+// in the process hold, by its open-files limit. caddy-l4's accept
 // loop ends for good when accept(2) fails with EMFILE (layer4/server.go,
 // serve), so a client flood that used up the descriptors would leave the
 // port deaf until the next reload. A slot is two descriptors: each session
