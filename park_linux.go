@@ -116,23 +116,3 @@ func (p *parker) loop() {
 		}
 	}
 }
-
-// duplicate returns a second connection on c's socket, so that the socket
-// outlives the caller closing c.
-func duplicate(c *net.TCPConn) (*net.TCPConn, error) {
-	f, err := c.File()
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	fc, err := net.FileConn(f)
-	if err != nil {
-		return nil, err
-	}
-	tc, ok := fc.(*net.TCPConn)
-	if !ok {
-		_ = fc.Close()
-		return nil, errors.New("duplicated socket is not TCP")
-	}
-	return tc, nil
-}

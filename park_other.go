@@ -19,5 +19,3 @@ var errNoParking = errors.New("parking needs Linux")
 func (parker) park(*direction, *net.TCPConn) error { return errNoParking }
 func (parker) forget(uint64)                       {}
 func (parker) waitingCount() int                   { return 0 }
-
-func duplicate(*net.TCPConn) (*net.TCPConn, error) { return nil, errNoParking }

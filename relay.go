@@ -449,7 +449,7 @@ func (r *relay) park(d *direction) (parked, detached bool) {
 			_ = src.SetReadDeadline(time.Time{}) // the other direction asks again when it parks
 			return false, false
 		}
-		dup, err := duplicate(r.clientRaw)
+		dup, err := sockopt.Duplicate(r.clientRaw)
 		if err != nil {
 			r.s.debug("relay keeps its goroutines", zap.Error(err))
 			_ = src.SetReadDeadline(time.Time{})
