@@ -28,7 +28,7 @@ func takeProcessBaseline() processBaseline {
 		fds:        openFDs("/proc/self/fd"),
 		goroutines: runtime.NumGoroutine(),
 		parked:     parkedGauges(),
-		waiting:    theParker.waitingCount(),
+		waiting:    parker.Waiting(),
 	}
 }
 

@@ -57,7 +57,7 @@ func TestParkedSessionsGauge(t *testing.T) {
 		ts[i].waitParked()
 	}
 	waitGauge(gauge + n)
-	if got := theParker.waitingCount(); got != base.waiting+2*n {
+	if got := parker.Waiting(); got != base.waiting+2*n {
 		t.Errorf("%d directions in the parker, want %d", got, base.waiting+2*n)
 	}
 

@@ -12,6 +12,7 @@ import (
 	"github.com/mholt/caddy-l4/layer4"
 	"go.uber.org/zap"
 
+	"github.com/caddy-pop3/caddy-pop3/internal/park"
 	"github.com/caddy-pop3/caddy-pop3/internal/sockopt"
 )
 
@@ -38,6 +39,10 @@ var testHookRelayFlush func(*session)
 // the session costs two sockets and a few hundred bytes until data moves.
 // Long enough that a session busy with commands never pays for parking.
 var parkAfter = newAtomicDuration(time.Second) // atomic: tests change it while relays of earlier tests end
+
+// parker is the one epoll set that parked relay directions of the process
+// wait in: one goroutine for all of them.
+var parker park.Parker
 
 // atomicDuration is a time.Duration read and set from any goroutine.
 type atomicDuration struct{ v atomic.Int64 }
@@ -130,9 +135,12 @@ type direction struct {
 	toUpstream bool
 	moved      *atomic.Int64
 	state      pumpState // guarded by r.mu
-	token      uint64    // the parker's key while parked
-	registered bool      // the source socket is in the parker's epoll set
+	slot       park.Slot // the parker's knowledge of the source socket; guarded by r.mu
 }
+
+// Wake runs d again: the parker calls it when d's source has data or hung
+// up.
+func (d *direction) Wake() { d.r.wake(d) }
 
 // relay is the state both directions share.
 type relay struct {
@@ -233,7 +241,7 @@ func socketUnder(c net.Conn) *net.TCPConn {
 }
 
 func (r *relay) canPark() bool {
-	return parkingSupported && r.clientRaw != nil && r.upstreamRaw != nil
+	return park.Supported && r.clientRaw != nil && r.upstreamRaw != nil
 }
 
 // socket is the socket d reads from, for the parker. Called with r.mu held.
@@ -449,7 +457,7 @@ func (r *relay) park(d *direction) (parked, detached bool) {
 			_ = src.SetReadDeadline(time.Time{}) // the other direction asks again when it parks
 			return false, false
 		}
-		dup, err := duplicate(r.clientRaw)
+		dup, err := sockopt.Duplicate(r.clientRaw)
 		if err != nil {
 			r.s.debug("relay keeps its goroutines", zap.Error(err))
 			_ = src.SetReadDeadline(time.Time{})
@@ -469,7 +477,7 @@ func (r *relay) park(d *direction) (parked, detached bool) {
 		r.s.debug("relay parked") // once: the handler's goroutine returns
 	}
 	_ = src.SetReadDeadline(time.Time{})
-	if err := theParker.park(d, r.socket(d)); err != nil {
+	if err := parker.Park(r.socket(d), d, &d.slot); err != nil {
 		r.s.debug("relay keeps its goroutines", zap.Error(err))
 		if detached {
 			go r.pump(d) // the handler is leaving: another goroutine goes on
@@ -568,7 +576,7 @@ func (r *relay) end(result string) {
 	r.countParked()
 	for _, d := range []*direction{&r.up, &r.down} {
 		if d.state == pumpParked {
-			theParker.forget(d.token)
+			parker.Forget(&d.slot)
 			d.state = pumpDone
 		}
 	}
@@ -699,3 +707,5 @@ func closeWrite(c net.Conn) {
 		_ = cw.CloseWrite()
 	}
 }
+
+var _ park.Waker = (*direction)(nil)

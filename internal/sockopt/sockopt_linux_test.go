@@ -1,6 +1,7 @@
 package sockopt
 
 import (
+	"io"
 	"net"
 	"testing"
 	"time"
@@ -64,5 +65,35 @@ func TestQueuedAndWireBytes(t *testing.T) {
 func TestOpenFilesLimit(t *testing.T) {
 	if n := OpenFilesLimit(); n == 0 {
 		t.Error("no open files limit read on Linux")
+	}
+}
+
+// TestDuplicate: the duplicate carries the connection on after the original
+// is closed, and closing it too ends the connection.
+func TestDuplicate(t *testing.T) {
+	client, server := tcpPair(t)
+	dup, err := Duplicate(server)
+	if err != nil {
+		t.Fatal(err)
+	}
+	server.Close()
+	if _, err := client.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	_ = dup.SetDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 4)
+	if _, err := io.ReadFull(dup, buf); err != nil || string(buf) != "ping" {
+		t.Fatalf("read %q, %v through the duplicate", buf, err)
+	}
+	if _, err := dup.Write([]byte("pong")); err != nil {
+		t.Fatal(err)
+	}
+	_ = client.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(client, buf); err != nil || string(buf) != "pong" {
+		t.Fatalf("read %q, %v from the duplicate", buf, err)
+	}
+	dup.Close()
+	if n, err := client.Read(buf); err != io.EOF {
+		t.Fatalf("after closing the duplicate: %d bytes, %v; want EOF", n, err)
 	}
 }
