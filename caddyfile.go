@@ -65,16 +65,15 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 	}
 
-	var (
-		hasAuth, hasCapabilities, hasStartTLS, hasGreeting bool
-		hasTimeout, hasProxyTimeout, hasPassErrorMessage   bool
-		hasLoginTimeout                                    bool
-		hasMaxErrors, hasMaxLineLength                     bool
-		hasAuthFailureDelay                                bool
-		seen                                               = map[string]bool{}
-	)
+	seen := map[string]bool{} // options that may be given once
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		optionName := d.Val()
+		if optionName != "upstream" && optionName != "connection_policy" {
+			if seen[optionName] {
+				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
+			}
+			seen[optionName] = true
+		}
 		switch optionName {
 		case "upstream":
 			if d.CountRemainingArgs() != 1 {
@@ -89,9 +88,6 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			continue // its block is consumed
 		case "lb_policy":
-			if seen[optionName] {
-				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
-			}
 			if d.CountRemainingArgs() != 1 {
 				return d.ArgErr()
 			}
@@ -99,11 +95,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if !slices.Contains(knownPolicies, d.Val()) {
 				return d.Errf("parsing %s option '%s': unknown policy '%s' (want %s)", wrapper, optionName, d.Val(), strings.Join(knownPolicies, ", "))
 			}
-			h.LBPolicy, seen[optionName] = d.Val(), true
+			h.LBPolicy = d.Val()
 		case "lb_try_duration", "health_interval", "health_timeout", "fail_duration", "dial_timeout", "drain_timeout":
-			if seen[optionName] {
-				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
-			}
 			dur, err := parsePositiveDuration(d, wrapper, optionName)
 			if err != nil {
 				return err
@@ -112,20 +105,14 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				"lb_try_duration": &h.LBTryDuration, "health_interval": &h.HealthInterval,
 				"health_timeout": &h.HealthTimeout, "fail_duration": &h.FailDuration, "dial_timeout": &h.DialTimeout,
 				"drain_timeout": &h.DrainTimeout,
-			}[optionName], seen[optionName] = dur, true
+			}[optionName] = dur
 		case "health_passes", "health_fails", "max_fails":
-			if seen[optionName] {
-				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
-			}
 			val, err := parseIntInRange(d, wrapper, optionName, 1, math.MaxInt32)
 			if err != nil {
 				return err
 			}
-			*map[string]*int{"health_passes": &h.HealthPasses, "health_fails": &h.HealthFails, "max_fails": &h.MaxFails}[optionName], seen[optionName] = val, true
+			*map[string]*int{"health_passes": &h.HealthPasses, "health_fails": &h.HealthFails, "max_fails": &h.MaxFails}[optionName] = val
 		case "proxy_protocol":
-			if seen[optionName] {
-				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
-			}
 			if d.CountRemainingArgs() != 1 {
 				return d.ArgErr()
 			}
@@ -133,20 +120,14 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if v := d.Val(); v != "v1" && v != "v2" {
 				return d.Errf("parsing %s option '%s': unknown version '%s' (want v1 or v2)", wrapper, optionName, v)
 			}
-			h.ProxyProtocol, seen[optionName] = d.Val(), true
+			h.ProxyProtocol = d.Val()
 		case "xclient":
-			if seen[optionName] {
-				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
-			}
 			on, err := parseOnOff(d, wrapper, optionName)
 			if err != nil {
 				return err
 			}
-			h.XClient, seen[optionName] = on, true
+			h.XClient = on
 		case "auth":
-			if hasAuth {
-				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
-			}
 			if d.CountRemainingArgs() == 0 {
 				return d.ArgErr()
 			}
@@ -163,11 +144,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				}
 				h.Auth = append(h.Auth, method)
 			}
-			hasAuth = true
 		case "capabilities":
-			if hasCapabilities {
-				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
-			}
 			if d.CountRemainingArgs() == 0 {
 				return d.ArgErr()
 			}
@@ -177,11 +154,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				}
 				h.Capabilities = append(h.Capabilities, d.Val())
 			}
-			hasCapabilities = true
 		case "starttls":
-			if hasStartTLS {
-				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
-			}
 			if d.CountRemainingArgs() != 1 {
 				return d.ArgErr()
 			}
@@ -192,11 +165,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("parsing %s option '%s': unknown policy '%s' (want %s, %s or %s)",
 					wrapper, optionName, d.Val(), StartTLSOff, StartTLSOn, StartTLSOnly)
 			}
-			h.StartTLS, hasStartTLS = d.Val(), true
+			h.StartTLS = d.Val()
 		case "implicit_tls":
-			if h.ImplicitTLS {
-				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
-			}
 			if d.CountRemainingArgs() != 0 {
 				return d.ArgErr()
 			}
@@ -208,9 +178,6 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			h.ConnectionPolicy = append(h.ConnectionPolicy, cp)
 		case "auth_http":
-			if h.AuthHTTP != nil {
-				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
-			}
 			a := new(AuthHTTP)
 			if err := a.unmarshalCaddyfile(d, wrapper); err != nil {
 				return err
@@ -218,18 +185,12 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.AuthHTTP = a
 			continue // its block is consumed
 		case "auth_failure_delay":
-			if hasAuthFailureDelay {
-				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
-			}
 			dur, err := parsePositiveDuration(d, wrapper, optionName)
 			if err != nil {
 				return err
 			}
-			h.AuthFailureDelay, hasAuthFailureDelay = dur, true
+			h.AuthFailureDelay = dur
 		case "greeting":
-			if hasGreeting {
-				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
-			}
 			if d.CountRemainingArgs() != 1 {
 				return d.ArgErr()
 			}
@@ -240,38 +201,26 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if strings.ContainsAny(d.Val(), "\r\n\x00") {
 				return d.Errf("parsing %s option '%s': text must be a single line", wrapper, optionName)
 			}
-			h.Greeting, hasGreeting = d.Val(), true
+			h.Greeting = d.Val()
 		case "timeout":
-			if hasTimeout {
-				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
-			}
 			dur, err := parsePositiveDuration(d, wrapper, optionName)
 			if err != nil {
 				return err
 			}
-			h.Timeout, hasTimeout = dur, true
+			h.Timeout = dur
 		case "login_timeout":
-			if hasLoginTimeout {
-				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
-			}
 			dur, err := parsePositiveDuration(d, wrapper, optionName)
 			if err != nil {
 				return err
 			}
-			h.LoginTimeout, hasLoginTimeout = dur, true
+			h.LoginTimeout = dur
 		case "proxy_timeout":
-			if hasProxyTimeout {
-				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
-			}
 			dur, err := parsePositiveDuration(d, wrapper, optionName)
 			if err != nil {
 				return err
 			}
-			h.ProxyTimeout, hasProxyTimeout = dur, true
+			h.ProxyTimeout = dur
 		case "pass_error_message":
-			if hasPassErrorMessage {
-				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
-			}
 			if d.CountRemainingArgs() != 1 {
 				return d.ArgErr()
 			}
@@ -284,35 +233,25 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			default:
 				return d.Errf("parsing %s option '%s': unknown value '%s' (want on or off)", wrapper, optionName, d.Val())
 			}
-			hasPassErrorMessage = true
 		case "max_errors":
-			if hasMaxErrors {
-				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
-			}
 			val, err := parseIntInRange(d, wrapper, optionName, 1, math.MaxInt32)
 			if err != nil {
 				return err
 			}
-			h.MaxErrors, hasMaxErrors = val, true
+			h.MaxErrors = val
 		case "max_line_length":
-			if hasMaxLineLength {
-				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
-			}
 			val, err := parseIntInRange(d, wrapper, optionName, minMaxLineLength, maxMaxLineLength)
 			if err != nil {
 				return err
 			}
-			h.MaxLineLength, hasMaxLineLength = val, true
+			h.MaxLineLength = val
 		case "max_command_length":
-			if seen[optionName] {
-				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
-			}
 			// Validate checks it against max_line_length, which may come later.
 			val, err := parseIntInRange(d, wrapper, optionName, defaultMaxCommandLength, maxMaxLineLength)
 			if err != nil {
 				return err
 			}
-			h.MaxCommandLength, seen[optionName] = val, true
+			h.MaxCommandLength = val
 		default:
 			return d.Errf("unrecognized %s option '%s'", wrapper, optionName)
 		}
@@ -387,9 +326,15 @@ func (a *AuthHTTP) unmarshalCaddyfile(d *caddyfile.Dispenser, wrapper string) er
 	}
 	d.NextArg()
 	a.URL = d.Val()
-	var hasTimeout, hasPassClientCert bool
+	seen := map[string]bool{} // options that may be given once
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		sub := d.Val()
+		if sub != "header" {
+			if seen[sub] {
+				return d.Errf("duplicate %s option '%s %s'", wrapper, optionName, sub)
+			}
+			seen[sub] = true
+		}
 		switch sub {
 		case "header":
 			if d.CountRemainingArgs() != 2 {
@@ -406,18 +351,12 @@ func (a *AuthHTTP) unmarshalCaddyfile(d *caddyfile.Dispenser, wrapper string) er
 			}
 			a.Header[name] = d.Val()
 		case "timeout":
-			if hasTimeout {
-				return d.Errf("duplicate %s option '%s %s'", wrapper, optionName, sub)
-			}
 			dur, err := parsePositiveDuration(d, wrapper, optionName+" "+sub)
 			if err != nil {
 				return err
 			}
-			a.Timeout, hasTimeout = dur, true
+			a.Timeout = dur
 		case "pass_client_cert":
-			if hasPassClientCert {
-				return d.Errf("duplicate %s option '%s %s'", wrapper, optionName, sub)
-			}
 			if d.CountRemainingArgs() != 1 {
 				return d.ArgErr()
 			}
@@ -429,7 +368,6 @@ func (a *AuthHTTP) unmarshalCaddyfile(d *caddyfile.Dispenser, wrapper string) er
 			default:
 				return d.Errf("parsing %s option '%s %s': unknown value '%s' (want on or off)", wrapper, optionName, sub, d.Val())
 			}
-			hasPassClientCert = true
 		default:
 			return d.Errf("unrecognized %s option '%s %s'", wrapper, optionName, sub)
 		}
