@@ -135,6 +135,19 @@ var authHTTPReservedHeaders = []string{
 	"Auth-Login-Attempt", "Client-IP", "Client-Host", "Auth-SSL",
 }
 
+// setup expands {env.*} in the header values, which keeps secrets out of
+// the config file, then provisions the client.
+func (c *AuthHTTP) setup() error {
+	repl := caddy.NewReplacer()
+	for name, v := range c.Header {
+		c.Header[name] = repl.ReplaceAll(v, "")
+	}
+	if err := c.provision(); err != nil {
+		return fmt.Errorf("auth_http: %w", err)
+	}
+	return nil
+}
+
 // provision applies defaults, checks the configuration and builds the HTTP
 // client. No error holds the URL's user info or a header value.
 func (c *AuthHTTP) provision() error {
@@ -634,7 +647,7 @@ func (x authHTTPAuthenticator) authenticate(ctx context.Context, req loginReques
 // client's -ERR. The text is the auth server's, as NGINX shows it; an RFC
 // 2449 code comes from Auth-Error-Code or a leading "[CODE]" in the text,
 // else [AUTH].
-func refusalFromAuthServer(res authHTTPResult) *authRefusal {
+func refusalFromAuthServer(res authHTTPResult) *Refusal {
 	text := sanitizeReplyText(res.ErrorText)
 	code := ""
 	if strings.HasPrefix(text, "[") {
@@ -651,5 +664,5 @@ func refusalFromAuthServer(res authHTTPResult) *authRefusal {
 	if text == "" {
 		text = errAuthFailed.text
 	}
-	return &authRefusal{code: code, text: text, wait: res.Wait, hasWait: res.HasWait}
+	return &Refusal{Code: code, Text: text, Wait: res.Wait, HasWait: res.HasWait}
 }

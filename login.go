@@ -31,6 +31,7 @@ type loginRequest struct {
 	salt    string           // APOP timestamp or CRAM-MD5 challenge
 	attempt int              // 1 for the session's first login attempt
 	remote  net.Addr
+	local   net.Addr
 	tls     *tls.ConnectionState // nil on a plaintext connection
 }
 
@@ -41,7 +42,7 @@ type loginTarget struct {
 }
 
 // authenticator turns a client's login into a loginTarget. A refusal is an
-// *authRefusal; an error that is neither means no decision could be made.
+// *Refusal; an error that is neither means no decision could be made.
 type authenticator interface {
 	authenticate(ctx context.Context, req loginRequest) (loginTarget, error)
 }
@@ -69,7 +70,7 @@ var errChallengeUpstreamLost = errors.New("upstream that issued the APOP or CRAM
 // authenticator and a new upstream connection.
 func (s *session) login(req loginRequest) error {
 	s.attempts++
-	req.attempt, req.remote, req.tls = s.attempts, s.cx.RemoteAddr(), s.tlsState()
+	req.attempt, req.remote, req.local, req.tls = s.attempts, s.cx.RemoteAddr(), s.cx.LocalAddr(), s.tlsState()
 	started := now()
 	deadline := s.ioDeadline()
 	if s.badUserName(req.creds.Username) || s.badUserName(req.creds.Identity) {
@@ -214,7 +215,7 @@ func (s *session) loginFailed(req loginRequest, upstream string, err error) erro
 		fields = append(fields, zap.String("authzid", req.creds.Identity))
 	}
 	var rejected *upstreamRejection
-	var refused *authRefusal
+	var refused *Refusal
 	var re *replyError
 	switch {
 	case errors.As(err, &rejected):
@@ -239,18 +240,18 @@ func (s *session) loginFailed(req loginRequest, upstream string, err error) erro
 		s.failureDelay(0, false)
 		return reply
 	case errors.As(err, &refused):
-		if !isCredentialCode(refused.code) {
+		if !isCredentialCode(refused.Code) {
 			s.log(zap.InfoLevel, "login refused", fields...)
-			s.h.proc.metrics.login(req.method, resultForCode(refused.code), -1)
-			if refused.hasWait {
-				s.failureDelay(refused.wait, true) // the auth server's own wait, no penalty
+			s.h.proc.metrics.login(req.method, resultForCode(refused.Code), -1)
+			if refused.HasWait {
+				s.failureDelay(refused.Wait, true) // the auth server's own wait, no penalty
 			}
-			return &replyError{code: refused.code, text: refused.text}
+			return &replyError{code: refused.Code, text: refused.Text}
 		}
 		s.log(zap.InfoLevel, "login failed", fields...)
 		s.authFailed(req)
-		s.failureDelay(refused.wait, refused.hasWait)
-		return &replyError{code: refused.code, text: refused.text}
+		s.failureDelay(refused.Wait, refused.HasWait)
+		return &replyError{code: refused.Code, text: refused.Text}
 	case errors.As(err, &re):
 		s.log(zap.InfoLevel, "login refused", fields...)
 		s.h.proc.metrics.login(req.method, "invalid", -1)
@@ -359,15 +360,18 @@ func (e *upstreamRejection) Error() string {
 	return fmt.Sprintf("upstream refused login: [%s] %s", e.code, e.text)
 }
 
-// authRefusal is an authenticator's "no", with what the client may see.
-type authRefusal struct {
-	code    string
-	text    string
-	wait    time.Duration
-	hasWait bool
+// Refusal is an authenticator's "no", with what the client may see: an
+// RFC 2449 response code (AUTH when it blames the credentials; IN-USE,
+// LOGIN-DELAY or SYS/TEMP when it does not) and text, and how long to wait
+// before the -ERR (HasWait: Wait replaces the failure delay).
+type Refusal struct {
+	Code    string
+	Text    string
+	Wait    time.Duration
+	HasWait bool
 }
 
-func (e *authRefusal) Error() string { return "login refused: [" + e.code + "] " + e.text }
+func (e *Refusal) Error() string { return "login refused: [" + e.Code + "] " + e.Text }
 
 func isRejection(err error) bool { return errors.As(err, new(*upstreamRejection)) }
 

@@ -6,6 +6,7 @@ package pop3
 import (
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
@@ -25,6 +26,7 @@ import (
 
 func init() {
 	caddy.RegisterModule(&Handler{})
+	caddy.RegisterModule(&HTTPAuthenticator{})
 }
 
 // Defaults of the handler's options.
@@ -109,6 +111,12 @@ type Handler struct {
 	// the upstream for it. Without it the client's credentials go to the
 	// first upstream as they are.
 	AuthHTTP *AuthHTTP `json:"auth_http,omitempty"`
+	// Authenticators that decide each login, tried in order after
+	// auth_http: the first that knows the user decides. Modules of the
+	// namespace layer4.handlers.pop3.authenticators, e.g. passwd_file or
+	// http. Without any (and without auth_http), the client's credentials
+	// go to the upstreams as they are.
+	AuthenticatorsRaw []json.RawMessage `json:"authenticators,omitempty" caddy:"namespace=layer4.handlers.pop3.authenticators inline_key=authenticator"`
 	// Delay before the -ERR of a refused login; it doubles with each
 	// recent failure from the same client address, up to 15s. An auth
 	// server's Auth-Wait replaces it. Default: 1s.
@@ -175,10 +183,11 @@ type Handler struct {
 	// and challenge, so the proxy never needs the password.
 	relayChallenges bool
 
-	authenticator authenticator
-	pool          *pool
-	events        *caddyevents.App // nil: no events app
-	proc          *processState    // theProcess unless a test gives its own
+	authenticator  authenticator   // the login pipeline's: pass-through or the chain
+	authenticators []authenticator // loaded from AuthenticatorsRaw
+	pool           *pool
+	events         *caddyevents.App // nil: no events app
+	proc           *processState    // theProcess unless a test gives its own
 }
 
 // Upstream is one upstream POP3 server.
@@ -211,6 +220,9 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 // Provision sets defaults and prepares TLS for STLS and implicit_tls.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.ctx, h.logger = ctx, ctx.Logger()
+	if err := h.loadAuthenticators(ctx); err != nil {
+		return err
+	}
 	h.warnPoolOptions() // before setup fills in the defaults
 	if err := h.setup(); err != nil {
 		return err
@@ -417,19 +429,25 @@ func (h *Handler) setup() error {
 	h.tlsOn = h.StartTLS != StartTLSOff || h.ImplicitTLS
 	h.warnAlreadyTLS = new(sync.Once)
 	h.drained = new(atomic.Bool)
+	verifyClient := false
+	for _, p := range h.ConnectionPolicy {
+		verifyClient = verifyClient || (p != nil && p.ClientAuthentication != nil)
+	}
+	var chain authChain
 	if h.AuthHTTP != nil {
-		repl := caddy.NewReplacer() // {env.*} keeps secrets out of the config file
-		for name, v := range h.AuthHTTP.Header {
-			h.AuthHTTP.Header[name] = repl.ReplaceAll(v, "")
+		if err := h.AuthHTTP.setup(); err != nil {
+			return err
 		}
-		if err := h.AuthHTTP.provision(); err != nil {
-			return fmt.Errorf("auth_http: %w", err)
+		chain = append(chain, authHTTPAuthenticator{a: h.AuthHTTP, verifyClient: verifyClient})
+	}
+	for _, a := range h.authenticators {
+		if ha, ok := a.(*HTTPAuthenticator); ok {
+			ha.verifyClient = verifyClient
 		}
-		verifyClient := false
-		for _, p := range h.ConnectionPolicy {
-			verifyClient = verifyClient || (p != nil && p.ClientAuthentication != nil)
-		}
-		h.authenticator = authHTTPAuthenticator{a: h.AuthHTTP, verifyClient: verifyClient}
+		chain = append(chain, a)
+	}
+	if len(chain) > 0 {
+		h.authenticator = chain
 	} else {
 		h.authenticator = passThrough{}
 		h.relayChallenges = h.relayChallengesWanted()
@@ -447,7 +465,7 @@ func (h *Handler) setup() error {
 		dialTimeout:   time.Duration(h.DialTimeout),
 		proxyProtocol: h.ProxyProtocol,
 		xclient:       h.XClient,
-		named:         h.AuthHTTP != nil,
+		named:         len(chain) > 0,
 	}, h.logger)
 	if err != nil {
 		return err
@@ -458,8 +476,8 @@ func (h *Handler) setup() error {
 
 // Validate checks the configuration; it holds no secrets in its errors.
 func (h *Handler) Validate() error {
-	if len(h.Upstream) == 0 && h.AuthHTTP == nil {
-		return errors.New("upstream: at least one upstream is required (or auth_http to name one per login)")
+	if len(h.Upstream) == 0 && !h.hasAuthenticators() {
+		return errors.New("upstream: at least one upstream is required (or an authenticator such as auth_http to name one per login)")
 	}
 	for i, u := range h.Upstream {
 		if u == nil || u.Address == "" {
@@ -484,8 +502,8 @@ func (h *Handler) Validate() error {
 		switch m {
 		case AuthExternal, AuthOAuthBearer, AuthXOAuth2:
 			// Nothing in the client's message is a password for the upstream.
-			if h.AuthHTTP == nil {
-				return fmt.Errorf("auth: method %q needs auth_http", m)
+			if !h.hasAuthenticators() {
+				return fmt.Errorf("auth: method %q needs auth_http or another authenticator", m)
 			}
 		}
 	}
@@ -645,7 +663,13 @@ func (q *eventQueue) warnDropped(logger *zap.Logger, name string) {
 
 // relayChallengesWanted: apop or cram-md5 without an auth server.
 func (h *Handler) relayChallengesWanted() bool {
-	return h.AuthHTTP == nil && (h.hasAuth(AuthAPOP) || h.hasAuth(AuthCRAMMD5))
+	return !h.hasAuthenticators() && (h.hasAuth(AuthAPOP) || h.hasAuth(AuthCRAMMD5))
+}
+
+// hasAuthenticators reports whether logins are decided by authenticators
+// (auth_http or the authenticators list) rather than passed through.
+func (h *Handler) hasAuthenticators() bool {
+	return h.AuthHTTP != nil || len(h.AuthenticatorsRaw) > 0 || len(h.authenticators) > 0
 }
 
 func hasPlaceholder(s string) bool { return strings.Contains(s, "{") }
