@@ -31,6 +31,7 @@ const (
 //			timeout <duration>
 //			pass_client_cert <on|off>
 //		}
+//		authenticator <module> ...   # repeatable: any authenticator module, e.g. http <url> { ... }
 //		auth_failure_delay <duration>
 //		drain_timeout <duration>
 //		capabilities <extensions...>
@@ -68,7 +69,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	seen := map[string]bool{} // options that may be given once
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		optionName := d.Val()
-		if optionName != "upstream" && optionName != "connection_policy" {
+		if optionName != "upstream" && optionName != "connection_policy" && optionName != "authenticator" {
 			if seen[optionName] {
 				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
 			}
@@ -182,7 +183,25 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err := a.unmarshalCaddyfile(d, wrapper); err != nil {
 				return err
 			}
-			h.AuthHTTP = a
+			if len(h.AuthenticatorsRaw) > 0 {
+				// After other authenticators: it joins their list in order,
+				// since the auth_http field runs first.
+				h.AuthenticatorsRaw = append(h.AuthenticatorsRaw,
+					caddyconfig.JSONModuleObject(&HTTPAuthenticator{AuthHTTP: *a}, "authenticator", "http", nil))
+			} else {
+				h.AuthHTTP = a
+			}
+			continue // its block is consumed
+		case "authenticator":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			name := d.Val()
+			unm, err := caddyfile.UnmarshalModule(d, "layer4.handlers.pop3.authenticators."+name)
+			if err != nil {
+				return err
+			}
+			h.AuthenticatorsRaw = append(h.AuthenticatorsRaw, caddyconfig.JSONModuleObject(unm, "authenticator", name, nil))
 			continue // its block is consumed
 		case "auth_failure_delay":
 			dur, err := parsePositiveDuration(d, wrapper, optionName)
@@ -262,10 +281,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 	}
 
-	if len(h.Upstream) == 0 && h.AuthHTTP == nil {
+	if len(h.Upstream) == 0 && h.AuthHTTP == nil && len(h.AuthenticatorsRaw) == 0 {
 		d.Reset() // point the error at the handler's own line
 		d.Next()
-		return d.Errf("%s: at least one upstream (or auth_http) is required", wrapper)
+		return d.Errf("%s: at least one upstream (or an authenticator such as auth_http) is required", wrapper)
 	}
 	return nil
 }
