@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strings"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -207,3 +208,31 @@ var (
 	_ caddy.CleanerUpper    = (*HTTPAuthenticator)(nil)
 	_ caddyfile.Unmarshaler = (*HTTPAuthenticator)(nil)
 )
+
+// MasterLogin is a master user the proxy logs in upstream as, for users
+// whose credentials an authenticator has checked.
+type MasterLogin struct {
+	// The master user's name and password upstream. The password may
+	// hold placeholders such as {env.MASTER_PASSWORD} or
+	// {file./etc/caddy/master.pw}, resolved at provision.
+	User     string `json:"user"`
+	Password string `json:"password"`
+	// Log in with USER <user><separator><master> and PASS <password>
+	// (Dovecot's auth_master_user_separator) instead of AUTH PLAIN with
+	// the user as authorization identity. Default: AUTH PLAIN.
+	Separator string `json:"separator,omitempty"`
+}
+
+// provision resolves the password's placeholders and checks the names.
+func (m *MasterLogin) provision() error {
+	m.Password = caddy.NewReplacer().ReplaceAll(m.Password, "")
+	switch {
+	case m.User == "" || m.Password == "":
+		return errors.New("master_login: user and password are required")
+	case hasControl(m.User) || hasControl(m.Password) || hasControl(m.Separator):
+		return errors.New("master_login: user, password and separator must be single lines")
+	case strings.ContainsAny(m.Separator, " "):
+		return errors.New("master_login: separator must not hold a space")
+	}
+	return nil
+}

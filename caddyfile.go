@@ -32,6 +32,9 @@ const (
 //			pass_client_cert <on|off>
 //		}
 //		authenticator <module> ...   # repeatable: any authenticator module, e.g. http <url> { ... }
+//		master_login <user> <password> {
+//			separator <sep>       # USER <user><sep><master> instead of AUTH PLAIN
+//		}
 //		auth_failure_delay <duration>
 //		drain_timeout <duration>
 //		capabilities <extensions...>
@@ -191,6 +194,32 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			} else {
 				h.AuthHTTP = a
 			}
+			continue // its block is consumed
+		case "master_login":
+			if d.CountRemainingArgs() != 2 {
+				return d.ArgErr()
+			}
+			m := new(MasterLogin)
+			d.NextArg()
+			m.User = d.Val()
+			d.NextArg()
+			m.Password = d.Val()
+			for nesting := d.Nesting(); d.NextBlock(nesting); {
+				switch d.Val() {
+				case "separator":
+					if m.Separator != "" {
+						return d.Errf("duplicate %s option '%s separator'", wrapper, optionName)
+					}
+					if d.CountRemainingArgs() != 1 {
+						return d.ArgErr()
+					}
+					d.NextArg()
+					m.Separator = d.Val()
+				default:
+					return d.Errf("unrecognized %s option '%s %s'", wrapper, optionName, d.Val())
+				}
+			}
+			h.MasterLogin = m
 			continue // its block is consumed
 		case "authenticator":
 			if !d.NextArg() {

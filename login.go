@@ -39,6 +39,12 @@ type loginRequest struct {
 type loginTarget struct {
 	address string
 	creds   sasl.Credentials
+	// checked: the authenticator verified the client's credentials itself,
+	// so master_login may log in for the user.
+	checked bool
+	// master: log in as this master user for creds.Username, with
+	// creds.Password (the master's); from the authenticator, per user.
+	master string
 }
 
 // authenticator turns a client's login into a loginTarget. A refusal is an
@@ -96,13 +102,15 @@ func (s *session) login(req loginRequest) error {
 	if err != nil {
 		return s.loginFailed(req, "", err)
 	}
+	mailbox := mailboxUser(target.creds) // before a master login changes the names
+	target = s.h.asMaster(target)
 	// The upstream's time starts now: an auth server that took longer than
 	// timeout (WAIT retries included) must not make its dial fail at once
 	// and count against it.
 	deadline = s.ioDeadline()
 	var up *upstreamClient
 	if target.address == "" {
-		up, err = s.h.pool.connect(s.ctx, s.poolRequest(mailboxUser(target.creds)), s.dialClient(), deadline)
+		up, err = s.h.pool.connect(s.ctx, s.poolRequest(mailbox), s.dialClient(), deadline)
 	} else {
 		up, err = s.h.pool.connectNamed(s.ctx, target.address, s.dialClient(), deadline)
 	}
@@ -119,7 +127,32 @@ func (s *session) login(req loginRequest) error {
 			up.close()
 		}
 	}
-	return s.loginDone(req, up, mailboxUser(target.creds), text, started, err)
+	return s.loginDone(req, up, mailbox, text, started, err)
+}
+
+// asMaster turns a target into a master user's login where one applies:
+// the authenticator named a master user, or it checked the credentials
+// itself and master_login is set. Dovecot takes both forms: AUTH PLAIN
+// with the user as authorization identity, or USER <user><sep><master>
+// (auth_master_user_separator) and the master's password.
+func (h *Handler) asMaster(target loginTarget) loginTarget {
+	user, master, password, separator := target.creds.Username, target.master, target.creds.Password, ""
+	if master == "" {
+		if !target.checked || h.MasterLogin == nil {
+			return target
+		}
+		master, password = h.MasterLogin.User, h.MasterLogin.Password
+	}
+	if h.MasterLogin != nil {
+		separator = h.MasterLogin.Separator
+	}
+	if separator != "" {
+		target.creds = sasl.Credentials{Username: user + separator + master, Password: password}
+	} else {
+		target.creds = sasl.Credentials{Identity: user, Username: master, Password: password}
+	}
+	target.master = ""
+	return target
 }
 
 // badUserName reports whether a user name or authzid is one no mailbox

@@ -117,6 +117,11 @@ type Handler struct {
 	// http. Without any (and without auth_http), the client's credentials
 	// go to the upstreams as they are.
 	AuthenticatorsRaw []json.RawMessage `json:"authenticators,omitempty" caddy:"namespace=layer4.handlers.pop3.authenticators inline_key=authenticator"`
+	// After an authenticator has checked a client's credentials itself
+	// (passwd_file), log in upstream as this master user on the client's
+	// behalf, so that any client mechanism reaches any backend that knows
+	// a master user. Default: the client's own password is passed on.
+	MasterLogin *MasterLogin `json:"master_login,omitempty"`
 	// Delay before the -ERR of a refused login; it doubles with each
 	// recent failure from the same client address, up to 15s. An auth
 	// server's Auth-Wait replaces it. Default: 1s.
@@ -429,6 +434,11 @@ func (h *Handler) setup() error {
 	h.tlsOn = h.StartTLS != StartTLSOff || h.ImplicitTLS
 	h.warnAlreadyTLS = new(sync.Once)
 	h.drained = new(atomic.Bool)
+	if h.MasterLogin != nil {
+		if err := h.MasterLogin.provision(); err != nil {
+			return err
+		}
+	}
 	verifyClient := false
 	for _, p := range h.ConnectionPolicy {
 		verifyClient = verifyClient || (p != nil && p.ClientAuthentication != nil)
