@@ -7,7 +7,7 @@ import (
 )
 
 // FuzzSCRAMClientMessages feeds a client-first-message and a
-// client-final-message to SCRAM-SHA-256: no panic; a name it accepts is
+// client-final-message to SCRAM-SHA-256 and SCRAM-SHA-256-PLUS: no panic; a name it accepts is
 // free of CR, LF and NUL and escapes back to what the client sent; a
 // server-first-message echoes the client nonce; a wrong proof is never
 // accepted.
@@ -23,30 +23,38 @@ func FuzzSCRAMClientMessages(f *testing.F) {
 		f.Fatal(err)
 	}
 	f.Fuzz(func(t *testing.T, first, final []byte) {
-		s := NewSCRAMSHA256(lookupOf(map[string]SCRAMKeys{scramUser: keys}, nil))
-		s.serverNonce = "%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0"
-		serverFirst, _, err := s.Next(first)
-		if err != nil {
-			return
-		}
-		if !valid(s.authcid, s.authzid) {
-			t.Fatalf("accepted names %q, %q", s.authcid, s.authzid)
-		}
-		if !strings.Contains(string(first), ",n="+encodeSASLName(s.authcid)+",") {
-			t.Fatalf("user %q is not what %q sent", s.authcid, first)
-		}
-		if !strings.HasPrefix(string(serverFirst), "r="+s.nonce+",s=") || !strings.HasSuffix(s.nonce, s.serverNonce) {
-			t.Fatalf("server-first %q", serverFirst)
-		}
-		serverFinal, _, err := s.Next(final)
-		if err != nil {
-			return
-		}
-		// Only the RFC 7677 seed's proof is right.
-		if s.authcid != scramUser || !strings.HasPrefix(string(serverFinal), "v=") {
-			t.Fatalf("accepted %q then %q", first, final)
+		users := map[string]SCRAMKeys{scramUser: keys}
+		for _, s := range []*SCRAM{NewSCRAMSHA256(lookupOf(users, nil)), NewSCRAMSHA256Plus(lookupOf(users, nil), []byte("cb"))} {
+			fuzzSCRAM(t, s, first, final)
 		}
 	})
+}
+
+// fuzzSCRAM checks one server against the properties FuzzSCRAMClientMessages
+// lists.
+func fuzzSCRAM(t *testing.T, s *SCRAM, first, final []byte) {
+	s.serverNonce = "%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0"
+	serverFirst, _, err := s.Next(first)
+	if err != nil {
+		return
+	}
+	if !valid(s.authcid, s.authzid) {
+		t.Fatalf("accepted names %q, %q", s.authcid, s.authzid)
+	}
+	if !strings.Contains(string(first), ",n="+encodeSASLName(s.authcid)+",") {
+		t.Fatalf("user %q is not what %q sent", s.authcid, first)
+	}
+	if !strings.HasPrefix(string(serverFirst), "r="+s.nonce+",s=") || !strings.HasSuffix(s.nonce, s.serverNonce) {
+		t.Fatalf("server-first %q", serverFirst)
+	}
+	serverFinal, _, err := s.Next(final)
+	if err != nil {
+		return
+	}
+	// Only the RFC 7677 seed's proof is right.
+	if s.authcid != scramUser || s.plus || !strings.HasPrefix(string(serverFinal), "v=") {
+		t.Fatalf("%s accepted %q then %q", s.name, first, final)
+	}
 }
 
 // encodeSASLName is the inverse of decodeSASLName (RFC 5802 §5.1).

@@ -158,7 +158,7 @@ func FuzzMechanisms(f *testing.F) {
 	f.Add([]byte("n,,n=user,r=fyko+d2lbbFgONRv9qkxdawL"))
 	f.Fuzz(func(t *testing.T, msg []byte) {
 		for _, s := range []Server{NewPlain(), NewLogin(), NewCRAMMD5("<1.2@h>"), NewExternal(), NewOAuthBearer(), NewXOAuth2(),
-			NewSCRAMSHA1(lookupOf(nil, nil)), NewSCRAMSHA256(lookupOf(nil, nil))} {
+			NewSCRAMSHA1(lookupOf(nil, nil)), NewSCRAMSHA256(lookupOf(nil, nil)), NewSCRAMSHA256Plus(lookupOf(nil, nil), []byte("cb"))} {
 			_, _, _ = s.Next(nil)
 			for i := 0; i < 3; i++ {
 				_, done, err := s.Next(msg)

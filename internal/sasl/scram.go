@@ -53,8 +53,15 @@ var (
 	// ErrBadSCRAMKeys wraps what is wrong with the keys a lookup returned.
 	ErrBadSCRAMKeys = errors.New("sasl: unusable scram keys")
 	// ErrChannelBinding is a client that asks for channel binding ("p=" in
-	// its GS2 header, RFC 5802 §6), which only the -PLUS variants offer.
-	ErrChannelBinding = fmt.Errorf("%w: scram: client requires channel binding, but no -PLUS mechanism is offered", ErrInvalidResponse)
+	// its GS2 header, RFC 5802 §6) in a mechanism without -PLUS, or for a
+	// type other than tls-exporter, the only one a -PLUS server here binds.
+	ErrChannelBinding = fmt.Errorf("%w: scram: channel binding (p=) requested, but only -PLUS with tls-exporter binds", ErrInvalidResponse)
+	// ErrDowngrade is a client that chose a -PLUS mechanism without binding
+	// ("n" or "y"), or that says it thinks the server cannot bind ("y")
+	// where a -PLUS variant is offered: the server must then fail, as a man
+	// in the middle may have removed -PLUS from the list the client saw
+	// (RFC 5802 §6).
+	ErrDowngrade = fmt.Errorf("%w: scram: no channel binding where the server offers it", ErrInvalidResponse)
 	// ErrSCRAMExtension is a mandatory extension ("m=", RFC 5802 §5.1),
 	// which this version of SCRAM must refuse.
 	ErrSCRAMExtension = fmt.Errorf("%w: scram: mandatory extension (m=) not supported", ErrInvalidResponse)
@@ -114,8 +121,9 @@ func DeriveSCRAMKeys(h func() hash.Hash, password string, salt []byte, iteration
 // so make unknown users look like known ones.
 type SCRAMLookup func(authcid, authzid string) (SCRAMKeys, error)
 
-// SCRAM is the server side of a SCRAM mechanism without channel binding:
-// SCRAM-SHA-1 (RFC 5802) or SCRAM-SHA-256 (RFC 7677). It checks the
+// SCRAM is the server side of a SCRAM mechanism: SCRAM-SHA-1 (RFC 5802),
+// SCRAM-SHA-256 (RFC 7677), or SCRAM-SHA-256-PLUS, bound to the TLS
+// connection with tls-exporter (RFC 5802 §6, RFC 9266). It checks the
 // client's proof itself against keys from a SCRAMLookup, so Credentials
 // holds no password.
 //
@@ -128,9 +136,15 @@ type SCRAMLookup func(authcid, authzid string) (SCRAMKeys, error)
 // saslExchange) needs nothing special, and its +OK (or -ERR, if the
 // upstream login fails after all) follows the empty response.
 type SCRAM struct {
-	name    string // the mechanism, which also keys the fake keys
-	newHash func() hash.Hash
-	lookup  SCRAMLookup
+	name     string // the mechanism
+	hashName string // keys the fake keys: the same with -PLUS and without, as a real user's are
+	newHash  func() hash.Hash
+	lookup   SCRAMLookup
+	// plus: this is the -PLUS variant, which binds to cbData.
+	// plusOffered: a -PLUS variant is offered too, so "y" is a downgrade.
+	plus        bool
+	cbData      []byte
+	plusOffered bool
 	// serverNonce replaces the random server nonce when set: tests use it
 	// to replay the RFC examples.
 	serverNonce string
@@ -163,13 +177,35 @@ const (
 // lookup, once, for the keys of the user the client names. lookup must
 // not be nil.
 func NewSCRAMSHA256(lookup SCRAMLookup) *SCRAM {
-	return &SCRAM{name: "SCRAM-SHA-256", newHash: sha256.New, lookup: lookup}
+	return &SCRAM{name: "SCRAM-SHA-256", hashName: "SHA-256", newHash: sha256.New, lookup: lookup}
 }
 
 // NewSCRAMSHA1 returns a SCRAM-SHA-1 server (RFC 5802) that asks lookup,
 // once, for the keys of the user the client names. lookup must not be nil.
 func NewSCRAMSHA1(lookup SCRAMLookup) *SCRAM {
-	return &SCRAM{name: "SCRAM-SHA-1", newHash: sha1.New, lookup: lookup}
+	return &SCRAM{name: "SCRAM-SHA-1", hashName: "SHA-1", newHash: sha1.New, lookup: lookup}
+}
+
+// NewSCRAMSHA256Plus returns a SCRAM-SHA-256-PLUS server bound to one TLS
+// connection by its tls-exporter channel binding (RFC 9266), cbData: what
+// crypto/tls's ConnectionState.ExportKeyingMaterial("EXPORTER-Channel-Binding",
+// nil, 32) returns for it. RFC 9266 defines tls-exporter for TLS 1.3 (TLS
+// 1.2 only with extended master secret), so offer -PLUS on TLS 1.3
+// connections only. The client must send "p=tls-exporter" and prove it
+// sees the same value. An empty cbData makes every exchange fail. lookup
+// must not be nil.
+func NewSCRAMSHA256Plus(lookup SCRAMLookup, cbData []byte) *SCRAM {
+	s := NewSCRAMSHA256(lookup)
+	s.name, s.plus, s.cbData, s.plusOffered = "SCRAM-SHA-256-PLUS", true, bytes.Clone(cbData), true
+	return s
+}
+
+// PLUSOffered tells a server without -PLUS that the -PLUS variant is
+// offered to the same client, so that a client flag "y" ("I can bind, but
+// I think you cannot") is a downgrade and fails (RFC 5802 §6). It returns s.
+func (s *SCRAM) PLUSOffered() *SCRAM {
+	s.plusOffered = true
+	return s
 }
 
 // Next implements Server. After any error the exchange is over and every
@@ -231,21 +267,27 @@ func (s *SCRAM) Credentials() Credentials { return s.creds }
 
 // readClientFirst parses a client-first-message (RFC 5802 §7):
 //
-//	gs2-header "," ["m=" ext ","] "n=" saslname "," "r=" c-nonce ["," extensions]
+//	gs2-header ["m=" ext ","] "n=" saslname "," "r=" c-nonce ["," extensions]
 //
-// with gs2-header = ("n" / "y" / "p=" cb-name) "," ["a=" saslname], then
-// looks the user up and prepares the server-first-message.
+// with gs2-header = ("n" / "y" / "p=" cb-name) "," ["a=" saslname] ",",
+// then looks the user up and prepares the server-first-message.
 func (s *SCRAM) readClientFirst(msg string) error {
 	flag, rest, ok := strings.Cut(msg, ",")
 	if !ok {
 		return invalidSCRAM("no gs2 header")
 	}
 	switch {
+	case flag == "n" && s.plus:
+		return ErrDowngrade
+	case flag == "y" && s.plusOffered:
+		return ErrDowngrade
 	case flag == "n", flag == "y":
-		// "y": the client could bind but thinks we cannot, which is true as
-		// no -PLUS variant is offered (RFC 5802 §6).
+		// "y" without -PLUS on offer: the client could bind but rightly
+		// thinks we cannot (RFC 5802 §6).
 	case strings.HasPrefix(flag, "p="):
-		return ErrChannelBinding
+		if !s.plus || flag != "p=tls-exporter" || len(s.cbData) == 0 {
+			return ErrChannelBinding
+		}
 	default:
 		return invalidSCRAM("bad channel binding flag")
 	}
@@ -337,15 +379,20 @@ func (s *SCRAM) readClientFinal(msg string) error {
 	if !ok {
 		return invalidSCRAM("no channel binding")
 	}
-	// Without channel binding, c= is the GS2 header exactly as the client
-	// sent it (RFC 5802 §7, cbind-input): a client that changed its mind
-	// about "y" or the authzid fails here.
+	// c= is the GS2 header exactly as the client sent it, then with -PLUS
+	// the channel binding data (RFC 5802 §7, cbind-input): a client that
+	// changed its mind about "y" or the authzid, or that sees another TLS
+	// connection (a man in the middle), fails here.
 	cb, err := base64.StdEncoding.Strict().DecodeString(cb64)
 	if err != nil {
 		return invalidSCRAM("bad channel binding base64")
 	}
-	if string(cb) != s.gs2Header {
+	data, ok := bytes.CutPrefix(cb, []byte(s.gs2Header))
+	if !ok {
 		return invalidSCRAM("channel binding does not match the gs2 header")
+	}
+	if s.plus && !hmac.Equal(data, s.cbData) || !s.plus && len(data) != 0 {
+		return invalidSCRAM("channel binding data does not match")
 	}
 	nonce, ok := strings.CutPrefix(attrs[1], "r=")
 	if !ok || nonce != s.nonce {
@@ -397,7 +444,7 @@ func (s *SCRAM) checkKeys(k SCRAMKeys) error {
 }
 
 // fakeKeys makes keys for a user the lookup did not give: the same for the
-// same mechanism and user name for the life of the process, as a real
+// same hash and user name for the life of the process, as a real
 // user's salt is, so that asking twice does not tell them apart (RFC 5802
 // §9; Dovecot and Cyrus do the same). shape gives the iteration count and
 // salt length.
@@ -412,9 +459,9 @@ func (s *SCRAM) fakeKeys(shape SCRAMKeys) SCRAMKeys {
 	size := s.newHash().Size()
 	return SCRAMKeys{
 		Iterations: iterations,
-		Salt:       fakeBytes(s.name, "salt", s.authcid, saltLen),
-		StoredKey:  fakeBytes(s.name, "stored key", s.authcid, size),
-		ServerKey:  fakeBytes(s.name, "server key", s.authcid, size),
+		Salt:       fakeBytes(s.hashName, "salt", s.authcid, saltLen),
+		StoredKey:  fakeBytes(s.hashName, "stored key", s.authcid, size),
+		ServerKey:  fakeBytes(s.hashName, "server key", s.authcid, size),
 	}
 }
 
@@ -427,13 +474,13 @@ var fakeSecret = sync.OnceValue(func() []byte {
 })
 
 // fakeBytes returns n bytes of HMAC-SHA-256 under fakeSecret over the
-// mechanism, the purpose and the user name, in counter mode.
-func fakeBytes(mechanism, purpose, user string, n int) []byte {
+// hash name, the purpose and the user name, in counter mode.
+func fakeBytes(hashName, purpose, user string, n int) []byte {
 	var out []byte
 	for counter := byte(0); len(out) < n; counter++ {
 		mac := hmac.New(sha256.New, fakeSecret())
 		mac.Write([]byte{counter})
-		mac.Write([]byte(mechanism + "\x00" + purpose + "\x00" + user))
+		mac.Write([]byte(hashName + "\x00" + purpose + "\x00" + user))
 		out = mac.Sum(out)
 	}
 	return out[:n]

@@ -3,6 +3,7 @@ package sasl
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
 	"encoding/base64"
 	"errors"
 	"fmt"
@@ -77,7 +78,7 @@ func TestSCRAMGSASL(t *testing.T) {
 						return challenge
 					}
 				}
-				creds, clientErr, err := runGSASL(t, bin, args, s, tamper)
+				creds, clientErr, err := runGSASL(t, bin, args, nil, s, tamper)
 				if !errors.Is(err, tc.err) || (tc.err == nil) != (err == nil) {
 					t.Fatalf("server: %v, want %v", err, tc.err)
 				}
@@ -97,8 +98,8 @@ var errClientGone = errors.New("gsasl ended early")
 
 // runGSASL drives s with a gsasl client, passing each challenge through
 // tamper, and returns what s yielded, how gsasl ended and the server's
-// error.
-func runGSASL(t *testing.T, bin string, args []string, s *SCRAM, tamper func([]byte) []byte) (Credentials, error, error) {
+// error. A non-nil cbData is the tls-exporter channel binding gsasl sees.
+func runGSASL(t *testing.T, bin string, args []string, cbData []byte, s *SCRAM, tamper func([]byte) []byte) (Credentials, error, error) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()
@@ -127,6 +128,14 @@ func runGSASL(t *testing.T, bin string, args []string, s *SCRAM, tamper func([]b
 		}
 	}
 
+	// gsasl asks for the binding on stdout, without a newline, before its
+	// client-first-message.
+	prompt := ""
+	if cbData != nil {
+		send(cbData)
+		prompt = "Enter base64 encoded tls-exporter channel binding: "
+	}
+
 	var creds Credentials
 	serverErr := func() error {
 		var response []byte // gsasl sends the client-first-message unasked
@@ -146,7 +155,12 @@ func runGSASL(t *testing.T, bin string, args []string, s *SCRAM, tamper func([]b
 			if !lines.Scan() {
 				return errClientGone
 			}
-			response = mustDecode(t, lines.Text()) // "" is an empty response
+			line, ok := strings.CutPrefix(lines.Text(), prompt)
+			if !ok {
+				t.Fatalf("gsasl did not ask for the channel binding: %q", lines.Text())
+			}
+			prompt = ""
+			response = mustDecode(t, line) // "" is an empty response
 		}
 	}()
 	_ = stdin.Close()
@@ -156,6 +170,43 @@ func runGSASL(t *testing.T, bin string, args []string, s *SCRAM, tamper func([]b
 		clientErr = fmt.Errorf("%w: %s", clientErr, stderr.String())
 	}
 	return creds, clientErr, serverErr
+}
+
+// TestSCRAMPlusGSASL runs gsasl's SCRAM-SHA-256-PLUS client, which binds
+// to tls-exporter, against NewSCRAMSHA256Plus.
+func TestSCRAMPlusGSASL(t *testing.T) {
+	t.Parallel()
+	bin := gsasl(t)
+	keys := mustKeys(t, sha256.New, scramPassword, []byte("gsasl salt"), 4096)
+	serverCB := []byte("0123456789abcdef0123456789abcdef")
+	tests := []struct {
+		name     string
+		clientCB []byte
+		authzid  string
+		err      error
+	}{
+		{"same connection", serverCB, "", nil},
+		{"same connection, authzid", serverCB, "admin", nil},
+		{"another connection", []byte("0123456789abcdef0123456789abcdeF"), "", ErrInvalidResponse},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			args := []string{"--client", "--quiet", "--mechanism=SCRAM-SHA-256-PLUS",
+				"--authentication-id=" + scramUser, "--password=" + scramPassword}
+			if tc.authzid != "" {
+				args = append(args, "--authorization-id="+tc.authzid)
+			}
+			s := NewSCRAMSHA256Plus(lookupOf(map[string]SCRAMKeys{scramUser: keys}, nil), serverCB)
+			creds, clientErr, err := runGSASL(t, bin, args, tc.clientCB, s, func(b []byte) []byte { return b })
+			if !errors.Is(err, tc.err) || (tc.err == nil) != (err == nil) {
+				t.Fatalf("server: %v, want %v", err, tc.err)
+			}
+			if tc.err == nil && (clientErr != nil || creds != (Credentials{Username: scramUser, Identity: tc.authzid})) {
+				t.Errorf("gsasl: %v; credentials %+v", clientErr, creds)
+			}
+		})
+	}
 }
 
 // TestDeriveSCRAMKeysGSASL checks DeriveSCRAMKeys against the keys

@@ -67,6 +67,7 @@ type scramClient struct {
 	password  string
 	gs2Header string
 	first     string // client-first-message-bare
+	cbData    []byte // what the client sees of tls-exporter, for p=tls-exporter
 }
 
 func newSCRAMClient(h func() hash.Hash, password, gs2Header, user, nonce string) *scramClient {
@@ -91,7 +92,7 @@ func (c *scramClient) final(t testing.TB, serverFirst string) (final, serverFina
 			iterations, _ = strconv.Atoi(a[2:])
 		}
 	}
-	withoutProof := "c=" + base64.StdEncoding.EncodeToString([]byte(c.gs2Header)) + ",r=" + nonce
+	withoutProof := "c=" + base64.StdEncoding.EncodeToString(append([]byte(c.gs2Header), c.cbData...)) + ",r=" + nonce
 	authMessage := c.first + "," + serverFirst + "," + withoutProof
 	// RFC 5802 §3, without DeriveSCRAMKeys.
 	salted := pbkdf2Test(t, c.hash, c.password, mustDecode(t, salt), iterations)
@@ -480,6 +481,9 @@ func TestSCRAMBadClientFinal(t *testing.T) {
 		{"c= of y", func(f string) string { return strings.Replace(f, "c=bixhPWFkbWluLA==", "c=eSxhPWFkbWluLA==", 1) }},
 		{"c= bad base64", func(f string) string { return strings.Replace(f, "c=bixhPWFkbWluLA==", "c=bixhPWFkbWluLA=", 1) }},
 		{"c= not strict base64", func(f string) string { return strings.Replace(f, "c=bixhPWFkbWluLA==", "c=bixhPWFkbWluLB==", 1) }},
+		{"c= with binding data", func(f string) string {
+			return strings.Replace(f, "c=bixhPWFkbWluLA==", "c="+base64.StdEncoding.EncodeToString([]byte("n,a=admin,data")), 1)
+		}},
 		{"no c=", func(f string) string { return strings.Replace(f, "c=bixhPWFkbWluLA==,", "", 1) }},
 		{"tampered r=", func(f string) string { return strings.Replace(f, ",r=abc", ",r=abd", 1) }},
 		{"client nonce only", func(f string) string {
@@ -564,5 +568,55 @@ func TestSCRAMUnexpected(t *testing.T) {
 	}
 	if _, _, err := s.Next(nil); !errors.Is(err, ErrUnexpected) {
 		t.Errorf("no client-final: %v", err)
+	}
+}
+
+func TestSCRAMPlus(t *testing.T) {
+	t.Parallel()
+	keys := mustKeys(t, sha256.New, scramPassword, []byte("salt"), 4096)
+	users := map[string]SCRAMKeys{scramUser: keys}
+	cbData := []byte("0123456789abcdef0123456789abcdef")
+	tests := []struct {
+		name      string
+		server    func() *SCRAM
+		gs2Header string
+		cbData    []byte // the client's
+		want      error  // nil: success
+	}{
+		{"bound", func() *SCRAM { return NewSCRAMSHA256Plus(lookupOf(users, nil), cbData) }, "p=tls-exporter,,", cbData, nil},
+		{"bound with authzid", func() *SCRAM { return NewSCRAMSHA256Plus(lookupOf(users, nil), cbData) }, "p=tls-exporter,a=admin,", cbData, nil},
+		{"another connection", func() *SCRAM { return NewSCRAMSHA256Plus(lookupOf(users, nil), cbData) }, "p=tls-exporter,,", []byte("0123456789abcdef0123456789abcdeF"), ErrInvalidResponse},
+		{"no binding data", func() *SCRAM { return NewSCRAMSHA256Plus(lookupOf(users, nil), cbData) }, "p=tls-exporter,,", nil, ErrInvalidResponse},
+		{"tls-unique", func() *SCRAM { return NewSCRAMSHA256Plus(lookupOf(users, nil), cbData) }, "p=tls-unique,,", cbData, ErrChannelBinding},
+		{"tls-server-end-point", func() *SCRAM { return NewSCRAMSHA256Plus(lookupOf(users, nil), cbData) }, "p=tls-server-end-point,,", cbData, ErrChannelBinding},
+		{"-PLUS without binding", func() *SCRAM { return NewSCRAMSHA256Plus(lookupOf(users, nil), cbData) }, "n,,", nil, ErrDowngrade},
+		{"-PLUS with y", func() *SCRAM { return NewSCRAMSHA256Plus(lookupOf(users, nil), cbData) }, "y,,", nil, ErrDowngrade},
+		{"server without binding data", func() *SCRAM { return NewSCRAMSHA256Plus(lookupOf(users, nil), nil) }, "p=tls-exporter,,", nil, ErrChannelBinding},
+		{"y where -PLUS is offered", func() *SCRAM { return NewSCRAMSHA256(lookupOf(users, nil)).PLUSOffered() }, "y,,", nil, ErrDowngrade},
+		{"n where -PLUS is offered", func() *SCRAM { return NewSCRAMSHA256(lookupOf(users, nil)).PLUSOffered() }, "n,,", nil, nil},
+		{"y where -PLUS is not offered", func() *SCRAM { return NewSCRAMSHA256(lookupOf(users, nil)) }, "y,,", nil, nil},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			c := newSCRAMClient(sha256.New, scramPassword, tc.gs2Header, scramUser, "abc")
+			c.cbData = tc.cbData
+			s := tc.server()
+			_, err := scramRun(t, s, c)
+			if !errors.Is(err, tc.want) || (tc.want == nil) != (err == nil) {
+				t.Fatalf("got %v, want %v", err, tc.want)
+			}
+			if err == nil && s.Credentials().Username != scramUser {
+				t.Errorf("credentials %+v", s.Credentials())
+			}
+		})
+	}
+
+	// An unknown user gets the same fake salt with -PLUS and without, as a
+	// known user has the same salt in both.
+	plus, _, _ := NewSCRAMSHA256Plus(lookupOf(nil, nil), cbData).Next([]byte("p=tls-exporter,,n=nobody,r=abc"))
+	plain, _, _ := NewSCRAMSHA256(lookupOf(nil, nil)).Next([]byte("n,,n=nobody,r=abc"))
+	if attr(string(plus), "s") == "" || attr(string(plus), "s") != attr(string(plain), "s") {
+		t.Errorf("fake salts differ: %q, %q", plus, plain)
 	}
 }
