@@ -18,8 +18,8 @@ import (
 	"unicode/utf8"
 )
 
-// Bounds on the PBKDF2 iteration count of SCRAM keys. RFC 7677 §4 and
-// RFC 5802 §9 ask for at least 4096; the upper bound keeps a typo in a
+// Bounds on the PBKDF2 iteration count of SCRAM keys. RFC 7677 §4 asks
+// for at least 4096, as RFC 5802 does; the upper bound keeps a typo in a
 // passwd-file from making every client spin for minutes on each login.
 const (
 	MinSCRAMIterations = 4096
@@ -31,8 +31,9 @@ const (
 	// one holds two user names of up to 254 octets, each up to three
 	// times as long once "," and "=" are escaped.
 	maxSCRAMMessage = 2048
-	// serverNonceBytes is the random part of the server nonce, at least
-	// the 18 bytes RFC 5802 §9 calls for ("sufficiently random").
+	// serverNonceBytes is the random part of the server nonce, 24
+	// characters once in base64: RFC 5802 §5.1 wants a nonce that differs
+	// on every exchange and cannot be guessed.
 	serverNonceBytes = 18
 	// fakeSaltBytes and fakeIterations give fake keys their shape unless
 	// the lookup says otherwise (see SCRAMLookup).
