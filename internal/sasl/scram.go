@@ -129,10 +129,10 @@ type SCRAMLookup func(authcid, authzid string) (SCRAMKeys, error)
 // holds no password.
 //
 // The exchange takes one step more than RFC 5802 §5 shows. POP3's +OK
-// carries no "additional data with success" (RFC 5034 §4), so, as RFC 4422
-// §4 has such protocols do, the server-final-message "v=..." goes out as
-// a challenge (done false) that the client answers with an empty response,
-// and only then is Next done. Clients expect it: gsasl sends that empty
+// carries no "additional data with success" (RFC 5034 §4), so, as SASL
+// (RFC 4422) has such protocols do, the server-final-message "v=..." goes
+// out as a challenge (done false) that the client answers with an empty
+// response, and only then is Next done. Clients expect it: gsasl sends that empty
 // response (see the tests). The session's SASL loop (auth.go,
 // saslExchange) needs nothing special, and its +OK (or -ERR, if the
 // upstream login fails after all) follows the empty response.
