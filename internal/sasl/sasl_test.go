@@ -155,8 +155,10 @@ func FuzzMechanisms(f *testing.F) {
 	f.Add([]byte("user=u\x01auth=Bearer t\x01\x01"))
 	f.Add([]byte("tim b913a602c7eda7a495b4e6e7334d3890"))
 	f.Add([]byte("\x00bob\x00pw"))
+	f.Add([]byte("n,,n=user,r=fyko+d2lbbFgONRv9qkxdawL"))
 	f.Fuzz(func(t *testing.T, msg []byte) {
-		for _, s := range []Server{NewPlain(), NewLogin(), NewCRAMMD5("<1.2@h>"), NewExternal(), NewOAuthBearer(), NewXOAuth2()} {
+		for _, s := range []Server{NewPlain(), NewLogin(), NewCRAMMD5("<1.2@h>"), NewExternal(), NewOAuthBearer(), NewXOAuth2(),
+			NewSCRAMSHA1(lookupOf(nil, nil)), NewSCRAMSHA256(lookupOf(nil, nil)), NewSCRAMSHA256Plus(lookupOf(nil, nil), []byte("cb"))} {
 			_, _, _ = s.Next(nil)
 			for i := 0; i < 3; i++ {
 				_, done, err := s.Next(msg)
