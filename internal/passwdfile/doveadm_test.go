@@ -1,0 +1,214 @@
+package passwdfile
+
+import (
+	"bytes"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+// These tests check this package against Dovecot itself: every stored
+// value comes from `doveadm pw`, never from this package.
+
+// doveadmPath returns Dovecot's doveadm. A missing doveadm fails the test:
+// scripts/install-deps.sh installs it, and CI runs that first. A developer
+// without Dovecot may set POP3_TEST_NO_DOVECOT=1 to skip instead.
+func doveadmPath(t *testing.T) string {
+	t.Helper()
+	path, err := exec.LookPath("doveadm")
+	if err != nil {
+		if _, serr := os.Stat("/usr/bin/doveadm"); serr == nil {
+			path, err = "/usr/bin/doveadm", nil
+		}
+	}
+	if err != nil {
+		if os.Getenv("POP3_TEST_NO_DOVECOT") == "1" {
+			t.Skip("doveadm not installed and POP3_TEST_NO_DOVECOT=1")
+		}
+		t.Fatalf("doveadm not found (scripts/install-deps.sh installs dovecot-core; POP3_TEST_NO_DOVECOT=1 skips these tests): %v", err)
+	}
+	return path
+}
+
+// doveadm runs doveadm with args and returns its output without the line
+// end.
+func doveadm(t *testing.T, args ...string) string {
+	t.Helper()
+	cmd := exec.Command(doveadmPath(t), args...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("doveadm %s: %v\n%s", args[0], err, stderr.String())
+	}
+	return strings.TrimSpace(string(out))
+}
+
+// doveadmPW returns `doveadm pw -s scheme -p password [extra...]`: a
+// "{SCHEME}value" password field.
+func doveadmPW(t *testing.T, scheme, password string, extra ...string) string {
+	t.Helper()
+	field := doveadm(t, append([]string{"pw", "-s", scheme, "-p", password}, extra...)...)
+	if !strings.HasPrefix(field, "{") {
+		t.Fatalf("doveadm pw -s %s printed %q", scheme, field)
+	}
+	return field
+}
+
+// doveadmPasswords are tried with every scheme. None holds ':', which a
+// PLAIN password cannot hold in a passwd-file.
+var doveadmPasswords = []string{
+	"secret",
+	"pässwörd ünïcödé",
+	"p@ss w0rd #$%&*()[]{}<>'\"`~^|\\;,.?/",
+	// Longer than the 64-byte HMAC key and SHA-256 block, and bcrypt's
+	// 72 bytes.
+	strings.Repeat("0123456789", 10) + "!",
+}
+
+// wrongPasswords returns passwords that must not verify in place of pw.
+func wrongPasswords(pw string) []string {
+	first := []byte(pw)
+	first[0] ^= 1
+	wrong := []string{"", "x" + pw, string(first)}
+	if len(pw) < 72 {
+		// bcrypt ignores what follows byte 72, as Dovecot's does.
+		wrong = append(wrong, pw+"x", pw[:len(pw)-1])
+	}
+	return wrong
+}
+
+// parseField parses a one-line passwd-file holding field and returns its
+// entry.
+func parseField(t *testing.T, field string) *Entry {
+	t.Helper()
+	tbl, err := Parse(strings.NewReader("alice:" + field + ":1000:1000::/home/alice::nologin\n"))
+	if err != nil {
+		t.Fatalf("Parse: %v", err)
+	}
+	e, ok := tbl.Lookup("alice")
+	if !ok {
+		t.Fatal("alice not found")
+	}
+	return e
+}
+
+// checkVerifies checks that e verifies pw and none of wrong, by default
+// wrongPasswords(pw).
+func checkVerifies(t *testing.T, e *Entry, pw string, wrong ...string) {
+	t.Helper()
+	if !e.Verify(pw) {
+		t.Errorf("%s: the right password %q does not verify", e.Scheme, pw)
+	}
+	if wrong == nil {
+		wrong = wrongPasswords(pw)
+	}
+	for _, w := range wrong {
+		if e.Verify(w) {
+			t.Errorf("%s: the wrong password %q verifies (right: %q)", e.Scheme, w, pw)
+		}
+	}
+}
+
+// TestDoveadmSchemes checks every supported scheme against values doveadm
+// writes: the right password verifies, wrong and empty ones do not.
+func TestDoveadmSchemes(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		scheme string   // given to doveadm pw -s
+		want   string   // Entry.Scheme
+		extra  []string // more doveadm pw arguments
+		bare   bool     // also try the value without "{SCHEME}", as the default CRYPT
+		// few: an alias or a variant of a scheme tried in full on
+		// another row; one password is enough (each doveadm run takes
+		// some 40 ms).
+		few bool
+	}{
+		{scheme: "PLAIN", want: "PLAIN"},
+		{scheme: "CLEAR", want: "CLEAR", few: true},
+		{scheme: "CLEARTEXT", want: "CLEARTEXT", few: true},
+		{scheme: "PLAIN.B64", want: "PLAIN"},
+		{scheme: "PLAIN.HEX", want: "PLAIN", few: true},
+		{scheme: "PLAIN-MD5", want: "PLAIN-MD5"},
+		{scheme: "LDAP-MD5", want: "LDAP-MD5"},
+		{scheme: "LDAP-MD5.HEX", want: "LDAP-MD5", few: true},
+		{scheme: "SMD5", want: "SMD5"},
+		{scheme: "SHA", want: "SHA"},
+		{scheme: "SHA1", want: "SHA1", few: true},
+		{scheme: "SHA.HEX", want: "SHA", few: true},
+		{scheme: "SHA256", want: "SHA256"},
+		{scheme: "SHA256.HEX", want: "SHA256"},
+		{scheme: "SHA512", want: "SHA512"},
+		{scheme: "SHA512.B64", want: "SHA512", few: true},
+		{scheme: "SSHA", want: "SSHA"},
+		{scheme: "SSHA.HEX", want: "SSHA", few: true},
+		{scheme: "SSHA256", want: "SSHA256"},
+		{scheme: "SSHA512", want: "SSHA512"},
+		{scheme: "SSHA512.HEX", want: "SSHA512", few: true},
+		{scheme: "MD5", want: "MD5"},
+		{scheme: "MD5-CRYPT", want: "MD5-CRYPT", bare: true},
+		{scheme: "BLF-CRYPT", want: "BLF-CRYPT", bare: true},
+		{scheme: "BLF-CRYPT", want: "BLF-CRYPT", extra: []string{"-r", "4"}, bare: true, few: true},
+		{scheme: "CRYPT", want: "CRYPT", bare: true},
+	}
+	for _, tt := range tests {
+		t.Run(strings.Join(append([]string{tt.scheme}, tt.extra...), " "), func(t *testing.T) {
+			t.Parallel()
+			passwords := doveadmPasswords
+			if tt.few {
+				passwords = passwords[1:2]
+			}
+			for _, pw := range passwords {
+				field := doveadmPW(t, tt.scheme, pw, tt.extra...)
+				e := parseField(t, field)
+				if e.Scheme != tt.want {
+					t.Fatalf("Scheme = %q, want %q", e.Scheme, tt.want)
+				}
+				checkVerifies(t, e, pw)
+				if tt.bare {
+					value := field[strings.IndexByte(field, '}')+1:]
+					e := parseField(t, value)
+					if e.Scheme != "CRYPT" && e.Scheme != "MD5-CRYPT" {
+						t.Fatalf("bare value: Scheme = %q, want CRYPT or MD5-CRYPT", e.Scheme)
+					}
+					checkVerifies(t, e, pw)
+				}
+			}
+		})
+	}
+}
+
+// TestDoveadmHexGuess checks Dovecot's guess between hex and base64 for
+// fixed-length schemes named without an encoding suffix.
+func TestDoveadmHexGuess(t *testing.T) {
+	t.Parallel()
+	for _, scheme := range []string{"SHA", "SHA256", "SHA512", "PLAIN-MD5", "LDAP-MD5"} {
+		for _, enc := range []string{".HEX", ".B64"} {
+			field := doveadmPW(t, scheme+enc, "secret")
+			value := field[strings.IndexByte(field, '}')+1:]
+			e := parseField(t, "{"+scheme+"}"+value)
+			checkVerifies(t, e, "secret")
+		}
+	}
+}
+
+// TestDoveadmClearPassword checks that ClearPassword gives back exactly the
+// password of PLAIN entries, however encoded, and nothing for the others.
+func TestDoveadmClearPassword(t *testing.T) {
+	t.Parallel()
+	for _, scheme := range []string{"PLAIN", "CLEARTEXT", "PLAIN.B64", "PLAIN.HEX"} {
+		for _, pw := range doveadmPasswords[1:3] {
+			e := parseField(t, doveadmPW(t, scheme, pw))
+			if got, ok := e.ClearPassword(); !ok || got != pw {
+				t.Errorf("%s: ClearPassword() = %q, %v; want %q", scheme, got, ok, pw)
+			}
+		}
+	}
+	for _, scheme := range []string{"SHA256", "SSHA512", "MD5-CRYPT"} {
+		e := parseField(t, doveadmPW(t, scheme, "secret"))
+		if got, ok := e.ClearPassword(); ok || got != "" {
+			t.Errorf("%s: ClearPassword() = %q, %v; want nothing", scheme, got, ok)
+		}
+	}
+}
