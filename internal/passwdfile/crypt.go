@@ -9,8 +9,8 @@ import (
 	"golang.org/x/crypto/bcrypt"
 )
 
-// cryptAlphabet is crypt(3)'s base64 alphabet, in the order of the MD5-crypt
-// encoding (bcrypt uses the same characters in another order).
+// cryptAlphabet is crypt(3)'s base64 alphabet, in the order of the MD5- and
+// SHA-crypt encodings (bcrypt uses the same characters in another order).
 const cryptAlphabet = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 // parseCrypt parses a crypt(3) value by its "$id$" prefix, as libc's crypt()
@@ -23,8 +23,10 @@ func parseCrypt(name string, raw []byte) (Verifier, error) {
 		return parseMD5Crypt(name, raw)
 	case strings.HasPrefix(v, "$2"):
 		return parseBcrypt(name, raw)
+	case strings.HasPrefix(v, "$5$"), strings.HasPrefix(v, "$6$"):
+		return parseSHACrypt(name, v)
 	case strings.HasPrefix(v, "$"):
-		// SHA-crypt ($5$, $6$), yescrypt ($y$), scrypt ($7$), ...: crypt()
+		// yescrypt ($y$), scrypt ($7$), SunMD5, NT hashes...: crypt()
 		// on the Dovecot host may know them; this package does not.
 		id, _, ok := strings.Cut(v[1:], "$")
 		if ok && id != "" && len(id) <= 8 && strings.Trim(id, "abcdefghijklmnopqrstuvwxyz0123456789") == "" {
@@ -46,7 +48,8 @@ func inCryptAlphabet(s string) bool {
 }
 
 // appendCrypt64 appends the n low-order 6-bit groups of the 24-bit value
-// b2:b1:b0, least significant first, as MD5-crypt encodes its digest.
+// b2:b1:b0, least significant first, as MD5- and SHA-crypt encode their
+// digests.
 func appendCrypt64(dst []byte, b2, b1, b0 byte, n int) []byte {
 	w := uint(b2)<<16 | uint(b1)<<8 | uint(b0)
 	for range n {

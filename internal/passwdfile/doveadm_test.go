@@ -151,6 +151,10 @@ func TestDoveadmSchemes(t *testing.T) {
 		{scheme: "BLF-CRYPT", want: "BLF-CRYPT", bare: true},
 		{scheme: "BLF-CRYPT", want: "BLF-CRYPT", extra: []string{"-r", "4"}, bare: true, few: true},
 		{scheme: "CRYPT", want: "CRYPT", bare: true},
+		{scheme: "SHA256-CRYPT", want: "SHA256-CRYPT", bare: true},
+		{scheme: "SHA256-CRYPT", want: "SHA256-CRYPT", extra: []string{"-r", "1000"}, bare: true, few: true},
+		{scheme: "SHA512-CRYPT", want: "SHA512-CRYPT", bare: true},
+		{scheme: "SHA512-CRYPT", want: "SHA512-CRYPT", extra: []string{"-r", "6000"}, bare: true, few: true},
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(append([]string{tt.scheme}, tt.extra...), " "), func(t *testing.T) {

@@ -13,7 +13,7 @@ import (
 func FuzzParse(f *testing.F) {
 	for _, s := range []string{
 		"# users\nalice:{PLAIN}pw:1000:1000::/home/alice::nologin proxy host=a\n",
-		"bob:{MD5-CRYPT}" + secretMD5Crypt + "\r\ncarol:" + secretBcrypt + "\n\n:x\n",
+		"bob:" + secretSHA512Cry + "\r\ncarol:" + secretBcrypt + "\n\n:x\n",
 		"dave\nerin::::::::maildir:~/Mail\nerin:{SHA256.HEX}00\n",
 		"ivan:" + secretMD5Crypt + "$x\njudy:" + secretPlainMD5 + "[34]\n",
 		"kim:{FOO}x\n", "\x00", "{", "a:{", "a:$5$rounds=$x", "a:$6$rounds=99999999999999999999$s$",

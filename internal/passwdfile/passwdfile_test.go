@@ -13,10 +13,11 @@ import (
 
 // Hashes of "secret" used by the table tests, written by doveadm pw.
 const (
-	secretSHA256   = "{SHA256}K7gNU3sdo+OL0wNhqoVWhr3g6s1xYv72ol/pe/Unols="
-	secretPlainMD5 = "5ebe2294ecd0e0f08eab7690d2a6ee69"
-	secretBcrypt   = "$2y$05$/RvWugapbrw365KL1qN9auvXkmP2VPYGwgfkH5Bqjxi.3JEo1iLla"
-	secretMD5Crypt = "$1$0uv/3Wjk$Y2VQQ896c9Y9d.mCafliw0"
+	secretSHA256    = "{SHA256}K7gNU3sdo+OL0wNhqoVWhr3g6s1xYv72ol/pe/Unols="
+	secretPlainMD5  = "5ebe2294ecd0e0f08eab7690d2a6ee69"
+	secretBcrypt    = "$2y$05$/RvWugapbrw365KL1qN9auvXkmP2VPYGwgfkH5Bqjxi.3JEo1iLla"
+	secretMD5Crypt  = "$1$0uv/3Wjk$Y2VQQ896c9Y9d.mCafliw0"
+	secretSHA512Cry = "$6$wC9UaiJYej4RvK3B$25oILtVg3rVs4KPw3FfTyAof9JeaXUJXW08lcFl9GJXGh8/L5CpGX0DhviAaM2mgr.9/RZkOteTN8VePY56zR1"
 )
 
 type wantEntry struct {
@@ -149,8 +150,11 @@ func TestParse(t *testing.T) {
 		},
 		{
 			name:  "a bare value is CRYPT",
-			input: "olga:" + secretBcrypt + "\n",
-			want:  []wantEntry{{user: "olga", scheme: "CRYPT", stored: secretBcrypt, line: 1}},
+			input: "olga:" + secretBcrypt + "\npete:" + secretSHA512Cry + "\n",
+			want: []wantEntry{
+				{user: "olga", scheme: "CRYPT", stored: secretBcrypt, line: 1},
+				{user: "pete", scheme: "CRYPT", stored: secretSHA512Cry, line: 2},
+			},
 		},
 		{
 			name:  "a bare $1$ value is MD5-CRYPT, cut at its next $",
@@ -201,6 +205,7 @@ func TestParseVerifies(t *testing.T) {
 		"b:" + secretBcrypt,
 		"c:" + secretMD5Crypt + "$ignored",
 		"d:" + secretPlainMD5 + "[34]",
+		"e:" + secretSHA512Cry,
 		"f:{PLAIN}secret",
 		"g:",
 		"h:{PLAIN}",
@@ -209,7 +214,7 @@ func TestParseVerifies(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, user := range []string{"a", "b", "c", "d", "f"} {
+	for _, user := range []string{"a", "b", "c", "d", "e", "f"} {
 		e, ok := tbl.Lookup(user)
 		if !ok {
 			t.Fatalf("Lookup(%q) failed", user)

@@ -12,11 +12,12 @@ import (
 func TestMalformedValues(t *testing.T) {
 	t.Parallel()
 	for _, field := range []string{
-		"{MD5}" + strings.Repeat("0", 30),                         // neither MD5-crypt nor PLAIN-MD5
-		"{MD5-CRYPT}$1$123456789$Y2VQQ896c9Y9d.mCafliw0",          // a 9-character salt
-		"{MD5-CRYPT}$1$0uv/3Wjk$Y2VQQ896c9Y9d.mCafliw",            // a short hash
-		"{BLF-CRYPT}$2c" + secretBcrypt[3:],                       // an unknown minor version
-		"{BLF-CRYPT}" + secretBcrypt[:7] + "!" + secretBcrypt[8:], // outside the alphabet
+		"{MD5}" + strings.Repeat("0", 30),                                              // neither MD5-crypt nor PLAIN-MD5
+		"{MD5-CRYPT}$1$123456789$Y2VQQ896c9Y9d.mCafliw0",                               // a 9-character salt
+		"{MD5-CRYPT}$1$0uv/3Wjk$Y2VQQ896c9Y9d.mCafliw",                                 // a short hash
+		"{BLF-CRYPT}$2c" + secretBcrypt[3:],                                            // an unknown minor version
+		"{BLF-CRYPT}" + secretBcrypt[:7] + "!" + secretBcrypt[8:],                      // outside the alphabet
+		"{SHA512-CRYPT}$5$rounds=999$salt$5B8vYYiY.CVt1RlTTf8KbXBH3hsxY/GNooZaBBGWEc5", // rounds too low
 		"{CRYPT}$$",
 	} {
 		_, err := Parse(strings.NewReader("alice:" + field + "\n"))
@@ -38,7 +39,8 @@ func TestMalformedValues(t *testing.T) {
 func TestSchemeAliasesVerify(t *testing.T) {
 	t.Parallel()
 	for _, field := range []string{
-		"{SHA512-CRYPT}" + secretBcrypt, // SHA512-CRYPT, like CRYPT, takes any crypt form
+		"{SHA256-CRYPT}" + secretSHA512Cry, // SHA256-CRYPT, like CRYPT, takes any crypt form
+		"{SHA512-CRYPT}" + secretBcrypt,
 		"{CRYPT}" + secretMD5Crypt,
 		"{MD5}" + secretMD5Crypt,
 		"{MD5}" + secretPlainMD5,
