@@ -155,13 +155,22 @@ func TestDoveadmSchemes(t *testing.T) {
 		{scheme: "SHA256-CRYPT", want: "SHA256-CRYPT", extra: []string{"-r", "1000"}, bare: true, few: true},
 		{scheme: "SHA512-CRYPT", want: "SHA512-CRYPT", bare: true},
 		{scheme: "SHA512-CRYPT", want: "SHA512-CRYPT", extra: []string{"-r", "6000"}, bare: true, few: true},
+		{scheme: "ARGON2I", want: "ARGON2I"},
+		{scheme: "ARGON2ID", want: "ARGON2ID"},
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(append([]string{tt.scheme}, tt.extra...), " "), func(t *testing.T) {
 			t.Parallel()
-			passwords := doveadmPasswords
+			passwords, wrong := doveadmPasswords, []string(nil)
 			if tt.few {
 				passwords = passwords[1:2]
+			}
+			if strings.HasPrefix(tt.scheme, "ARGON2") {
+				// 32 or 64 MiB and several passes per try, seconds
+				// each under the race detector: one UTF-8 password,
+				// one wrong one and the empty one.
+				passwords = passwords[1:2]
+				wrong = []string{"", "x" + passwords[0]}
 			}
 			for _, pw := range passwords {
 				field := doveadmPW(t, tt.scheme, pw, tt.extra...)
@@ -169,7 +178,7 @@ func TestDoveadmSchemes(t *testing.T) {
 				if e.Scheme != tt.want {
 					t.Fatalf("Scheme = %q, want %q", e.Scheme, tt.want)
 				}
-				checkVerifies(t, e, pw)
+				checkVerifies(t, e, pw, wrong...)
 				if tt.bare {
 					value := field[strings.IndexByte(field, '}')+1:]
 					e := parseField(t, value)

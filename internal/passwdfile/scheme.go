@@ -68,6 +68,9 @@ var schemes = map[string]scheme{
 	"SHA512-CRYPT": {encNone, 0, parseCrypt},
 	"MD5-CRYPT":    {encNone, 0, parseMD5Crypt},
 	"BLF-CRYPT":    {encNone, 0, parseBcrypt},
+
+	"ARGON2I":  {encNone, 0, parseArgon2},
+	"ARGON2ID": {encNone, 0, parseArgon2},
 }
 
 // unsupported are schemes Dovecot knows that this package does not

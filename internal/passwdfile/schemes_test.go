@@ -11,7 +11,24 @@ import (
 // the error.
 func TestMalformedValues(t *testing.T) {
 	t.Parallel()
+	const (
+		argonSalt = "VLs+t/1FP2sppvX1rQrAqA"
+		argonSum  = "KzxBMI3I+/GxUBAPwam7b97vGgAlGrPiOnEJ19g4mEk"
+	)
 	for _, field := range []string{
+		"{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$" + argonSalt,                        // no hash
+		"{ARGON2ID}$argon2d$v=19$m=65536,t=3,p=1$" + argonSalt + "$" + argonSum,        // Argon2d
+		"{ARGON2ID}$argon2id$v=16$m=65536,t=3,p=1$" + argonSalt + "$" + argonSum,       // version 1.0
+		"{ARGON2ID}$argon2id$m=65536,t=3,p=1$" + argonSalt + "$" + argonSum,            // no version
+		"{ARGON2ID}$argon2id$v=19$t=3,m=65536,p=1$" + argonSalt + "$" + argonSum,       // parameters out of order
+		"{ARGON2ID}$argon2id$v=19$m=65536,t=0,p=1$" + argonSalt + "$" + argonSum,       // no pass
+		"{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=0$" + argonSalt + "$" + argonSum,       // no lane
+		"{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=256$" + argonSalt + "$" + argonSum,     // too many lanes
+		"{ARGON2ID}$argon2id$v=19$m=7,t=3,p=1$" + argonSalt + "$" + argonSum,           // under 8 KiB per lane
+		"{ARGON2ID}$argon2id$v=19$m=4294967296,t=3,p=1$" + argonSalt + "$" + argonSum,  // memory overflowing
+		"{ARGON2I}$argon2i$v=19$m=65536,t=3,p=1$c2FsdA$" + argonSum,                    // a 4-byte salt
+		"{ARGON2I}$argon2i$v=19$m=65536,t=3,p=1$" + argonSalt + "$c2hvcnQ",             // a 5-byte hash
+		"{ARGON2I}$argon2i$v=19$m=65536,t=3,p=1$" + argonSalt + "=$" + argonSum,        // padded salt
 		"{MD5}" + strings.Repeat("0", 30),                                              // neither MD5-crypt nor PLAIN-MD5
 		"{MD5-CRYPT}$1$123456789$Y2VQQ896c9Y9d.mCafliw0",                               // a 9-character salt
 		"{MD5-CRYPT}$1$0uv/3Wjk$Y2VQQ896c9Y9d.mCafliw",                                 // a short hash
@@ -35,7 +52,7 @@ func TestMalformedValues(t *testing.T) {
 }
 
 // TestSchemeAliasesVerify checks that every name of a scheme family takes
-// the family's values, as Dovecot's crypt_verify does.
+// the family's values, as Dovecot's crypt_verify and libsodium do.
 func TestSchemeAliasesVerify(t *testing.T) {
 	t.Parallel()
 	for _, field := range []string{
@@ -44,6 +61,11 @@ func TestSchemeAliasesVerify(t *testing.T) {
 		"{CRYPT}" + secretMD5Crypt,
 		"{MD5}" + secretMD5Crypt,
 		"{MD5}" + secretPlainMD5,
+		// Cheap Argon2 values from the reference implementation's argon2
+		// tool (`argon2 saltsalt -id -t 1 -m 3 -p 1 -l 16 -e`), each
+		// under the other variant's name.
+		"{ARGON2I}$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$+RsCrdHrAKGEJIDLM0Esow",
+		"{ARGON2ID}$argon2i$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$YC9+jJCrQhs5R6db7LlN8Q",
 	} {
 		e := parseField(t, field)
 		if !e.Verify("secret") || e.Verify("secreT") {
