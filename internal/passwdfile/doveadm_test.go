@@ -2,6 +2,9 @@ package passwdfile
 
 import (
 	"bytes"
+	"crypto/hmac"
+	"crypto/md5"
+	"encoding/hex"
 	"os"
 	"os/exec"
 	"strings"
@@ -9,7 +12,9 @@ import (
 )
 
 // These tests check this package against Dovecot itself: every stored
-// value comes from `doveadm pw`, never from this package.
+// value comes from `doveadm pw`, never from this package, and where this
+// package computes a stored form (CRAM-MD5 states) doveadm checks it with
+// `doveadm pw -t`.
 
 // doveadmPath returns Dovecot's doveadm. A missing doveadm fails the test:
 // scripts/install-deps.sh installs it, and CI runs that first. A developer
@@ -54,6 +59,20 @@ func doveadmPW(t *testing.T, scheme, password string, extra ...string) string {
 		t.Fatalf("doveadm pw -s %s printed %q", scheme, field)
 	}
 	return field
+}
+
+// doveadmVerifies reports whether `doveadm pw -t field -p password` accepts.
+func doveadmVerifies(t *testing.T, field, password string) bool {
+	t.Helper()
+	cmd := exec.Command(doveadmPath(t), "pw", "-t", field, "-p", password)
+	out, err := cmd.CombinedOutput()
+	if err == nil && bytes.Contains(out, []byte("(verified)")) {
+		return true
+	}
+	if _, exit := err.(*exec.ExitError); !exit && err != nil {
+		t.Fatalf("doveadm pw -t: %v", err)
+	}
+	return false
 }
 
 // doveadmPasswords are tried with every scheme. None holds ':', which a
@@ -157,6 +176,9 @@ func TestDoveadmSchemes(t *testing.T) {
 		{scheme: "SHA512-CRYPT", want: "SHA512-CRYPT", extra: []string{"-r", "6000"}, bare: true, few: true},
 		{scheme: "ARGON2I", want: "ARGON2I"},
 		{scheme: "ARGON2ID", want: "ARGON2ID"},
+		{scheme: "CRAM-MD5", want: "CRAM-MD5"},
+		{scheme: "CRAM-MD5.B64", want: "CRAM-MD5", few: true},
+		{scheme: "HMAC-MD5", want: "HMAC-MD5", few: true},
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(append([]string{tt.scheme}, tt.extra...), " "), func(t *testing.T) {
@@ -196,12 +218,50 @@ func TestDoveadmSchemes(t *testing.T) {
 // fixed-length schemes named without an encoding suffix.
 func TestDoveadmHexGuess(t *testing.T) {
 	t.Parallel()
-	for _, scheme := range []string{"SHA", "SHA256", "SHA512", "PLAIN-MD5", "LDAP-MD5"} {
+	for _, scheme := range []string{"SHA", "SHA256", "SHA512", "PLAIN-MD5", "LDAP-MD5", "CRAM-MD5"} {
 		for _, enc := range []string{".HEX", ".B64"} {
 			field := doveadmPW(t, scheme+enc, "secret")
 			value := field[strings.IndexByte(field, '}')+1:]
 			e := parseField(t, "{"+scheme+"}"+value)
 			checkVerifies(t, e, "secret")
+		}
+	}
+}
+
+// TestDoveadmCRAMMD5 checks CRAM-MD5 both ways: a response computed with
+// crypto/hmac from the password passes VerifyResponse on doveadm's stored
+// states, and the states NewCRAMMD5 computes pass `doveadm pw -t`.
+func TestDoveadmCRAMMD5(t *testing.T) {
+	t.Parallel()
+	const challenge = "<1896.697170952@postoffice.example.net>"
+	for _, pw := range doveadmPasswords {
+		e := parseField(t, doveadmPW(t, "CRAM-MD5", pw))
+		c, ok := e.CRAMMD5()
+		if !ok {
+			t.Fatal("CRAMMD5() of a CRAM-MD5 entry reports false")
+		}
+		mac := hmac.New(md5.New, []byte(pw))
+		mac.Write([]byte(challenge))
+		response := hex.EncodeToString(mac.Sum(nil))
+		if !c.VerifyResponse(challenge, response) {
+			t.Errorf("%q: the right response does not verify", pw)
+		}
+		if !c.VerifyResponse(challenge, strings.ToUpper(response)) {
+			t.Errorf("%q: the right response in upper case does not verify", pw)
+		}
+		if c.VerifyResponse(challenge+" ", response) {
+			t.Errorf("%q: the response verifies for another challenge", pw)
+		}
+		if c.VerifyResponse(challenge, response[:30]) || c.VerifyResponse(challenge, "") {
+			t.Errorf("%q: a short response verifies", pw)
+		}
+
+		computed := "{CRAM-MD5}" + hex.EncodeToString(NewCRAMMD5(pw).context())
+		if !doveadmVerifies(t, computed, pw) {
+			t.Errorf("%q: doveadm refuses NewCRAMMD5's states", pw)
+		}
+		if doveadmVerifies(t, computed, "x"+pw) {
+			t.Errorf("%q: doveadm accepts a wrong password against NewCRAMMD5's states", pw)
 		}
 	}
 }
@@ -218,7 +278,7 @@ func TestDoveadmClearPassword(t *testing.T) {
 			}
 		}
 	}
-	for _, scheme := range []string{"SHA256", "SSHA512", "MD5-CRYPT"} {
+	for _, scheme := range []string{"SHA256", "SSHA512", "CRAM-MD5", "MD5-CRYPT"} {
 		e := parseField(t, doveadmPW(t, scheme, "secret"))
 		if got, ok := e.ClearPassword(); ok || got != "" {
 			t.Errorf("%s: ClearPassword() = %q, %v; want nothing", scheme, got, ok)

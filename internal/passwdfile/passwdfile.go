@@ -105,7 +105,8 @@ type Entry struct {
 // out; never log its result.
 func (e *Entry) Stored() string { return e.stored }
 
-// Verifier returns the entry's password checker.
+// Verifier returns the entry's password checker. A type switch on it gives
+// the scheme-specific parts: *CRAMMD5.
 func (e *Entry) Verifier() Verifier { return e.verifier }
 
 // Verify reports whether password is the user's password. The empty
@@ -115,14 +116,28 @@ func (e *Entry) Verify(password string) bool { return e.verifier.Verify(password
 
 // ClearPassword returns the stored clear-text password of an entry in the
 // PLAIN, CLEAR or CLEARTEXT scheme. Only challenge-response mechanisms that
-// need the secret itself should call it, such as APOP. It reports false for
-// every other scheme and for an empty password.
+// need the secret itself should call it: APOP or CRAM-MD5. It reports false
+// for every other scheme and for an empty password.
 func (e *Entry) ClearPassword() (string, bool) {
 	p, ok := e.verifier.(plain)
 	if !ok || p.password == "" {
 		return "", false
 	}
 	return p.password, true
+}
+
+// CRAMMD5 returns what checks a CRAM-MD5 response for this user: the stored
+// states of a CRAM-MD5 (or HMAC-MD5) entry, or states computed from the
+// password of a PLAIN one. It reports false for every other scheme, whose
+// users cannot log in with CRAM-MD5, as with Dovecot.
+func (e *Entry) CRAMMD5() (*CRAMMD5, bool) {
+	if c, ok := e.verifier.(*CRAMMD5); ok {
+		return c, true
+	}
+	if p, ok := e.ClearPassword(); ok {
+		return NewCRAMMD5(p), true
+	}
+	return nil, false
 }
 
 // String describes the entry for logs and debugging, without its password.

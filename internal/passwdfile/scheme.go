@@ -71,6 +71,9 @@ var schemes = map[string]scheme{
 
 	"ARGON2I":  {encNone, 0, parseArgon2},
 	"ARGON2ID": {encNone, 0, parseArgon2},
+
+	"CRAM-MD5": {encHex, 32, parseCRAMMD5},
+	"HMAC-MD5": {encHex, 32, parseCRAMMD5},
 }
 
 // unsupported are schemes Dovecot knows that this package does not

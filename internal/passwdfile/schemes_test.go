@@ -29,6 +29,8 @@ func TestMalformedValues(t *testing.T) {
 		"{ARGON2I}$argon2i$v=19$m=65536,t=3,p=1$c2FsdA$" + argonSum,                    // a 4-byte salt
 		"{ARGON2I}$argon2i$v=19$m=65536,t=3,p=1$" + argonSalt + "$c2hvcnQ",             // a 5-byte hash
 		"{ARGON2I}$argon2i$v=19$m=65536,t=3,p=1$" + argonSalt + "=$" + argonSum,        // padded salt
+		"{CRAM-MD5}" + strings.Repeat("0", 62),                                         // 31 bytes
+		"{CRAM-MD5.HEX}" + strings.Repeat("0", 63) + "g",                               // not hex
 		"{MD5}" + strings.Repeat("0", 30),                                              // neither MD5-crypt nor PLAIN-MD5
 		"{MD5-CRYPT}$1$123456789$Y2VQQ896c9Y9d.mCafliw0",                               // a 9-character salt
 		"{MD5-CRYPT}$1$0uv/3Wjk$Y2VQQ896c9Y9d.mCafliw",                                 // a short hash
