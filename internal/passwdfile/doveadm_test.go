@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/hmac"
 	"crypto/md5"
+	"encoding/base64"
 	"encoding/hex"
 	"os"
 	"os/exec"
@@ -13,8 +14,8 @@ import (
 
 // These tests check this package against Dovecot itself: every stored
 // value comes from `doveadm pw`, never from this package, and where this
-// package computes a stored form (CRAM-MD5 states) doveadm checks it with
-// `doveadm pw -t`.
+// package computes a stored form (CRAM-MD5 states, SCRAM keys) doveadm
+// checks it with `doveadm pw -t`.
 
 // doveadmPath returns Dovecot's doveadm. A missing doveadm fails the test:
 // scripts/install-deps.sh installs it, and CI runs that first. A developer
@@ -179,6 +180,8 @@ func TestDoveadmSchemes(t *testing.T) {
 		{scheme: "CRAM-MD5", want: "CRAM-MD5"},
 		{scheme: "CRAM-MD5.B64", want: "CRAM-MD5", few: true},
 		{scheme: "HMAC-MD5", want: "HMAC-MD5", few: true},
+		{scheme: "SCRAM-SHA-1", want: "SCRAM-SHA-1"},
+		{scheme: "SCRAM-SHA-256", want: "SCRAM-SHA-256"},
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(append([]string{tt.scheme}, tt.extra...), " "), func(t *testing.T) {
@@ -266,6 +269,50 @@ func TestDoveadmCRAMMD5(t *testing.T) {
 	}
 }
 
+// TestDoveadmSCRAM checks that the parsed SCRAM fields are those doveadm
+// wrote, that NewSCRAM derives the same keys from the password and salt,
+// and that doveadm verifies NewSCRAM's keys with another salt.
+func TestDoveadmSCRAM(t *testing.T) {
+	t.Parallel()
+	for _, mech := range []string{"SCRAM-SHA-1", "SCRAM-SHA-256"} {
+		for _, pw := range doveadmPasswords[:2] {
+			field := doveadmPW(t, mech, pw)
+			e := parseField(t, field)
+			s, ok := e.SCRAM()
+			if !ok {
+				t.Fatalf("%s: SCRAM() reports false", mech)
+			}
+			parts := strings.Split(field[strings.IndexByte(field, '}')+1:], ",")
+			if s.Mechanism != mech || s.Iterations != 4096 ||
+				base64.StdEncoding.EncodeToString(s.Salt) != parts[1] ||
+				base64.StdEncoding.EncodeToString(s.StoredKey) != parts[2] ||
+				base64.StdEncoding.EncodeToString(s.ServerKey) != parts[3] {
+				t.Fatalf("%s: parsed %+v from %s", mech, s, field)
+			}
+			derived, err := NewSCRAM(mech, pw, s.Salt, s.Iterations)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(derived.StoredKey, s.StoredKey) || !bytes.Equal(derived.ServerKey, s.ServerKey) {
+				t.Fatalf("%s: NewSCRAM derived other keys than doveadm", mech)
+			}
+
+			own, err := NewSCRAM(mech, pw, []byte("a salt of our own"), 5000)
+			if err != nil {
+				t.Fatal(err)
+			}
+			computed := "{" + mech + "}5000," + base64.StdEncoding.EncodeToString(own.Salt) + "," +
+				base64.StdEncoding.EncodeToString(own.StoredKey) + "," + base64.StdEncoding.EncodeToString(own.ServerKey)
+			if !doveadmVerifies(t, computed, pw) {
+				t.Errorf("%s %q: doveadm refuses NewSCRAM's keys", mech, pw)
+			}
+			if doveadmVerifies(t, computed, "x"+pw) {
+				t.Errorf("%s %q: doveadm accepts a wrong password against NewSCRAM's keys", mech, pw)
+			}
+		}
+	}
+}
+
 // TestDoveadmClearPassword checks that ClearPassword gives back exactly the
 // password of PLAIN entries, however encoded, and nothing for the others.
 func TestDoveadmClearPassword(t *testing.T) {
@@ -278,7 +325,7 @@ func TestDoveadmClearPassword(t *testing.T) {
 			}
 		}
 	}
-	for _, scheme := range []string{"SHA256", "SSHA512", "CRAM-MD5", "MD5-CRYPT"} {
+	for _, scheme := range []string{"SHA256", "SSHA512", "CRAM-MD5", "SCRAM-SHA-256", "MD5-CRYPT"} {
 		e := parseField(t, doveadmPW(t, scheme, "secret"))
 		if got, ok := e.ClearPassword(); ok || got != "" {
 			t.Errorf("%s: ClearPassword() = %q, %v; want nothing", scheme, got, ok)

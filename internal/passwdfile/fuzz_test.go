@@ -16,6 +16,7 @@ func FuzzParse(f *testing.F) {
 		"bob:" + secretSHA512Cry + "\r\ncarol:" + secretBcrypt + "\n\n:x\n",
 		"dave\nerin::::::::maildir:~/Mail\nerin:{SHA256.HEX}00\n",
 		"frank:{CRAM-MD5}7dead29c194d4ac3cf5f337b23fa3b9b32c9f4b1d7d7b1fa2539d66ce368e997",
+		"gina:{SCRAM-SHA-1}4096,dIJdwES5nFNAxqTcaSrUqA==,bw1S4oUhCcPw0PziRiOCh8Be1rQ=,hg0cYm2MtMRCFz32UINUuRhlnMk=\n",
 		"hank:{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$VLs+t/1FP2sppvX1rQrAqA$KzxBMI3I+/GxUBAPwam7b97vGgAlGrPiOnEJ19g4mEk\n",
 		"ivan:" + secretMD5Crypt + "$x\njudy:" + secretPlainMD5 + "[34]\n",
 		"kim:{FOO}x\n", "\x00", "{", "a:{", "a:$5$rounds=$x", "a:$6$rounds=99999999999999999999$s$",

@@ -106,7 +106,7 @@ type Entry struct {
 func (e *Entry) Stored() string { return e.stored }
 
 // Verifier returns the entry's password checker. A type switch on it gives
-// the scheme-specific parts: *CRAMMD5.
+// the scheme-specific parts: *CRAMMD5 and *SCRAM.
 func (e *Entry) Verifier() Verifier { return e.verifier }
 
 // Verify reports whether password is the user's password. The empty
@@ -116,8 +116,9 @@ func (e *Entry) Verify(password string) bool { return e.verifier.Verify(password
 
 // ClearPassword returns the stored clear-text password of an entry in the
 // PLAIN, CLEAR or CLEARTEXT scheme. Only challenge-response mechanisms that
-// need the secret itself should call it: APOP or CRAM-MD5. It reports false
-// for every other scheme and for an empty password.
+// need the secret itself should call it: APOP, CRAM-MD5, or deriving SCRAM
+// keys with NewSCRAM. It reports false for every other scheme and for an
+// empty password.
 func (e *Entry) ClearPassword() (string, bool) {
 	p, ok := e.verifier.(plain)
 	if !ok || p.password == "" {
@@ -138,6 +139,14 @@ func (e *Entry) CRAMMD5() (*CRAMMD5, bool) {
 		return NewCRAMMD5(p), true
 	}
 	return nil, false
+}
+
+// SCRAM returns the stored keys of a SCRAM-SHA-1 or SCRAM-SHA-256 entry;
+// check Mechanism against the one the client chose. For a PLAIN entry,
+// derive keys with NewSCRAM from ClearPassword instead.
+func (e *Entry) SCRAM() (*SCRAM, bool) {
+	s, ok := e.verifier.(*SCRAM)
+	return s, ok
 }
 
 // String describes the entry for logs and debugging, without its password.

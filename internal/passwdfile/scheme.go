@@ -74,6 +74,9 @@ var schemes = map[string]scheme{
 
 	"CRAM-MD5": {encHex, 32, parseCRAMMD5},
 	"HMAC-MD5": {encHex, 32, parseCRAMMD5},
+
+	"SCRAM-SHA-1":   {encNone, 0, parseSCRAM},
+	"SCRAM-SHA-256": {encNone, 0, parseSCRAM},
 }
 
 // unsupported are schemes Dovecot knows that this package does not

@@ -14,6 +14,8 @@ func TestMalformedValues(t *testing.T) {
 	const (
 		argonSalt = "VLs+t/1FP2sppvX1rQrAqA"
 		argonSum  = "KzxBMI3I+/GxUBAPwam7b97vGgAlGrPiOnEJ19g4mEk"
+		b20       = "bw1S4oUhCcPw0PziRiOCh8Be1rQ="
+		b32       = "FOI6H39YmbiR50xKSw1lOaPsGsCpr8OXKw6eL3Z5ZTw="
 	)
 	for _, field := range []string{
 		"{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$" + argonSalt,                        // no hash
@@ -29,6 +31,13 @@ func TestMalformedValues(t *testing.T) {
 		"{ARGON2I}$argon2i$v=19$m=65536,t=3,p=1$c2FsdA$" + argonSum,                    // a 4-byte salt
 		"{ARGON2I}$argon2i$v=19$m=65536,t=3,p=1$" + argonSalt + "$c2hvcnQ",             // a 5-byte hash
 		"{ARGON2I}$argon2i$v=19$m=65536,t=3,p=1$" + argonSalt + "=$" + argonSum,        // padded salt
+		"{SCRAM-SHA-1}4096," + argonSalt + "," + b20,                                   // three fields
+		"{SCRAM-SHA-1}4095,c2FsdA==," + b20 + "," + b20,                                // too few iterations
+		"{SCRAM-SHA-1}x4096,c2FsdA==," + b20 + "," + b20,                               // not a number
+		"{SCRAM-SHA-1}4096,," + b20 + "," + b20,                                        // empty salt
+		"{SCRAM-SHA-1}4096,c2FsdA==," + b32 + "," + b20,                                // StoredKey of SHA-256's size
+		"{SCRAM-SHA-256}4096,c2FsdA==," + b32 + "," + b20,                              // ServerKey of SHA-1's size
+		"{SCRAM-SHA-256}4096,c2FsdA==," + b32 + "," + b32 + "!",                        // not base64
 		"{CRAM-MD5}" + strings.Repeat("0", 62),                                         // 31 bytes
 		"{CRAM-MD5.HEX}" + strings.Repeat("0", 63) + "g",                               // not hex
 		"{MD5}" + strings.Repeat("0", 30),                                              // neither MD5-crypt nor PLAIN-MD5
