@@ -163,7 +163,9 @@ type Duplicate struct {
 	First int // the line that was kept
 }
 
-// Table is a parsed passwd-file.
+// Table is a parsed passwd-file. It does not change once parsed, so any
+// number of goroutines may use it and its entries at once; to pick up a
+// changed file, Load it again and swap the tables.
 type Table struct {
 	users      map[string]*Entry
 	entries    []*Entry // in file order

@@ -23,7 +23,8 @@ const (
 
 // SCRAM holds what a SCRAM server mechanism (RFC 5802, RFC 7677) needs
 // for one user: Dovecot's SCRAM-SHA-1 and SCRAM-SHA-256 schemes store
-// "iterations,salt,StoredKey,ServerKey", the last three in base64.
+// "iterations,salt,StoredKey,ServerKey", the last three in base64. The
+// fields of a parsed entry's SCRAM are shared: treat them as read-only.
 type SCRAM struct {
 	// Mechanism is "SCRAM-SHA-1" or "SCRAM-SHA-256".
 	Mechanism string
