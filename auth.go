@@ -1,9 +1,12 @@
 package pop3
 
 import (
+	"crypto/sha1"
+	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash"
 	"net"
 	"strings"
 
@@ -92,6 +95,9 @@ func (s *session) handleAuth(cmd pop3wire.Command) error {
 	if name == "CRAM-MD5" && s.h.relayChallenges {
 		return s.relayCRAMMD5(response)
 	}
+	if strings.HasPrefix(name, "SCRAM-") {
+		return s.handleSCRAM(name, response)
+	}
 
 	var server sasl.Server
 	var salt string
@@ -136,7 +142,8 @@ func (s *session) saslExchange(server sasl.Server, response []byte) ([]byte, err
 	for {
 		challenge, done, err := server.Next(response)
 		if err != nil {
-			return nil, errBadCredentials
+			// The client sees errBadCredentials; the cause stays for the caller.
+			return nil, fmt.Errorf("%w: %w", errBadCredentials, err)
 		}
 		if done {
 			return response, nil
@@ -158,6 +165,10 @@ func mechanismMethod(mechanism string) string {
 		return AuthOAuthBearer
 	case "XOAUTH2":
 		return AuthXOAuth2
+	case "SCRAM-SHA-256", "SCRAM-SHA-256-PLUS":
+		return AuthSCRAMSHA256
+	case "SCRAM-SHA-1":
+		return AuthSCRAMSHA1
 	}
 	return AuthPlain
 }
@@ -259,4 +270,90 @@ func (s *session) listMechanisms() error {
 		}
 	}
 	return s.writeLine(".")
+}
+
+// errNoSCRAMSecret: the user exists, but what is stored (a bcrypt hash,
+// say) cannot check a SCRAM proof. The client fails as with a wrong
+// password and may log in with another mechanism.
+var errNoSCRAMSecret = errors.New("no SCRAM secret for the user")
+
+// scramSource is an authenticator that holds SCRAM secrets: the stored
+// keys of a user, or keys derived from a clear password.
+type scramSource interface {
+	authenticator
+	// scramKeys returns user's keys for the hash (SHA-1 or SHA-256), or
+	// ErrUnknownUser.
+	scramKeys(user string, h func() hash.Hash) (sasl.SCRAMKeys, error)
+}
+
+// handleSCRAM runs a SCRAM exchange (RFC 5802, 7677) against the keys of
+// the first authenticator that knows the user; once the client's proof
+// holds, that authenticator decides where the login goes. An unknown user
+// goes through the whole exchange (fake keys) and fails like a wrong
+// password.
+func (s *session) handleSCRAM(name string, response []byte) error {
+	method := mechanismMethod(name)
+	newHash := sha256.New
+	if method == AuthSCRAMSHA1 {
+		newHash = sha1.New
+	}
+	var decider scramSource
+	lookup := func(authcid, _ string) (sasl.SCRAMKeys, error) {
+		for _, src := range s.h.scramSources {
+			keys, err := src.scramKeys(authcid, newHash)
+			if errors.Is(err, ErrUnknownUser) {
+				continue
+			}
+			if err == nil {
+				decider = src
+			}
+			return keys, err
+		}
+		return sasl.SCRAMKeys{}, ErrUnknownUser
+	}
+	var server *sasl.SCRAM
+	switch name {
+	case "SCRAM-SHA-256-PLUS":
+		server = sasl.NewSCRAMSHA256Plus(lookup, s.channelBinding())
+	case "SCRAM-SHA-256":
+		server = sasl.NewSCRAMSHA256(lookup)
+		if s.channelBinding() != nil {
+			server = server.PLUSOffered() // a client's "y" flag is a downgrade
+		}
+	default:
+		server = sasl.NewSCRAMSHA1(lookup)
+	}
+	_, err := s.saslExchange(server, response)
+	creds := server.Credentials()
+	req := loginRequest{method: method, creds: sasl.Credentials{Username: creds.Username, Identity: creds.Identity}, verified: true, decider: decider}
+	switch {
+	case err == nil:
+		return s.login(req)
+	case errors.Is(err, sasl.ErrBadProof), errors.Is(err, ErrUnknownUser), errors.Is(err, sasl.ErrUnknownUser), errors.Is(err, errNoSCRAMSecret):
+		// The same -ERR, delay and penalty as a wrong password.
+		req.verified, req.decider = false, nil
+		return s.loginFailed(req, "", &Refusal{Code: codeAuth, Text: errAuthFailed.text})
+	case isConnError(err), errors.Is(err, errAuthCancelled), errors.Is(err, errBadBase64), errors.Is(err, errLineTooLong):
+		s.countBadExchange(method, err)
+		return err
+	}
+	s.debug("SCRAM exchange refused", zap.Error(err))
+	s.countBadExchange(method, errBadCredentials)
+	return errBadCredentials // without the cause, which may name the user
+}
+
+// channelBinding is the client connection's tls-exporter channel binding
+// (RFC 9266), nil without TLS or where the exporter is not safe to use
+// (TLS 1.2 without extended master secret).
+func (s *session) channelBinding() []byte {
+	st := s.tlsState()
+	if st == nil {
+		return nil
+	}
+	// crypto/tls refuses the exporter where it is unsafe.
+	cb, err := st.ExportKeyingMaterial("EXPORTER-Channel-Binding", nil, 32)
+	if err != nil {
+		return nil
+	}
+	return cb
 }

@@ -60,8 +60,9 @@ func (a *tableAuthenticator) Authenticate(ctx context.Context, req AuthRequest) 
 }
 
 // authenticatorsHandler provisions a handler whose authenticators list
-// holds mods (JSON objects), as Caddy would from a config.
-func authenticatorsHandler(t *testing.T, upstream string, mods ...any) (*Handler, *observer.ObservedLogs) {
+// holds mods (JSON objects), as Caddy would from a config, with mod (if
+// any) applied before setup.
+func authenticatorsHandler(t *testing.T, upstream string, mod func(*Handler), mods ...any) (*Handler, *observer.ObservedLogs) {
 	t.Helper()
 	h := &Handler{
 		StartTLS:         StartTLSOff,
@@ -87,6 +88,9 @@ func authenticatorsHandler(t *testing.T, upstream string, mods ...any) (*Handler
 	if err := h.loadAuthenticators(ctx); err != nil {
 		t.Fatalf("loading authenticators: %v", err)
 	}
+	if mod != nil {
+		mod(h)
+	}
 	if err := h.setup(); err != nil {
 		t.Fatalf("setup: %v", err)
 	}
@@ -110,7 +114,7 @@ func TestAuthenticatorChain(t *testing.T) {
 		"bob":   {Password: "bob-pw", Address: "{upstream}", AsUser: "alice", AsPassword: "secret-pw"},
 		"carol": {Password: "never-asked"},
 	}}
-	h, logs := authenticatorsHandler(t, "", first, second)
+	h, logs := authenticatorsHandler(t, "", nil, first, second)
 
 	ts := startSession(t, h, logs, false)
 	ts.send("USER bob", "PASS bob-pw")
@@ -151,8 +155,7 @@ func TestAuthenticatorNeverForwardsDigests(t *testing.T) {
 	t.Parallel()
 	up, addr := fakeUpstream(t, nil)
 	table := map[string]any{"authenticator": "test_table", "users": map[string]tableUser{"alice": {}}}
-	h, logs := authenticatorsHandler(t, addr, table)
-	h.Auth = []string{AuthPlain, AuthAPOP}
+	h, logs := authenticatorsHandler(t, addr, func(h *Handler) { h.Auth = []string{AuthPlain, AuthAPOP} }, table)
 	ts := startSession(t, h, logs, false)
 	ts.send("APOP alice 0123456789abcdef0123456789abcdef")
 	ts.expect("-ERR [SYS/TEMP]")
@@ -175,7 +178,7 @@ func TestHTTPAuthenticatorModule(t *testing.T) {
 	url := as.Start(t)
 	table := map[string]any{"authenticator": "test_table", "users": map[string]tableUser{}}
 	httpAuth := map[string]any{"authenticator": "http", "url": url, "timeout": "2s"}
-	h, logs := authenticatorsHandler(t, "", table, httpAuth)
+	h, logs := authenticatorsHandler(t, "", nil, table, httpAuth)
 	ts := startSession(t, h, logs, false)
 	ts.send("USER alice", "PASS secret-pw")
 	ts.expect("+OK")

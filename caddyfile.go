@@ -31,6 +31,9 @@ const (
 //			timeout <duration>
 //			pass_client_cert <on|off>
 //		}
+//		passwd_file <path> {         # repeatable: Dovecot passwd-file users
+//			default_domain <domain>
+//		}
 //		authenticator <module> ...   # repeatable: any authenticator module, e.g. http <url> { ... }
 //		master_login <user> <password> {
 //			separator <sep>       # USER <user><sep><master> instead of AUTH PLAIN
@@ -72,7 +75,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	seen := map[string]bool{} // options that may be given once
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		optionName := d.Val()
-		if optionName != "upstream" && optionName != "connection_policy" && optionName != "authenticator" {
+		if !slices.Contains([]string{"upstream", "connection_policy", "authenticator", "passwd_file"}, optionName) {
 			if seen[optionName] {
 				return d.Errf("duplicate %s option '%s'", wrapper, optionName)
 			}
@@ -221,11 +224,14 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			h.MasterLogin = m
 			continue // its block is consumed
-		case "authenticator":
-			if !d.NextArg() {
-				return d.ArgErr()
+		case "authenticator", "passwd_file":
+			name := optionName // passwd_file <path> is the module's own shorthand
+			if optionName == "authenticator" {
+				if !d.NextArg() {
+					return d.ArgErr()
+				}
+				name = d.Val()
 			}
-			name := d.Val()
 			unm, err := caddyfile.UnmarshalModule(d, "layer4.handlers.pop3.authenticators."+name)
 			if err != nil {
 				return err

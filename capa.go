@@ -38,6 +38,13 @@ func (s *session) mechanisms() []string {
 			m = append(m, "OAUTHBEARER")
 		case AuthXOAuth2:
 			m = append(m, "XOAUTH2")
+		case AuthSCRAMSHA256:
+			if s.channelBinding() != nil {
+				m = append(m, "SCRAM-SHA-256-PLUS")
+			}
+			m = append(m, "SCRAM-SHA-256")
+		case AuthSCRAMSHA1:
+			m = append(m, "SCRAM-SHA-1")
 		}
 	}
 	return m

@@ -33,6 +33,10 @@ type loginRequest struct {
 	remote  net.Addr
 	local   net.Addr
 	tls     *tls.ConnectionState // nil on a plaintext connection
+	// verified: the session checked the client's proof itself (SCRAM)
+	// against decider's keys; decider, not the chain, decides the login.
+	verified bool
+	decider  authenticator
 }
 
 // loginTarget says which upstream to log in to and with which credentials.
@@ -45,6 +49,10 @@ type loginTarget struct {
 	// master: log in as this master user for creds.Username, with
 	// creds.Password (the master's); from the authenticator, per user.
 	master string
+	// tls: reach address with TLS (STLS with startTLS) as the
+	// authenticator says for this user, whatever the configured upstreams.
+	tls      *tls.Config
+	startTLS bool
 }
 
 // authenticator turns a client's login into a loginTarget. A refusal is an
@@ -98,20 +106,32 @@ func (s *session) login(req loginRequest) error {
 		return s.loginDone(req, up, mailboxUser(req.creds), text, started, err)
 	}
 
-	target, err := s.h.authenticator.authenticate(s.ctx, req)
+	decide := s.h.authenticator
+	if req.decider != nil {
+		decide = req.decider
+	}
+	target, err := decide.authenticate(s.ctx, req)
 	if err != nil {
 		return s.loginFailed(req, "", err)
 	}
 	mailbox := mailboxUser(target.creds) // before a master login changes the names
 	target = s.h.asMaster(target)
+	if target.creds.Password == "" && req.method != AuthPlain {
+		// A digest, token or certificate is no password for the upstream,
+		// and no master user or per-user password stands in for it.
+		return s.loginFailed(req, target.address, fmt.Errorf("%w: no upstream password for method %s (set master_login)", errAuthServer, req.method))
+	}
 	// The upstream's time starts now: an auth server that took longer than
 	// timeout (WAIT retries included) must not make its dial fail at once
 	// and count against it.
 	deadline = s.ioDeadline()
 	var up *upstreamClient
-	if target.address == "" {
+	switch {
+	case target.address == "":
 		up, err = s.h.pool.connect(s.ctx, s.poolRequest(mailbox), s.dialClient(), deadline)
-	} else {
+	case target.tls != nil:
+		up, err = s.h.pool.connectWithTLS(s.ctx, target.address, target.tls, target.startTLS, s.dialClient(), deadline)
+	default:
 		up, err = s.h.pool.connectNamed(s.ctx, target.address, s.dialClient(), deadline)
 	}
 	if err != nil {

@@ -465,6 +465,17 @@ func (p *pool) release() {
 	}
 }
 
+// connectWithTLS connects to an address an authenticator named for a user
+// together with TLS settings of its own (a passwd-file's ssl= or
+// starttls=); the configured upstreams' settings do not apply.
+func (p *pool) connectWithTLS(ctx context.Context, address string, cfg *tls.Config, startTLS bool, client dialClient, deadline time.Time) (*upstreamClient, error) {
+	c, err := connectUpstream(ctx, p.dialer, address, upstreamOptions{tls: cfg, startTLS: startTLS, proxyProtocol: p.proxyProtocol, xclient: p.xclient, capas: p.proc.capas}, client, deadline)
+	if err == nil {
+		p.warnXCLIENT(c)
+	}
+	return c, err
+}
+
 // connectNamed connects to the address (IP:port) an auth server named. The
 // configured upstream at that address, its host name resolved, lends its
 // TLS or STLS (verified against its name), max_connections and health. An

@@ -65,9 +65,11 @@ const (
 	AuthExternal    = "external"    // AUTH EXTERNAL with a TLS client certificate (RFC 4422)
 	AuthOAuthBearer = "oauthbearer" // AUTH OAUTHBEARER (RFC 7628)
 	AuthXOAuth2     = "xoauth2"     // AUTH XOAUTH2, the form large mail providers use
+	AuthSCRAMSHA256 = "scram-sha-256" // AUTH SCRAM-SHA-256 (RFC 7677), and -PLUS over TLS
+	AuthSCRAMSHA1   = "scram-sha-1"   // AUTH SCRAM-SHA-1 (RFC 5802)
 )
 
-var knownAuthMethods = []string{AuthPlain, AuthAPOP, AuthCRAMMD5, AuthExternal, AuthOAuthBearer, AuthXOAuth2}
+var knownAuthMethods = []string{AuthPlain, AuthAPOP, AuthCRAMMD5, AuthExternal, AuthOAuthBearer, AuthXOAuth2, AuthSCRAMSHA256, AuthSCRAMSHA1}
 
 // Handler is a POP3 proxy for the layer4 app: module `layer4.handlers.pop3`.
 // It is terminal: it never calls the next handler in the route.
@@ -190,6 +192,7 @@ type Handler struct {
 
 	authenticator  authenticator   // the login pipeline's: pass-through or the chain
 	authenticators []authenticator // loaded from AuthenticatorsRaw
+	scramSources   []scramSource   // those of them that can check SCRAM logins
 	pool           *pool
 	events         *caddyevents.App // nil: no events app
 	proc           *processState    // theProcess unless a test gives its own
@@ -450,11 +453,20 @@ func (h *Handler) setup() error {
 		}
 		chain = append(chain, authHTTPAuthenticator{a: h.AuthHTTP, verifyClient: verifyClient})
 	}
+	h.scramSources = nil
 	for _, a := range h.authenticators {
 		if ha, ok := a.(*HTTPAuthenticator); ok {
 			ha.verifyClient = verifyClient
 		}
+		if src, ok := a.(scramSource); ok {
+			h.scramSources = append(h.scramSources, src)
+		}
 		chain = append(chain, a)
+	}
+	for _, m := range []string{AuthSCRAMSHA256, AuthSCRAMSHA1} {
+		if h.hasAuth(m) && len(h.scramSources) == 0 {
+			return fmt.Errorf("auth: method %q needs an authenticator that holds SCRAM secrets, such as passwd_file", m)
+		}
 	}
 	if len(chain) > 0 {
 		h.authenticator = chain

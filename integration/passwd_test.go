@@ -1,0 +1,263 @@
+//go:build integration
+
+package integration
+
+// passwd_file and master_login against a real Dovecot: the proxy checks
+// each user's password in a Dovecot passwd-file whose hashes Dovecot's own
+// doveadm made, then logs in to Dovecot as a master user, so the backend
+// never needs the user's password (each Dovecot user has another one).
+
+import (
+	"crypto/hmac"
+	"crypto/md5"
+	"encoding/base64"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/caddy-pop3/caddy-pop3/internal/dovecot"
+)
+
+const passwdMaster, passwdMasterPass = "pfmaster", "pf-master-Secr3t"
+
+// passwdSchemes are the schemes the passwd-file test users have, one user
+// each.
+var passwdSchemes = []string{"PLAIN", "BLF-CRYPT", "SHA512-CRYPT", "SHA256-CRYPT", "MD5-CRYPT", "SSHA256", "SSHA512", "ARGON2I", "ARGON2ID", "CRAM-MD5", "SCRAM-SHA-256"}
+
+func passwdUser(scheme string) (user, pass string) {
+	s := strings.ToLower(scheme)
+	return "pf-" + s, "pw-" + s + "-Secr3t"
+}
+
+// doveadmHash is `doveadm pw -s scheme -p pass`.
+func doveadmHash(t *testing.T, scheme, pass string) string {
+	t.Helper()
+	out, err := exec.Command("doveadm", "pw", "-s", scheme, "-p", pass).CombinedOutput()
+	if err != nil {
+		t.Fatalf("doveadm pw -s %s: %v: %s", scheme, err, out)
+	}
+	return strings.TrimSpace(string(out))
+}
+
+// writeAtomically replaces path as operators' tools do: a new file
+// renamed over the old one.
+func writeAtomically(t *testing.T, path, content string) {
+	t.Helper()
+	tmp := path + ".new"
+	if err := os.WriteFile(tmp, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestPasswdFileMasterLoginDovecot(t *testing.T) {
+	need(t)
+	usedSecret(passwdMaster, passwdMasterPass)
+	var users []dovecot.User
+	var file strings.Builder
+	file.WriteString("# users of the proxy, hashes by doveadm pw\n")
+	for _, scheme := range passwdSchemes {
+		user, pass := passwdUser(scheme)
+		usedSecret(user, pass)
+		// Dovecot knows the user by another password: only the master gets in.
+		users = append(users, dovecot.User{Name: user, Password: "backend-" + pass, Messages: [][]byte{mkMessage("for "+user, "Hello.\r\n")}})
+		fmt.Fprintf(&file, "%s:%s::::::\n", user, doveadmHash(t, scheme, pass))
+	}
+	file.WriteString("pf-moved:{PLAIN}pw-moved-Secr3t::::::nologin reason=Moved_to_pop.example.net\n")
+	usedSecret("pf-moved", "pw-moved-Secr3t")
+
+	dir := t.TempDir()
+	masters := filepath.Join(dir, "masters")
+	if err := os.WriteFile(masters, []byte(passwdMaster+":{PLAIN}"+passwdMasterPass+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	dc := startTestDovecot(t, "passwd", users, fmt.Sprintf(`auth_master_user_separator = *
+passdb {
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%%u %s
+  master = yes
+}
+`, masters))
+	passwd := filepath.Join(dir, "proxy-users")
+	writeAtomically(t, passwd, file.String())
+
+	withAuthzid, withSeparator := freePortT(t), freePortT(t)
+	p := startCaddy(t, "passwd", caddyfileFor(false, fmt.Sprintf(`		%[1]s {
+			route {
+				pop3 %[2]s {
+					starttls off
+					auth plain apop cram-md5
+					passwd_file %[3]s
+					master_login %[4]s %[5]s
+					auth_failure_delay 10ms
+				}
+			}
+		}
+		%[6]s {
+			route {
+				pop3 %[2]s {
+					starttls off
+					passwd_file %[3]s
+					master_login %[4]s %[5]s {
+						separator *
+					}
+					auth_failure_delay 10ms
+				}
+			}
+		}
+`, withAuthzid, dc.POP3Addr, passwd, passwdMaster, passwdMasterPass, withSeparator)), listener{addr: withAuthzid}, listener{addr: withSeparator})
+
+	loginAs := func(addr, user, pass string) string {
+		c := dialPOP3(t, addr, nil)
+		defer c.quit()
+		c.ok("USER " + user)
+		r := c.cmd("PASS " + pass)
+		if strings.HasPrefix(r, "+OK") {
+			if st := c.ok("STAT"); !strings.HasPrefix(st, "+OK 1 ") {
+				t.Errorf("%s: STAT %q, want the one message of the mailbox", user, st)
+			}
+		}
+		return r
+	}
+
+	t.Run("schemes", func(t *testing.T) {
+		for _, scheme := range passwdSchemes {
+			user, pass := passwdUser(scheme)
+			for _, addr := range []string{withAuthzid, withSeparator} {
+				if r := loginAs(addr, user, pass); !strings.HasPrefix(r, "+OK") {
+					t.Errorf("%s (%s) through %s: %q", user, scheme, addr, r)
+				}
+			}
+			usedSecret(user, "wrong-"+pass)
+			if r := loginAs(withAuthzid, user, "wrong-"+pass); sansID(r) != replyAuthFailed {
+				t.Errorf("%s (%s) wrong password: %q", user, scheme, r)
+			}
+			// The backend's own password is no password at the proxy.
+			if r := loginAs(withAuthzid, user, "backend-"+pass); sansID(r) != replyAuthFailed {
+				t.Errorf("%s (%s) backend password: %q", user, scheme, r)
+			}
+		}
+		usedSecret("nobody", "nobody-pw")
+		if r := loginAs(withAuthzid, "nobody", "nobody-pw"); sansID(r) != replyAuthFailed {
+			t.Errorf("unknown user: %q", r)
+		}
+	})
+
+	t.Run("nologin", func(t *testing.T) {
+		if r := loginAs(withAuthzid, "pf-moved", "pw-moved-Secr3t"); sansID(r) != "-ERR [SYS/PERM] Moved_to_pop.example.net" {
+			t.Errorf("nologin user: %q", r)
+		}
+		usedSecret("pf-moved", "wrong-moved")
+		if r := loginAs(withAuthzid, "pf-moved", "wrong-moved"); sansID(r) != replyAuthFailed {
+			t.Errorf("nologin user, wrong password: %q", r) // the reason is for the owner only
+		}
+	})
+
+	t.Run("mechanisms", func(t *testing.T) {
+		user, pass := passwdUser("PLAIN")
+		c := dialPOP3(t, withAuthzid, nil)
+		if r := c.cmd("AUTH PLAIN " + b64("\x00"+user+"\x00"+pass)); !strings.HasPrefix(r, "+OK") {
+			t.Errorf("AUTH PLAIN: %q", r)
+		}
+		c.quit()
+
+		// APOP and CRAM-MD5 are checked at the proxy against the clear
+		// password; Dovecot sees the master's AUTH PLAIN.
+		c = dialPOP3(t, withAuthzid, nil)
+		ts := c.greeting[strings.Index(c.greeting, "<"):]
+		sum := md5.Sum([]byte(ts + pass))
+		if r := c.cmd("APOP " + user + " " + hex.EncodeToString(sum[:])); !strings.HasPrefix(r, "+OK") {
+			t.Errorf("APOP: %q", r)
+		}
+		c.quit()
+
+		c = dialPOP3(t, withAuthzid, nil)
+		r := c.cmd("AUTH CRAM-MD5")
+		challenge, err := base64.StdEncoding.DecodeString(strings.TrimPrefix(r, "+ "))
+		if err != nil {
+			t.Fatalf("CRAM-MD5 challenge %q", r)
+		}
+		mac := hmac.New(md5.New, []byte(pass))
+		mac.Write(challenge)
+		if r := c.cmd(b64(user + " " + hex.EncodeToString(mac.Sum(nil)))); !strings.HasPrefix(r, "+OK") {
+			t.Errorf("CRAM-MD5: %q", r)
+		}
+		c.quit()
+
+		// A bcrypt user has no secret for a digest: refused, as a wrong one.
+		bUser, bPass := passwdUser("BLF-CRYPT")
+		c = dialPOP3(t, withAuthzid, nil)
+		ts = c.greeting[strings.Index(c.greeting, "<"):]
+		sum = md5.Sum([]byte(ts + bPass))
+		if r := c.cmd("APOP " + bUser + " " + hex.EncodeToString(sum[:])); sansID(r) != replyAuthFailed {
+			t.Errorf("APOP for a bcrypt user: %q", r)
+		}
+		c.quit()
+	})
+
+	t.Run("reload", func(t *testing.T) {
+		// A user added while logins go on is known within a few seconds;
+		// no login of the others fails meanwhile.
+		user, pass := passwdUser("PLAIN")
+		var failures atomic.Int64
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		for i := 0; i < 4; i++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					c := dialPOP3(t, withAuthzid, nil)
+					c.write("USER " + user + "\r\nPASS " + pass + "\r\nQUIT\r\n")
+					c.line()
+					if r := c.line(); !strings.HasPrefix(r, "+OK") {
+						failures.Add(1)
+						t.Errorf("login under reload: %q", r)
+					}
+					c.line()
+					c.tcp.Close()
+				}
+			}()
+		}
+		newUser, newPass := "pf-new", "pw-new-Secr3t"
+		usedSecret(newUser, newPass)
+		writeAtomically(t, passwd, file.String()+newUser+":"+doveadmHash(t, "SHA512-CRYPT", newPass)+"::::::host=127.0.0.1 port="+strings.Split(dc.POP3Addr, ":")[1]+" destuser="+user+"\n")
+		waitFor(t, 10*time.Second, "the new user to log in", func() bool {
+			c := dialPOP3(t, withAuthzid, nil)
+			defer c.quit()
+			c.ok("USER " + newUser)
+			return strings.HasPrefix(c.cmd("PASS "+newPass), "+OK")
+		})
+
+		// A broken file keeps the users read before, with an ERROR.
+		writeAtomically(t, passwd, file.String()+"pf-broken:{NO-SUCH-SCHEME}x::::::\n")
+		waitFor(t, 10*time.Second, "the broken file to be reported", func() bool {
+			return strings.Contains(p.log(), "passwd_file not reloaded")
+		})
+		if r := loginAs(withAuthzid, newUser, newPass); !strings.HasPrefix(r, "+OK") {
+			t.Errorf("a user of the last good file after a broken one: %q", r)
+		}
+		close(stop)
+		wg.Wait()
+		if n := failures.Load(); n != 0 {
+			t.Errorf("%d logins failed while the file changed", n)
+		}
+		if strings.Contains(p.log(), "NO-SUCH-SCHEME}x") {
+			t.Error("the broken line's password field is in the log")
+		}
+	})
+}
