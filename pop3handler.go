@@ -59,12 +59,12 @@ const (
 
 // Authentication methods a client may be allowed to use (the `auth` option).
 const (
-	AuthPlain       = "plain"       // USER/PASS, AUTH PLAIN and AUTH LOGIN
-	AuthAPOP        = "apop"        // APOP (RFC 1939)
-	AuthCRAMMD5     = "cram-md5"    // AUTH CRAM-MD5 (RFC 2195)
-	AuthExternal    = "external"    // AUTH EXTERNAL with a TLS client certificate (RFC 4422)
-	AuthOAuthBearer = "oauthbearer" // AUTH OAUTHBEARER (RFC 7628)
-	AuthXOAuth2     = "xoauth2"     // AUTH XOAUTH2, the form large mail providers use
+	AuthPlain       = "plain"         // USER/PASS, AUTH PLAIN and AUTH LOGIN
+	AuthAPOP        = "apop"          // APOP (RFC 1939)
+	AuthCRAMMD5     = "cram-md5"      // AUTH CRAM-MD5 (RFC 2195)
+	AuthExternal    = "external"      // AUTH EXTERNAL with a TLS client certificate (RFC 4422)
+	AuthOAuthBearer = "oauthbearer"   // AUTH OAUTHBEARER (RFC 7628)
+	AuthXOAuth2     = "xoauth2"       // AUTH XOAUTH2, the form large mail providers use
 	AuthSCRAMSHA256 = "scram-sha-256" // AUTH SCRAM-SHA-256 (RFC 7677), and -PLUS over TLS
 	AuthSCRAMSHA1   = "scram-sha-1"   // AUTH SCRAM-SHA-1 (RFC 5802)
 )
