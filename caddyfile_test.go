@@ -279,6 +279,15 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"no upstream in block", "pop3 {\n\ttimeout 5s\n}", []string{"at least one upstream", "Testfile:1"}},
 		{"nested block", "pop3 a {\n\ttimeout 5s {\n\t\tfoo\n\t}\n}", []string{"malformed pop3 option 'timeout'"}},
 
+		// authenticators
+		{"unknown authenticator", "pop3 a {\n\tauthenticator nosuch\n}", []string{"nosuch"}},
+		{"authenticator without module", "pop3 a {\n\tauthenticator\n}", []string{"wrong argument count"}},
+		{"passwd_file without path", "pop3 a {\n\tpasswd_file\n}", []string{"wrong argument count"}},
+		{"passwd_file unknown option", "pop3 a {\n\tpasswd_file /x {\n\t\tfoo bar\n\t}\n}", []string{"unrecognized passwd_file option 'foo'"}},
+		{"master_login one argument", "pop3 a {\n\tmaster_login m\n}", []string{"wrong argument count"}},
+		{"master_login twice", "pop3 a {\n\tmaster_login m p\n\tmaster_login m p\n}", []string{"duplicate pop3 option 'master_login'"}},
+		{"master_login unknown option", "pop3 a {\n\tmaster_login m p {\n\t\tfoo\n\t}\n}", []string{"unrecognized pop3 option 'master_login foo'"}},
+
 		// auth_http
 		{"auth_http without url", "pop3 {\n\tauth_http\n}", []string{"'auth_http'"}},
 		{"auth_http twice", "pop3 {\n\tauth_http http://a/\n\tauth_http http://b/\n}", []string{"duplicate pop3 option 'auth_http'"}},
