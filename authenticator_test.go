@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -26,6 +27,8 @@ type tableAuthenticator struct {
 	Users map[string]tableUser `json:"users,omitempty"`
 	// Upstream replaces "{upstream}" in every user's address.
 	Upstream string `json:"upstream,omitempty"`
+
+	calls atomic.Int64
 }
 
 type tableUser struct {
@@ -45,6 +48,7 @@ func (*tableAuthenticator) CaddyModule() caddy.ModuleInfo {
 }
 
 func (a *tableAuthenticator) Authenticate(ctx context.Context, req AuthRequest) (AuthTarget, error) {
+	a.calls.Add(1)
 	u, ok := a.Users[req.User]
 	switch {
 	case !ok:

@@ -38,6 +38,11 @@ const (
 //		master_login <user> <password> {
 //			separator <sep>       # USER <user><sep><master> instead of AUTH PLAIN
 //		}
+//		auth_cache {
+//			ttl <duration>            # default 5m
+//			negative_ttl <duration>   # default 1m
+//			size <n>                  # default 10000
+//		}
 //		auth_failure_delay <duration>
 //		drain_timeout <duration>
 //		capabilities <extensions...>
@@ -197,6 +202,41 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			} else {
 				h.AuthHTTP = a
 			}
+			continue // its block is consumed
+		case "auth_cache":
+			c := new(AuthCache)
+			if d.CountRemainingArgs() != 0 {
+				return d.ArgErr()
+			}
+			subSeen := map[string]bool{}
+			for nesting := d.Nesting(); d.NextBlock(nesting); {
+				sub := d.Val()
+				if subSeen[sub] {
+					return d.Errf("duplicate %s option '%s %s'", wrapper, optionName, sub)
+				}
+				subSeen[sub] = true
+				switch sub {
+				case "ttl", "negative_ttl":
+					dur, err := parsePositiveDuration(d, wrapper, optionName+" "+sub)
+					if err != nil {
+						return err
+					}
+					if sub == "ttl" {
+						c.TTL = dur
+					} else {
+						c.NegativeTTL = dur
+					}
+				case "size":
+					n, err := parseIntInRange(d, wrapper, optionName+" "+sub, 1, 1<<24)
+					if err != nil {
+						return err
+					}
+					c.Size = n
+				default:
+					return d.Errf("unrecognized %s option '%s %s'", wrapper, optionName, sub)
+				}
+			}
+			h.AuthCache = c
 			continue // its block is consumed
 		case "master_login":
 			if d.CountRemainingArgs() != 2 {

@@ -21,6 +21,7 @@ type pop3Metrics struct {
 	bytes              *prometheus.CounterVec
 	stls               *prometheus.CounterVec
 	implicitHandshakes *prometheus.CounterVec
+	authCache          *prometheus.CounterVec
 }
 
 func newPOP3Metrics() *pop3Metrics {
@@ -67,6 +68,10 @@ func newPOP3Metrics() *pop3Metrics {
 			Namespace: ns, Subsystem: sub, Name: "implicit_tls_total",
 			Help: "TLS handshakes of implicit_tls sessions by result: ok (full handshake), resumed (TLS session resumed), failed.",
 		}, []string{"result"}),
+		authCache: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "auth_cache_total",
+			Help: "Lookups in the auth cache by result: hit (an authenticator's answer reused), negative_hit (a refusal reused), miss.",
+		}, []string{"result"}),
 	}
 }
 
@@ -76,7 +81,7 @@ func (m *pop3Metrics) register(reg *prometheus.Registry) error {
 	if m == nil || reg == nil {
 		return nil
 	}
-	for _, c := range []prometheus.Collector{m.sessions, m.activeSessions, m.parkedSessions, m.logins, m.loginDuration, m.dialErrors, m.upstreamHealthy, m.bytes, m.stls, m.implicitHandshakes} {
+	for _, c := range []prometheus.Collector{m.sessions, m.activeSessions, m.parkedSessions, m.logins, m.loginDuration, m.dialErrors, m.upstreamHealthy, m.bytes, m.stls, m.implicitHandshakes, m.authCache} {
 		if err := reg.Register(c); err != nil && !errors.As(err, new(prometheus.AlreadyRegisteredError)) {
 			return err
 		}
@@ -123,6 +128,12 @@ func (m *pop3Metrics) login(method, result string, seconds float64) {
 	m.logins.WithLabelValues(method, result).Inc()
 	if seconds >= 0 {
 		m.loginDuration.WithLabelValues(method).Observe(seconds)
+	}
+}
+
+func (m *pop3Metrics) authCacheLookup(result string) {
+	if m != nil {
+		m.authCache.WithLabelValues(result).Inc()
 	}
 }
 

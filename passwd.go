@@ -12,8 +12,10 @@ import (
 	"errors"
 	"fmt"
 	"hash"
+	"maps"
 	"net"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -152,6 +154,22 @@ func (p *PasswdFile) lookup(user string) (*passwdfile.Entry, bool) {
 		user += "@" + strings.ToLower(p.DefaultDomain)
 	}
 	return p.table.Load().Lookup(user)
+}
+
+// cacheVersion tells one version of user's entry from another, for the
+// auth cache: a changed password or extra field misses.
+func (p *PasswdFile) cacheVersion(user string) string {
+	e, ok := p.lookup(user)
+	if !ok {
+		return "absent"
+	}
+	keys := slices.Sorted(maps.Keys(e.Extra))
+	var b strings.Builder
+	b.WriteString(e.Stored())
+	for _, k := range keys {
+		b.WriteString("\x00" + k + "=" + e.Extra[k])
+	}
+	return b.String()
 }
 
 // decoy is verified against for a user the file does not have, so that a
@@ -297,6 +315,7 @@ func (p *PasswdFile) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 // Interface guards
 var (
 	_ scramSource           = (*PasswdFile)(nil)
+	_ cacheVersioner        = (*PasswdFile)(nil)
 	_ caddy.Provisioner     = (*PasswdFile)(nil)
 	_ caddyfile.Unmarshaler = (*PasswdFile)(nil)
 )

@@ -124,6 +124,8 @@ type Handler struct {
 	// behalf, so that any client mechanism reaches any backend that knows
 	// a master user. Default: the client's own password is passed on.
 	MasterLogin *MasterLogin `json:"master_login,omitempty"`
+	// Remember the authenticators' answers for a while. Off when unset.
+	AuthCache *AuthCache `json:"auth_cache,omitempty"`
 	// Delay before the -ERR of a refused login; it doubles with each
 	// recent failure from the same client address, up to 15s. An auth
 	// server's Auth-Wait replaces it. Default: 1s.
@@ -466,6 +468,15 @@ func (h *Handler) setup() error {
 	for _, m := range []string{AuthSCRAMSHA256, AuthSCRAMSHA1} {
 		if h.hasAuth(m) && len(h.scramSources) == 0 {
 			return fmt.Errorf("auth: method %q needs an authenticator that holds SCRAM secrets, such as passwd_file", m)
+		}
+	}
+	if h.AuthCache != nil && len(chain) > 0 {
+		cache, err := h.AuthCache.newCache(h.proc.metrics)
+		if err != nil {
+			return err
+		}
+		for i, a := range chain {
+			chain[i] = cachedAuthenticator{a: a, index: i, cache: cache}
 		}
 	}
 	if len(chain) > 0 {
