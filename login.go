@@ -115,7 +115,9 @@ func (s *session) login(req loginRequest) error {
 		return s.loginFailed(req, "", err)
 	}
 	mailbox := mailboxUser(target.creds) // before a master login changes the names
-	target = s.h.asMaster(target)
+	if target, err = s.h.asMaster(target); err != nil {
+		return s.loginFailed(req, target.address, err)
+	}
 	if target.creds.Password == "" && req.method != AuthPlain {
 		// A digest, token or certificate is no password for the upstream,
 		// and no master user or per-user password stands in for it.
@@ -155,11 +157,11 @@ func (s *session) login(req loginRequest) error {
 // itself and master_login is set. Dovecot takes both forms: AUTH PLAIN
 // with the user as authorization identity, or USER <user><sep><master>
 // (auth_master_user_separator) and the master's password.
-func (h *Handler) asMaster(target loginTarget) loginTarget {
+func (h *Handler) asMaster(target loginTarget) (loginTarget, error) {
 	user, master, password, separator := target.creds.Username, target.master, target.creds.Password, ""
 	if master == "" {
 		if !target.checked || h.MasterLogin == nil {
-			return target
+			return target, nil
 		}
 		master, password = h.MasterLogin.User, h.MasterLogin.Password
 	}
@@ -167,12 +169,17 @@ func (h *Handler) asMaster(target loginTarget) loginTarget {
 		separator = h.MasterLogin.Separator
 	}
 	if separator != "" {
+		if strings.Contains(user, separator) {
+			// "victim*master" as a user would log in as someone else, or
+			// as the master itself, depending on how the backend splits.
+			return target, fmt.Errorf("%w: user name holds the master separator %q", errBadCredentials, separator)
+		}
 		target.creds = sasl.Credentials{Username: user + separator + master, Password: password}
 	} else {
 		target.creds = sasl.Credentials{Identity: user, Username: master, Password: password}
 	}
 	target.master = ""
-	return target
+	return target, nil
 }
 
 // badUserName reports whether a user name or authzid is one no mailbox

@@ -288,3 +288,23 @@ func noSecretIn(t *testing.T, logs *observer.ObservedLogs, secrets ...string) {
 	t.Helper()
 	(&testSession{t: t, logs: logs}).assertNoSecret(secrets...)
 }
+
+// TestMasterSeparatorInUserName: with the USER <user><sep><master> form,
+// a user name that holds the separator is refused before the upstream:
+// "victim*master" would log in as the backend splits it, not as checked.
+func TestMasterSeparatorInUserName(t *testing.T) {
+	t.Parallel()
+	up, addr := fakeUpstream(t, func(u *pop3test.Upstream) { u.Users["master"] = "master-pw" })
+	h, logs, _ := passwdHandler(t, addr, "victim*x:{PLAIN}eve-pw::::::\n", nil, func(h *Handler) {
+		h.MasterLogin = &MasterLogin{User: "master", Password: "master-pw", Separator: "*"}
+	})
+	ts := startSession(t, h, logs, false)
+	ts.send("USER victim*x", "PASS eve-pw")
+	ts.expect("+OK")
+	ts.expect("-ERR [AUTH] Invalid credentials syntax")
+	for _, l := range up.Lines() {
+		if strings.HasPrefix(l, "AUTH") || strings.HasPrefix(l, "USER") {
+			t.Errorf("upstream got %q", l)
+		}
+	}
+}
