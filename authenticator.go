@@ -209,6 +209,23 @@ var (
 	_ caddyfile.Unmarshaler = (*HTTPAuthenticator)(nil)
 )
 
+// digestsCheckable reports whether an authenticator can check an APOP or
+// CRAM-MD5 digest: any but a passwd_file (an auth server gets the salt),
+// and a passwd_file that has an entry with a usable secret. Where none
+// can, the mechanism is not offered: a client would only fail with it.
+func (h *Handler) digestsCheckable(method string) bool {
+	if !h.hasAuthenticators() || h.AuthHTTP != nil {
+		return true
+	}
+	for _, a := range h.authenticators {
+		p, ok := a.(*PasswdFile)
+		if !ok || p.checksDigests(method) {
+			return true
+		}
+	}
+	return false
+}
+
 // MasterLogin is a master user the proxy logs in upstream as, for users
 // whose credentials an authenticator has checked.
 type MasterLogin struct {

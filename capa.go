@@ -26,7 +26,7 @@ func (s *session) mechanisms() []string {
 		case AuthPlain:
 			m = append(m, "PLAIN", "LOGIN")
 		case AuthCRAMMD5:
-			if s.early == nil || s.early.mechs["CRAM-MD5"] {
+			if (s.early == nil || s.early.mechs["CRAM-MD5"]) && s.h.digestsCheckable(AuthCRAMMD5) {
 				m = append(m, "CRAM-MD5")
 			}
 		case AuthExternal:

@@ -53,6 +53,9 @@ type PasswdFile struct {
 	DefaultDomain string `json:"default_domain,omitempty"`
 
 	table  atomic.Pointer[passwdfile.Table]
+	// digests: the table has an entry that can check APOP (clear) or
+	// CRAM-MD5 (clear or CRAM-MD5) digests; set with the table.
+	apopOK, cramOK atomic.Bool
 	loaded fileStamp // of the table in use; only the watcher changes it
 	logger *zap.Logger
 }
@@ -93,7 +96,15 @@ func (p *PasswdFile) load() error {
 	if after, err := stampOf(p.Path); err != nil || after != before {
 		return fmt.Errorf("passwd_file: %s changed while it was read", p.Path)
 	}
+	apopOK, cramOK := false, false
+	for e := range t.All() {
+		_, clear := e.ClearPassword()
+		_, cram := e.CRAMMD5()
+		apopOK, cramOK = apopOK || clear, cramOK || cram
+	}
 	p.table.Store(t)
+	p.apopOK.Store(apopOK)
+	p.cramOK.Store(cramOK)
 	p.loaded = before
 	return nil
 }
@@ -154,6 +165,15 @@ func (p *PasswdFile) lookup(user string) (*passwdfile.Entry, bool) {
 		user += "@" + strings.ToLower(p.DefaultDomain)
 	}
 	return p.table.Load().Lookup(user)
+}
+
+// checksDigests reports whether any entry can check method's digests
+// (apop, cram-md5).
+func (p *PasswdFile) checksDigests(method string) bool {
+	if method == AuthAPOP {
+		return p.apopOK.Load()
+	}
+	return p.cramOK.Load()
 }
 
 // cacheVersion tells one version of user's entry from another, for the

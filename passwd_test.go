@@ -4,6 +4,7 @@ import (
 	"crypto/hmac"
 	"crypto/md5"
 	"crypto/pbkdf2"
+	"crypto/sha256"
 	"encoding/base64"
 	"encoding/hex"
 	"fmt"
@@ -306,5 +307,43 @@ func TestMasterSeparatorInUserName(t *testing.T) {
 		if strings.HasPrefix(l, "AUTH") || strings.HasPrefix(l, "USER") {
 			t.Errorf("upstream got %q", l)
 		}
+	}
+}
+
+// TestPasswdFileDigestsOfferedOnlyWhenCheckable: with no entry that could
+// check an APOP or CRAM-MD5 digest (only hashes), neither is offered: no
+// timestamp in the greeting, no CRAM-MD5 in CAPA, both refused as such.
+func TestPasswdFileDigestsOfferedOnlyWhenCheckable(t *testing.T) {
+	t.Parallel()
+	_, addr := fakeUpstream(t, nil)
+	sum := sha256.Sum256([]byte("secret-pw"))
+	hashed := "alice:{SHA256}" + base64.StdEncoding.EncodeToString(sum[:]) + "::::::\n"
+	for _, tc := range []struct {
+		content string
+		offered bool
+	}{
+		{hashed, false},
+		{hashed + "bob:{PLAIN}bob-pw::::::\n", true},
+	} {
+		h, logs, _ := passwdHandler(t, addr, tc.content, nil, func(h *Handler) {
+			h.Auth = []string{AuthPlain, AuthAPOP, AuthCRAMMD5}
+		})
+		ts := startSession(t, h, logs, false)
+		if got := strings.Contains(ts.greeting, "<"); got != tc.offered {
+			t.Errorf("offered %v: greeting %q", tc.offered, ts.greeting)
+		}
+		ts.send("CAPA")
+		ts.expect("+OK")
+		if got := strings.Contains(strings.Join(ts.multiline(), "\n"), "CRAM-MD5"); got != tc.offered {
+			t.Errorf("offered %v: CRAM-MD5 in CAPA %v", tc.offered, got)
+		}
+		if !tc.offered {
+			ts.send("AUTH CRAM-MD5")
+			ts.expect("-ERR Unsupported authentication mechanism")
+			ts.send("APOP alice 0123456789abcdef0123456789abcdef")
+			ts.expect("-ERR APOP is not enabled")
+		}
+		ts.send("QUIT")
+		ts.expect("+OK")
 	}
 }

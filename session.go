@@ -237,7 +237,7 @@ func (s *session) greet() error {
 		if s.h.hasAuth(AuthAPOP) {
 			s.timestamp = up.timestamp
 		}
-	} else if s.h.hasAuth(AuthAPOP) {
+	} else if s.h.hasAuth(AuthAPOP) && s.h.digestsCheckable(AuthAPOP) {
 		s.timestamp = newAPOPTimestamp()
 	}
 	if s.timestamp != "" {
