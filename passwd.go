@@ -52,12 +52,12 @@ type PasswdFile struct {
 	// A user name without @ gets @default_domain before the lookup.
 	DefaultDomain string `json:"default_domain,omitempty"`
 
-	table  atomic.Pointer[passwdfile.Table]
+	table atomic.Pointer[passwdfile.Table]
 	// digests: the table has an entry that can check APOP (clear) or
 	// CRAM-MD5 (clear or CRAM-MD5) digests; set with the table.
 	apopOK, cramOK atomic.Bool
-	loaded fileStamp // of the table in use; only the watcher changes it
-	logger *zap.Logger
+	loaded         fileStamp // of the table in use; only the watcher changes it
+	logger         *zap.Logger
 }
 
 // CaddyModule returns the Caddy module information.
