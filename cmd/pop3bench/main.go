@@ -6,6 +6,10 @@
 //     sessions/s and latency percentiles, in plain POP3, over implicit TLS
 //     (995) and over STLS, with the proxy's and the whole machine's CPU per
 //     session;
+//   - the login rate through caddy-pop3 when it checks the users itself in a
+//     passwd_file of bcrypt hashes and logs in to Dovecot as a master user
+//     (master_login), without and with auth_cache, against its pass-through
+//     plain logins in the same interleaved rounds;
 //   - login latency with one client, where nothing queues for the CPUs: what
 //     a proxy adds to p50 and p99;
 //   - the proxy's memory (RSS) and file descriptors per logged-in idle
@@ -32,6 +36,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log"
 	"os"
 	"os/signal"
@@ -48,6 +53,9 @@ const (
 	nameDirect = "Dovecot direct"
 	nameCaddy  = "caddy-pop3"
 	nameNginx  = "NGINX"
+	// caddy-pop3 checking the users in a passwd_file, master_login upstream.
+	namePasswd       = "caddy-pop3 passwd_file"
+	namePasswdCached = "caddy-pop3 passwd_file + auth_cache"
 )
 
 type config struct {
@@ -79,7 +87,7 @@ type config struct {
 	args               []string
 }
 
-var allPhases = []string{"retr", "plain", "tls", "stls", "latency", "memory"}
+var allPhases = []string{"retr", "plain", "tls", "stls", "passwd", "latency", "memory"}
 
 func main() {
 	log.SetFlags(log.Ltime)
@@ -251,6 +259,7 @@ type bench struct {
 	caddy    *caddyProxy
 	nginx    *nginxProxy
 	users    []userCred // login and idle-session users
+	passwd   *passwdSetup
 	retrUser userCred
 	want     [32]byte
 	res      results
@@ -303,8 +312,25 @@ func run(cfg *config) (failed bool, err error) {
 	if cfg.phases["memory"] {
 		maxSessions = slices.Max(append(slices.Clone(cfg.sessions), cfg.tlsSessions...))
 	}
+	if cfg.phases["passwd"] {
+		// Users of their own, whose passwords only the proxy knows: Dovecot
+		// has another one for each, so only the master login gets in.
+		b.passwd = &passwdSetup{
+			file:        filepath.Join(dir, "proxy-users"),
+			masterUser:  "benchmaster",
+			masterPw:    "bench-master-password",
+			mastersFile: filepath.Join(dir, "dovecot-masters"),
+		}
+		for i := 1; i <= 16; i++ {
+			b.passwd.users = append(b.passwd.users, userCred{fmt.Sprintf("pfuser%02d", i), fmt.Sprintf("pf-password-%02d", i)})
+		}
+		log.Printf("hashing %d passwords for passwd_file (doveadm pw -s BLF-CRYPT)", len(b.passwd.users))
+		if err := writePasswd(b.passwd); err != nil {
+			return false, err
+		}
+	}
 	log.Print("starting Dovecot")
-	dc, err := startDovecot(dir, msg, b.retrUser, b.users, maxSessions)
+	dc, err := startDovecot(dir, msg, b.retrUser, b.users, b.passwd, maxSessions)
 	if err != nil {
 		return false, err
 	}
@@ -322,7 +348,7 @@ func run(cfg *config) (failed bool, err error) {
 		authURL = "http://" + auth.addr + "/auth"
 	}
 	log.Print("starting Caddy")
-	b.caddy, err = newCaddyProxy(caddyBin, filepath.Join(dir, "caddy"), dc.POP3Addr, authURL, cfg.caddyLog, cfg.caddyEnv)
+	b.caddy, err = newCaddyProxy(caddyBin, filepath.Join(dir, "caddy"), dc.POP3Addr, authURL, cfg.caddyLog, cfg.caddyEnv, b.passwd)
 	if err != nil {
 		return false, err
 	}
@@ -366,6 +392,9 @@ func run(cfg *config) (failed bool, err error) {
 	}
 	b.res.versions = versions(caddyBin, cfg.nginxBin)
 	b.res.dovecotConf = dovecotExtra(maxSessions)
+	if b.passwd != nil {
+		b.res.dovecotConf += masterExtra(b.passwd.mastersFile)
+	}
 	b.res.caddyfile = b.caddy.caddyfile(dc.POP3Addr, authURL, cfg.caddyLog)
 	ngConf, _ := os.ReadFile(filepath.Join(b.nginx.dir, "nginx.conf"))
 	b.res.nginxConf = string(ngConf)
@@ -385,6 +414,11 @@ func run(cfg *config) (failed bool, err error) {
 			if b.res.login[m], err = b.loginPhase(m, cfg.conc, 0); err != nil {
 				return false, err
 			}
+		}
+	}
+	if cfg.phases["passwd"] {
+		if b.res.passwd, err = b.passwdPhase(); err != nil {
+			return false, err
 		}
 	}
 	if cfg.phases["latency"] {
@@ -465,10 +499,113 @@ func (b *bench) retrPhase() error {
 	return nil
 }
 
+// loginPath is a path of the login-rate runs with the users it logs in.
+type loginPath struct {
+	t     *target
+	users []userCred
+}
+
 // loginPhase runs conc clients per path in mode m, rounds interleaved,
 // each run lasting -login-duration or, with count (else -login-count)
 // above 0, that many sessions.
 func (b *bench) loginPhase(m mode, conc, count int) (aggs map[string]*loginAgg, err error) {
+	var paths []loginPath
+	for _, t := range b.targets {
+		paths = append(paths, loginPath{t, b.users})
+	}
+	return b.loginRuns(paths, m, conc, count)
+}
+
+// passwdPhase compares plain logins through caddy-pop3 that pass the
+// password on (the pass-through path of the plain login runs) with logins
+// that caddy-pop3 checks in its passwd_file (bcrypt) before it logs in as
+// the master user, without and with auth_cache, rounds interleaved.
+func (b *bench) passwdPhase() (map[string]*loginAgg, error) {
+	caddy := b.targets[1]
+	passwdTarget := func(name, addr string) *target {
+		t := *caddy
+		t.name = name
+		t.addrs = [numModes]string{modePlain: addr}
+		t.restart = nil
+		return &t
+	}
+	paths := []loginPath{
+		{caddy, b.users},
+		{passwdTarget(namePasswd, b.caddy.passwdAddrs[0]), b.passwd.users},
+		{passwdTarget(namePasswdCached, b.caddy.passwdAddrs[1]), b.passwd.users},
+	}
+	log.Print("passwd_file: caddy-pop3 pass-through against passwd_file (bcrypt) with master_login, without and with auth_cache")
+	if err := b.checkPasswd(paths[1].t); err != nil {
+		return nil, err
+	}
+	aggs, err := b.loginRuns(paths, modePlain, b.cfg.conc, 0)
+	if err != nil {
+		return nil, err
+	}
+	base := aggs[nameCaddy]
+	for _, name := range []string{namePasswd, namePasswdCached} {
+		a := aggs[name]
+		log.Printf("  %-*s vs pass-through: rate %s, p50 %s, p99 %s, proxy CPU per login %s", len(namePasswdCached), name,
+			x(ratio(median(a.rates), median(base.rates))),
+			x(ratio(ms(percentile(a.lat, 50)), ms(percentile(base.lat, 50)))),
+			x(ratio(ms(percentile(a.lat, 99)), ms(percentile(base.lat, 99)))),
+			x(ratio(a.cpuPerSession(), base.cpuPerSession())))
+	}
+	return aggs, nil
+}
+
+// checkPasswd makes sure that only the proxy's check and master login let
+// the passwd_file users in: Dovecot refuses each of their passwords, and the
+// proxy (through t, without auth_cache) refuses a wrong one.
+func (b *bench) checkPasswd(t *target) error {
+	direct := b.targets[0]
+	users := b.passwd.users
+	_, err := forEach(len(users)+1, len(users)+1, 0, func(i int) error {
+		if i == len(users) {
+			u := users[0]
+			if err := refused(t, u.name, "wrong-"+u.pass); err != nil {
+				return fmt.Errorf("%s with a wrong password: %w", t.name, err)
+			}
+			return nil
+		}
+		u := users[i]
+		if err := refused(direct, u.name, u.pass); err != nil {
+			return fmt.Errorf("%s with %s's passwd_file password: %w", direct.name, u.name, err)
+		}
+		return nil
+	})
+	return err
+}
+
+// refused logs in to t on its plain port and returns nil if PASS is
+// answered with -ERR.
+func refused(t *target, user, pass string) error {
+	pc, err := dialPOP3(t, modePlain, false, time.Now().Add(15*time.Second))
+	if err != nil {
+		return err
+	}
+	defer pc.Close()
+	if _, err := pc.cmd("USER " + user); err != nil {
+		return err
+	}
+	if _, err := io.WriteString(pc.c, "PASS "+pass+"\r\n"); err != nil {
+		return err
+	}
+	line, err := pc.r.ReadString('\n')
+	if err != nil {
+		return err
+	}
+	if !strings.HasPrefix(line, "-ERR") {
+		return fmt.Errorf("logged in (%q), want -ERR", strings.TrimSpace(line))
+	}
+	_, _ = io.WriteString(pc.c, "QUIT\r\n")
+	return nil
+}
+
+// loginRuns runs conc clients per path in mode m, rounds interleaved (each
+// starting with another path), each run lasting -login-duration or, with
+// count (else -login-count) above 0, that many sessions.
+func (b *bench) loginRuns(paths []loginPath, m mode, conc, count int) (aggs map[string]*loginAgg, err error) {
 	cfg := b.cfg
 	if count == 0 {
 		count = cfg.loginCount
@@ -479,16 +616,19 @@ func (b *bench) loginPhase(m mode, conc, count int) (aggs map[string]*loginAgg, 
 	}
 	log.Printf("logins, %v: %d rounds of %s per path, %d clients", m, cfg.loginRounds, what, conc)
 	aggs = map[string]*loginAgg{}
-	for _, t := range b.targets {
+	for _, p := range paths {
+		t := p.t
 		aggs[t.name] = &loginAgg{}
 		// Warm-up: processes, TLS session caches, connection pools.
-		r := runLoad(t, m, cfg.resume, conc, 0, 4*max(conc, 16), b.users)
+		r := runLoad(t, m, cfg.resume, conc, 0, 4*max(conc, 16), p.users)
 		if r.errors > 0 {
 			return nil, fmt.Errorf("logins %v via %s (warm-up): %d errors, first: %v", m, t.name, r.errors, r.firstErr)
 		}
 	}
 	for i := 0; i < cfg.loginRounds; i++ {
-		for _, t := range b.rotate(i) {
+		for j := range paths {
+			p := paths[(i+j)%len(paths)]
+			t := p.t
 			a := aggs[t.name]
 			var cpu0 uint64
 			if t.pids != nil {
@@ -500,7 +640,7 @@ func (b *bench) loginPhase(m mode, conc, count int) (aggs map[string]*loginAgg, 
 			if err != nil {
 				return nil, err
 			}
-			r := runLoad(t, m, cfg.resume, conc, cfg.loginDur, count, b.users)
+			r := runLoad(t, m, cfg.resume, conc, cfg.loginDur, count, p.users)
 			busy1, err := machineBusyTicks()
 			if err != nil {
 				return nil, err
@@ -526,14 +666,19 @@ func (b *bench) loginPhase(m mode, conc, count int) (aggs map[string]*loginAgg, 
 			}
 		}
 	}
-	for _, t := range b.targets {
+	width := 15
+	for _, p := range paths {
+		width = max(width, len(p.t.name))
+	}
+	for _, p := range paths {
+		t := p.t
 		a := aggs[t.name]
 		a.sortLat()
 		cpu := ""
 		if t.pids != nil {
 			cpu = fmt.Sprintf(", proxy CPU %.2f ms/session", a.cpuPerSession())
 		}
-		log.Printf("  %-15s median %8.0f sessions/s, p50 %6.2f ms, p99 %6.2f ms, %d errors%s, machine CPU %.2f ms/session", t.name, median(a.rates), ms(percentile(a.lat, 50)), ms(percentile(a.lat, 99)), a.errors, cpu, a.machinePerSession())
+		log.Printf("  %-*s median %8.0f sessions/s, p50 %6.2f ms, p99 %6.2f ms, %d errors%s, machine CPU %.2f ms/session", width, t.name, median(a.rates), ms(percentile(a.lat, 50)), ms(percentile(a.lat, 99)), a.errors, cpu, a.machinePerSession())
 	}
 	return aggs, nil
 }

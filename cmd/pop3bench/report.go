@@ -27,6 +27,7 @@ type results struct {
 	retrBytes          int
 	retr               map[string]*retrAgg
 	login              map[mode]map[string]*loginAgg
+	passwd             map[string]*loginAgg // pass-through and passwd_file logins through caddy-pop3
 	latency            map[string]*loginAgg // plain sessions one at a time
 	memory             []*memResult
 	profiles           []string
@@ -327,6 +328,39 @@ func (b *bench) report() (failed bool, err error) {
 		p("![login latency CDF](login-latency.png)")
 		p("")
 		p("`login-latency.png`: the cumulative distribution of session latencies per mode (y: share of sessions that finished within x ms). With %d clients, sessions/s ≈ %d / mean latency: a path whose CDF starts far from 0 (a fixed wait in every session) is limited by that wait, not by CPU; a larger -c tells the two apart.", cfg.conc, cfg.conc)
+		p("")
+	}
+
+	if r.passwd != nil {
+		what := fmt.Sprintf("%d rounds of %v per path", cfg.loginRounds, cfg.loginDur)
+		if cfg.loginCount > 0 {
+			what = fmt.Sprintf("%d rounds of %d sessions per path", cfg.loginRounds, cfg.loginCount)
+		}
+		base := r.passwd[nameCaddy]
+		bRate, b50, b99, bCPU := median(base.rates), ms(percentile(base.lat, 50)), ms(percentile(base.lat, 99)), base.cpuPerSession()
+		p("## Login rate with passwd_file at the proxy")
+		p("")
+		p("caddy-pop3 checking each password itself against a `passwd_file` of BLF-CRYPT (bcrypt) hashes made by `doveadm pw -s BLF-CRYPT` (doveadm's default cost), then logging in to the same Dovecot as a master user (`master_login`: AUTH PLAIN with the user as authorization identity; Dovecot knows each of these users by another password, so only the master login gets in), without and with `auth_cache` (ttl 1h; the warm-up fills it, so the measured logins hit it), compared with caddy-pop3's pass-through plain logins (%s), in the same interleaved rounds: %d clients at once, plain POP3, connect, `USER`, `PASS`, `STAT`, `QUIT`; %s; %d users per path. Measured as in the login-rate table (these pass-through figures are this phase's own runs). proxy CPU ms per login is Caddy's utime+stime during a path's runs / its sessions.", map[bool]string{false: "a static upstream", true: "asking the auth_http stand-in (-caddy-auth-http)"}[cfg.caddyAuthHTTP], cfg.conc, what, len(b.passwd.users))
+		p("")
+		p("| path | sessions/s | p50 ms | p99 ms | rate vs pass-through | p50 vs pass-through | p99 vs pass-through | proxy CPU ms per login | CPU vs pass-through | machine CPU ms per session | errors |")
+		p("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+		for _, name := range []string{nameCaddy, namePasswd, namePasswdCached} {
+			a := r.passwd[name]
+			rate, p50, p99, cpu := median(a.rates), ms(percentile(a.lat, 50)), ms(percentile(a.lat, 99)), a.cpuPerSession()
+			label := name
+			vsRate, vs50, vs99, vsCPU := "", "", "", ""
+			if name == nameCaddy {
+				label = nameCaddy + " pass-through"
+			} else {
+				vsRate, vs50, vs99, vsCPU = x(ratio(rate, bRate)), x(ratio(p50, b50)), x(ratio(p99, b99)), x(ratio(cpu, bCPU))
+			}
+			errs := fmt.Sprint(a.errors)
+			if a.errors > 0 {
+				failed = true
+				errs = fmt.Sprintf("**%d** (%s)", a.errors, shortErr(a.firstErr))
+			}
+			p("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |", label, f0(rate), f2(p50), f2(p99), vsRate, vs50, vs99, f2(cpu), vsCPU, f2(a.machinePerSession()), errs)
+		}
 		p("")
 	}
 

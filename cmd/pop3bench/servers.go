@@ -47,18 +47,77 @@ protocol pop3 {
 `, limit, limit, perProc, procs, limit)
 }
 
+// masterExtra is the master passdb that caddy-pop3's master_login logs in
+// with (AUTH PLAIN, the user as authorization identity), from mastersFile.
+func masterExtra(mastersFile string) string {
+	return fmt.Sprintf(`auth_master_user_separator = *
+passdb {
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%%u %s
+  master = yes
+}
+`, mastersFile)
+}
+
+// passwdSetup is what the passwd_file logins need: the proxy's users with
+// the passwords they log in with (a bcrypt hash of each in the file), the
+// passwd-file, and the Dovecot master user that master_login uses.
+type passwdSetup struct {
+	users                []userCred
+	file                 string
+	masterUser, masterPw string
+	mastersFile          string
+}
+
+// backendPassword is a passwd_file user's own password in Dovecot: not the
+// one the client sends, so only the master login gets in.
+func backendPassword(u userCred) string { return "dovecot-only-" + u.pass }
+
+// writePasswd writes the passwd-file of pw.users with a BLF-CRYPT hash of
+// each password made by `doveadm pw` (its default cost), and the master
+// users' file for Dovecot.
+func writePasswd(pw *passwdSetup) error {
+	var file strings.Builder
+	file.WriteString("# pop3bench: users checked at the proxy; hashes by doveadm pw -s BLF-CRYPT\n")
+	for _, u := range pw.users {
+		out, err := exec.Command("doveadm", "pw", "-s", "BLF-CRYPT", "-p", u.pass).CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("doveadm pw -s BLF-CRYPT: %w: %s", err, bytes.TrimSpace(out))
+		}
+		hash := strings.TrimSpace(string(out))
+		if !strings.HasPrefix(hash, "{BLF-CRYPT}$2") {
+			return fmt.Errorf("doveadm pw -s BLF-CRYPT: unexpected output %q", hash)
+		}
+		fmt.Fprintf(&file, "%s:%s::::::\n", u.name, hash)
+	}
+	if err := os.WriteFile(pw.file, []byte(file.String()), 0o600); err != nil {
+		return err
+	}
+	// Dovecot's auth process (an unprivileged user) reads it.
+	return os.WriteFile(pw.mastersFile, []byte(pw.masterUser+":{PLAIN}"+pw.masterPw+"\n"), 0o644)
+}
+
 // startDovecot starts the private Dovecot with the RETR user (one message
-// of msg) and the login users (one small message each).
-func startDovecot(dir string, msg []byte, retrUser userCred, users []userCred, maxSessions int) (*dovecot.Server, error) {
+// of msg), the login users (one small message each) and, with pw, the
+// passwd_file users (one small message each, a password of their own) and
+// the master passdb.
+func startDovecot(dir string, msg []byte, retrUser userCred, users []userCred, pw *passwdSetup, maxSessions int) (*dovecot.Server, error) {
 	small := []byte("From: bench@example.com\r\nSubject: small\r\n\r\nA small message for STAT.\r\n")
 	du := []dovecot.User{{Name: retrUser.name, Password: retrUser.pass, Messages: [][]byte{msg}}}
 	for _, u := range users {
 		du = append(du, dovecot.User{Name: u.name, Password: u.pass, Messages: [][]byte{small}})
 	}
+	extra := dovecotExtra(maxSessions)
+	if pw != nil {
+		for _, u := range pw.users {
+			du = append(du, dovecot.User{Name: u.name, Password: backendPassword(u), Messages: [][]byte{small}})
+		}
+		extra += masterExtra(pw.mastersFile)
+	}
 	return dovecot.Start(dovecot.Config{
 		Dir:   filepath.Join(dir, "dovecot"),
 		Users: du,
-		Extra: dovecotExtra(maxSessions),
+		Extra: extra,
 	})
 }
 
@@ -206,12 +265,20 @@ type caddyProxy struct {
 	adminAddr string
 	extraEnv  []string // -caddy-env
 	child     *child
+	// passwd, when set: two more plain listeners whose users are checked
+	// at the proxy (passwd_file) and logged in upstream with master_login,
+	// the second with auth_cache.
+	passwd      *passwdSetup
+	passwdAddrs [2]string // uncached, cached
 }
 
 // caddyfile writes the configuration: a plain listener (starttls off), an
 // STLS listener (starttls only) and an implicit TLS listener (pop3 with
 // implicit_tls), all to Dovecot's plain port, or through the auth_http
 // stand-in when authURL is set. Certificates come from Caddy's internal CA.
+// With p.passwd two plain listeners follow whose users caddy-pop3 checks in
+// a passwd_file and logs in to Dovecot's plain port as the master user,
+// without and with auth_cache.
 func (p *caddyProxy) caddyfile(upstream, authURL, logLevel string) string {
 	pop3 := func(extra ...string) string {
 		var b strings.Builder
@@ -227,6 +294,33 @@ func (p *caddyProxy) caddyfile(upstream, authURL, logLevel string) string {
 		return b.String()
 	}
 	policy := []string{"connection_policy {", "\talpn pop3", "\tdefault_sni localhost", "}"}
+	passwd := ""
+	if pw := p.passwd; pw != nil {
+		auth := []string{"starttls off", "passwd_file " + pw.file, "master_login " + pw.masterUser + " " + pw.masterPw}
+		static := func(extra ...string) string {
+			var b strings.Builder
+			b.WriteString("pop3 " + upstream + " {\n")
+			for _, e := range extra {
+				b.WriteString("\t\t\t\t\t" + e + "\n")
+			}
+			b.WriteString("\t\t\t\t}")
+			return b.String()
+		}
+		passwd = fmt.Sprintf(`		# plain, users checked at the proxy (passwd_file, bcrypt), master login upstream
+		%s {
+			route {
+				%s
+			}
+		}
+		# the same with auth_cache
+		%s {
+			route {
+				%s
+			}
+		}
+`, p.passwdAddrs[0], static(auth...),
+			p.passwdAddrs[1], static(append(auth, "auth_cache {", "\tttl 1h", "}")...))
+	}
 	return fmt.Sprintf(`# Written by pop3bench.
 {
 	admin %s
@@ -255,21 +349,23 @@ func (p *caddyProxy) caddyfile(upstream, authURL, logLevel string) string {
 				%s
 			}
 		}
-	}
+%s	}
 }
 `, p.adminAddr, logLevel,
 		p.addrs[modePlain], pop3("starttls off"),
 		p.addrs[modeSTLS], pop3(append([]string{"starttls only"}, policy...)...),
-		p.addrs[modeTLS], pop3(append([]string{"implicit_tls"}, policy...)...))
+		p.addrs[modeTLS], pop3(append([]string{"implicit_tls"}, policy...)...),
+		passwd)
 }
 
-func newCaddyProxy(bin, dir, upstream, authURL, logLevel string, extraEnv []string) (*caddyProxy, error) {
-	addrs, err := freeAddrs(4)
+func newCaddyProxy(bin, dir, upstream, authURL, logLevel string, extraEnv []string, pw *passwdSetup) (*caddyProxy, error) {
+	addrs, err := freeAddrs(6)
 	if err != nil {
 		return nil, err
 	}
-	p := &caddyProxy{bin: bin, dir: dir, adminAddr: addrs[3], extraEnv: extraEnv}
+	p := &caddyProxy{bin: bin, dir: dir, adminAddr: addrs[3], extraEnv: extraEnv, passwd: pw}
 	copy(p.addrs[:], addrs[:3])
+	copy(p.passwdAddrs[:], addrs[4:])
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
 	}
