@@ -89,6 +89,9 @@ type authHTTPRequest struct {
 	Attempt int
 	// ClientIP is the client's address without port.
 	ClientIP string
+	// ClientPort is the client's port, ServerIP and ServerPort the address
+	// the client connected to; "" omits the field.
+	ClientPort, ServerIP, ServerPort string
 	// ClientHost is the client's host name from a PTR lookup; "" omits
 	// Client-Host, as NGINX does for POP3 (it resolves names only for SMTP).
 	ClientHost string
@@ -133,6 +136,7 @@ var authHTTPReservedHeaders = []string{
 	"Host", "Connection", "Content-Length", "Transfer-Encoding", "Trailer",
 	"Auth-Method", "Auth-User", "Auth-Pass", "Auth-Salt", "Auth-Protocol",
 	"Auth-Login-Attempt", "Client-IP", "Client-Host", "Auth-SSL",
+	"Client-Port", "Server-IP", "Server-Port",
 }
 
 // setup expands {env.*} in the header values, which keeps secrets out of
@@ -283,6 +287,19 @@ func (c *AuthHTTP) newRequest(ctx context.Context, r authHTTPRequest) (*http.Req
 	set("Client-IP", r.ClientIP)
 	if r.ClientHost != "" {
 		set("Client-Host", clientHostValue(r.ClientHost))
+	}
+	// Unlike NGINX, which sends neither the client's port nor the address
+	// it was reached at (only Proxy-Protocol-Port and
+	// Proxy-Protocol-Server-Addr/-Port, and only for a connection that came
+	// with a PROXY protocol header). Auth servers use them to tell listeners
+	// apart and to match firewall or NAT logs; the formats follow Client-IP
+	// (no brackets around IPv6) and Proxy-Protocol-Port (decimal).
+	if r.ClientPort != "" {
+		set("Client-Port", r.ClientPort)
+	}
+	if r.ServerIP != "" && r.ServerPort != "" {
+		set("Server-IP", r.ServerIP)
+		set("Server-Port", r.ServerPort)
 	}
 	if st := r.TLS; st != nil {
 		set("Auth-SSL", "on")
@@ -587,10 +604,8 @@ func (x authHTTPAuthenticator) authenticate(ctx context.Context, req loginReques
 		// open another user's mailbox.
 		return loginTarget{}, errAuthzidRefused
 	}
-	clientIP := ""
-	if host, _, err := net.SplitHostPort(req.remote.String()); err == nil {
-		clientIP = host
-	}
+	clientIP, clientPort := splitAddr(req.remote)
+	serverIP, serverPort := splitAddr(req.local)
 	areq := authHTTPRequest{
 		Method:       req.method,
 		User:         req.creds.Username,
@@ -598,6 +613,9 @@ func (x authHTTPAuthenticator) authenticate(ctx context.Context, req loginReques
 		Salt:         req.salt,
 		Attempt:      req.attempt,
 		ClientIP:     clientIP,
+		ClientPort:   clientPort,
+		ServerIP:     serverIP,
+		ServerPort:   serverPort,
 		TLS:          req.tls,
 		VerifyClient: x.verifyClient || (req.tls != nil && len(req.tls.PeerCertificates) > 0),
 	}
@@ -641,6 +659,19 @@ func (x authHTTPAuthenticator) authenticate(ctx context.Context, req loginReques
 		return loginTarget{}, fmt.Errorf("%w: no Auth-User for a login without a user name", errAuthServer)
 	}
 	return loginTarget{address: res.Address, creds: creds}, nil
+}
+
+// splitAddr returns the host and port of a TCP address, both "" for an
+// address without them (a pipe, a Unix socket, nil).
+func splitAddr(a net.Addr) (host, port string) {
+	if a == nil {
+		return "", ""
+	}
+	host, port, err := net.SplitHostPort(a.String())
+	if err != nil || host == "" {
+		return "", ""
+	}
+	return host, port
 }
 
 // refusalFromAuthServer turns Auth-Status and Auth-Error-Code into the

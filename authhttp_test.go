@@ -21,6 +21,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"net/url"
 	"slices"
 	"sort"
@@ -31,6 +32,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 
 	"github.com/caddy-pop3/caddy-pop3/internal/pop3test"
+	"github.com/caddy-pop3/caddy-pop3/internal/sasl"
 )
 
 // newTestAuthHTTP provisions an AuthHTTP for url; mods run before provision.
@@ -851,3 +853,50 @@ func TestAuthHTTPProvision(t *testing.T) {
 		})
 	}
 }
+
+// TestAuthHTTPAddressFields checks Client-Port, Server-IP and Server-Port,
+// taken from the connection's addresses, and that they are left out when
+// the connection has no IP addresses (a pipe).
+func TestAuthHTTPAddressFields(t *testing.T) {
+	t.Parallel()
+	tcp := func(s string) net.Addr { return net.TCPAddrFromAddrPort(netip.MustParseAddrPort(s)) }
+	tests := []struct {
+		name          string
+		remote, local net.Addr
+		want          map[string]string
+	}{
+		{name: "ipv4", remote: tcp("192.0.2.7:50123"), local: tcp("198.51.100.1:110"),
+			want: map[string]string{"Client-IP": "192.0.2.7", "Client-Port": "50123", "Server-IP": "198.51.100.1", "Server-Port": "110"}},
+		{name: "ipv6 without brackets", remote: tcp("[2001:db8::7]:40000"), local: tcp("[2001:db8::1]:995"),
+			want: map[string]string{"Client-IP": "2001:db8::7", "Client-Port": "40000", "Server-IP": "2001:db8::1", "Server-Port": "995"}},
+		{name: "pipe", remote: pipeAddr{}, local: pipeAddr{},
+			want: map[string]string{"Client-IP": ""}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			srv := &pop3test.AuthServer{Users: map[string]pop3test.AuthUser{"u": {Password: "p", Server: "127.0.0.1:110"}}}
+			a := newTestAuthHTTP(t, srv.Start(t))
+			_, err := authHTTPAuthenticator{a: a}.authenticate(context.Background(), loginRequest{
+				method: AuthPlain, creds: sasl.Credentials{Username: "u", Password: "p"}, attempt: 1,
+				remote: tt.remote, local: tt.local,
+			})
+			if err != nil {
+				t.Fatalf("authenticate: %v", err)
+			}
+			got := srv.Last(t)
+			for _, name := range []string{"Client-IP", "Client-Port", "Server-IP", "Server-Port"} {
+				v, ok := got.Get(name)
+				want, wantOK := tt.want[name]
+				if ok != wantOK || v != want {
+					t.Errorf("%s = %q (present %v), want %q (present %v)", name, v, ok, want, wantOK)
+				}
+			}
+		})
+	}
+}
+
+// pipeAddr is net.Pipe's address: no host, no port.
+type pipeAddr struct{}
+
+func (pipeAddr) Network() string { return "pipe" }
+func (pipeAddr) String() string  { return "pipe" }
