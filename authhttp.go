@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 
 	"github.com/caddy-pop3/caddy-pop3/internal/opensslfmt"
 	"github.com/caddy-pop3/caddy-pop3/internal/sasl"
@@ -66,6 +67,10 @@ type AuthHTTP struct {
 	// Send the client's TLS certificate, PEM and URL-escaped, in
 	// Auth-SSL-Cert (NGINX's auth_http_pass_client_cert). Default: false.
 	PassClientCert bool `json:"pass_client_cert,omitempty"`
+	// TLS settings for an https:// URL, as an upstream's or reverse_proxy's:
+	// trust pool (ca), client certificate, server name, insecure skip
+	// verify. Default: the system's roots, no client certificate.
+	TLS *reverseproxy.TLSConfig `json:"tls,omitempty"`
 
 	client  *http.Client
 	safeURL string // URL without user info or query, for error text
@@ -140,13 +145,14 @@ var authHTTPReservedHeaders = []string{
 }
 
 // setup expands {env.*} in the header values, which keeps secrets out of
-// the config file, then provisions the client.
-func (c *AuthHTTP) setup() error {
+// the config file, then provisions the client. ctx loads the TLS trust pool
+// and client certificate.
+func (c *AuthHTTP) setup(ctx caddy.Context) error {
 	repl := caddy.NewReplacer()
 	for name, v := range c.Header {
 		c.Header[name] = repl.ReplaceAll(v, "")
 	}
-	if err := c.provision(); err != nil {
+	if err := c.provision(ctx); err != nil {
 		return fmt.Errorf("auth_http: %w", err)
 	}
 	return nil
@@ -154,7 +160,7 @@ func (c *AuthHTTP) setup() error {
 
 // provision applies defaults, checks the configuration and builds the HTTP
 // client. No error holds the URL's user info or a header value.
-func (c *AuthHTTP) provision() error {
+func (c *AuthHTTP) provision(ctx caddy.Context) error {
 	if c.Timeout == 0 {
 		c.Timeout = caddy.Duration(defaultAuthHTTPTimeout)
 	}
@@ -203,6 +209,16 @@ func (c *AuthHTTP) provision() error {
 	// servers written for NGINX may compare them case-sensitively.
 	transport.Protocols = new(http.Protocols)
 	transport.Protocols.SetHTTP1(true)
+	if c.TLS != nil {
+		if u.Scheme != "https" {
+			return errors.New("auth_http: tls: needs an https:// url")
+		}
+		cfg, err := c.TLS.MakeTLSClientConfig(ctx)
+		if err != nil {
+			return fmt.Errorf("auth_http: tls: %w", err)
+		}
+		transport.TLSClientConfig = cfg
+	}
 	c.client = &http.Client{
 		Transport: transport,
 		// As NGINX, which reads only the headers of whatever status comes.

@@ -14,6 +14,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/asn1"
 	"encoding/hex"
+	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -23,6 +24,7 @@ import (
 	"net/http/httptest"
 	"net/netip"
 	"net/url"
+	"os"
 	"slices"
 	"sort"
 	"strings"
@@ -30,6 +32,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 
 	"github.com/caddy-pop3/caddy-pop3/internal/pop3test"
 	"github.com/caddy-pop3/caddy-pop3/internal/sasl"
@@ -42,7 +45,7 @@ func newTestAuthHTTP(t *testing.T, url string, mods ...func(*AuthHTTP)) *AuthHTT
 	for _, m := range mods {
 		m(a)
 	}
-	if err := a.provision(); err != nil {
+	if err := a.provision(caddy.Context{}); err != nil {
 		t.Fatalf("provision: %v", err)
 	}
 	t.Cleanup(a.cleanup)
@@ -831,7 +834,7 @@ func TestAuthHTTPProvision(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			a := tt.a
-			err := a.provision()
+			err := a.provision(caddy.Context{})
 			if tt.wantErr == "" {
 				if err != nil {
 					t.Fatalf("provision: %v", err)
@@ -900,3 +903,94 @@ type pipeAddr struct{}
 
 func (pipeAddr) Network() string { return "pipe" }
 func (pipeAddr) String() string  { return "pipe" }
+
+// okAuthHandler answers every request Auth-Status: OK for 127.0.0.1:110.
+var okAuthHandler = http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Auth-Status", "OK")
+	w.Header().Set("Auth-Server", "127.0.0.1")
+	w.Header().Set("Auth-Port", "110")
+})
+
+// writePEM writes blocks of type typ to a new file and returns its path.
+func writePEM(t *testing.T, typ string, ders ...[]byte) string {
+	t.Helper()
+	var b []byte
+	for _, der := range ders {
+		b = append(b, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der})...)
+	}
+	f, err := os.CreateTemp(t.TempDir(), "*.pem")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.Write(b); err != nil {
+		t.Fatal(err)
+	}
+	_ = f.Close()
+	return f.Name()
+}
+
+// TestAuthHTTPTLSClient checks https:// URLs with Caddy's TLS client
+// settings: a trust pool from a file, the server name, skipping
+// verification and a client certificate for a server that requires one.
+func TestAuthHTTPTLSClient(t *testing.T) {
+	t.Parallel()
+	srv := httptest.NewTLSServer(okAuthHandler)
+	t.Cleanup(srv.Close)
+	trust := json.RawMessage(fmt.Sprintf(`{"provider":"file","pem_files":[%q]}`, writePEM(t, "CERTIFICATE", srv.Certificate().Raw)))
+
+	pki := newTestPKI(t)
+	mtls := httptest.NewUnstartedServer(okAuthHandler)
+	mtls.TLS = &tls.Config{ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: pki.caPool}
+	mtls.StartTLS()
+	t.Cleanup(mtls.Close)
+	mtlsTrust := json.RawMessage(fmt.Sprintf(`{"provider":"file","pem_files":[%q]}`, writePEM(t, "CERTIFICATE", mtls.Certificate().Raw)))
+	keyDER, err := x509.MarshalPKCS8PrivateKey(pki.client.PrivateKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	certFile, keyFile := writePEM(t, "CERTIFICATE", pki.client.Certificate[0]), writePEM(t, "PRIVATE KEY", keyDER)
+
+	tests := []struct {
+		name    string
+		url     string
+		tls     *reverseproxy.TLSConfig
+		wantErr string // "" for an OK answer
+	}{
+		{name: "system roots do not trust it", url: srv.URL, wantErr: "certificate"},
+		{name: "trust pool", url: srv.URL, tls: &reverseproxy.TLSConfig{CARaw: trust}},
+		{name: "trust pool, server name in the certificate", url: srv.URL, tls: &reverseproxy.TLSConfig{CARaw: trust, ServerName: "example.com"}},
+		{name: "trust pool, wrong server name", url: srv.URL, tls: &reverseproxy.TLSConfig{CARaw: trust, ServerName: "other.test"}, wantErr: "other.test"},
+		{name: "insecure skip verify", url: srv.URL, tls: &reverseproxy.TLSConfig{InsecureSkipVerify: true}},
+		{name: "client certificate", url: mtls.URL, tls: &reverseproxy.TLSConfig{CARaw: mtlsTrust, ClientCertificateFile: certFile, ClientCertificateKeyFile: keyFile}},
+		{name: "client certificate missing", url: mtls.URL, tls: &reverseproxy.TLSConfig{CARaw: mtlsTrust}, wantErr: "asking"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+			t.Cleanup(cancel)
+			a := &AuthHTTP{URL: tt.url + "/auth", TLS: tt.tls, Timeout: caddy.Duration(5 * time.Second)}
+			if err := a.setup(ctx); err != nil {
+				t.Fatalf("setup: %v", err)
+			}
+			t.Cleanup(a.cleanup)
+			res, err := a.check(context.Background(), authHTTPRequest{Method: AuthPlain, User: "u", Pass: "p", Attempt: 1, ClientIP: "192.0.2.1"})
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("err = %v, want one about %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil || !res.OK {
+				t.Fatalf("check = %+v, %v", res, err)
+			}
+		})
+	}
+}
+
+func TestAuthHTTPTLSNeedsHTTPS(t *testing.T) {
+	t.Parallel()
+	a := &AuthHTTP{URL: "http://127.0.0.1/auth", TLS: &reverseproxy.TLSConfig{InsecureSkipVerify: true}}
+	if err := a.provision(caddy.Context{}); err == nil || !strings.Contains(err.Error(), "https") {
+		t.Fatalf("provision = %v, want an error about https", err)
+	}
+}

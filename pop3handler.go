@@ -450,7 +450,7 @@ func (h *Handler) setup() error {
 	}
 	var chain authChain
 	if h.AuthHTTP != nil {
-		if err := h.AuthHTTP.setup(); err != nil {
+		if err := h.AuthHTTP.setup(h.ctx); err != nil {
 			return err
 		}
 		chain = append(chain, authHTTPAuthenticator{a: h.AuthHTTP, verifyClient: verifyClient})
