@@ -1,6 +1,7 @@
 package pop3
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha1" // Auth-SSL-Fingerprint is SHA-1 because NGINX's is; nothing is secured by it
 	"crypto/tls"
@@ -15,8 +16,10 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -56,7 +59,12 @@ var errAuthHTTPResponse = errors.New("invalid response")
 type AuthHTTP struct {
 	// URL of the auth server, http:// or https://. Requests are GET with no
 	// body; redirects are not followed.
-	URL string `json:"url"`
+	URL string `json:"url,omitempty"`
+	// More auth servers, asked in order after URL when one cannot answer
+	// (connection error, or an HTTP 5xx without Auth-Status), all within one
+	// timeout. A server that could not answer is asked last for 10s.
+	// Unlike NGINX, which takes one URL.
+	URLs []string `json:"urls,omitempty"`
 	// Header fields sent with every request, as NGINX's auth_http_header,
 	// e.g. a shared secret. Names go out spelled as given. Values may hold
 	// {env.*} placeholders. Names the proxy sends itself are refused.
@@ -73,8 +81,20 @@ type AuthHTTP struct {
 	TLS *reverseproxy.TLSConfig `json:"tls,omitempty"`
 
 	client  *http.Client
-	safeURL string // URL without user info or query, for error text
+	servers []*authHTTPServer // URL, then URLs
+	failFor time.Duration     // how long a server that failed is asked last
 }
+
+// authHTTPServer is one auth server URL and when it last failed.
+type authHTTPServer struct {
+	url     string
+	safeURL string       // url without user info or query, for error text
+	failed  atomic.Int64 // Unix nanoseconds until which it is asked last; 0: never failed
+}
+
+// defaultAuthHTTPFailFor is how long an auth server that could not answer
+// is asked only after the others.
+const defaultAuthHTTPFailFor = 10 * time.Second
 
 // authHTTPRequest is what one auth_http request says about a login.
 type authHTTPRequest struct {
@@ -167,18 +187,34 @@ func (c *AuthHTTP) provision(ctx caddy.Context) error {
 	if c.Timeout < 0 {
 		return errors.New("auth_http: timeout must not be negative")
 	}
-	u, err := url.Parse(c.URL)
-	if err != nil || c.URL == "" {
-		return errors.New("auth_http: url: not a valid URL")
+	urls := c.URLs
+	if c.URL != "" || len(c.URLs) == 0 {
+		urls = append([]string{c.URL}, c.URLs...)
 	}
-	if u.Scheme != "http" && u.Scheme != "https" {
-		// Unlike NGINX, which takes http only (no TLS) and unix: sockets.
-		return errors.New("auth_http: url: scheme must be http or https")
+	c.servers = nil
+	https := false
+	for i, raw := range urls {
+		field := "url"
+		if c.URL == "" {
+			field = fmt.Sprintf("urls %d", i)
+		} else if i > 0 {
+			field = fmt.Sprintf("urls %d", i-1)
+		}
+		srv, err := newAuthHTTPServer(raw)
+		if err != nil {
+			return fmt.Errorf("auth_http: %s: %w", field, err)
+		}
+		for _, other := range c.servers {
+			if other.url == srv.url {
+				return fmt.Errorf("auth_http: %s: given twice", field)
+			}
+		}
+		https = https || strings.HasPrefix(srv.safeURL, "https:")
+		c.servers = append(c.servers, srv)
 	}
-	if u.Hostname() == "" {
-		return errors.New("auth_http: url: host missing")
+	if c.failFor == 0 {
+		c.failFor = defaultAuthHTTPFailFor
 	}
-	c.safeURL = (&url.URL{Scheme: u.Scheme, Host: u.Host, Path: u.Path}).String()
 	for name, value := range c.Header {
 		if !validHeaderName(name) {
 			return fmt.Errorf("auth_http: header %q: invalid name", name)
@@ -210,7 +246,7 @@ func (c *AuthHTTP) provision(ctx caddy.Context) error {
 	transport.Protocols = new(http.Protocols)
 	transport.Protocols.SetHTTP1(true)
 	if c.TLS != nil {
-		if u.Scheme != "https" {
+		if !https {
 			return errors.New("auth_http: tls: needs an https:// url")
 		}
 		cfg, err := c.TLS.MakeTLSClientConfig(ctx)
@@ -238,14 +274,61 @@ func (c *AuthHTTP) cleanup() {
 // OK false; an error means no decision could be had (server down, too slow,
 // or an answer NGINX would also reject). Errors never hold the password,
 // salt, token or a configured header value.
+//
+// With several servers, one that cannot answer (connection error, or a 5xx
+// without Auth-Status, as a load balancer's error page) is followed by the
+// next within the same timeout; the ones that failed in the last failFor are
+// asked after the others. Every answer with Auth-Status counts, refusals
+// included.
 func (c *AuthHTTP) check(ctx context.Context, r authHTTPRequest) (authHTTPResult, error) {
 	timeout := time.Duration(c.Timeout)
-	ctx, cancel := context.WithTimeout(ctx, timeout)
+	reqCtx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 
-	req, err := c.newRequest(ctx, r)
+	var errs []error
+	for _, srv := range c.order() {
+		res, failover, err := c.ask(reqCtx, srv, r)
+		if err == nil {
+			return res, nil
+		}
+		errs = append(errs, err)
+		if !failover || ctx.Err() != nil {
+			break // not the server's fault, or the session gave up
+		}
+		srv.failed.Store(now().Add(c.failFor).UnixNano())
+		if reqCtx.Err() != nil {
+			break // the timeout is spent
+		}
+	}
+	return authHTTPResult{}, errors.Join(errs...)
+}
+
+// order returns the servers to ask: the ones that did not fail lately in
+// their configured order, then the others, longest failed first.
+func (c *AuthHTTP) order() []*authHTTPServer {
+	if len(c.servers) == 1 {
+		return c.servers
+	}
+	t := now().UnixNano()
+	ordered := make([]*authHTTPServer, 0, len(c.servers))
+	var failed []*authHTTPServer
+	for _, srv := range c.servers {
+		if srv.failed.Load() > t {
+			failed = append(failed, srv)
+		} else {
+			ordered = append(ordered, srv)
+		}
+	}
+	slices.SortStableFunc(failed, func(a, b *authHTTPServer) int { return cmp.Compare(a.failed.Load(), b.failed.Load()) })
+	return append(ordered, failed...)
+}
+
+// ask puts one request to one server. failover says the error is the
+// server's (it could not answer), so the next one may be asked.
+func (c *AuthHTTP) ask(ctx context.Context, srv *authHTTPServer, r authHTTPRequest) (_ authHTTPResult, failover bool, _ error) {
+	req, err := c.newRequest(ctx, srv.url, r)
 	if err != nil {
-		return authHTTPResult{}, err
+		return authHTTPResult{}, false, err
 	}
 	resp, err := c.client.Do(req)
 	if err != nil {
@@ -255,9 +338,9 @@ func (c *AuthHTTP) check(ctx context.Context, r authHTTPRequest) (authHTTPResult
 			err = ue.Err
 		}
 		if errors.Is(err, context.DeadlineExceeded) && ctx.Err() != nil {
-			return authHTTPResult{}, fmt.Errorf("auth_http: %s did not answer within %s: %w", c.safeURL, timeout, err)
+			return authHTTPResult{}, true, fmt.Errorf("auth_http: %s did not answer within %s: %w", srv.safeURL, time.Duration(c.Timeout), err)
 		}
-		return authHTTPResult{}, fmt.Errorf("auth_http: asking %s: %w", c.safeURL, scrubTransportError(err))
+		return authHTTPResult{}, true, fmt.Errorf("auth_http: asking %s: %w", srv.safeURL, scrubTransportError(err))
 	}
 	if resp.ContentLength >= 0 && resp.ContentLength <= authHTTPMaxBody {
 		_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, authHTTPMaxBody))
@@ -266,9 +349,26 @@ func (c *AuthHTTP) check(ctx context.Context, r authHTTPRequest) (authHTTPResult
 
 	res, err := parseAuthHTTPResponse(resp, authHTTPMethodName(r.Method))
 	if err != nil {
-		return authHTTPResult{}, fmt.Errorf("auth_http: asking %s: %w", c.safeURL, err)
+		failover = resp.StatusCode >= 500 && len(resp.Header.Values("Auth-Status")) == 0
+		return authHTTPResult{}, failover, fmt.Errorf("auth_http: asking %s: %w", srv.safeURL, err)
 	}
-	return res, nil
+	return res, false, nil
+}
+
+// newAuthHTTPServer checks one auth server URL. No error holds the URL.
+func newAuthHTTPServer(raw string) (*authHTTPServer, error) {
+	u, err := url.Parse(raw)
+	if err != nil || raw == "" {
+		return nil, errors.New("not a valid URL")
+	}
+	if u.Scheme != "http" && u.Scheme != "https" {
+		// Unlike NGINX, which takes http only (no TLS) and unix: sockets.
+		return nil, errors.New("scheme must be http or https")
+	}
+	if u.Hostname() == "" {
+		return nil, errors.New("host missing")
+	}
+	return &authHTTPServer{url: raw, safeURL: (&url.URL{Scheme: u.Scheme, Host: u.Host, Path: u.Path}).String()}, nil
 }
 
 // newRequest builds the GET request with NGINX's fields.
@@ -281,8 +381,8 @@ func (c *AuthHTTP) check(ctx context.Context, r authHTTPRequest) (authHTTPResult
 // Client-IP, Client-Host, Auth-SSL*, configured fields); HTTP gives field
 // order no meaning. Host carries the port when the URL has a non-default
 // one (RFC 9110 §7.2), where NGINX sends the host name alone.
-func (c *AuthHTTP) newRequest(ctx context.Context, r authHTTPRequest) (*http.Request, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.URL, nil)
+func (c *AuthHTTP) newRequest(ctx context.Context, rawURL string, r authHTTPRequest) (*http.Request, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
 	if err != nil {
 		return nil, errors.New("auth_http: building request: invalid url") // err would repeat the URL
 	}

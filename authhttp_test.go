@@ -28,6 +28,7 @@ import (
 	"slices"
 	"sort"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -829,6 +830,10 @@ func TestAuthHTTPProvision(t *testing.T) {
 		{name: "reserved SSL header", a: AuthHTTP{URL: "http://127.0.0.1/", Header: map[string]string{"Auth-SSL-Verify": "SUCCESS"}}, wantErr: "sent by the proxy"},
 		{name: "reserved Host", a: AuthHTTP{URL: "http://127.0.0.1/", Header: map[string]string{"Host": "x"}}, wantErr: "sent by the proxy"},
 		{name: "control byte in value", a: AuthHTTP{URL: "http://127.0.0.1/", Header: map[string]string{"X-Key": secret + "\r\nX: y"}}, wantErr: "control character"},
+		{name: "bad url in urls", a: AuthHTTP{URL: "http://127.0.0.1/", URLs: []string{"http://127.0.0.2/", "ftp://" + secret + "@x/"}}, wantErr: "urls 1: scheme"},
+		{name: "bad url in urls alone", a: AuthHTTP{URLs: []string{"http://u:" + secret + "@:80/auth"}}, wantErr: "urls 0: host"},
+		{name: "url twice", a: AuthHTTP{URL: "http://127.0.0.1/", URLs: []string{"http://127.0.0.1/"}}, wantErr: "urls 0: given twice"},
+		{name: "tls without https", a: AuthHTTP{URL: "http://127.0.0.1/", URLs: []string{"http://127.0.0.2/"}, TLS: &reverseproxy.TLSConfig{}}, wantErr: "https"},
 		{name: "valid", a: AuthHTTP{URL: "https://auth.example:8443/mail/auth?x=1", Header: map[string]string{"X-Auth-Key": "{env.AUTH_KEY}"}}},
 	}
 	for _, tt := range tests {
@@ -842,8 +847,8 @@ func TestAuthHTTPProvision(t *testing.T) {
 				if time.Duration(a.Timeout) != 60*time.Second {
 					t.Errorf("default timeout = %s", time.Duration(a.Timeout))
 				}
-				if a.safeURL != "https://auth.example:8443/mail/auth" {
-					t.Errorf("safeURL = %q", a.safeURL)
+				if a.servers[0].safeURL != "https://auth.example:8443/mail/auth" {
+					t.Errorf("safeURL = %q", a.servers[0].safeURL)
 				}
 				return
 			}
@@ -992,5 +997,150 @@ func TestAuthHTTPTLSNeedsHTTPS(t *testing.T) {
 	a := &AuthHTTP{URL: "http://127.0.0.1/auth", TLS: &reverseproxy.TLSConfig{InsecureSkipVerify: true}}
 	if err := a.provision(caddy.Context{}); err == nil || !strings.Contains(err.Error(), "https") {
 		t.Fatalf("provision = %v, want an error about https", err)
+	}
+}
+
+// countingAuthServer answers every request with status and fields, and
+// counts requests and accepted connections.
+func countingAuthServer(t *testing.T, status int, fields map[string]string) (url string, reqs, conns *atomic.Int32) {
+	t.Helper()
+	reqs, conns = new(atomic.Int32), new(atomic.Int32)
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		reqs.Add(1)
+		for k, v := range fields {
+			w.Header().Set(k, v)
+		}
+		w.WriteHeader(status)
+	}))
+	srv.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+		if st == http.StateNew {
+			conns.Add(1)
+		}
+	}
+	srv.Start()
+	t.Cleanup(srv.Close)
+	return srv.URL + "/auth", reqs, conns
+}
+
+var (
+	authOK      = map[string]string{"Auth-Status": "OK", "Auth-Server": "127.0.0.1", "Auth-Port": "110"}
+	authRefused = map[string]string{"Auth-Status": "Invalid login or password"}
+)
+
+func TestAuthHTTPFailover(t *testing.T) {
+	t.Parallel()
+	type server struct {
+		kind   string // "down", "silent" or "answer"
+		status int
+		fields map[string]string
+		asked  int32 // requests it must have had
+	}
+	tests := []struct {
+		name    string
+		servers []server
+		want    authHTTPResult
+		wantErr []string // substrings of the error; nil: no error
+	}{
+		{name: "first down, second answers",
+			servers: []server{{kind: "down"}, {kind: "answer", status: 200, fields: authOK, asked: 1}},
+			want:    authHTTPResult{OK: true, Address: "127.0.0.1:110"}},
+		{name: "503 without Auth-Status fails over",
+			servers: []server{{kind: "answer", status: 503, asked: 1}, {kind: "answer", status: 200, fields: authOK, asked: 1}},
+			want:    authHTTPResult{OK: true, Address: "127.0.0.1:110"}},
+		{name: "a refusal is an answer, also with a 500",
+			servers: []server{{kind: "answer", status: 500, fields: authRefused, asked: 1}, {kind: "answer", status: 200, fields: authOK}},
+			want:    authHTTPResult{ErrorText: "Invalid login or password"}},
+		{name: "a 200 refusal is an answer",
+			servers: []server{{kind: "answer", status: 200, fields: authRefused, asked: 1}, {kind: "answer", status: 200, fields: authOK}},
+			want:    authHTTPResult{ErrorText: "Invalid login or password"}},
+		{name: "a 4xx without Auth-Status does not fail over",
+			servers: []server{{kind: "answer", status: 404, asked: 1}, {kind: "answer", status: 200, fields: authOK}},
+			wantErr: []string{"no Auth-Status (HTTP status 404)"}},
+		{name: "one timeout for all: a silent first server leaves none for the second",
+			servers: []server{{kind: "silent"}, {kind: "answer", status: 200, fields: authOK}},
+			wantErr: []string{"did not answer within"}},
+		{name: "all fail: every error is told",
+			servers: []server{{kind: "down"}, {kind: "answer", status: 502, asked: 1}},
+			wantErr: []string{"connection refused", "HTTP status 502"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var urls []string
+			var counts []*atomic.Int32
+			for _, s := range tt.servers {
+				var u string
+				reqs := new(atomic.Int32)
+				switch s.kind {
+				case "down":
+					u = downAuthServer(t)
+				case "silent":
+					u = silentAuthServer(t)
+				default:
+					u, reqs, _ = countingAuthServer(t, s.status, s.fields)
+				}
+				urls, counts = append(urls, u), append(counts, reqs)
+			}
+			a := newTestAuthHTTP(t, urls[0], func(a *AuthHTTP) {
+				a.URLs, a.Timeout = urls[1:], caddy.Duration(300*time.Millisecond)
+			})
+			got, err := a.check(context.Background(), authHTTPRequest{Method: AuthPlain, User: "u", Pass: "p", Attempt: 1, ClientIP: "192.0.2.1"})
+			if tt.wantErr != nil {
+				if err == nil {
+					t.Fatalf("check = %+v, want an error", got)
+				}
+				for _, w := range tt.wantErr {
+					if !strings.Contains(err.Error(), w) {
+						t.Errorf("err = %v, want %q in it", err, w)
+					}
+				}
+			} else if err != nil || got != tt.want {
+				t.Fatalf("check = %+v, %v; want %+v", got, err, tt.want)
+			}
+			for i, s := range tt.servers {
+				if n := counts[i].Load(); n != s.asked {
+					t.Errorf("server %d asked %d times, want %d", i, n, s.asked)
+				}
+			}
+		})
+	}
+}
+
+// TestAuthHTTPFailedServerAskedLast: a server that could not answer is
+// asked after the others until failFor has passed.
+func TestAuthHTTPFailedServerAskedLast(t *testing.T) {
+	t.Parallel()
+	bad, badReqs, _ := countingAuthServer(t, 503, nil)
+	good, goodReqs, _ := countingAuthServer(t, 200, authOK)
+	a := newTestAuthHTTP(t, "", func(a *AuthHTTP) {
+		a.URL, a.URLs, a.failFor = "", []string{bad, good}, 300*time.Millisecond
+	})
+	login := func(wantBad, wantGood int32) {
+		t.Helper()
+		res, err := a.check(context.Background(), authHTTPRequest{Method: AuthPlain, User: "u", Pass: "p", Attempt: 1})
+		if err != nil || !res.OK {
+			t.Fatalf("check = %+v, %v", res, err)
+		}
+		if b, g := badReqs.Load(), goodReqs.Load(); b != wantBad || g != wantGood {
+			t.Fatalf("requests: failing server %d, good one %d; want %d, %d", b, g, wantBad, wantGood)
+		}
+	}
+	login(1, 1) // the first fails over
+	login(1, 2) // the failed one is asked last, so not at all
+	time.Sleep(400 * time.Millisecond)
+	login(2, 3) // first again once failFor is over
+}
+
+// TestAuthHTTPKeepAlive: logins reuse the connection to the auth server.
+func TestAuthHTTPKeepAlive(t *testing.T) {
+	t.Parallel()
+	u, reqs, conns := countingAuthServer(t, 200, authOK)
+	a := newTestAuthHTTP(t, u)
+	for range 3 {
+		if res, err := a.check(context.Background(), authHTTPRequest{Method: AuthPlain, User: "u", Pass: "p", Attempt: 1}); err != nil || !res.OK {
+			t.Fatalf("check = %+v, %v", res, err)
+		}
+	}
+	if r, c := reqs.Load(), conns.Load(); r != 3 || c != 1 {
+		t.Errorf("%d requests over %d connections, want 3 over 1", r, c)
 	}
 }

@@ -26,7 +26,7 @@ const (
 //		upstream <address>
 //
 //		auth <plain|apop|cram-md5|external|oauthbearer|xoauth2...>
-//		auth_http <url> {
+//		auth_http <url> [<url>...] {  # more URLs: failover, in order
 //			header <name> <value>     # repeatable
 //			timeout <duration>
 //			pass_client_cert <on|off>
@@ -415,15 +415,18 @@ func parseIntInRange(d *caddyfile.Dispenser, wrapper, optionName string, lo, hi 
 	return val, nil
 }
 
-// unmarshalCaddyfile reads "auth_http <url> { ... }" at the dispenser's
+// unmarshalCaddyfile reads "auth_http <url> [<url>...] { ... }" at the dispenser's
 // current token.
 func (a *AuthHTTP) unmarshalCaddyfile(d *caddyfile.Dispenser, wrapper string) error {
 	const optionName = "auth_http"
-	if d.CountRemainingArgs() != 1 {
+	if d.CountRemainingArgs() < 1 {
 		return d.ArgErr()
 	}
 	d.NextArg()
 	a.URL = d.Val()
+	for d.NextArg() {
+		a.URLs = append(a.URLs, d.Val()) // failover, in order
+	}
 	seen := map[string]bool{} // options that may be given once
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		sub := d.Val()

@@ -82,6 +82,11 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			}},
 		},
 		{
+			name:  "auth_http failover",
+			input: "pop3 {\n\tauth_http http://10.0.0.1/auth http://10.0.0.2/auth https://auth.example/auth\n}",
+			want:  Handler{AuthHTTP: &AuthHTTP{URL: "http://10.0.0.1/auth", URLs: []string{"http://10.0.0.2/auth", "https://auth.example/auth"}}},
+		},
+		{
 			name:  "auth_http tls_client_auth automate",
 			input: "pop3 {\n\tauth_http https://a/ {\n\t\ttls_client_auth proxy.example.com\n\t}\n}",
 			want:  Handler{AuthHTTP: &AuthHTTP{URL: "https://a/", TLS: &reverseproxy.TLSConfig{ClientCertificateAutomate: "proxy.example.com"}}},
