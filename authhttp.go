@@ -79,10 +79,16 @@ type AuthHTTP struct {
 	// trust pool (ca), client certificate, server name, insecure skip
 	// verify. Default: the system's roots, no client certificate.
 	TLS *reverseproxy.TLSConfig `json:"tls,omitempty"`
+	// Take a host name in Auth-Server too: it is resolved at login, within
+	// timeout, and its first address used. Default: false, as NGINX, which
+	// takes only IP addresses.
+	ResolveAuthServer bool `json:"resolve_auth_server,omitempty"`
 
 	client  *http.Client
 	servers []*authHTTPServer // URL, then URLs
 	failFor time.Duration     // how long a server that failed is asked last
+	// lookup resolves an Auth-Server host name; nil: net.DefaultResolver.
+	lookup func(ctx context.Context, host string) ([]netip.Addr, error)
 }
 
 // authHTTPServer is one auth server URL and when it last failed.
@@ -134,6 +140,9 @@ type authHTTPResult struct {
 	// Auth-Port, IPv6 in brackets.
 	OK      bool
 	Address string
+	// Host is a host name Auth-Server gave, with resolve_auth_server; check
+	// resolves it into Address.
+	Host string
 	// User and Pass replace the client's user name and password for the
 	// upstream login when not empty (Auth-User, Auth-Pass; NGINX sends them
 	// escaped but takes them back verbatim). Pass is always set for apop,
@@ -289,6 +298,9 @@ func (c *AuthHTTP) check(ctx context.Context, r authHTTPRequest) (authHTTPResult
 	for _, srv := range c.order() {
 		res, failover, err := c.ask(reqCtx, srv, r)
 		if err == nil {
+			if res.Host != "" {
+				return c.resolve(ctx, srv, res)
+			}
 			return res, nil
 		}
 		errs = append(errs, err)
@@ -347,12 +359,41 @@ func (c *AuthHTTP) ask(ctx context.Context, srv *authHTTPServer, r authHTTPReque
 	}
 	_ = resp.Body.Close()
 
-	res, err := parseAuthHTTPResponse(resp, authHTTPMethodName(r.Method))
+	res, err := parseAuthHTTPResponse(resp, authHTTPMethodName(r.Method), c.ResolveAuthServer)
 	if err != nil {
 		failover = resp.StatusCode >= 500 && len(resp.Header.Values("Auth-Status")) == 0
 		return authHTTPResult{}, failover, fmt.Errorf("auth_http: asking %s: %w", srv.safeURL, err)
 	}
 	return res, false, nil
+}
+
+// resolve looks up the host name in res.Host, bounded by the timeout, and
+// puts its first address into res.Address. A failed lookup is no reason to
+// ask another auth server: the answer was given.
+func (c *AuthHTTP) resolve(ctx context.Context, srv *authHTTPServer, res authHTTPResult) (authHTTPResult, error) {
+	timeout := time.Duration(c.Timeout)
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	lookup := c.lookup
+	if lookup == nil {
+		lookup = func(ctx context.Context, host string) ([]netip.Addr, error) {
+			return net.DefaultResolver.LookupNetIP(ctx, "ip", host)
+		}
+	}
+	addrs, err := lookup(ctx, res.Host)
+	if err == nil && len(addrs) == 0 {
+		err = errors.New("no address")
+	}
+	if err != nil {
+		if errors.Is(err, context.DeadlineExceeded) && ctx.Err() != nil {
+			err = fmt.Errorf("no answer within %s: %w", timeout, err)
+		}
+		return authHTTPResult{}, fmt.Errorf("auth_http: %s named Auth-Server %q: resolving it: %w", srv.safeURL, res.Host, err)
+	}
+	_, port, _ := net.SplitHostPort(res.Address)
+	res.Address = net.JoinHostPort(addrs[0].Unmap().String(), port)
+	res.Host = ""
+	return res, nil
 }
 
 // newAuthHTTPServer checks one auth server URL. No error holds the URL.
@@ -465,7 +506,10 @@ func (c *AuthHTTP) newRequest(ctx context.Context, rawURL string, r authHTTPRequ
 // As NGINX (ngx_mail_auth_http_ignore_status_line), the HTTP status code is
 // not looked at: only the fields count, whatever the status. Where a field
 // comes more than once the last one wins, as NGINX overwrites.
-func parseAuthHTTPResponse(resp *http.Response, method string) (authHTTPResult, error) {
+//
+// With names, Auth-Server may be a host name, returned in Host (and in
+// Address with the port) for the caller to resolve.
+func parseAuthHTTPResponse(resp *http.Response, method string, names bool) (authHTTPResult, error) {
 	h := resp.Header
 	var res authHTTPResult
 	for _, v := range h.Values("Auth-Wait") {
@@ -506,8 +550,16 @@ func parseAuthHTTPResponse(resp *http.Response, method string) (authHTTPResult, 
 	if server == "" || port == "" {
 		return authHTTPResult{}, fmt.Errorf("%w: Auth-Server or Auth-Port missing", errAuthHTTPResponse)
 	}
+	host := ""
 	addr, ok := parseAuthServer(server)
-	if !ok {
+	switch {
+	case ok:
+		host = addr.String()
+	case names && isHostName(server):
+		host, res.Host = server, server
+	case names:
+		return authHTTPResult{}, fmt.Errorf("%w: Auth-Server %q is neither an IP address nor a host name", errAuthHTTPResponse, stripControl(server))
+	default:
 		// As NGINX (ngx_parse_addr): an IP address, not a host name.
 		return authHTTPResult{}, fmt.Errorf("%w: Auth-Server %q is not an IP address", errAuthHTTPResponse, server)
 	}
@@ -530,7 +582,7 @@ func parseAuthHTTPResponse(resp *http.Response, method string) (authHTTPResult, 
 		return authHTTPResult{}, fmt.Errorf("%w: no Auth-Pass for method %s", errAuthHTTPResponse, method)
 	}
 	res.OK = true
-	res.Address = net.JoinHostPort(addr.String(), strconv.FormatInt(n, 10))
+	res.Address = net.JoinHostPort(host, strconv.FormatInt(n, 10))
 	res.Wait, res.HasWait = 0, false
 	return res, nil
 }
@@ -613,6 +665,34 @@ func clientHostValue(name string) string {
 		return "[TEMPUNAVAIL]"
 	}
 	return name
+}
+
+// isHostName reports whether s is a DNS host name: dot-separated labels of
+// letters, digits, '-' and '_' (RFC 1123 §2.1, with the underscore some
+// internal names carry), each 1 to 63 bytes, 253 in all, a trailing dot
+// allowed, not all digits and dots (that would be a malformed address).
+func isHostName(s string) bool {
+	s = strings.TrimSuffix(s, ".")
+	if s == "" || len(s) > 253 {
+		return false
+	}
+	letter := false
+	for label := range strings.SplitSeq(s, ".") {
+		if label == "" || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
+			return false
+		}
+		for i := 0; i < len(label); i++ {
+			c := label[i]
+			switch {
+			case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c == '-', c == '_':
+				letter = true
+			case c >= '0' && c <= '9':
+			default:
+				return false
+			}
+		}
+	}
+	return letter
 }
 
 // validHeaderName reports whether name is an RFC 9110 token.

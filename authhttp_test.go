@@ -1144,3 +1144,77 @@ func TestAuthHTTPKeepAlive(t *testing.T) {
 		t.Errorf("%d requests over %d connections, want 3 over 1", r, c)
 	}
 }
+
+func TestAuthHTTPResolveAuthServer(t *testing.T) {
+	t.Parallel()
+	answer := func(server string) string {
+		return "HTTP/1.1 200 OK\r\nAuth-Status: OK\r\nAuth-Server: " + server + "\r\nAuth-Port: 110\r\nContent-Length: 0\r\n\r\n"
+	}
+	addrs := func(ss ...string) []netip.Addr {
+		var out []netip.Addr
+		for _, s := range ss {
+			out = append(out, netip.MustParseAddr(s))
+		}
+		return out
+	}
+	tests := []struct {
+		name    string
+		server  string
+		off     bool // resolve_auth_server off
+		addrs   []netip.Addr
+		err     error
+		block   bool // the lookup waits for its context
+		want    string
+		wantErr string
+	}{
+		{name: "first address", server: "pop.example.test", addrs: addrs("2001:db8::5", "192.0.2.5"), want: "[2001:db8::5]:110"},
+		{name: "mapped address unmapped", server: "pop.example.test.", addrs: addrs("::ffff:192.0.2.5"), want: "192.0.2.5:110"},
+		{name: "ip address not looked up", server: "192.0.2.9", err: errors.New("must not be called"), want: "192.0.2.9:110"},
+		{name: "not found", server: "nosuch.example.test", err: &net.DNSError{Err: "no such host", Name: "nosuch.example.test", IsNotFound: true}, wantErr: "no such host"},
+		{name: "no address", server: "pop.example.test", wantErr: "no address"},
+		{name: "lookup bounded by the timeout", server: "pop.example.test", block: true, wantErr: "no answer within"},
+		{name: "not a host name", server: "pop example", wantErr: "neither an IP address nor a host name"},
+		{name: "off: host name refused", server: "pop.example.test", off: true, addrs: addrs("192.0.2.5"), wantErr: "not an IP address"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var looked []string
+			a := newTestAuthHTTP(t, rawAuthServer(t, answer(tt.server)), func(a *AuthHTTP) {
+				a.ResolveAuthServer, a.Timeout = !tt.off, caddy.Duration(300*time.Millisecond)
+				a.lookup = func(ctx context.Context, host string) ([]netip.Addr, error) {
+					looked = append(looked, host)
+					if tt.block {
+						<-ctx.Done()
+						return nil, ctx.Err()
+					}
+					return tt.addrs, tt.err
+				}
+			})
+			got, err := a.check(context.Background(), authHTTPRequest{Method: AuthPlain, User: "u", Pass: "p", Attempt: 1})
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("check = %+v, %v; want an error about %q", got, err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil || !got.OK || got.Address != tt.want || got.Host != "" {
+				t.Fatalf("check = %+v, %v; want OK for %s", got, err, tt.want)
+			}
+			if _, ip := parseAuthServer(tt.server); !ip && (len(looked) != 1 || looked[0] != tt.server) {
+				t.Errorf("looked up %q, want %q", looked, tt.server)
+			}
+		})
+	}
+}
+
+// TestAuthHTTPResolveAuthServerSystem resolves localhost with the system
+// resolver.
+func TestAuthHTTPResolveAuthServerSystem(t *testing.T) {
+	t.Parallel()
+	a := newTestAuthHTTP(t, rawAuthServer(t, "HTTP/1.1 200 OK\r\nAuth-Status: OK\r\nAuth-Server: localhost\r\nAuth-Port: 110\r\nContent-Length: 0\r\n\r\n"),
+		func(a *AuthHTTP) { a.ResolveAuthServer = true })
+	got, err := a.check(context.Background(), authHTTPRequest{Method: AuthPlain, User: "u", Pass: "p", Attempt: 1})
+	if err != nil || (got.Address != "127.0.0.1:110" && got.Address != "[::1]:110") {
+		t.Fatalf("check = %+v, %v; want localhost's address", got, err)
+	}
+}

@@ -34,6 +34,7 @@ const (
 //			tls_client_auth <cert> <key> | <automate_name>
 //			tls_server_name <name>
 //			tls_insecure_skip_verify
+//			resolve_auth_server <on|off>  # a host name in Auth-Server; default off
 //		}
 //		passwd_file <path> {         # repeatable: Dovecot passwd-file users
 //			default_domain <domain>
@@ -457,6 +458,12 @@ func (a *AuthHTTP) unmarshalCaddyfile(d *caddyfile.Dispenser, wrapper string) er
 				return err
 			}
 			a.Timeout = dur
+		case "resolve_auth_server":
+			on, err := parseOnOff(d, wrapper, optionName+" "+sub)
+			if err != nil {
+				return err
+			}
+			a.ResolveAuthServer = on
 		case "tls_insecure_skip_verify", "tls_server_name", "tls_client_auth", "tls_trust_pool":
 			if a.TLS == nil {
 				a.TLS = new(reverseproxy.TLSConfig)

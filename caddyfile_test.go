@@ -82,6 +82,11 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			}},
 		},
 		{
+			name:  "auth_http resolve_auth_server",
+			input: "pop3 {\n\tauth_http http://a/ {\n\t\tresolve_auth_server on\n\t}\n}",
+			want:  Handler{AuthHTTP: &AuthHTTP{URL: "http://a/", ResolveAuthServer: true}},
+		},
+		{
 			name:  "auth_http failover",
 			input: "pop3 {\n\tauth_http http://10.0.0.1/auth http://10.0.0.2/auth https://auth.example/auth\n}",
 			want:  Handler{AuthHTTP: &AuthHTTP{URL: "http://10.0.0.1/auth", URLs: []string{"http://10.0.0.2/auth", "https://auth.example/auth"}}},
@@ -331,6 +336,8 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"auth_http tls_client_auth three args", "pop3 {\n\tauth_http https://a/ {\n\t\ttls_client_auth a b c\n\t}\n}", []string{"wrong argument count"}},
 		{"auth_http tls_trust_pool without module", "pop3 {\n\tauth_http https://a/ {\n\t\ttls_trust_pool\n\t}\n}", []string{"wrong argument count"}},
 		{"auth_http tls_insecure_skip_verify with arg", "pop3 {\n\tauth_http https://a/ {\n\t\ttls_insecure_skip_verify on\n\t}\n}", []string{"wrong argument count"}},
+		{"auth_http bad resolve_auth_server", "pop3 {\n\tauth_http http://a/ {\n\t\tresolve_auth_server yes\n\t}\n}", []string{"'auth_http resolve_auth_server'", "'yes'"}},
+		{"auth_http resolve_auth_server twice", "pop3 {\n\tauth_http http://a/ {\n\t\tresolve_auth_server on\n\t\tresolve_auth_server off\n\t}\n}", []string{"duplicate pop3 option 'auth_http resolve_auth_server'"}},
 		{"auth_http bad pass_client_cert", "pop3 {\n\tauth_http http://a/ {\n\t\tpass_client_cert yes\n\t}\n}", []string{"'auth_http pass_client_cert'", "'yes'"}},
 		{"auth_failure_delay bad", "pop3 a {\n\tauth_failure_delay x\n}", []string{"'auth_failure_delay'"}},
 		{"auth_failure_delay twice", "pop3 a {\n\tauth_failure_delay 1s\n\tauth_failure_delay 2s\n}", []string{"duplicate pop3 option 'auth_failure_delay'"}},
