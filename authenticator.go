@@ -167,6 +167,7 @@ func (*HTTPAuthenticator) CaddyModule() caddy.ModuleInfo {
 
 // Provision expands {env.*} in the header values and prepares the client.
 func (a *HTTPAuthenticator) Provision(ctx caddy.Context) error {
+	a.logger = ctx.Logger()
 	return a.AuthHTTP.setup(ctx)
 }
 

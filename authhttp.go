@@ -24,6 +24,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"go.uber.org/zap"
 
 	"github.com/caddy-pop3/caddy-pop3/internal/opensslfmt"
 	"github.com/caddy-pop3/caddy-pop3/internal/sasl"
@@ -87,6 +88,7 @@ type AuthHTTP struct {
 	client  *http.Client
 	servers []*authHTTPServer // URL, then URLs
 	failFor time.Duration     // how long a server that failed is asked last
+	logger  *zap.Logger       // failovers; nil: none logged
 	// lookup resolves an Auth-Server host name; nil: net.DefaultResolver.
 	lookup func(ctx context.Context, host string) ([]netip.Addr, error)
 }
@@ -310,6 +312,11 @@ func (c *AuthHTTP) check(ctx context.Context, r authHTTPRequest) (authHTTPResult
 		srv.failed.Store(now().Add(c.failFor).UnixNano())
 		if reqCtx.Err() != nil {
 			break // the timeout is spent
+		}
+		if c.logger != nil && len(c.servers) > 1 {
+			// err holds the URL without user info or query, and no field.
+			c.logger.Warn("auth_http: server could not answer, asked last for a while",
+				zap.String("auth_server", srv.safeURL), zap.Duration("for", c.failFor), zap.Error(err))
 		}
 	}
 	return authHTTPResult{}, errors.Join(errs...)

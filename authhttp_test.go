@@ -34,6 +34,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/caddy-pop3/caddy-pop3/internal/pop3test"
 	"github.com/caddy-pop3/caddy-pop3/internal/sasl"
@@ -1216,5 +1218,35 @@ func TestAuthHTTPResolveAuthServerSystem(t *testing.T) {
 	got, err := a.check(context.Background(), authHTTPRequest{Method: AuthPlain, User: "u", Pass: "p", Attempt: 1})
 	if err != nil || (got.Address != "127.0.0.1:110" && got.Address != "[::1]:110") {
 		t.Fatalf("check = %+v, %v; want localhost's address", got, err)
+	}
+}
+
+// TestAuthHTTPFailoverLogged: a failover is logged with the server's URL,
+// never its user info or query, nor a request field.
+func TestAuthHTTPFailoverLogged(t *testing.T) {
+	t.Parallel()
+	const secret = "failover-secret"
+	bad, _, _ := countingAuthServer(t, 503, nil)
+	good, _, _ := countingAuthServer(t, 200, authOK)
+	badURL, _ := url.Parse(bad)
+	badURL.User, badURL.RawQuery = url.UserPassword("u", secret), "key="+secret
+	core, logs := observer.New(zap.DebugLevel)
+	a := newTestAuthHTTP(t, badURL.String(), func(a *AuthHTTP) {
+		a.URLs, a.logger = []string{good}, zap.New(core)
+		a.Header = map[string]string{"X-Auth-Key": secret}
+	})
+	if res, err := a.check(context.Background(), authHTTPRequest{Method: AuthPlain, User: "u", Pass: secret, Attempt: 1}); err != nil || !res.OK {
+		t.Fatalf("check = %+v, %v", res, err)
+	}
+	entries := logs.All()
+	if len(entries) != 1 || entries[0].Level != zap.WarnLevel {
+		t.Fatalf("log entries %+v, want one warning", entries)
+	}
+	fields := entries[0].ContextMap()
+	if want := (&url.URL{Scheme: "http", Host: badURL.Host, Path: "/auth"}).String(); fields["auth_server"] != want {
+		t.Errorf("auth_server = %v, want %s", fields["auth_server"], want)
+	}
+	if s := fmt.Sprint(entries[0].Message, fields); strings.Contains(s, secret) {
+		t.Errorf("log entry holds the secret: %s", s)
 	}
 }

@@ -450,6 +450,7 @@ func (h *Handler) setup() error {
 	}
 	var chain authChain
 	if h.AuthHTTP != nil {
+		h.AuthHTTP.logger = h.logger
 		if err := h.AuthHTTP.setup(h.ctx); err != nil {
 			return err
 		}
