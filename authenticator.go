@@ -166,8 +166,9 @@ func (*HTTPAuthenticator) CaddyModule() caddy.ModuleInfo {
 }
 
 // Provision expands {env.*} in the header values and prepares the client.
-func (a *HTTPAuthenticator) Provision(caddy.Context) error {
-	return a.AuthHTTP.setup()
+func (a *HTTPAuthenticator) Provision(ctx caddy.Context) error {
+	a.logger = ctx.Logger()
+	return a.AuthHTTP.setup(ctx)
 }
 
 // Cleanup closes idle connections to the auth server.

@@ -1,6 +1,7 @@
 package pop3
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha1" // Auth-SSL-Fingerprint is SHA-1 because NGINX's is; nothing is secured by it
 	"crypto/tls"
@@ -15,11 +16,15 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"go.uber.org/zap"
 
 	"github.com/caddy-pop3/caddy-pop3/internal/opensslfmt"
 	"github.com/caddy-pop3/caddy-pop3/internal/sasl"
@@ -55,7 +60,12 @@ var errAuthHTTPResponse = errors.New("invalid response")
 type AuthHTTP struct {
 	// URL of the auth server, http:// or https://. Requests are GET with no
 	// body; redirects are not followed.
-	URL string `json:"url"`
+	URL string `json:"url,omitempty"`
+	// More auth servers, asked in order after URL when one cannot answer
+	// (connection error, or an HTTP 5xx without Auth-Status), all within one
+	// timeout. A server that could not answer is asked last for 10s.
+	// Unlike NGINX, which takes one URL.
+	URLs []string `json:"urls,omitempty"`
 	// Header fields sent with every request, as NGINX's auth_http_header,
 	// e.g. a shared secret. Names go out spelled as given. Values may hold
 	// {env.*} placeholders. Names the proxy sends itself are refused.
@@ -66,10 +76,33 @@ type AuthHTTP struct {
 	// Send the client's TLS certificate, PEM and URL-escaped, in
 	// Auth-SSL-Cert (NGINX's auth_http_pass_client_cert). Default: false.
 	PassClientCert bool `json:"pass_client_cert,omitempty"`
+	// TLS settings for an https:// URL, as an upstream's or reverse_proxy's:
+	// trust pool (ca), client certificate, server name, insecure skip
+	// verify. Default: the system's roots, no client certificate.
+	TLS *reverseproxy.TLSConfig `json:"tls,omitempty"`
+	// Take a host name in Auth-Server too: it is resolved at login, within
+	// timeout, and its first address used. Default: false, as NGINX, which
+	// takes only IP addresses.
+	ResolveAuthServer bool `json:"resolve_auth_server,omitempty"`
 
 	client  *http.Client
-	safeURL string // URL without user info or query, for error text
+	servers []*authHTTPServer // URL, then URLs
+	failFor time.Duration     // how long a server that failed is asked last
+	logger  *zap.Logger       // failovers; nil: none logged
+	// lookup resolves an Auth-Server host name; nil: net.DefaultResolver.
+	lookup func(ctx context.Context, host string) ([]netip.Addr, error)
 }
+
+// authHTTPServer is one auth server URL and when it last failed.
+type authHTTPServer struct {
+	url     string
+	safeURL string       // url without user info or query, for error text
+	failed  atomic.Int64 // Unix nanoseconds until which it is asked last; 0: never failed
+}
+
+// defaultAuthHTTPFailFor is how long an auth server that could not answer
+// is asked only after the others.
+const defaultAuthHTTPFailFor = 10 * time.Second
 
 // authHTTPRequest is what one auth_http request says about a login.
 type authHTTPRequest struct {
@@ -89,6 +122,9 @@ type authHTTPRequest struct {
 	Attempt int
 	// ClientIP is the client's address without port.
 	ClientIP string
+	// ClientPort is the client's port, ServerIP and ServerPort the address
+	// the client connected to; "" omits the field.
+	ClientPort, ServerIP, ServerPort string
 	// ClientHost is the client's host name from a PTR lookup; "" omits
 	// Client-Host, as NGINX does for POP3 (it resolves names only for SMTP).
 	ClientHost string
@@ -106,6 +142,9 @@ type authHTTPResult struct {
 	// Auth-Port, IPv6 in brackets.
 	OK      bool
 	Address string
+	// Host is a host name Auth-Server gave, with resolve_auth_server; check
+	// resolves it into Address.
+	Host string
 	// User and Pass replace the client's user name and password for the
 	// upstream login when not empty (Auth-User, Auth-Pass; NGINX sends them
 	// escaped but takes them back verbatim). Pass is always set for apop,
@@ -133,16 +172,18 @@ var authHTTPReservedHeaders = []string{
 	"Host", "Connection", "Content-Length", "Transfer-Encoding", "Trailer",
 	"Auth-Method", "Auth-User", "Auth-Pass", "Auth-Salt", "Auth-Protocol",
 	"Auth-Login-Attempt", "Client-IP", "Client-Host", "Auth-SSL",
+	"Client-Port", "Server-IP", "Server-Port",
 }
 
 // setup expands {env.*} in the header values, which keeps secrets out of
-// the config file, then provisions the client.
-func (c *AuthHTTP) setup() error {
+// the config file, then provisions the client. ctx loads the TLS trust pool
+// and client certificate.
+func (c *AuthHTTP) setup(ctx caddy.Context) error {
 	repl := caddy.NewReplacer()
 	for name, v := range c.Header {
 		c.Header[name] = repl.ReplaceAll(v, "")
 	}
-	if err := c.provision(); err != nil {
+	if err := c.provision(ctx); err != nil {
 		return fmt.Errorf("auth_http: %w", err)
 	}
 	return nil
@@ -150,25 +191,41 @@ func (c *AuthHTTP) setup() error {
 
 // provision applies defaults, checks the configuration and builds the HTTP
 // client. No error holds the URL's user info or a header value.
-func (c *AuthHTTP) provision() error {
+func (c *AuthHTTP) provision(ctx caddy.Context) error {
 	if c.Timeout == 0 {
 		c.Timeout = caddy.Duration(defaultAuthHTTPTimeout)
 	}
 	if c.Timeout < 0 {
 		return errors.New("auth_http: timeout must not be negative")
 	}
-	u, err := url.Parse(c.URL)
-	if err != nil || c.URL == "" {
-		return errors.New("auth_http: url: not a valid URL")
+	urls := c.URLs
+	if c.URL != "" || len(c.URLs) == 0 {
+		urls = append([]string{c.URL}, c.URLs...)
 	}
-	if u.Scheme != "http" && u.Scheme != "https" {
-		// Unlike NGINX, which takes http only (no TLS) and unix: sockets.
-		return errors.New("auth_http: url: scheme must be http or https")
+	c.servers = nil
+	https := false
+	for i, raw := range urls {
+		field := "url"
+		if c.URL == "" {
+			field = fmt.Sprintf("urls %d", i)
+		} else if i > 0 {
+			field = fmt.Sprintf("urls %d", i-1)
+		}
+		srv, err := newAuthHTTPServer(raw)
+		if err != nil {
+			return fmt.Errorf("auth_http: %s: %w", field, err)
+		}
+		for _, other := range c.servers {
+			if other.url == srv.url {
+				return fmt.Errorf("auth_http: %s: given twice", field)
+			}
+		}
+		https = https || strings.HasPrefix(srv.safeURL, "https:")
+		c.servers = append(c.servers, srv)
 	}
-	if u.Hostname() == "" {
-		return errors.New("auth_http: url: host missing")
+	if c.failFor == 0 {
+		c.failFor = defaultAuthHTTPFailFor
 	}
-	c.safeURL = (&url.URL{Scheme: u.Scheme, Host: u.Host, Path: u.Path}).String()
 	for name, value := range c.Header {
 		if !validHeaderName(name) {
 			return fmt.Errorf("auth_http: header %q: invalid name", name)
@@ -199,6 +256,16 @@ func (c *AuthHTTP) provision() error {
 	// servers written for NGINX may compare them case-sensitively.
 	transport.Protocols = new(http.Protocols)
 	transport.Protocols.SetHTTP1(true)
+	if c.TLS != nil {
+		if !https {
+			return errors.New("auth_http: tls: needs an https:// url")
+		}
+		cfg, err := c.TLS.MakeTLSClientConfig(ctx)
+		if err != nil {
+			return fmt.Errorf("auth_http: tls: %w", err)
+		}
+		transport.TLSClientConfig = cfg
+	}
 	c.client = &http.Client{
 		Transport: transport,
 		// As NGINX, which reads only the headers of whatever status comes.
@@ -218,14 +285,69 @@ func (c *AuthHTTP) cleanup() {
 // OK false; an error means no decision could be had (server down, too slow,
 // or an answer NGINX would also reject). Errors never hold the password,
 // salt, token or a configured header value.
+//
+// With several servers, one that cannot answer (connection error, or a 5xx
+// without Auth-Status, as a load balancer's error page) is followed by the
+// next within the same timeout; the ones that failed in the last failFor are
+// asked after the others. Every answer with Auth-Status counts, refusals
+// included.
 func (c *AuthHTTP) check(ctx context.Context, r authHTTPRequest) (authHTTPResult, error) {
 	timeout := time.Duration(c.Timeout)
-	ctx, cancel := context.WithTimeout(ctx, timeout)
+	reqCtx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 
-	req, err := c.newRequest(ctx, r)
+	var errs []error
+	for _, srv := range c.order() {
+		res, failover, err := c.ask(reqCtx, srv, r)
+		if err == nil {
+			if res.Host != "" {
+				return c.resolve(ctx, srv, res)
+			}
+			return res, nil
+		}
+		errs = append(errs, err)
+		if !failover || ctx.Err() != nil {
+			break // not the server's fault, or the session gave up
+		}
+		srv.failed.Store(now().Add(c.failFor).UnixNano())
+		if reqCtx.Err() != nil {
+			break // the timeout is spent
+		}
+		if c.logger != nil && len(c.servers) > 1 {
+			// err holds the URL without user info or query, and no field.
+			c.logger.Warn("auth_http: server could not answer, asked last for a while",
+				zap.String("auth_server", srv.safeURL), zap.Duration("for", c.failFor), zap.Error(err))
+		}
+	}
+	return authHTTPResult{}, errors.Join(errs...)
+}
+
+// order returns the servers to ask: the ones that did not fail lately in
+// their configured order, then the others, longest failed first.
+func (c *AuthHTTP) order() []*authHTTPServer {
+	if len(c.servers) == 1 {
+		return c.servers
+	}
+	t := now().UnixNano()
+	ordered := make([]*authHTTPServer, 0, len(c.servers))
+	var failed []*authHTTPServer
+	for _, srv := range c.servers {
+		if srv.failed.Load() > t {
+			failed = append(failed, srv)
+		} else {
+			ordered = append(ordered, srv)
+		}
+	}
+	slices.SortStableFunc(failed, func(a, b *authHTTPServer) int { return cmp.Compare(a.failed.Load(), b.failed.Load()) })
+	return append(ordered, failed...)
+}
+
+// ask puts one request to one server. failover says the error is the
+// server's (it could not answer), so the next one may be asked.
+func (c *AuthHTTP) ask(ctx context.Context, srv *authHTTPServer, r authHTTPRequest) (_ authHTTPResult, failover bool, _ error) {
+	req, err := c.newRequest(ctx, srv.url, r)
 	if err != nil {
-		return authHTTPResult{}, err
+		return authHTTPResult{}, false, err
 	}
 	resp, err := c.client.Do(req)
 	if err != nil {
@@ -235,20 +357,66 @@ func (c *AuthHTTP) check(ctx context.Context, r authHTTPRequest) (authHTTPResult
 			err = ue.Err
 		}
 		if errors.Is(err, context.DeadlineExceeded) && ctx.Err() != nil {
-			return authHTTPResult{}, fmt.Errorf("auth_http: %s did not answer within %s: %w", c.safeURL, timeout, err)
+			return authHTTPResult{}, true, fmt.Errorf("auth_http: %s did not answer within %s: %w", srv.safeURL, time.Duration(c.Timeout), err)
 		}
-		return authHTTPResult{}, fmt.Errorf("auth_http: asking %s: %w", c.safeURL, scrubTransportError(err))
+		return authHTTPResult{}, true, fmt.Errorf("auth_http: asking %s: %w", srv.safeURL, scrubTransportError(err))
 	}
 	if resp.ContentLength >= 0 && resp.ContentLength <= authHTTPMaxBody {
 		_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, authHTTPMaxBody))
 	}
 	_ = resp.Body.Close()
 
-	res, err := parseAuthHTTPResponse(resp, authHTTPMethodName(r.Method))
+	res, err := parseAuthHTTPResponse(resp, authHTTPMethodName(r.Method), c.ResolveAuthServer)
 	if err != nil {
-		return authHTTPResult{}, fmt.Errorf("auth_http: asking %s: %w", c.safeURL, err)
+		failover = resp.StatusCode >= 500 && len(resp.Header.Values("Auth-Status")) == 0
+		return authHTTPResult{}, failover, fmt.Errorf("auth_http: asking %s: %w", srv.safeURL, err)
 	}
+	return res, false, nil
+}
+
+// resolve looks up the host name in res.Host, bounded by the timeout, and
+// puts its first address into res.Address. A failed lookup is no reason to
+// ask another auth server: the answer was given.
+func (c *AuthHTTP) resolve(ctx context.Context, srv *authHTTPServer, res authHTTPResult) (authHTTPResult, error) {
+	timeout := time.Duration(c.Timeout)
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	lookup := c.lookup
+	if lookup == nil {
+		lookup = func(ctx context.Context, host string) ([]netip.Addr, error) {
+			return net.DefaultResolver.LookupNetIP(ctx, "ip", host)
+		}
+	}
+	addrs, err := lookup(ctx, res.Host)
+	if err == nil && len(addrs) == 0 {
+		err = errors.New("no address")
+	}
+	if err != nil {
+		if errors.Is(err, context.DeadlineExceeded) && ctx.Err() != nil {
+			err = fmt.Errorf("no answer within %s: %w", timeout, err)
+		}
+		return authHTTPResult{}, fmt.Errorf("auth_http: %s named Auth-Server %q: resolving it: %w", srv.safeURL, res.Host, err)
+	}
+	_, port, _ := net.SplitHostPort(res.Address)
+	res.Address = net.JoinHostPort(addrs[0].Unmap().String(), port)
+	res.Host = ""
 	return res, nil
+}
+
+// newAuthHTTPServer checks one auth server URL. No error holds the URL.
+func newAuthHTTPServer(raw string) (*authHTTPServer, error) {
+	u, err := url.Parse(raw)
+	if err != nil || raw == "" {
+		return nil, errors.New("not a valid URL")
+	}
+	if u.Scheme != "http" && u.Scheme != "https" {
+		// Unlike NGINX, which takes http only (no TLS) and unix: sockets.
+		return nil, errors.New("scheme must be http or https")
+	}
+	if u.Hostname() == "" {
+		return nil, errors.New("host missing")
+	}
+	return &authHTTPServer{url: raw, safeURL: (&url.URL{Scheme: u.Scheme, Host: u.Host, Path: u.Path}).String()}, nil
 }
 
 // newRequest builds the GET request with NGINX's fields.
@@ -261,8 +429,8 @@ func (c *AuthHTTP) check(ctx context.Context, r authHTTPRequest) (authHTTPResult
 // Client-IP, Client-Host, Auth-SSL*, configured fields); HTTP gives field
 // order no meaning. Host carries the port when the URL has a non-default
 // one (RFC 9110 §7.2), where NGINX sends the host name alone.
-func (c *AuthHTTP) newRequest(ctx context.Context, r authHTTPRequest) (*http.Request, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.URL, nil)
+func (c *AuthHTTP) newRequest(ctx context.Context, rawURL string, r authHTTPRequest) (*http.Request, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
 	if err != nil {
 		return nil, errors.New("auth_http: building request: invalid url") // err would repeat the URL
 	}
@@ -283,6 +451,19 @@ func (c *AuthHTTP) newRequest(ctx context.Context, r authHTTPRequest) (*http.Req
 	set("Client-IP", r.ClientIP)
 	if r.ClientHost != "" {
 		set("Client-Host", clientHostValue(r.ClientHost))
+	}
+	// Unlike NGINX, which sends neither the client's port nor the address
+	// it was reached at (only Proxy-Protocol-Port and
+	// Proxy-Protocol-Server-Addr/-Port, and only for a connection that came
+	// with a PROXY protocol header). Auth servers use them to tell listeners
+	// apart and to match firewall or NAT logs; the formats follow Client-IP
+	// (no brackets around IPv6) and Proxy-Protocol-Port (decimal).
+	if r.ClientPort != "" {
+		set("Client-Port", r.ClientPort)
+	}
+	if r.ServerIP != "" && r.ServerPort != "" {
+		set("Server-IP", r.ServerIP)
+		set("Server-Port", r.ServerPort)
 	}
 	if st := r.TLS; st != nil {
 		set("Auth-SSL", "on")
@@ -332,7 +513,10 @@ func (c *AuthHTTP) newRequest(ctx context.Context, r authHTTPRequest) (*http.Req
 // As NGINX (ngx_mail_auth_http_ignore_status_line), the HTTP status code is
 // not looked at: only the fields count, whatever the status. Where a field
 // comes more than once the last one wins, as NGINX overwrites.
-func parseAuthHTTPResponse(resp *http.Response, method string) (authHTTPResult, error) {
+//
+// With names, Auth-Server may be a host name, returned in Host (and in
+// Address with the port) for the caller to resolve.
+func parseAuthHTTPResponse(resp *http.Response, method string, names bool) (authHTTPResult, error) {
 	h := resp.Header
 	var res authHTTPResult
 	for _, v := range h.Values("Auth-Wait") {
@@ -373,8 +557,16 @@ func parseAuthHTTPResponse(resp *http.Response, method string) (authHTTPResult, 
 	if server == "" || port == "" {
 		return authHTTPResult{}, fmt.Errorf("%w: Auth-Server or Auth-Port missing", errAuthHTTPResponse)
 	}
+	host := ""
 	addr, ok := parseAuthServer(server)
-	if !ok {
+	switch {
+	case ok:
+		host = addr.String()
+	case names && isHostName(server):
+		host, res.Host = server, server
+	case names:
+		return authHTTPResult{}, fmt.Errorf("%w: Auth-Server %q is neither an IP address nor a host name", errAuthHTTPResponse, stripControl(server))
+	default:
 		// As NGINX (ngx_parse_addr): an IP address, not a host name.
 		return authHTTPResult{}, fmt.Errorf("%w: Auth-Server %q is not an IP address", errAuthHTTPResponse, server)
 	}
@@ -397,7 +589,7 @@ func parseAuthHTTPResponse(resp *http.Response, method string) (authHTTPResult, 
 		return authHTTPResult{}, fmt.Errorf("%w: no Auth-Pass for method %s", errAuthHTTPResponse, method)
 	}
 	res.OK = true
-	res.Address = net.JoinHostPort(addr.String(), strconv.FormatInt(n, 10))
+	res.Address = net.JoinHostPort(host, strconv.FormatInt(n, 10))
 	res.Wait, res.HasWait = 0, false
 	return res, nil
 }
@@ -480,6 +672,34 @@ func clientHostValue(name string) string {
 		return "[TEMPUNAVAIL]"
 	}
 	return name
+}
+
+// isHostName reports whether s is a DNS host name: dot-separated labels of
+// letters, digits, '-' and '_' (RFC 1123 §2.1, with the underscore some
+// internal names carry), each 1 to 63 bytes, 253 in all, a trailing dot
+// allowed, not all digits and dots (that would be a malformed address).
+func isHostName(s string) bool {
+	s = strings.TrimSuffix(s, ".")
+	if s == "" || len(s) > 253 {
+		return false
+	}
+	letter := false
+	for label := range strings.SplitSeq(s, ".") {
+		if label == "" || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
+			return false
+		}
+		for i := 0; i < len(label); i++ {
+			c := label[i]
+			switch {
+			case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c == '-', c == '_':
+				letter = true
+			case c >= '0' && c <= '9':
+			default:
+				return false
+			}
+		}
+	}
+	return letter
 }
 
 // validHeaderName reports whether name is an RFC 9110 token.
@@ -587,10 +807,8 @@ func (x authHTTPAuthenticator) authenticate(ctx context.Context, req loginReques
 		// open another user's mailbox.
 		return loginTarget{}, errAuthzidRefused
 	}
-	clientIP := ""
-	if host, _, err := net.SplitHostPort(req.remote.String()); err == nil {
-		clientIP = host
-	}
+	clientIP, clientPort := splitAddr(req.remote)
+	serverIP, serverPort := splitAddr(req.local)
 	areq := authHTTPRequest{
 		Method:       req.method,
 		User:         req.creds.Username,
@@ -598,6 +816,9 @@ func (x authHTTPAuthenticator) authenticate(ctx context.Context, req loginReques
 		Salt:         req.salt,
 		Attempt:      req.attempt,
 		ClientIP:     clientIP,
+		ClientPort:   clientPort,
+		ServerIP:     serverIP,
+		ServerPort:   serverPort,
 		TLS:          req.tls,
 		VerifyClient: x.verifyClient || (req.tls != nil && len(req.tls.PeerCertificates) > 0),
 	}
@@ -641,6 +862,19 @@ func (x authHTTPAuthenticator) authenticate(ctx context.Context, req loginReques
 		return loginTarget{}, fmt.Errorf("%w: no Auth-User for a login without a user name", errAuthServer)
 	}
 	return loginTarget{address: res.Address, creds: creds}, nil
+}
+
+// splitAddr returns the host and port of a TCP address, both "" for an
+// address without them (a pipe, a Unix socket, nil).
+func splitAddr(a net.Addr) (host, port string) {
+	if a == nil {
+		return "", ""
+	}
+	host, port, err := net.SplitHostPort(a.String())
+	if err != nil || host == "" {
+		return "", ""
+	}
+	return host, port
 }
 
 // refusalFromAuthServer turns Auth-Status and Auth-Error-Code into the

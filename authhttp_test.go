@@ -14,6 +14,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/asn1"
 	"encoding/hex"
+	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -21,16 +22,23 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"net/url"
+	"os"
 	"slices"
 	"sort"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/caddy-pop3/caddy-pop3/internal/pop3test"
+	"github.com/caddy-pop3/caddy-pop3/internal/sasl"
 )
 
 // newTestAuthHTTP provisions an AuthHTTP for url; mods run before provision.
@@ -40,7 +48,7 @@ func newTestAuthHTTP(t *testing.T, url string, mods ...func(*AuthHTTP)) *AuthHTT
 	for _, m := range mods {
 		m(a)
 	}
-	if err := a.provision(); err != nil {
+	if err := a.provision(caddy.Context{}); err != nil {
 		t.Fatalf("provision: %v", err)
 	}
 	t.Cleanup(a.cleanup)
@@ -824,12 +832,16 @@ func TestAuthHTTPProvision(t *testing.T) {
 		{name: "reserved SSL header", a: AuthHTTP{URL: "http://127.0.0.1/", Header: map[string]string{"Auth-SSL-Verify": "SUCCESS"}}, wantErr: "sent by the proxy"},
 		{name: "reserved Host", a: AuthHTTP{URL: "http://127.0.0.1/", Header: map[string]string{"Host": "x"}}, wantErr: "sent by the proxy"},
 		{name: "control byte in value", a: AuthHTTP{URL: "http://127.0.0.1/", Header: map[string]string{"X-Key": secret + "\r\nX: y"}}, wantErr: "control character"},
+		{name: "bad url in urls", a: AuthHTTP{URL: "http://127.0.0.1/", URLs: []string{"http://127.0.0.2/", "ftp://" + secret + "@x/"}}, wantErr: "urls 1: scheme"},
+		{name: "bad url in urls alone", a: AuthHTTP{URLs: []string{"http://u:" + secret + "@:80/auth"}}, wantErr: "urls 0: host"},
+		{name: "url twice", a: AuthHTTP{URL: "http://127.0.0.1/", URLs: []string{"http://127.0.0.1/"}}, wantErr: "urls 0: given twice"},
+		{name: "tls without https", a: AuthHTTP{URL: "http://127.0.0.1/", URLs: []string{"http://127.0.0.2/"}, TLS: &reverseproxy.TLSConfig{}}, wantErr: "https"},
 		{name: "valid", a: AuthHTTP{URL: "https://auth.example:8443/mail/auth?x=1", Header: map[string]string{"X-Auth-Key": "{env.AUTH_KEY}"}}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			a := tt.a
-			err := a.provision()
+			err := a.provision(caddy.Context{})
 			if tt.wantErr == "" {
 				if err != nil {
 					t.Fatalf("provision: %v", err)
@@ -837,8 +849,8 @@ func TestAuthHTTPProvision(t *testing.T) {
 				if time.Duration(a.Timeout) != 60*time.Second {
 					t.Errorf("default timeout = %s", time.Duration(a.Timeout))
 				}
-				if a.safeURL != "https://auth.example:8443/mail/auth" {
-					t.Errorf("safeURL = %q", a.safeURL)
+				if a.servers[0].safeURL != "https://auth.example:8443/mail/auth" {
+					t.Errorf("safeURL = %q", a.servers[0].safeURL)
 				}
 				return
 			}
@@ -849,5 +861,392 @@ func TestAuthHTTPProvision(t *testing.T) {
 				t.Errorf("error %q holds the secret", err)
 			}
 		})
+	}
+}
+
+// TestAuthHTTPAddressFields checks Client-Port, Server-IP and Server-Port,
+// taken from the connection's addresses, and that they are left out when
+// the connection has no IP addresses (a pipe).
+func TestAuthHTTPAddressFields(t *testing.T) {
+	t.Parallel()
+	tcp := func(s string) net.Addr { return net.TCPAddrFromAddrPort(netip.MustParseAddrPort(s)) }
+	tests := []struct {
+		name          string
+		remote, local net.Addr
+		want          map[string]string
+	}{
+		{name: "ipv4", remote: tcp("192.0.2.7:50123"), local: tcp("198.51.100.1:110"),
+			want: map[string]string{"Client-IP": "192.0.2.7", "Client-Port": "50123", "Server-IP": "198.51.100.1", "Server-Port": "110"}},
+		{name: "ipv6 without brackets", remote: tcp("[2001:db8::7]:40000"), local: tcp("[2001:db8::1]:995"),
+			want: map[string]string{"Client-IP": "2001:db8::7", "Client-Port": "40000", "Server-IP": "2001:db8::1", "Server-Port": "995"}},
+		{name: "pipe", remote: pipeAddr{}, local: pipeAddr{},
+			want: map[string]string{"Client-IP": ""}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			srv := &pop3test.AuthServer{Users: map[string]pop3test.AuthUser{"u": {Password: "p", Server: "127.0.0.1:110"}}}
+			a := newTestAuthHTTP(t, srv.Start(t))
+			_, err := authHTTPAuthenticator{a: a}.authenticate(context.Background(), loginRequest{
+				method: AuthPlain, creds: sasl.Credentials{Username: "u", Password: "p"}, attempt: 1,
+				remote: tt.remote, local: tt.local,
+			})
+			if err != nil {
+				t.Fatalf("authenticate: %v", err)
+			}
+			got := srv.Last(t)
+			for _, name := range []string{"Client-IP", "Client-Port", "Server-IP", "Server-Port"} {
+				v, ok := got.Get(name)
+				want, wantOK := tt.want[name]
+				if ok != wantOK || v != want {
+					t.Errorf("%s = %q (present %v), want %q (present %v)", name, v, ok, want, wantOK)
+				}
+			}
+		})
+	}
+}
+
+// pipeAddr is net.Pipe's address: no host, no port.
+type pipeAddr struct{}
+
+func (pipeAddr) Network() string { return "pipe" }
+func (pipeAddr) String() string  { return "pipe" }
+
+// okAuthHandler answers every request Auth-Status: OK for 127.0.0.1:110.
+var okAuthHandler = http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Auth-Status", "OK")
+	w.Header().Set("Auth-Server", "127.0.0.1")
+	w.Header().Set("Auth-Port", "110")
+})
+
+// writePEM writes blocks of type typ to a new file and returns its path.
+func writePEM(t *testing.T, typ string, ders ...[]byte) string {
+	t.Helper()
+	var b []byte
+	for _, der := range ders {
+		b = append(b, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der})...)
+	}
+	f, err := os.CreateTemp(t.TempDir(), "*.pem")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.Write(b); err != nil {
+		t.Fatal(err)
+	}
+	_ = f.Close()
+	return f.Name()
+}
+
+// TestAuthHTTPTLSClient checks https:// URLs with Caddy's TLS client
+// settings: a trust pool from a file, the server name, skipping
+// verification and a client certificate for a server that requires one.
+func TestAuthHTTPTLSClient(t *testing.T) {
+	t.Parallel()
+	srv := httptest.NewTLSServer(okAuthHandler)
+	t.Cleanup(srv.Close)
+	trust := json.RawMessage(fmt.Sprintf(`{"provider":"file","pem_files":[%q]}`, writePEM(t, "CERTIFICATE", srv.Certificate().Raw)))
+
+	pki := newTestPKI(t)
+	mtls := httptest.NewUnstartedServer(okAuthHandler)
+	mtls.TLS = &tls.Config{ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: pki.caPool}
+	mtls.StartTLS()
+	t.Cleanup(mtls.Close)
+	mtlsTrust := json.RawMessage(fmt.Sprintf(`{"provider":"file","pem_files":[%q]}`, writePEM(t, "CERTIFICATE", mtls.Certificate().Raw)))
+	keyDER, err := x509.MarshalPKCS8PrivateKey(pki.client.PrivateKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	certFile, keyFile := writePEM(t, "CERTIFICATE", pki.client.Certificate[0]), writePEM(t, "PRIVATE KEY", keyDER)
+
+	tests := []struct {
+		name    string
+		url     string
+		tls     *reverseproxy.TLSConfig
+		wantErr string // "" for an OK answer
+	}{
+		{name: "system roots do not trust it", url: srv.URL, wantErr: "certificate"},
+		{name: "trust pool", url: srv.URL, tls: &reverseproxy.TLSConfig{CARaw: trust}},
+		{name: "trust pool, server name in the certificate", url: srv.URL, tls: &reverseproxy.TLSConfig{CARaw: trust, ServerName: "example.com"}},
+		{name: "trust pool, wrong server name", url: srv.URL, tls: &reverseproxy.TLSConfig{CARaw: trust, ServerName: "other.test"}, wantErr: "other.test"},
+		{name: "insecure skip verify", url: srv.URL, tls: &reverseproxy.TLSConfig{InsecureSkipVerify: true}},
+		{name: "client certificate", url: mtls.URL, tls: &reverseproxy.TLSConfig{CARaw: mtlsTrust, ClientCertificateFile: certFile, ClientCertificateKeyFile: keyFile}},
+		{name: "client certificate missing", url: mtls.URL, tls: &reverseproxy.TLSConfig{CARaw: mtlsTrust}, wantErr: "asking"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+			t.Cleanup(cancel)
+			a := &AuthHTTP{URL: tt.url + "/auth", TLS: tt.tls, Timeout: caddy.Duration(5 * time.Second)}
+			if err := a.setup(ctx); err != nil {
+				t.Fatalf("setup: %v", err)
+			}
+			t.Cleanup(a.cleanup)
+			res, err := a.check(context.Background(), authHTTPRequest{Method: AuthPlain, User: "u", Pass: "p", Attempt: 1, ClientIP: "192.0.2.1"})
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("err = %v, want one about %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil || !res.OK {
+				t.Fatalf("check = %+v, %v", res, err)
+			}
+		})
+	}
+}
+
+func TestAuthHTTPTLSNeedsHTTPS(t *testing.T) {
+	t.Parallel()
+	a := &AuthHTTP{URL: "http://127.0.0.1/auth", TLS: &reverseproxy.TLSConfig{InsecureSkipVerify: true}}
+	if err := a.provision(caddy.Context{}); err == nil || !strings.Contains(err.Error(), "https") {
+		t.Fatalf("provision = %v, want an error about https", err)
+	}
+}
+
+// countingAuthServer answers every request with status and fields, and
+// counts requests and accepted connections.
+func countingAuthServer(t *testing.T, status int, fields map[string]string) (url string, reqs, conns *atomic.Int32) {
+	t.Helper()
+	reqs, conns = new(atomic.Int32), new(atomic.Int32)
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		reqs.Add(1)
+		for k, v := range fields {
+			w.Header().Set(k, v)
+		}
+		w.WriteHeader(status)
+	}))
+	srv.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+		if st == http.StateNew {
+			conns.Add(1)
+		}
+	}
+	srv.Start()
+	t.Cleanup(srv.Close)
+	return srv.URL + "/auth", reqs, conns
+}
+
+var (
+	authOK      = map[string]string{"Auth-Status": "OK", "Auth-Server": "127.0.0.1", "Auth-Port": "110"}
+	authRefused = map[string]string{"Auth-Status": "Invalid login or password"}
+)
+
+func TestAuthHTTPFailover(t *testing.T) {
+	t.Parallel()
+	type server struct {
+		kind   string // "down", "silent" or "answer"
+		status int
+		fields map[string]string
+		asked  int32 // requests it must have had
+	}
+	tests := []struct {
+		name    string
+		servers []server
+		want    authHTTPResult
+		wantErr []string // substrings of the error; nil: no error
+	}{
+		{name: "first down, second answers",
+			servers: []server{{kind: "down"}, {kind: "answer", status: 200, fields: authOK, asked: 1}},
+			want:    authHTTPResult{OK: true, Address: "127.0.0.1:110"}},
+		{name: "503 without Auth-Status fails over",
+			servers: []server{{kind: "answer", status: 503, asked: 1}, {kind: "answer", status: 200, fields: authOK, asked: 1}},
+			want:    authHTTPResult{OK: true, Address: "127.0.0.1:110"}},
+		{name: "a refusal is an answer, also with a 500",
+			servers: []server{{kind: "answer", status: 500, fields: authRefused, asked: 1}, {kind: "answer", status: 200, fields: authOK}},
+			want:    authHTTPResult{ErrorText: "Invalid login or password"}},
+		{name: "a 200 refusal is an answer",
+			servers: []server{{kind: "answer", status: 200, fields: authRefused, asked: 1}, {kind: "answer", status: 200, fields: authOK}},
+			want:    authHTTPResult{ErrorText: "Invalid login or password"}},
+		{name: "a 4xx without Auth-Status does not fail over",
+			servers: []server{{kind: "answer", status: 404, asked: 1}, {kind: "answer", status: 200, fields: authOK}},
+			wantErr: []string{"no Auth-Status (HTTP status 404)"}},
+		{name: "one timeout for all: a silent first server leaves none for the second",
+			servers: []server{{kind: "silent"}, {kind: "answer", status: 200, fields: authOK}},
+			wantErr: []string{"did not answer within"}},
+		{name: "all fail: every error is told",
+			servers: []server{{kind: "down"}, {kind: "answer", status: 502, asked: 1}},
+			wantErr: []string{"connection refused", "HTTP status 502"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var urls []string
+			var counts []*atomic.Int32
+			for _, s := range tt.servers {
+				var u string
+				reqs := new(atomic.Int32)
+				switch s.kind {
+				case "down":
+					u = downAuthServer(t)
+				case "silent":
+					u = silentAuthServer(t)
+				default:
+					u, reqs, _ = countingAuthServer(t, s.status, s.fields)
+				}
+				urls, counts = append(urls, u), append(counts, reqs)
+			}
+			a := newTestAuthHTTP(t, urls[0], func(a *AuthHTTP) {
+				a.URLs, a.Timeout = urls[1:], caddy.Duration(300*time.Millisecond)
+			})
+			got, err := a.check(context.Background(), authHTTPRequest{Method: AuthPlain, User: "u", Pass: "p", Attempt: 1, ClientIP: "192.0.2.1"})
+			if tt.wantErr != nil {
+				if err == nil {
+					t.Fatalf("check = %+v, want an error", got)
+				}
+				for _, w := range tt.wantErr {
+					if !strings.Contains(err.Error(), w) {
+						t.Errorf("err = %v, want %q in it", err, w)
+					}
+				}
+			} else if err != nil || got != tt.want {
+				t.Fatalf("check = %+v, %v; want %+v", got, err, tt.want)
+			}
+			for i, s := range tt.servers {
+				if n := counts[i].Load(); n != s.asked {
+					t.Errorf("server %d asked %d times, want %d", i, n, s.asked)
+				}
+			}
+		})
+	}
+}
+
+// TestAuthHTTPFailedServerAskedLast: a server that could not answer is
+// asked after the others until failFor has passed.
+func TestAuthHTTPFailedServerAskedLast(t *testing.T) {
+	t.Parallel()
+	bad, badReqs, _ := countingAuthServer(t, 503, nil)
+	good, goodReqs, _ := countingAuthServer(t, 200, authOK)
+	a := newTestAuthHTTP(t, "", func(a *AuthHTTP) {
+		a.URL, a.URLs, a.failFor = "", []string{bad, good}, 300*time.Millisecond
+	})
+	login := func(wantBad, wantGood int32) {
+		t.Helper()
+		res, err := a.check(context.Background(), authHTTPRequest{Method: AuthPlain, User: "u", Pass: "p", Attempt: 1})
+		if err != nil || !res.OK {
+			t.Fatalf("check = %+v, %v", res, err)
+		}
+		if b, g := badReqs.Load(), goodReqs.Load(); b != wantBad || g != wantGood {
+			t.Fatalf("requests: failing server %d, good one %d; want %d, %d", b, g, wantBad, wantGood)
+		}
+	}
+	login(1, 1) // the first fails over
+	login(1, 2) // the failed one is asked last, so not at all
+	time.Sleep(400 * time.Millisecond)
+	login(2, 3) // first again once failFor is over
+}
+
+// TestAuthHTTPKeepAlive: logins reuse the connection to the auth server.
+func TestAuthHTTPKeepAlive(t *testing.T) {
+	t.Parallel()
+	u, reqs, conns := countingAuthServer(t, 200, authOK)
+	a := newTestAuthHTTP(t, u)
+	for range 3 {
+		if res, err := a.check(context.Background(), authHTTPRequest{Method: AuthPlain, User: "u", Pass: "p", Attempt: 1}); err != nil || !res.OK {
+			t.Fatalf("check = %+v, %v", res, err)
+		}
+	}
+	if r, c := reqs.Load(), conns.Load(); r != 3 || c != 1 {
+		t.Errorf("%d requests over %d connections, want 3 over 1", r, c)
+	}
+}
+
+func TestAuthHTTPResolveAuthServer(t *testing.T) {
+	t.Parallel()
+	answer := func(server string) string {
+		return "HTTP/1.1 200 OK\r\nAuth-Status: OK\r\nAuth-Server: " + server + "\r\nAuth-Port: 110\r\nContent-Length: 0\r\n\r\n"
+	}
+	addrs := func(ss ...string) []netip.Addr {
+		var out []netip.Addr
+		for _, s := range ss {
+			out = append(out, netip.MustParseAddr(s))
+		}
+		return out
+	}
+	tests := []struct {
+		name    string
+		server  string
+		off     bool // resolve_auth_server off
+		addrs   []netip.Addr
+		err     error
+		block   bool // the lookup waits for its context
+		want    string
+		wantErr string
+	}{
+		{name: "first address", server: "pop.example.test", addrs: addrs("2001:db8::5", "192.0.2.5"), want: "[2001:db8::5]:110"},
+		{name: "mapped address unmapped", server: "pop.example.test.", addrs: addrs("::ffff:192.0.2.5"), want: "192.0.2.5:110"},
+		{name: "ip address not looked up", server: "192.0.2.9", err: errors.New("must not be called"), want: "192.0.2.9:110"},
+		{name: "not found", server: "nosuch.example.test", err: &net.DNSError{Err: "no such host", Name: "nosuch.example.test", IsNotFound: true}, wantErr: "no such host"},
+		{name: "no address", server: "pop.example.test", wantErr: "no address"},
+		{name: "lookup bounded by the timeout", server: "pop.example.test", block: true, wantErr: "no answer within"},
+		{name: "not a host name", server: "pop example", wantErr: "neither an IP address nor a host name"},
+		{name: "off: host name refused", server: "pop.example.test", off: true, addrs: addrs("192.0.2.5"), wantErr: "not an IP address"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var looked []string
+			a := newTestAuthHTTP(t, rawAuthServer(t, answer(tt.server)), func(a *AuthHTTP) {
+				a.ResolveAuthServer, a.Timeout = !tt.off, caddy.Duration(300*time.Millisecond)
+				a.lookup = func(ctx context.Context, host string) ([]netip.Addr, error) {
+					looked = append(looked, host)
+					if tt.block {
+						<-ctx.Done()
+						return nil, ctx.Err()
+					}
+					return tt.addrs, tt.err
+				}
+			})
+			got, err := a.check(context.Background(), authHTTPRequest{Method: AuthPlain, User: "u", Pass: "p", Attempt: 1})
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("check = %+v, %v; want an error about %q", got, err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil || !got.OK || got.Address != tt.want || got.Host != "" {
+				t.Fatalf("check = %+v, %v; want OK for %s", got, err, tt.want)
+			}
+			if _, ip := parseAuthServer(tt.server); !ip && (len(looked) != 1 || looked[0] != tt.server) {
+				t.Errorf("looked up %q, want %q", looked, tt.server)
+			}
+		})
+	}
+}
+
+// TestAuthHTTPResolveAuthServerSystem resolves localhost with the system
+// resolver.
+func TestAuthHTTPResolveAuthServerSystem(t *testing.T) {
+	t.Parallel()
+	a := newTestAuthHTTP(t, rawAuthServer(t, "HTTP/1.1 200 OK\r\nAuth-Status: OK\r\nAuth-Server: localhost\r\nAuth-Port: 110\r\nContent-Length: 0\r\n\r\n"),
+		func(a *AuthHTTP) { a.ResolveAuthServer = true })
+	got, err := a.check(context.Background(), authHTTPRequest{Method: AuthPlain, User: "u", Pass: "p", Attempt: 1})
+	if err != nil || (got.Address != "127.0.0.1:110" && got.Address != "[::1]:110") {
+		t.Fatalf("check = %+v, %v; want localhost's address", got, err)
+	}
+}
+
+// TestAuthHTTPFailoverLogged: a failover is logged with the server's URL,
+// never its user info or query, nor a request field.
+func TestAuthHTTPFailoverLogged(t *testing.T) {
+	t.Parallel()
+	const secret = "failover-secret"
+	bad, _, _ := countingAuthServer(t, 503, nil)
+	good, _, _ := countingAuthServer(t, 200, authOK)
+	badURL, _ := url.Parse(bad)
+	badURL.User, badURL.RawQuery = url.UserPassword("u", secret), "key="+secret
+	core, logs := observer.New(zap.DebugLevel)
+	a := newTestAuthHTTP(t, badURL.String(), func(a *AuthHTTP) {
+		a.URLs, a.logger = []string{good}, zap.New(core)
+		a.Header = map[string]string{"X-Auth-Key": secret}
+	})
+	if res, err := a.check(context.Background(), authHTTPRequest{Method: AuthPlain, User: "u", Pass: secret, Attempt: 1}); err != nil || !res.OK {
+		t.Fatalf("check = %+v, %v", res, err)
+	}
+	entries := logs.All()
+	if len(entries) != 1 || entries[0].Level != zap.WarnLevel {
+		t.Fatalf("log entries %+v, want one warning", entries)
+	}
+	fields := entries[0].ContextMap()
+	if want := (&url.URL{Scheme: "http", Host: badURL.Host, Path: "/auth"}).String(); fields["auth_server"] != want {
+		t.Errorf("auth_server = %v, want %s", fields["auth_server"], want)
+	}
+	if s := fmt.Sprint(entries[0].Message, fields); strings.Contains(s, secret) {
+		t.Errorf("log entry holds the secret: %s", s)
 	}
 }

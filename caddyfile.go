@@ -26,10 +26,15 @@ const (
 //		upstream <address>
 //
 //		auth <plain|apop|cram-md5|external|oauthbearer|xoauth2...>
-//		auth_http <url> {
+//		auth_http <url> [<url>...] {  # more URLs: failover, in order
 //			header <name> <value>     # repeatable
 //			timeout <duration>
 //			pass_client_cert <on|off>
+//			tls_trust_pool <module> ...   # for https:// URLs, as upstream's
+//			tls_client_auth <cert> <key> | <automate_name>
+//			tls_server_name <name>
+//			tls_insecure_skip_verify
+//			resolve_auth_server <on|off>  # a host name in Auth-Server; default off
 //		}
 //		passwd_file <path> {         # repeatable: Dovecot passwd-file users
 //			default_domain <domain>
@@ -411,15 +416,18 @@ func parseIntInRange(d *caddyfile.Dispenser, wrapper, optionName string, lo, hi 
 	return val, nil
 }
 
-// unmarshalCaddyfile reads "auth_http <url> { ... }" at the dispenser's
+// unmarshalCaddyfile reads "auth_http <url> [<url>...] { ... }" at the dispenser's
 // current token.
 func (a *AuthHTTP) unmarshalCaddyfile(d *caddyfile.Dispenser, wrapper string) error {
 	const optionName = "auth_http"
-	if d.CountRemainingArgs() != 1 {
+	if d.CountRemainingArgs() < 1 {
 		return d.ArgErr()
 	}
 	d.NextArg()
 	a.URL = d.Val()
+	for d.NextArg() {
+		a.URLs = append(a.URLs, d.Val()) // failover, in order
+	}
 	seen := map[string]bool{} // options that may be given once
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		sub := d.Val()
@@ -450,6 +458,19 @@ func (a *AuthHTTP) unmarshalCaddyfile(d *caddyfile.Dispenser, wrapper string) er
 				return err
 			}
 			a.Timeout = dur
+		case "resolve_auth_server":
+			on, err := parseOnOff(d, wrapper, optionName+" "+sub)
+			if err != nil {
+				return err
+			}
+			a.ResolveAuthServer = on
+		case "tls_insecure_skip_verify", "tls_server_name", "tls_client_auth", "tls_trust_pool":
+			if a.TLS == nil {
+				a.TLS = new(reverseproxy.TLSConfig)
+			}
+			if err := unmarshalTLSClientOption(d, wrapper, optionName+" "+sub, a.TLS); err != nil {
+				return err
+			}
 		case "pass_client_cert":
 			if d.CountRemainingArgs() != 1 {
 				return d.ArgErr()
@@ -465,6 +486,58 @@ func (a *AuthHTTP) unmarshalCaddyfile(d *caddyfile.Dispenser, wrapper string) er
 		default:
 			return d.Errf("unrecognized %s option '%s %s'", wrapper, optionName, sub)
 		}
+	}
+	return nil
+}
+
+// unmarshalTLSClientOption reads one of the tls_* options at the
+// dispenser's current token into t, spelled as in reverse_proxy's http
+// transport: tls_insecure_skip_verify, tls_server_name <name>,
+// tls_client_auth <cert> <key> | <automate_name>, tls_trust_pool <module> ...
+// opt names the option in errors.
+func unmarshalTLSClientOption(d *caddyfile.Dispenser, wrapper, opt string, t *reverseproxy.TLSConfig) error {
+	switch d.Val() {
+	case "tls_insecure_skip_verify":
+		if d.CountRemainingArgs() != 0 {
+			return d.ArgErr()
+		}
+		t.InsecureSkipVerify = true
+	case "tls_server_name":
+		if d.CountRemainingArgs() != 1 {
+			return d.ArgErr()
+		}
+		d.NextArg()
+		t.ServerName = d.Val()
+	case "tls_client_auth":
+		switch d.CountRemainingArgs() {
+		case 1:
+			d.NextArg()
+			t.ClientCertificateAutomate = d.Val()
+		case 2:
+			d.NextArg()
+			t.ClientCertificateFile = d.Val()
+			d.NextArg()
+			t.ClientCertificateKeyFile = d.Val()
+		default:
+			return d.ArgErr()
+		}
+	case "tls_trust_pool":
+		if !d.NextArg() {
+			return d.ArgErr()
+		}
+		modStem := d.Val()
+		modID := "tls.ca_pool.source." + modStem
+		unm, err := caddyfile.UnmarshalModule(d, modID)
+		if err != nil {
+			return err
+		}
+		ca, ok := unm.(caddytls.CA)
+		if !ok {
+			return d.Errf("parsing %s option '%s': module %s is not a caddytls.CA", wrapper, opt, modID)
+		}
+		t.CARaw = caddyconfig.JSONModuleObject(ca, "provider", modStem, nil)
+	default:
+		return d.Errf("unrecognized %s option '%s'", wrapper, opt)
 	}
 	return nil
 }
@@ -502,51 +575,18 @@ func (u *Upstream) unmarshalCaddyfile(d *caddyfile.Dispenser, wrapper string) er
 		}
 		seen[sub] = true
 		switch sub {
-		case "tls", "starttls", "tls_insecure_skip_verify":
+		case "tls", "starttls":
 			if d.CountRemainingArgs() != 0 {
 				return d.ArgErr()
 			}
-			t := tlsConfig()
-			switch sub {
-			case "starttls":
+			tlsConfig()
+			if sub == "starttls" {
 				u.StartTLS = true
-			case "tls_insecure_skip_verify":
-				t.InsecureSkipVerify = true
 			}
-		case "tls_server_name":
-			if d.CountRemainingArgs() != 1 {
-				return d.ArgErr()
-			}
-			d.NextArg()
-			tlsConfig().ServerName = d.Val()
-		case "tls_client_auth":
-			switch d.CountRemainingArgs() {
-			case 1:
-				d.NextArg()
-				tlsConfig().ClientCertificateAutomate = d.Val()
-			case 2:
-				d.NextArg()
-				tlsConfig().ClientCertificateFile = d.Val()
-				d.NextArg()
-				tlsConfig().ClientCertificateKeyFile = d.Val()
-			default:
-				return d.ArgErr()
-			}
-		case "tls_trust_pool":
-			if !d.NextArg() {
-				return d.ArgErr()
-			}
-			modStem := d.Val()
-			modID := "tls.ca_pool.source." + modStem
-			unm, err := caddyfile.UnmarshalModule(d, modID)
-			if err != nil {
+		case "tls_insecure_skip_verify", "tls_server_name", "tls_client_auth", "tls_trust_pool":
+			if err := unmarshalTLSClientOption(d, wrapper, opt, tlsConfig()); err != nil {
 				return err
 			}
-			ca, ok := unm.(caddytls.CA)
-			if !ok {
-				return d.Errf("parsing %s option '%s': module %s is not a caddytls.CA", wrapper, opt, modID)
-			}
-			tlsConfig().CARaw = caddyconfig.JSONModuleObject(ca, "provider", modStem, nil)
 		case "max_connections", "weight":
 			val, err := parseIntInRange(d, wrapper, opt, 1, math.MaxInt32)
 			if err != nil {

@@ -1,6 +1,7 @@
 package pop3
 
 import (
+	"encoding/json"
 	"reflect"
 	"strings"
 	"testing"
@@ -58,6 +59,42 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 				},
 				AuthFailureDelay: caddy.Duration(2 * time.Second),
 			},
+		},
+		{
+			name: "auth_http tls",
+			input: `pop3 {
+	auth_http https://auth.example:8443/auth {
+		tls_trust_pool file /etc/ssl/auth-ca.pem
+		tls_client_auth /c.pem /k.pem
+		tls_server_name auth.internal
+		tls_insecure_skip_verify
+	}
+}`,
+			want: Handler{AuthHTTP: &AuthHTTP{
+				URL: "https://auth.example:8443/auth",
+				TLS: &reverseproxy.TLSConfig{
+					CARaw:                    json.RawMessage(`{"pem_files":["/etc/ssl/auth-ca.pem"],"provider":"file"}`),
+					ClientCertificateFile:    "/c.pem",
+					ClientCertificateKeyFile: "/k.pem",
+					ServerName:               "auth.internal",
+					InsecureSkipVerify:       true,
+				},
+			}},
+		},
+		{
+			name:  "auth_http resolve_auth_server",
+			input: "pop3 {\n\tauth_http http://a/ {\n\t\tresolve_auth_server on\n\t}\n}",
+			want:  Handler{AuthHTTP: &AuthHTTP{URL: "http://a/", ResolveAuthServer: true}},
+		},
+		{
+			name:  "auth_http failover",
+			input: "pop3 {\n\tauth_http http://10.0.0.1/auth http://10.0.0.2/auth https://auth.example/auth\n}",
+			want:  Handler{AuthHTTP: &AuthHTTP{URL: "http://10.0.0.1/auth", URLs: []string{"http://10.0.0.2/auth", "https://auth.example/auth"}}},
+		},
+		{
+			name:  "auth_http tls_client_auth automate",
+			input: "pop3 {\n\tauth_http https://a/ {\n\t\ttls_client_auth proxy.example.com\n\t}\n}",
+			want:  Handler{AuthHTTP: &AuthHTTP{URL: "https://a/", TLS: &reverseproxy.TLSConfig{ClientCertificateAutomate: "proxy.example.com"}}},
 		},
 		{
 			name:  "auth_http without block, with upstream",
@@ -295,6 +332,12 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"auth_http bad timeout", "pop3 {\n\tauth_http http://a/ {\n\t\ttimeout soon\n\t}\n}", []string{"'auth_http timeout'"}},
 		{"auth_http header twice", "pop3 {\n\tauth_http http://a/ {\n\t\theader X-A 1\n\t\theader X-A 2\n\t}\n}", []string{"option 'auth_http'", "'X-A' set twice"}},
 		{"auth_http header without value", "pop3 {\n\tauth_http http://a/ {\n\t\theader X-A\n\t}\n}", []string{"'header'"}},
+		{"auth_http tls_server_name twice", "pop3 {\n\tauth_http https://a/ {\n\t\ttls_server_name x\n\t\ttls_server_name y\n\t}\n}", []string{"duplicate pop3 option 'auth_http tls_server_name'"}},
+		{"auth_http tls_client_auth three args", "pop3 {\n\tauth_http https://a/ {\n\t\ttls_client_auth a b c\n\t}\n}", []string{"wrong argument count"}},
+		{"auth_http tls_trust_pool without module", "pop3 {\n\tauth_http https://a/ {\n\t\ttls_trust_pool\n\t}\n}", []string{"wrong argument count"}},
+		{"auth_http tls_insecure_skip_verify with arg", "pop3 {\n\tauth_http https://a/ {\n\t\ttls_insecure_skip_verify on\n\t}\n}", []string{"wrong argument count"}},
+		{"auth_http bad resolve_auth_server", "pop3 {\n\tauth_http http://a/ {\n\t\tresolve_auth_server yes\n\t}\n}", []string{"'auth_http resolve_auth_server'", "'yes'"}},
+		{"auth_http resolve_auth_server twice", "pop3 {\n\tauth_http http://a/ {\n\t\tresolve_auth_server on\n\t\tresolve_auth_server off\n\t}\n}", []string{"duplicate pop3 option 'auth_http resolve_auth_server'"}},
 		{"auth_http bad pass_client_cert", "pop3 {\n\tauth_http http://a/ {\n\t\tpass_client_cert yes\n\t}\n}", []string{"'auth_http pass_client_cert'", "'yes'"}},
 		{"auth_failure_delay bad", "pop3 a {\n\tauth_failure_delay x\n}", []string{"'auth_failure_delay'"}},
 		{"auth_failure_delay twice", "pop3 a {\n\tauth_failure_delay 1s\n\tauth_failure_delay 2s\n}", []string{"duplicate pop3 option 'auth_failure_delay'"}},

@@ -142,32 +142,45 @@ func FuzzParseAuthHTTPResponse(f *testing.F) {
 			return
 		}
 		_ = resp.Body.Close()
-		for _, m := range methods {
-			res, err := parseAuthHTTPResponse(resp, m)
-			if err != nil {
-				continue
-			}
-			if hasControl(res.ErrorText) || hasControl(res.ErrorCode) {
-				t.Fatalf("%s: refusal text %q or code %q holds a control byte", m, res.ErrorText, res.ErrorCode)
-			}
-			if res.Wait < 0 {
-				t.Fatalf("%s: negative Auth-Wait %v", m, res.Wait)
-			}
-			if !res.OK {
-				continue
-			}
-			ap, err := netip.ParseAddrPort(res.Address)
-			if err != nil || ap.Port() == 0 {
-				t.Fatalf("%s: accepted with address %q: %v", m, res.Address, err)
-			}
-			if hasControl(res.User) || hasControl(res.Pass) {
-				t.Fatalf("%s: Auth-User %q or Auth-Pass %q holds a control byte", m, res.User, res.Pass)
-			}
-			if res.Retry {
-				t.Fatalf("%s: both OK and WAIT", m)
+		for _, names := range []bool{false, true} {
+			for _, m := range methods {
+				checkAuthHTTPResult(t, resp, m, names)
 			}
 		}
 	})
+}
+
+// checkAuthHTTPResult checks the properties of one parsed answer: no
+// control byte in what reaches the client or the upstream; an accepted one
+// names an IP address and port, or with names a host name to resolve.
+func checkAuthHTTPResult(t *testing.T, resp *http.Response, m string, names bool) {
+	res, err := parseAuthHTTPResponse(resp, m, names)
+	if err != nil {
+		return
+	}
+	if hasControl(res.ErrorText) || hasControl(res.ErrorCode) {
+		t.Fatalf("%s: refusal text %q or code %q holds a control byte", m, res.ErrorText, res.ErrorCode)
+	}
+	if res.Wait < 0 {
+		t.Fatalf("%s: negative Auth-Wait %v", m, res.Wait)
+	}
+	if !res.OK {
+		return
+	}
+	if res.Host != "" {
+		host, port, err := net.SplitHostPort(res.Address)
+		if !names || !isHostName(res.Host) || err != nil || host != res.Host || port == "0" {
+			t.Fatalf("%s: accepted host name %q with address %q (names %v)", m, res.Host, res.Address, names)
+		}
+	} else if ap, err := netip.ParseAddrPort(res.Address); err != nil || ap.Port() == 0 {
+		t.Fatalf("%s: accepted with address %q: %v", m, res.Address, err)
+	}
+	if hasControl(res.User) || hasControl(res.Pass) {
+		t.Fatalf("%s: Auth-User %q or Auth-Pass %q holds a control byte", m, res.User, res.Pass)
+	}
+	if res.Retry {
+		t.Fatalf("%s: both OK and WAIT", m)
+	}
 }
 
 // FuzzUnmarshalCaddyfile parses any Caddyfile text that tokenizes into a

@@ -450,7 +450,8 @@ func (h *Handler) setup() error {
 	}
 	var chain authChain
 	if h.AuthHTTP != nil {
-		if err := h.AuthHTTP.setup(); err != nil {
+		h.AuthHTTP.logger = h.logger
+		if err := h.AuthHTTP.setup(h.ctx); err != nil {
 			return err
 		}
 		chain = append(chain, authHTTPAuthenticator{a: h.AuthHTTP, verifyClient: verifyClient})
