@@ -13,6 +13,7 @@ import (
 	"crypto/pbkdf2"
 	"crypto/sha1"
 	"crypto/sha256"
+	"crypto/tls"
 	"encoding/base64"
 	"encoding/hex"
 	"fmt"
@@ -94,8 +95,19 @@ passdb {
 	passwd := filepath.Join(dir, "proxy-users")
 	writeAtomically(t, passwd, file.String())
 
-	withAuthzid, withSeparator := freePortT(t), freePortT(t)
-	p := startCaddy(t, "passwd", caddyfileFor(false, fmt.Sprintf(`		%[1]s {
+	withAuthzid, withSeparator, withSTLS := freePortT(t), freePortT(t), freePortT(t)
+	p := startCaddy(t, "passwd", caddyfileFor(true, fmt.Sprintf(`		%[7]s {
+			route {
+				pop3 %[2]s {
+					starttls only
+					auth plain scram-sha-256
+					passwd_file %[3]s
+					master_login %[4]s %[5]s
+					auth_failure_delay 10ms
+				}
+			}
+		}
+		%[1]s {
 			route {
 				pop3 %[2]s {
 					starttls off
@@ -118,7 +130,7 @@ passdb {
 				}
 			}
 		}
-`, withAuthzid, dc.POP3Addr, passwd, passwdMaster, passwdMasterPass, withSeparator)), listener{addr: withAuthzid}, listener{addr: withSeparator})
+`, withAuthzid, dc.POP3Addr, passwd, passwdMaster, passwdMasterPass, withSeparator, withSTLS)), listener{addr: withAuthzid}, listener{addr: withSeparator}, listener{addr: withSTLS})
 
 	loginAs := func(addr, user, pass string) string {
 		c := dialPOP3(t, addr, nil)
@@ -241,6 +253,57 @@ passdb {
 		c.quit()
 	})
 
+	t.Run("tls", func(t *testing.T) {
+		// After STLS: AUTH LOGIN, and SCRAM-SHA-256-PLUS bound to this TLS
+		// connection by tls-exporter (RFC 9266).
+		waitSTLS(t, p, withSTLS)
+		cfg, err := p.tlsConfig()
+		if err != nil {
+			t.Fatal(err)
+		}
+		user, pass := passwdUser("SHA512-CRYPT")
+		c := dialPOP3(t, withSTLS, nil)
+		c.stls(cfg)
+		if r := c.cmd("AUTH LOGIN"); !strings.HasPrefix(r, "+ ") {
+			t.Fatalf("AUTH LOGIN: %q", r)
+		}
+		if r := c.cmd(b64(user)); !strings.HasPrefix(r, "+ ") {
+			t.Fatalf("AUTH LOGIN user: %q", r)
+		}
+		if r := c.cmd(b64(pass)); !strings.HasPrefix(r, "+OK") {
+			t.Errorf("AUTH LOGIN: %q", r)
+		}
+		c.quit()
+
+		sUser, sPass := passwdUser("SCRAM-SHA-256")
+		for _, tc := range []struct {
+			name   string
+			bindTo func(st *tls.ConnectionState) []byte
+			want   string
+		}{
+			{"this connection", func(st *tls.ConnectionState) []byte {
+				cb, err := st.ExportKeyingMaterial("EXPORTER-Channel-Binding", nil, 32)
+				if err != nil {
+					t.Fatal(err)
+				}
+				return cb
+			}, "+OK"},
+			{"another connection", func(*tls.ConnectionState) []byte { return make([]byte, 32) }, replyAuthFailed},
+		} {
+			c := dialPOP3(t, withSTLS, nil)
+			st := c.stls(cfg)
+			c.ok("CAPA")
+			if capa := strings.Join(c.multi(), " "); !strings.Contains(capa, "SCRAM-SHA-256-PLUS") {
+				t.Errorf("CAPA after STLS: %q", capa)
+			}
+			r := scramClientBound(t, c, "SCRAM-SHA-256-PLUS", sUser, sPass, "p=tls-exporter,,", tc.bindTo(st))
+			if got := sansID(r); !strings.HasPrefix(got, tc.want) {
+				t.Errorf("SCRAM-SHA-256-PLUS bound to %s: %q, want %q", tc.name, r, tc.want)
+			}
+			c.quit()
+		}
+	})
+
 	t.Run("reload", func(t *testing.T) {
 		// A user added while logins go on is known within a few seconds;
 		// no login of the others fails meanwhile.
@@ -303,12 +366,19 @@ passdb {
 // the server-final-message) and returns the server's last line.
 func scramClient(t *testing.T, c *client, mech, user, pass string) string {
 	t.Helper()
+	return scramClientBound(t, c, mech, user, pass, "n,,", nil)
+}
+
+// scramClientBound is scramClient with a GS2 header and channel binding
+// data of its own (SCRAM-*-PLUS).
+func scramClientBound(t *testing.T, c *client, mech, user, pass, gs2 string, cbData []byte) string {
+	t.Helper()
 	newHash := sha256.New
 	if mech == "SCRAM-SHA-1" {
 		newHash = sha1.New
 	}
 	first := "n=" + user + ",r=rOprNGfwEbeRWgbNEkqO"
-	r := c.cmd("AUTH " + mech + " " + b64("n,,"+first))
+	r := c.cmd("AUTH " + mech + " " + b64(gs2+first))
 	if !strings.HasPrefix(r, "+ ") {
 		return r
 	}
@@ -338,7 +408,7 @@ func scramClient(t *testing.T, c *client, mech, user, pass string) string {
 	h := newHash()
 	h.Write(clientKey)
 	storedKey := h.Sum(nil)
-	final := "c=" + b64("n,,") + ",r=" + nonce
+	final := "c=" + b64(gs2+string(cbData)) + ",r=" + nonce
 	signature := mac(storedKey, first+","+string(serverFirst)+","+final)
 	for i := range clientKey {
 		clientKey[i] ^= signature[i]
