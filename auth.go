@@ -329,7 +329,8 @@ func (s *session) handleSCRAM(name string, response []byte) error {
 	switch {
 	case err == nil:
 		return s.login(req)
-	case errors.Is(err, sasl.ErrBadProof), errors.Is(err, ErrUnknownUser), errors.Is(err, sasl.ErrUnknownUser), errors.Is(err, errNoSCRAMSecret):
+	case errors.Is(err, sasl.ErrBadProof), errors.Is(err, ErrUnknownUser), errors.Is(err, sasl.ErrUnknownUser), errors.Is(err, errNoSCRAMSecret),
+		errors.Is(err, sasl.ErrBindingMismatch): // credentials relayed from another TLS connection
 		// The same -ERR, delay and penalty as a wrong password.
 		req.verified, req.decider = false, nil
 		return s.loginFailed(req, "", &Refusal{Code: codeAuth, Text: errAuthFailed.text})

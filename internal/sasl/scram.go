@@ -66,6 +66,10 @@ var (
 	// ErrSCRAMExtension is a mandatory extension ("m=", RFC 5802 §5.1),
 	// which this version of SCRAM must refuse.
 	ErrSCRAMExtension = fmt.Errorf("%w: scram: mandatory extension (m=) not supported", ErrInvalidResponse)
+	// ErrBindingMismatch is -PLUS binding data that is not this
+	// connection's: the client's TLS ends elsewhere (a man in the middle
+	// relaying its login).
+	ErrBindingMismatch = fmt.Errorf("%w: scram: channel binding data does not match this connection", ErrInvalidResponse)
 )
 
 // SCRAMKeys are what a server keeps for one SCRAM user (RFC 5802 §3): the
@@ -392,8 +396,11 @@ func (s *SCRAM) readClientFinal(msg string) error {
 	if !ok {
 		return invalidSCRAM("channel binding does not match the gs2 header")
 	}
-	if s.plus && !hmac.Equal(data, s.cbData) || !s.plus && len(data) != 0 {
-		return invalidSCRAM("channel binding data does not match")
+	if s.plus && !hmac.Equal(data, s.cbData) {
+		return ErrBindingMismatch
+	}
+	if !s.plus && len(data) != 0 {
+		return invalidSCRAM("channel binding data without -PLUS")
 	}
 	nonce, ok := strings.CutPrefix(attrs[1], "r=")
 	if !ok || nonce != s.nonce {
