@@ -1,0 +1,19 @@
+package limits_test
+
+import (
+	"testing"
+
+	"github.com/caddy-pop3/caddy-pop3/internal/limits"
+	"github.com/caddy-pop3/caddy-pop3/internal/limits/limitstest"
+)
+
+func TestMemoryConformance(t *testing.T) {
+	t.Parallel()
+	limitstest.StoreConformance(t, func() limits.Store { return limits.NewMemory(0) })
+}
+
+func TestMemoryConformanceSmall(t *testing.T) {
+	t.Parallel()
+	// Room for every key the table uses: the rules hold before eviction.
+	limitstest.StoreConformance(t, func() limits.Store { return limits.NewMemory(8) })
+}
