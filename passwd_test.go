@@ -347,3 +347,35 @@ func TestPasswdFileDigestsOfferedOnlyWhenCheckable(t *testing.T) {
 		ts.expect("+OK")
 	}
 }
+
+// TestPasswdFileUpstreamTLS: an entry's starttls= reaches its host over
+// STLS: any-cert without verifying, yes verified against the host name
+// (the test certificate is trusted by nobody, so that login fails with
+// [SYS/TEMP] and no password is sent).
+func TestPasswdFileUpstreamTLS(t *testing.T) {
+	t.Parallel()
+	fake, port, _ := stlsUpstream(t)
+	content := fmt.Sprintf("alice:{PLAIN}secret-pw::::::host=localhost port=%[1]s starttls=any-cert\n"+
+		"bob:{PLAIN}bob-pw::::::host=localhost port=%[1]s starttls=yes destuser=alice pass=secret-pw\n", port)
+	h, logs, _ := passwdHandler(t, "", content, nil, nil)
+	login := func(user, pass string) string {
+		ts := startSession(t, h, logs, false)
+		defer ts.conn.Close()
+		ts.send("USER "+user, "PASS "+pass)
+		ts.expect("+OK")
+		return ts.readLine()
+	}
+	if got := login("alice", "secret-pw"); !strings.HasPrefix(got, "+OK") {
+		t.Errorf("starttls=any-cert: %q", got)
+	}
+	if got := login("bob", "bob-pw"); !strings.HasPrefix(got, "-ERR [SYS/TEMP]") {
+		t.Errorf("starttls=yes with an untrusted certificate: %q", got)
+	}
+	lines := strings.Join(fake.Lines(), "\n")
+	if strings.Count(lines, "STLS") != 2 {
+		t.Errorf("upstream lines %q: want STLS on both logins", lines)
+	}
+	if strings.Count(lines, "AUTH PLAIN") != 1 {
+		t.Errorf("upstream lines %q: want one login, over the trusted-by-choice TLS only", lines)
+	}
+}
