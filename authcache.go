@@ -8,6 +8,7 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"errors"
+	"net/netip"
 	"sync"
 	"time"
 
@@ -83,8 +84,10 @@ func (c *AuthCache) newCache(metrics *pop3Metrics) (*authCache, error) {
 	return ac, nil
 }
 
-// cacheVersioner is an authenticator whose answer for a user changes with
-// its data: the version goes into the key, so a change misses.
+// cacheVersioner is an authenticator whose answer for a user depends only
+// on its data, which the version tells apart: the version goes into the
+// key, so a change misses. Other authenticators' answers are keyed by the
+// client too (clientOf).
 type cacheVersioner interface {
 	cacheVersion(user string) string
 }
@@ -100,9 +103,14 @@ func (c cachedAuthenticator) authenticate(ctx context.Context, req loginRequest)
 	if req.method != AuthPlain || req.verified || req.creds.Password == "" {
 		return c.a.authenticate(ctx, req) // a digest or a SCRAM proof is never the same twice
 	}
-	version := ""
+	var version string
 	if v, ok := c.a.(cacheVersioner); ok {
 		version = v.cacheVersion(req.creds.Username)
+	} else {
+		// An auth server (or another package's module) may decide by the
+		// client's address and TLS, as NGINX's Client-IP and Auth-SSL let
+		// it: its answer holds for that client and connection kind only.
+		version = clientOf(req)
 	}
 	key := c.cache.keyOf(c.index, version, req)
 	if e, ok := c.cache.get(key); ok {
@@ -133,6 +141,20 @@ func (c cachedAuthenticator) authenticate(ctx context.Context, req loginRequest)
 		c.cache.put(&authCacheEntry{key: key, expires: now().Add(c.cache.negTTL), err: err})
 	}
 	return target, err
+}
+
+// clientOf is the client address and whether the connection is TLS.
+func clientOf(req loginRequest) string {
+	s := "plain "
+	if req.tls != nil {
+		s = "tls "
+	}
+	if req.remote != nil {
+		if ap, err := netip.ParseAddrPort(req.remote.String()); err == nil {
+			s += ap.Addr().Unmap().String()
+		}
+	}
+	return s
 }
 
 // keyOf is an HMAC of everything the answer depends on. Names are length

@@ -1,11 +1,16 @@
 package pop3
 
 import (
+	"context"
+	"crypto/tls"
+	"net"
+	"net/netip"
 	"os"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/caddy-pop3/caddy-pop3/internal/sasl"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 )
@@ -118,5 +123,53 @@ func TestAuthCachePasswdFileChange(t *testing.T) {
 	}
 	if got := login("new-pw"); !strings.HasPrefix(got, "+OK") {
 		t.Errorf("new password: %q", got)
+	}
+}
+
+// countingAuthenticator accepts every login and counts the calls.
+type countingAuthenticator struct{ calls int }
+
+func (c *countingAuthenticator) authenticate(context.Context, loginRequest) (loginTarget, error) {
+	c.calls++
+	return loginTarget{address: "192.0.2.9:110"}, nil
+}
+
+// TestAuthCacheKeyedByClientForAuthServers: an auth server may decide by
+// Client-IP and Auth-SSL, so its answer for one client address, or for a
+// plaintext connection, is never reused for another; the same client gets
+// the cached answer.
+func TestAuthCacheKeyedByClientForAuthServers(t *testing.T) {
+	t.Parallel()
+	cache, err := (&AuthCache{}).newCache(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	inner := &countingAuthenticator{}
+	c := cachedAuthenticator{a: inner, cache: cache}
+	req := func(remote string, tlsOn bool) loginRequest {
+		r := loginRequest{method: AuthPlain, creds: sasl.Credentials{Username: "alice", Password: "pw"},
+			remote: net.TCPAddrFromAddrPort(netip.MustParseAddrPort(remote))}
+		if tlsOn {
+			r.tls = &tls.ConnectionState{}
+		}
+		return r
+	}
+	for i, tc := range []struct {
+		remote string
+		tls    bool
+		calls  int
+	}{
+		{"192.0.2.1:1000", false, 1},
+		{"192.0.2.1:2000", false, 1}, // another port of the same client: cached
+		{"192.0.2.2:1000", false, 2}, // another client
+		{"192.0.2.1:1000", true, 3},  // the same client over TLS
+		{"[::ffff:192.0.2.1]:1000", false, 3},
+	} {
+		if _, err := c.authenticate(context.Background(), req(tc.remote, tc.tls)); err != nil {
+			t.Fatal(err)
+		}
+		if inner.calls != tc.calls {
+			t.Errorf("step %d (%s, tls %v): authenticator asked %d times, want %d", i, tc.remote, tc.tls, inner.calls, tc.calls)
+		}
 	}
 }
