@@ -4,6 +4,7 @@ import (
 	"crypto/md5"
 	"crypto/subtle"
 	"fmt"
+	"hash"
 	"strings"
 
 	"golang.org/x/crypto/bcrypt"
@@ -50,6 +51,33 @@ func inCryptAlphabet(s string) bool {
 // appendCrypt64 appends the n low-order 6-bit groups of the 24-bit value
 // b2:b1:b0, least significant first, as MD5- and SHA-crypt encode their
 // digests.
+// cryptRounds is the stretching loop MD5-crypt has and SHA-crypt took
+// from it: each round hashes the last digest with the password (p) and the
+// salt (s) in an order set by the round's number.
+func cryptRounds(h hash.Hash, c, p, s []byte, rounds int) []byte {
+	for i := range rounds {
+		h.Reset()
+		if i&1 != 0 {
+			h.Write(p)
+		} else {
+			h.Write(c)
+		}
+		if i%3 != 0 {
+			h.Write(s)
+		}
+		if i%7 != 0 {
+			h.Write(p)
+		}
+		if i&1 != 0 {
+			h.Write(c)
+		} else {
+			h.Write(p)
+		}
+		c = h.Sum(c[:0])
+	}
+	return c
+}
+
 func appendCrypt64(dst []byte, b2, b1, b0 byte, n int) []byte {
 	w := uint(b2)<<16 | uint(b1)<<8 | uint(b0)
 	for range n {
@@ -150,26 +178,7 @@ func md5CryptHash(password, salt string) string {
 	final := h.Sum(nil)
 
 	// 1000 rounds, meant to slow down a 1990s attacker.
-	for i := range 1000 {
-		h.Reset()
-		if i&1 != 0 {
-			h.Write(p)
-		} else {
-			h.Write(final)
-		}
-		if i%3 != 0 {
-			h.Write(s)
-		}
-		if i%7 != 0 {
-			h.Write(p)
-		}
-		if i&1 != 0 {
-			h.Write(final)
-		} else {
-			h.Write(p)
-		}
-		final = h.Sum(final[:0])
-	}
+	final = cryptRounds(h, final, p, s, 1000)
 
 	out := make([]byte, 0, len(magic)+len(salt)+1+22)
 	out = append(out, magic...)

@@ -125,27 +125,7 @@ func shaCrypt(password string, p shaCryptParams) string {
 	}
 	sSeq := repeatTo(h.Sum(nil), len(salt))
 
-	c := a
-	for i := range p.rounds {
-		h.Reset()
-		if i&1 != 0 {
-			h.Write(pSeq)
-		} else {
-			h.Write(c)
-		}
-		if i%3 != 0 {
-			h.Write(sSeq)
-		}
-		if i%7 != 0 {
-			h.Write(pSeq)
-		}
-		if i&1 != 0 {
-			h.Write(c)
-		} else {
-			h.Write(pSeq)
-		}
-		c = h.Sum(c[:0])
-	}
+	c := cryptRounds(h, a, pSeq, sSeq, p.rounds)
 
 	out := []byte(p.prefix() + "$")
 	for i := 0; i+2 < len(order); i += 3 {
