@@ -95,13 +95,15 @@ func (m moduleAuthenticator) authenticate(ctx context.Context, req loginRequest)
 		}
 		return loginTarget{}, fmt.Errorf("%w: %w", errAuthServer, err)
 	}
-	if target.Password == "" && req.method != AuthPlain {
-		// A digest, token or certificate is no password for the upstream.
-		return loginTarget{}, fmt.Errorf("%w: no upstream credentials for method %s", errAuthServer, req.method)
-	}
-	creds := req.creds
+	creds := sasl.Credentials{Username: req.creds.Username, Identity: req.creds.Identity}
 	if target.User != "" {
-		creds = sasl.Credentials{Username: target.User, Password: req.creds.Password}
+		creds = sasl.Credentials{Username: target.User}
+	}
+	// Only a password is one for the upstream: a digest, token or
+	// certificate login without target.Password fails in login, which
+	// checks every authenticator's target so.
+	if req.method == AuthPlain {
+		creds.Password = req.creds.Password
 	}
 	if target.Password != "" {
 		creds.Password = target.Password
