@@ -396,6 +396,8 @@ func (h *Handler) blocked(zone *limitZone, key string, until time.Time) {
 	defer zone.mu.Unlock()
 	if t := zone.unblocks[key]; t != nil {
 		t.Stop()
+	} else if len(zone.unblocks) >= limits.DefaultMaxEntries {
+		return // as many as the store keeps: this block ends without an event
 	}
 	zone.unblocks[key] = time.AfterFunc(until.Sub(now()), func() {
 		zone.mu.Lock()
