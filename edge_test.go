@@ -3,7 +3,9 @@ package pop3
 import (
 	"bufio"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"net"
 	"net/http/httptest"
 	"slices"
 	"strings"
@@ -415,4 +417,37 @@ func TestLimitsZones(t *testing.T) {
 		h.Limits = &Limits{Zone: "other", FailuresPerIP: block, SessionsPerIP: 1}
 	})
 	sessionFrom(t, other, "127.0.0.1").loginAndQuit()
+}
+
+// The proxy's own time between two reads (a CRAM-MD5 challenge fetched
+// from the upstream, an auth server) is not held against the client.
+func TestInputGuardCountsOnlyTheClientsTime(t *testing.T) {
+	t.Parallel()
+	client, server := tcpPair(t)
+	defer server.Close()
+	g := &inputGuard{Conn: server, bytes: 8, window: 200 * time.Millisecond}
+	buf := make([]byte, 16)
+	_, _ = client.Write([]byte("AUTH"))
+	if n, err := g.Read(buf); n != 4 || err != nil {
+		t.Fatalf("first read: %d, %v", n, err)
+	}
+	time.Sleep(300 * time.Millisecond) // the proxy is busy
+	_, _ = client.Write([]byte("+ xy"))
+	if n, err := g.Read(buf); n != 4 || err != nil {
+		t.Fatalf("read after the proxy was busy: %d, %v", n, err)
+	}
+	start := time.Now()
+	if _, err := g.Read(buf); !errors.Is(err, errInputTooSlow) {
+		t.Fatalf("a quiet client: %v", err)
+	}
+	if d := time.Since(start); d < 150*time.Millisecond || d > 2*time.Second {
+		t.Fatalf("quiet client refused after %v, want about the window", d)
+	}
+	// The session's own deadline, when earlier, is a plain timeout.
+	g.waiting()
+	g.deadline = time.Now().Add(50 * time.Millisecond)
+	var ne net.Error
+	if _, err := g.Read(buf); !errors.As(err, &ne) || !ne.Timeout() || errors.Is(err, errInputTooSlow) {
+		t.Fatalf("at the session's deadline: %v", err)
+	}
 }
