@@ -520,8 +520,10 @@ func (g *inputGuard) Read(p []byte) (int, error) {
 	if g.off {
 		return g.Conn.Read(p)
 	}
-	if g.windowEnd.IsZero() {
-		g.windowEnd = now().Add(g.window)
+	if t := now(); g.windowEnd.IsZero() || !t.Before(g.windowEnd) {
+		// A window that ended while the proxy was busy (dialling for a
+		// CRAM-MD5 challenge, asking an auth server) was not the client's.
+		g.got, g.windowEnd = 0, t.Add(g.window)
 	}
 	dl := g.windowEnd
 	if !g.deadline.IsZero() && g.deadline.Before(dl) {

@@ -3,7 +3,9 @@ package pop3
 import (
 	"bufio"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"net"
 	"net/http/httptest"
 	"slices"
 	"strings"
@@ -362,5 +364,90 @@ func TestLimitsMinInputRateAfterSTLS(t *testing.T) {
 	}
 	if !slices.Contains(results, "too_slow") {
 		t.Errorf("session results %v, want one too_slow", results)
+	}
+}
+
+// A relayed APOP login refused by sessions_per_user ends the session: its
+// digest was made over the one upstream connection that now got QUIT.
+func TestLimitsSessionsPerUserWithRelayedAPOP(t *testing.T) {
+	t.Parallel()
+	_, addr := challengeUpstream(t)
+	h, _ := newTestHandler(t, addr, func(h *Handler) {
+		h.Auth = []string{AuthAPOP}
+		h.Limits = &Limits{SessionsPerUser: 1}
+	})
+	first := sessionFrom(t, h, "127.0.0.1")
+	first.send("APOP alice " + apopDigest(upstreamTimestamp, "secret-pw"))
+	first.expect("+OK")
+	second := sessionFrom(t, h, "127.0.0.1")
+	second.send("APOP alice " + apopDigest(upstreamTimestamp, "secret-pw"))
+	second.expect("-ERR [IN-USE] Too many sessions for this user")
+	second.closed()
+}
+
+// Handlers of one process share the default zone (a reload keeps its
+// counts and blocks); a named zone counts apart.
+func TestLimitsZones(t *testing.T) {
+	t.Parallel()
+	_, addr := fakeUpstream(t, nil)
+	block := &FailureLimit{Count: 1, Window: caddy.Duration(time.Hour), Block: caddy.Duration(time.Hour)}
+	before, _ := newTestHandler(t, addr, func(h *Handler) { h.Limits = &Limits{FailuresPerIP: block, SessionsPerIP: 1} })
+	held := sessionFrom(t, before, "127.0.0.1")
+	held.send("USER alice", "PASS wrong")
+	held.expect("+OK")
+	held.expect("-ERR [AUTH]")
+
+	after, _ := newTestHandler(t, addr, func(h *Handler) {
+		h.proc = before.proc // a reload: the process's state
+		h.Limits = &Limits{FailuresPerIP: block, SessionsPerIP: 1}
+	})
+	if s := sessionFrom(t, after, "127.0.0.1"); !strings.HasPrefix(s.greeting, "-ERR [SYS/TEMP] Too many sessions") {
+		t.Fatalf("the new config's session beside the old one's: %q", s.greeting)
+	}
+	held.send("QUIT")
+	held.expect("+OK")
+	held.closed()
+	s := sessionFrom(t, after, "127.0.0.1")
+	s.send("USER alice", "PASS secret-pw")
+	s.expect("+OK")
+	s.expect("-ERR [AUTH] Authentication failed")
+
+	other, _ := newTestHandler(t, addr, func(h *Handler) {
+		h.proc = before.proc
+		h.Limits = &Limits{Zone: "other", FailuresPerIP: block, SessionsPerIP: 1}
+	})
+	sessionFrom(t, other, "127.0.0.1").loginAndQuit()
+}
+
+// The proxy's own time between two reads (a CRAM-MD5 challenge fetched
+// from the upstream, an auth server) is not held against the client.
+func TestInputGuardCountsOnlyTheClientsTime(t *testing.T) {
+	t.Parallel()
+	client, server := tcpPair(t)
+	defer server.Close()
+	g := &inputGuard{Conn: server, bytes: 8, window: 200 * time.Millisecond}
+	buf := make([]byte, 16)
+	_, _ = client.Write([]byte("AUTH"))
+	if n, err := g.Read(buf); n != 4 || err != nil {
+		t.Fatalf("first read: %d, %v", n, err)
+	}
+	time.Sleep(300 * time.Millisecond) // the proxy is busy
+	_, _ = client.Write([]byte("+ xy"))
+	if n, err := g.Read(buf); n != 4 || err != nil {
+		t.Fatalf("read after the proxy was busy: %d, %v", n, err)
+	}
+	start := time.Now()
+	if _, err := g.Read(buf); !errors.Is(err, errInputTooSlow) {
+		t.Fatalf("a quiet client: %v", err)
+	}
+	if d := time.Since(start); d < 150*time.Millisecond || d > 2*time.Second {
+		t.Fatalf("quiet client refused after %v, want about the window", d)
+	}
+	// The session's own deadline, when earlier, is a plain timeout.
+	g.waiting()
+	g.deadline = time.Now().Add(50 * time.Millisecond)
+	var ne net.Error
+	if _, err := g.Read(buf); !errors.As(err, &ne) || !ne.Timeout() || errors.Is(err, errInputTooSlow) {
+		t.Fatalf("at the session's deadline: %v", err)
 	}
 }
