@@ -59,11 +59,11 @@ func Run(t testing.TB) *Server {
 		t.Skip("redis-server not installed and POP3_TEST_NO_REDIS=1")
 	}
 	if err != nil {
-		t.Fatalf("redistest: %v", err)
+		t.Fatal(err)
 	}
 	t.Cleanup(func() {
 		if err := s.Stop(); err != nil {
-			t.Errorf("redistest: %v", err)
+			t.Error(err)
 		}
 		if t.Failed() {
 			t.Logf("redis-server log:\n%s", s.Log())
