@@ -7,10 +7,10 @@
 // Redis TTLs (PEXPIRE, SET PX): nothing needs sweeping. Times come from the
 // caller's now, not from Redis TIME, and are kept in Unix microseconds
 // (exact in Lua's numbers up to the year 2255); a TTL is relative (the
-// end a caller computed minus its now), so Redis's own clock does not
-// matter, but the proxies' clocks must agree (NTP) to well within the
-// shortest window, lease and block, since one proxy's now decides what
-// another one wrote.
+// end a caller computed minus its now, plus a few seconds of grace), so
+// Redis's own clock does not matter, but the proxies' clocks must agree
+// (NTP) to well within the shortest window, lease and block, since one
+// proxy's now decides what another one wrote.
 //
 // Keys are the configured prefix, a kind and the caller's key:
 //
@@ -91,10 +91,23 @@ func (s *Store) key(kind, key string) string { return s.prefix + kind + ":" + ke
 // micros is t in Unix microseconds, as a script argument.
 func micros(t time.Time) string { return strconv.FormatInt(t.UnixMicro(), 10) }
 
-// ttl is the time to live of state that ends at end when it is now, rounded
-// up to a whole millisecond: at least 1ms, since 0 is no TTL to PEXPIRE.
+// ttlGrace is how long a key outlives the end of its state. The stored end
+// (a lease's, a window's, a block's, a full bucket's) decides, so a key
+// that lives on does no harm, while one that vanished early would lose
+// state that a proxy whose clock is a little behind, or a caller that
+// stalled, still counts on.
+const ttlGrace = 5 * time.Second
+
+// ttl is the time to live of state that ends at end when it is now: until
+// then, plus ttlGrace, rounded up to a whole millisecond.
 func ttl(end, now time.Time) time.Duration {
-	return max((end.Sub(now) + time.Millisecond - 1).Truncate(time.Millisecond), time.Millisecond)
+	return (max(end.Sub(now), 0) + ttlGrace + time.Millisecond - 1).Truncate(time.Millisecond)
+}
+
+// script is a redis.Script of src whose GRACE_MS is ttlGrace in
+// milliseconds.
+func script(src string) *redis.Script {
+	return redis.NewScript(strings.ReplaceAll(src, "GRACE_MS", strconv.FormatInt(ttlGrace.Milliseconds(), 10)))
 }
 
 // withTimeout bounds one call.
@@ -103,17 +116,17 @@ func (s *Store) withTimeout(ctx context.Context) (context.Context, context.Cance
 }
 
 // expireAtLast is the end of the session scripts: the set lives as long
-// as its longest lease. KEYS[1] is the set, ARGV[1] now.
+// as its longest lease (and ttlGrace). KEYS[1] is the set, ARGV[1] now.
 const expireAtLast = `
 local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
 if last[2] then
-	redis.call('PEXPIRE', KEYS[1], math.ceil((tonumber(last[2]) - tonumber(ARGV[1])) / 1000))
+	redis.call('PEXPIRE', KEYS[1], math.ceil((tonumber(last[2]) - tonumber(ARGV[1])) / 1000) + GRACE_MS)
 end
 `
 
 // acquireScript: ARGV now, lease end, max, holder. Expired holders go
 // first; a present holder is renewed whatever the count.
-var acquireScript = redis.NewScript(`
+var acquireScript = script(`
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 if not redis.call('ZSCORE', KEYS[1], ARGV[4]) and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
 	return 0
@@ -125,7 +138,7 @@ return 1
 
 // renewScript: ARGV now, lease end, holder. A holder whose lease has ended
 // is removed, not renewed.
-var renewScript = redis.NewScript(`
+var renewScript = script(`
 local score = redis.call('ZSCORE', KEYS[1], ARGV[3])
 if not score then
 	return 0
@@ -143,7 +156,7 @@ return 1
 // rate algorithm): the time the bucket is full again, moved on by step per
 // token. ARGV now, step, window, all in microseconds. The key expires when
 // the bucket is full, which is what a missing key means.
-var allowScript = redis.NewScript(`
+var allowScript = script(`
 local now = tonumber(ARGV[1])
 local full = tonumber(redis.call('GET', KEYS[1])) or now
 if full < now then
@@ -153,14 +166,14 @@ local tat = full + tonumber(ARGV[2])
 if tat - now > tonumber(ARGV[3]) then
 	return 0
 end
-redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000))
+redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + GRACE_MS)
 return 1
 `)
 
 // failScript is INCR with a PEXPIRE on the first failure of a window, but
 // with the window's end kept beside the count, since the end is the
 // caller's clock's. ARGV now, window end, window in milliseconds.
-var failScript = redis.NewScript(`
+var failScript = script(`
 local e = tonumber(redis.call('HGET', KEYS[1], 'end'))
 if not e or e <= tonumber(ARGV[1]) then
 	redis.call('HSET', KEYS[1], 'n', 1, 'end', ARGV[2])
@@ -302,7 +315,7 @@ func (s *Store) Block(ctx context.Context, key string, until, now time.Time) err
 }
 
 // Blocked implements [limits.Store]: the stored end decides, since the
-// TTL, rounded up to the millisecond, may outlive it a little.
+// key outlives it by ttlGrace.
 func (s *Store) Blocked(ctx context.Context, key string, now time.Time) (time.Time, bool, error) {
 	ctx, cancel := s.withTimeout(ctx)
 	defer cancel()

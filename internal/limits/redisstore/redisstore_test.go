@@ -32,7 +32,7 @@ func TestConformance(t *testing.T) {
 	var n atomic.Int64
 	limitstest.StoreConformance(t, func() limits.Store {
 		// A prefix per store: the subtests share one server.
-		return redisstore.New(c, redisstore.Options{KeyPrefix: fmt.Sprintf("test%d:", n.Add(1)), Timeout: 2 * time.Second})
+		return redisstore.New(c, redisstore.Options{KeyPrefix: fmt.Sprintf("test%d:", n.Add(1)), Timeout: 5 * time.Second})
 	}, limitstest.WithLeases())
 }
 
@@ -63,6 +63,7 @@ func TestKeysExpireByTTL(t *testing.T) {
 		"caddy-pop3:failures:userip:alice|192.0.2.1": 5 * time.Minute,
 		"caddy-pop3:block:ip:192.0.2.1":              time.Hour,
 	} {
+		want += 5 * time.Second // the grace after the end
 		got, err := c.PTTL(ctx, key).Result()
 		if err != nil || got > want || got < want-5*time.Second {
 			t.Errorf("PTTL %s = %v, %v; want about %v", key, got, err, want)
@@ -153,8 +154,10 @@ func TestOutage(t *testing.T) {
 				if err == nil {
 					t.Errorf("%s with the server %s: no error", name, state)
 				}
-				// Some slack over the timeout for the race detector's scheduling.
-				if took > timeout+100*time.Millisecond {
+				// Slack over the timeout for scheduling on a busy machine
+				// under the race detector; go-redis's own waits (a 5s
+				// dial, a 3s read, retries) would take seconds.
+				if took > timeout+250*time.Millisecond {
 					t.Errorf("%s with the server %s took %v; timeout %v", name, state, took, timeout)
 				}
 			})
