@@ -45,11 +45,13 @@ func fail2banTools(t *testing.T) {
 
 // TestFail2banFilter runs Caddy with the pop3 handler's log in a JSON file,
 // as contrib/README.md shows, makes failed logins from 127.0.0.2, 127.0.0.3
-// and ::1 and sessions that are not failures (a good login, an upstream
-// that is down), and runs fail2ban-regex with the filter over the file.
-// It must match the "login failed" lines and nothing else, each with the
-// client's address as the host, also with the prefix the systemd journal
-// backend puts before each message.
+// and ::1 (127.0.0.2's third starts a failures_per_ip block, and its fourth
+// is refused by it), and sessions that are not failures (a good login, a
+// second one refused with [IN-USE] by sessions_per_user, an upstream that
+// is down: [SYS/TEMP]), and runs fail2ban-regex with the filter over the
+// file. It must match the "login failed" and "login blocked" lines and
+// nothing else, each with the client's address as the host, also with the
+// prefix the systemd journal backend puts before each message.
 func TestFail2banFilter(t *testing.T) {
 	need(t)
 	fail2banTools(t)
@@ -79,6 +81,10 @@ func TestFail2banFilter(t *testing.T) {
 				pop3 %[5]s {
 					starttls off
 					auth_failure_delay 1ms
+					limits {
+						failures_per_ip 3 1m 1m
+						sessions_per_user 1
+					}
 				}
 			}
 		}
@@ -96,36 +102,45 @@ func TestFail2banFilter(t *testing.T) {
 	startCaddy(t, "fail2ban", cf, listener{addr: addr}, listener{addr: addr6}, listener{addr: down})
 
 	// The failures. A user name that holds a JSON "remote" field must not
-	// give fail2ban another address to ban: JSON escapes its quotes.
+	// give fail2ban another address to ban: JSON escapes its quotes. The
+	// last attempt from 127.0.0.2 has the right password, but the block
+	// refuses it all the same.
 	usedSecret(carol, wrongPass)
 	usedSecret(alice, alicePass)
 	const crafted = `x","remote":"192.0.2.66:110","y":"`
-	failures := []struct{ local, addr, user string }{
-		{"127.0.0.2", addr, carol},
-		{"127.0.0.2", addr, crafted},
-		{"127.0.0.2", addr, alice},
-		{"127.0.0.3", addr, carol},
-		{"127.0.0.3", addr, bob},
-		{"::1", addr6, carol},
+	failures := []struct{ local, addr, user, pass string }{
+		{"127.0.0.2", addr, carol, wrongPass},
+		{"127.0.0.2", addr, crafted, wrongPass},
+		{"127.0.0.2", addr, alice, wrongPass}, // the third: 127.0.0.2 is blocked
+		{"127.0.0.2", addr, alice, alicePass}, // login blocked
+		{"127.0.0.3", addr, carol, wrongPass},
+		{"127.0.0.3", addr, bob, wrongPass},
+		{"::1", addr6, carol, wrongPass},
 	}
-	wantHosts := map[string]int{"127.0.0.2": 3, "127.0.0.3": 2, "::1": 1}
+	wantHosts := map[string]int{"127.0.0.2": 4, "127.0.0.3": 2, "::1": 1}
 	var remotes []string // every client's address, as the log names it
 	for i, f := range failures {
 		c := dialPOP3From(t, f.local, f.addr, nil)
 		m := loginMethods[i%2] // USER/PASS and AUTH PLAIN
-		if got := m.login(c, f.user, wrongPass); sansID(got) != replyAuthFailed {
+		if got := m.login(c, f.user, f.pass); sansID(got) != replyAuthFailed {
 			t.Fatalf("%s from %s as %q: got %q, want %q", m.name, f.local, f.user, got, replyAuthFailed)
 		}
 		c.quit()
 		remotes = append(remotes, c.tcp.LocalAddr().String())
 	}
-	// Not failures: a good login with a normal session, and a login the
-	// proxy cannot pass on ([SYS/TEMP]), from an address with failures.
+	// Not failures: a good login with a normal session, a second login of
+	// the same user meanwhile ([IN-USE]), and a login the proxy cannot pass
+	// on ([SYS/TEMP]), from an address with failures.
 	c := dialPOP3From(t, "127.0.0.1", addr, nil)
 	c.login(alice, alicePass)
 	c.ok("STAT")
+	second := dialPOP3From(t, "127.0.0.1", addr, nil)
+	if got := loginMethods[1].login(second, alice, alicePass); !strings.HasPrefix(got, "-ERR [IN-USE] ") {
+		t.Fatalf("a second session of %s: got %q, want -ERR [IN-USE]", alice, got)
+	}
+	second.quit()
 	c.quit()
-	remotes = append(remotes, c.tcp.LocalAddr().String())
+	remotes = append(remotes, c.tcp.LocalAddr().String(), second.tcp.LocalAddr().String())
 	c = dialPOP3From(t, "127.0.0.3", down, nil)
 	if got := loginMethods[0].login(c, alice, alicePass); sansID(got) != replyUnavailable {
 		t.Fatalf("login with the upstream down: got %q, want %q", got, replyUnavailable)
@@ -140,27 +155,30 @@ func TestFail2banFilter(t *testing.T) {
 		}
 	}
 
-	// What fail2ban must find: Caddy's own "login failed" lines, the host
-	// being the address in "remote".
+	// What fail2ban must find: Caddy's own "login failed" and "login
+	// blocked" lines, the host being the address in "remote". And the lines
+	// it must not match are there: the block starting, the [IN-USE]
+	// refusal, the upstream down.
 	var want []string
-	var unavailable int
+	msgs := map[string]int{}
 	for i, e := range entries {
-		switch e["msg"] {
-		case "login failed", "login blocked":
+		msg := fmt.Sprint(e["msg"])
+		msgs[msg]++
+		if msg == "login failed" || msg == "login blocked" {
 			host, _, err := net.SplitHostPort(fmt.Sprint(e["remote"]))
 			if err != nil {
 				t.Fatalf("log line %d: remote %q: %v", i+1, e["remote"], err)
 			}
 			want = append(want, host+"\t"+lines[i])
-		case "upstream unavailable":
-			unavailable++
 		}
 	}
 	if got := countHosts(want); !maps.Equal(got, wantHosts) {
 		t.Fatalf("Caddy logged failures by %v, want %v", got, wantHosts)
 	}
-	if unavailable != 1 {
-		t.Errorf(`Caddy logged %d "upstream unavailable" lines, want 1`, unavailable)
+	for msg, n := range map[string]int{"login failed": 6, "login blocked": 1, "blocked": 1, "limit reached": 1, "upstream unavailable": 1} {
+		if msgs[msg] != n {
+			t.Errorf("Caddy logged %d %q lines, want %d", msgs[msg], msg, n)
+		}
 	}
 
 	// The matches, as fail2ban reports them: host, tab, line.
@@ -181,7 +199,7 @@ func TestFail2banFilter(t *testing.T) {
 			t.Errorf("fail2ban-regex found hosts %v, want %v", hosts, wantHosts)
 		}
 		// The summary: every line read, none ignored, the failures matched.
-		summary := fail2banRegex(t, log, f2bFilter)
+		summary := fail2banRegex(t, "--print-all-matched", log, f2bFilter)
 		wantSummary := fmt.Sprintf("Lines: %d lines, 0 ignored, %d matched, %d missed", len(lines), len(want), len(lines)-len(want))
 		if !strings.Contains(summary, wantSummary) {
 			t.Errorf("fail2ban-regex summary lacks %q:\n%s", wantSummary, summary)
