@@ -516,23 +516,36 @@ func (b *bench) loginPhase(m mode, conc, count int) (aggs map[string]*loginAgg, 
 	return b.loginRuns(paths, m, conc, count)
 }
 
+// caddyListener is another plain listener of the Caddy process under test:
+// the caddy-pop3 target (its CPU is the same process's) with that name and
+// address, and no restart.
+func (b *bench) caddyListener(name, addr string) *target {
+	t := *b.targets[1]
+	t.name = name
+	t.addrs = [numModes]string{modePlain: addr}
+	t.restart = nil
+	return &t
+}
+
+// vsLine compares a path's logins with base's: ratios of rate, p50, p99
+// and proxy CPU per login.
+func vsLine(a, base *loginAgg) string {
+	return fmt.Sprintf("rate %s, p50 %s, p99 %s, proxy CPU per login %s",
+		x(ratio(median(a.rates), median(base.rates))),
+		x(ratio(ms(percentile(a.lat, 50)), ms(percentile(base.lat, 50)))),
+		x(ratio(ms(percentile(a.lat, 99)), ms(percentile(base.lat, 99)))),
+		x(ratio(a.cpuPerSession(), base.cpuPerSession())))
+}
+
 // passwdPhase compares plain logins through caddy-pop3 that pass the
 // password on (the pass-through path of the plain login runs) with logins
 // that caddy-pop3 checks in its passwd_file (bcrypt) before it logs in as
 // the master user, without and with auth_cache, rounds interleaved.
 func (b *bench) passwdPhase() (map[string]*loginAgg, error) {
-	caddy := b.targets[1]
-	passwdTarget := func(name, addr string) *target {
-		t := *caddy
-		t.name = name
-		t.addrs = [numModes]string{modePlain: addr}
-		t.restart = nil
-		return &t
-	}
 	paths := []loginPath{
-		{caddy, b.users},
-		{passwdTarget(namePasswd, b.caddy.passwdAddrs[0]), b.passwd.users},
-		{passwdTarget(namePasswdCached, b.caddy.passwdAddrs[1]), b.passwd.users},
+		{b.targets[1], b.users},
+		{b.caddyListener(namePasswd, b.caddy.passwdAddrs[0]), b.passwd.users},
+		{b.caddyListener(namePasswdCached, b.caddy.passwdAddrs[1]), b.passwd.users},
 	}
 	log.Print("passwd_file: caddy-pop3 pass-through against passwd_file (bcrypt) with master_login, without and with auth_cache")
 	if err := b.checkPasswd(paths[1].t); err != nil {
@@ -545,11 +558,7 @@ func (b *bench) passwdPhase() (map[string]*loginAgg, error) {
 	base := aggs[nameCaddy]
 	for _, name := range []string{namePasswd, namePasswdCached} {
 		a := aggs[name]
-		log.Printf("  %-*s vs pass-through: rate %s, p50 %s, p99 %s, proxy CPU per login %s", len(namePasswdCached), name,
-			x(ratio(median(a.rates), median(base.rates))),
-			x(ratio(ms(percentile(a.lat, 50)), ms(percentile(base.lat, 50)))),
-			x(ratio(ms(percentile(a.lat, 99)), ms(percentile(base.lat, 99)))),
-			x(ratio(a.cpuPerSession(), base.cpuPerSession())))
+		log.Printf("  %-*s vs pass-through: %s", len(namePasswdCached), name, vsLine(a, base))
 	}
 	return aggs, nil
 }
