@@ -6,6 +6,9 @@
 //     sessions/s and latency percentiles, in plain POP3, over implicit TLS
 //     (995) and over STLS, with the proxy's and the whole machine's CPU per
 //     session;
+//   - the plain login rate through caddy-pop3 with every edge limit on
+//     (values no client reaches, none exempt), against limits off in the
+//     same interleaved rounds;
 //   - the login rate through caddy-pop3 when it checks the users itself in a
 //     passwd_file of bcrypt hashes and logs in to Dovecot as a master user
 //     (master_login), without and with auth_cache, against its pass-through
@@ -53,6 +56,8 @@ const (
 	nameDirect = "Dovecot direct"
 	nameCaddy  = "caddy-pop3"
 	nameNginx  = "NGINX"
+	// caddy-pop3's plain listener with every limit on, none reached.
+	nameCaddyLimits = "caddy-pop3 limits on"
 	// caddy-pop3 checking the users in a passwd_file, master_login upstream.
 	namePasswd       = "caddy-pop3 passwd_file"
 	namePasswdCached = "caddy-pop3 passwd_file + auth_cache"
@@ -411,8 +416,16 @@ func run(cfg *config) (failed bool, err error) {
 			if b.res.login == nil {
 				b.res.login = map[mode]map[string]*loginAgg{}
 			}
-			if b.res.login[m], err = b.loginPhase(m, cfg.conc, 0); err != nil {
+			var extra []loginPath
+			if m == modePlain {
+				extra = append(extra, loginPath{t: b.caddyListener(nameCaddyLimits, b.caddy.limitsAddr), users: b.users, beside: nameCaddy})
+			}
+			if b.res.login[m], err = b.loginPhase(m, cfg.conc, 0, extra...); err != nil {
 				return false, err
+			}
+			if m == modePlain {
+				aggs := b.res.login[m]
+				log.Printf("  %s vs off: %s", nameCaddyLimits, vsLine(aggs[nameCaddyLimits], aggs[nameCaddy]))
 			}
 		}
 	}
