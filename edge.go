@@ -101,6 +101,12 @@ const knownGoodFor = 30 * 24 * time.Hour
 // storeTimeout bounds one limits.Store call.
 const storeTimeout = time.Second
 
+// sessionLease is the lease of a session slot. The in-process store
+// ignores it; a shared store, where a proxy that dies must not hold its
+// slots for ever, needs them renewed before it ends, which is the job of
+// whatever provides that store (the handler has no renewal loop).
+const sessionLease = 10 * time.Minute
+
 func (l *Limits) validate() error {
 	for name, n := range map[string]int64{limitSessionsPerIP: l.SessionsPerIP, limitSessionsPerUser: l.SessionsPerUser, limitSessionsPerUserIP: l.SessionsPerUserIP} {
 		if n < 0 {
@@ -235,16 +241,17 @@ func blockSubject(key string) (limit, addr, user string) {
 // under and the session slots it took, given back at its end.
 type edgeState struct {
 	limits   *Limits
-	addr     string // limits.AddressKey of the client
-	held     []string
+	addr     string   // limits.AddressKey of the client
+	holder   string   // the session id, which holds the slots
+	held     []string // keys of the slots
 	lifetime *time.Timer
 	guard    *inputGuard
 }
 
 // admit applies the limits that act at accept: connections_per_ip, then
-// sessions_per_ip. It returns the session's edge state (nil when the
-// client is exempt or there are no limits) or the refusal.
-func (h *Handler) admit(cx net.Conn) (*edgeState, *replyError, string) {
+// sessions_per_ip, for session id. It returns the session's edge state (nil
+// when the client is exempt or there are no limits) or the refusal.
+func (h *Handler) admit(cx net.Conn, id string) (*edgeState, *replyError, string) {
 	l := h.Limits
 	if l == nil {
 		return nil, nil, ""
@@ -253,21 +260,22 @@ func (h *Handler) admit(cx net.Conn) (*edgeState, *replyError, string) {
 	if !ip.IsValid() || l.isExempt(ip) {
 		return nil, nil, ""
 	}
-	e := &edgeState{limits: l, addr: limits.AddressKey(ip, l.IPv6Prefix)}
+	e := &edgeState{limits: l, addr: limits.AddressKey(ip, l.IPv6Prefix), holder: id}
 	if r := l.MinInputRate; r != nil {
 		e.guard = &inputGuard{bytes: r.Bytes, window: time.Duration(r.Window)}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
 	defer cancel()
+	t := now()
 	if r := l.ConnectionsPerIP; r != nil {
-		ok, err := l.zone.store.Allow(ctx, ipKey(e.addr), r.Count, time.Duration(r.Window), now())
+		ok, err := l.zone.store.Allow(ctx, ipKey(e.addr), r.Count, time.Duration(r.Window), t)
 		if err == nil && !ok {
 			return nil, errTooManyConnections, limitConnectionsPerIP
 		}
 	}
 	if n := l.SessionsPerIP; n > 0 {
 		key := ipKey(e.addr)
-		ok, err := l.zone.store.Acquire(ctx, key, n)
+		ok, err := l.zone.store.Acquire(ctx, key, e.holder, n, t, sessionLease)
 		if err == nil && !ok {
 			return nil, errTooManySessionsFromIP, limitSessionsPerIP
 		}
@@ -289,7 +297,7 @@ func (e *edgeState) release() {
 	ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
 	defer cancel()
 	for _, key := range e.held {
-		_ = e.limits.zone.store.Release(ctx, key)
+		_ = e.limits.zone.store.Release(ctx, key, e.holder)
 	}
 	e.held = nil
 }
@@ -374,7 +382,7 @@ func (s *session) countFailure(user string) {
 			continue
 		}
 		until := t.Add(time.Duration(c.f.Block))
-		if l.zone.store.Block(ctx, c.key, until) != nil {
+		if l.zone.store.Block(ctx, c.key, until, t) != nil {
 			continue
 		}
 		_ = l.zone.store.Reset(ctx, c.key) // a new window after the block
@@ -446,7 +454,8 @@ func (s *session) loginSucceeded(user string) {
 	key := userIPKey(user, e.addr)
 	_ = l.zone.store.Reset(ctx, key)
 	if l.FailuresPerUser != nil {
-		_ = l.zone.known.Block(ctx, key, now().Add(knownGoodFor))
+		t := now()
+		_ = l.zone.known.Block(ctx, key, t.Add(knownGoodFor), t)
 	}
 }
 
@@ -460,6 +469,7 @@ func (s *session) takeUserSessions(mailbox string) string {
 	l := e.limits
 	ctx, cancel := context.WithTimeout(s.ctx, storeTimeout)
 	defer cancel()
+	t := now()
 	var taken []string
 	for _, c := range []struct {
 		limit string
@@ -472,10 +482,10 @@ func (s *session) takeUserSessions(mailbox string) string {
 		if c.max <= 0 {
 			continue
 		}
-		ok, err := l.zone.store.Acquire(ctx, c.key, c.max)
+		ok, err := l.zone.store.Acquire(ctx, c.key, e.holder, c.max, t, sessionLease)
 		if err == nil && !ok {
 			for _, key := range taken { // the client may try again
-				_ = l.zone.store.Release(ctx, key)
+				_ = l.zone.store.Release(ctx, key, e.holder)
 			}
 			return c.limit
 		}

@@ -739,7 +739,8 @@ func (h *Handler) Cleanup() error {
 // Handle serves one POP3 client connection. It returns nil for ordinary
 // ends (QUIT, client EOF, timeouts) since caddy-l4 logs any error at ERROR.
 func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
-	edge, refusal, limit := h.admit(cx)
+	id := newSessionID()
+	edge, refusal, limit := h.admit(cx, id)
 	if refusal != nil {
 		h.refuse(cx, refusal, limit)
 		return nil
@@ -751,7 +752,7 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 		return nil
 	}
 	growStack()
-	s := newSession(h, cx, edge)
+	s := newSession(h, cx, id, edge)
 	return s.run()
 }
 

@@ -88,8 +88,8 @@ func (s *session) newReader() *pop3wire.Reader {
 	return pop3wire.NewReader(s.cx, s.h.MaxLineLength)
 }
 
-func newSession(h *Handler, cx *layer4.Connection, edge *edgeState) *session {
-	id, remote := newSessionID(), cx.RemoteAddr().String()
+func newSession(h *Handler, cx *layer4.Connection, id string, edge *edgeState) *session {
+	remote := cx.RemoteAddr().String()
 	s := &session{
 		h:      h,
 		cx:     cx,

@@ -718,9 +718,20 @@ type client struct {
 // greeting, which must be +OK.
 func dialPOP3(t *testing.T, addr string, cfg *tls.Config) *client {
 	t.Helper()
-	tcp, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	return dialPOP3From(t, "", addr, cfg)
+}
+
+// dialPOP3From is dialPOP3 from the source IP local, such as 127.0.0.2
+// or ::1 ("" for any).
+func dialPOP3From(t *testing.T, local, addr string, cfg *tls.Config) *client {
+	t.Helper()
+	d := net.Dialer{Timeout: 5 * time.Second}
+	if local != "" {
+		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(local)}
+	}
+	tcp, err := d.Dial("tcp", addr)
 	if err != nil {
-		t.Fatalf("dial %s: %v", addr, err)
+		t.Fatalf("dial %s from %s: %v", addr, local, err)
 	}
 	t.Cleanup(func() { tcp.Close() })
 	c := &client{t: t, name: addr, conn: tcp, tcp: tcp}

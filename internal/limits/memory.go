@@ -18,20 +18,27 @@ const DefaultMaxEntries = 100_000
 // a full table evicts its least recently used entry (used means acquired,
 // released, allowed, failed, blocked or looked up), never all of them.
 // Expired entries are dropped when they are next touched or listed, or
-// evicted like any other. A session counter that falls to zero is deleted.
+// evicted like any other. A session counter whose last holder is released
+// is deleted.
+//
+// Memory ignores session leases: the process that holds a slot is the one
+// that keeps it, and it cannot die without its memory, so a slot is held
+// until Release. Renew only reports the slots that are gone.
 //
 // Evicting a live session counter forgets its sessions: later Acquires for
-// that key admit up to max again and their Releases only count down what
-// they took. The bound protects memory first; size it above the number of
-// keys with live sessions.
+// that key admit up to max again, Releases of the forgotten holders do
+// nothing and Renew reports them lost. The bound protects memory first;
+// size it above the number of keys with live sessions.
 //
 // Large tables are split into shards of at least 1024 entries, each with its
 // own lock and its own LRU list, so eviction is least recently used within a
 // shard. Tables of up to 2047 entries have one shard and exact LRU order.
 //
-// An entry costs about 100 bytes of heap with a 16-byte key (measured by
-// TestMemoryBytesPerEntry on 100,000 failure entries: 99 bytes, the key
-// included; the map's growth moves it a little), in each table it is in.
+// An entry costs about 115 bytes of heap with a 16-byte key (measured by
+// TestMemoryBytesPerEntry on 100,000 failure entries: 115 bytes, the key
+// included; the map's growth moves it a little), in each table it is in. A
+// session counter adds its map of holders: about 250 bytes for up to 8
+// holders (measured apart; the names are the sessions' own strings).
 type Memory struct {
 	sessions, buckets, failures, blocks table
 }
@@ -49,34 +56,61 @@ func NewMemory(maxEntries int) *Memory {
 	return m
 }
 
-// Acquire implements [Store].
-func (m *Memory) Acquire(_ context.Context, key string, max int64) (bool, error) {
+// Acquire implements [Store]; the lease is checked and otherwise ignored.
+func (m *Memory) Acquire(_ context.Context, key, holder string, max int64, _ time.Time, lease time.Duration) (bool, error) {
+	if err := CheckLease(holder, lease); err != nil {
+		return false, err
+	}
+	if max < 1 {
+		return false, nil
+	}
 	s := m.sessions.shard(key)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	e := s.get(key, 0)
-	switch {
-	case e == nil && max >= 1:
-		s.put(key).n = 1
-	case e != nil && e.n < max:
-		e.n++
-	default:
+	if e == nil {
+		e = s.put(key)
+		e.holders = make(map[string]struct{}, 1)
+	}
+	if e.holds(holder) {
+		return true, nil
+	}
+	if int64(len(e.holders)) >= max {
 		return false, nil
 	}
+	e.holders[holder] = struct{}{}
 	return true, nil
 }
 
 // Release implements [Store].
-func (m *Memory) Release(_ context.Context, key string) error {
+func (m *Memory) Release(_ context.Context, key, holder string) error {
 	s := m.sessions.shard(key)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if e := s.get(key, 0); e != nil {
-		if e.n--; e.n <= 0 {
+		if delete(e.holders, holder); len(e.holders) == 0 {
 			s.del(e)
 		}
 	}
 	return nil
+}
+
+// Renew implements [Store]: the leases are not kept, so it only reports
+// the holders that are gone.
+func (m *Memory) Renew(_ context.Context, leases []Lease, _ time.Time, lease time.Duration) ([]Lease, error) {
+	if lease <= 0 {
+		return nil, fmt.Errorf("renewing for %v: %w", lease, ErrInvalid)
+	}
+	var lost []Lease
+	for _, l := range leases {
+		s := m.sessions.shard(l.Key)
+		s.mu.Lock()
+		if !s.get(l.Key, 0).holds(l.Holder) {
+			lost = append(lost, l)
+		}
+		s.mu.Unlock()
+	}
+	return lost, nil
 }
 
 // Allow implements [Store]. The bucket is kept as the generic cell rate
@@ -131,10 +165,14 @@ func (m *Memory) Reset(_ context.Context, key string) error {
 }
 
 // Block implements [Store].
-func (m *Memory) Block(_ context.Context, key string, until time.Time) error {
+func (m *Memory) Block(_ context.Context, key string, until, now time.Time) error {
 	u := until.UnixNano()
 	if u <= 0 { // 0 means "never expires" in an entry
 		return fmt.Errorf("blocking until %v: %w", until, ErrInvalid)
+	}
+	if !until.After(now) {
+		m.blocks.delete(key)
+		return nil
 	}
 	s := m.blocks.shard(key)
 	s.mu.Lock()
@@ -188,13 +226,23 @@ func (m *Memory) Blocks(_ context.Context, now time.Time) ([]Block, error) {
 }
 
 // entry is one key of a table. Which fields mean what depends on the table:
-// n counts sessions or failures; t is when the entry expires, in Unix
-// nanoseconds (0: never), which is also when a bucket is full again, when a
-// failure window ends and when a block ends.
+// holders are the sessions of a session counter; n counts failures; t is
+// when the entry expires, in Unix nanoseconds (0: never), which is also when
+// a bucket is full again, when a failure window ends and when a block ends.
 type entry struct {
 	key        string
 	n, t       int64
+	holders    map[string]struct{}
 	prev, next *entry // LRU list: toward the most and the least recently used
+}
+
+// holds reports whether a session counter, which may be nil, has holder.
+func (e *entry) holds(holder string) bool {
+	if e == nil {
+		return false
+	}
+	_, ok := e.holders[holder]
+	return ok
 }
 
 // table is a map bounded by LRU eviction, in shards.

@@ -20,13 +20,13 @@ func TestMemoryEvictsLeastRecentlyUsed(t *testing.T) {
 		touch func(m *Memory, key string) // adds or uses key
 	}{
 		{"sessions", func(m *Memory) *table { return &m.sessions },
-			func(m *Memory, k string) { m.Acquire(ctx, k, 100) }},
+			func(m *Memory, k string) { m.Acquire(ctx, k, "s", 100, t0, time.Minute) }},
 		{"buckets", func(m *Memory) *table { return &m.buckets },
 			func(m *Memory, k string) { m.Allow(ctx, k, 2, time.Hour, t0) }},
 		{"failures", func(m *Memory) *table { return &m.failures },
 			func(m *Memory, k string) { m.Fail(ctx, k, time.Hour, t0) }},
 		{"blocks", func(m *Memory) *table { return &m.blocks },
-			func(m *Memory, k string) { m.Blocked(ctx, k, t0); m.Block(ctx, k, t0.Add(time.Hour)) }},
+			func(m *Memory, k string) { m.Blocked(ctx, k, t0); m.Block(ctx, k, t0.Add(time.Hour), t0) }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -74,20 +74,20 @@ func TestMemoryDeletesIdleEntries(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
 	m := NewMemory(0)
-	m.Acquire(ctx, "ip:192.0.2.1", 2)
-	m.Acquire(ctx, "ip:192.0.2.1", 2)
-	m.Release(ctx, "ip:192.0.2.1")
+	m.Acquire(ctx, "ip:192.0.2.1", "a", 2, t0, time.Minute)
+	m.Acquire(ctx, "ip:192.0.2.1", "b", 2, t0, time.Minute)
+	m.Release(ctx, "ip:192.0.2.1", "a")
 	if n := m.sessions.len(); n != 1 {
 		t.Fatalf("sessions hold %d entries with one session; want 1", n)
 	}
-	m.Release(ctx, "ip:192.0.2.1")
+	m.Release(ctx, "ip:192.0.2.1", "b")
 	if n := m.sessions.len(); n != 0 {
 		t.Fatalf("sessions hold %d entries after the last Release; want 0", n)
 	}
 
 	m.Fail(ctx, "user:alice", time.Minute, t0)
 	m.Fail(ctx, "user:alice", time.Minute, t0.Add(time.Minute)) // the old window is dropped, a new one starts
-	m.Block(ctx, "user:alice", t0.Add(time.Second))
+	m.Block(ctx, "user:alice", t0.Add(time.Second), t0)
 	m.Blocked(ctx, "user:alice", t0.Add(time.Second))
 	m.Allow(ctx, "user:alice", 1, time.Second, t0)
 	m.Allow(ctx, "user:alice", 1, time.Second, t0.Add(time.Second)) // full again: replaced
@@ -155,5 +155,21 @@ func TestAddressKey(t *testing.T) {
 	}
 	if got := AddressKey(netip.Addr{}, 0); got != "" {
 		t.Fatalf("AddressKey(invalid) = %q; want empty", got)
+	}
+}
+
+func TestMemoryRenewReportsEvictedSlots(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	m := NewMemory(2)
+	for _, k := range []string{"a", "b", "c"} { // c evicts a
+		if ok, err := m.Acquire(ctx, k, "s", 1, t0, time.Minute); !ok || err != nil {
+			t.Fatalf("Acquire(%q) = %v, %v", k, ok, err)
+		}
+	}
+	leases := []Lease{{Key: "a", Holder: "s"}, {Key: "b", Holder: "s"}, {Key: "c", Holder: "s"}}
+	lost, err := m.Renew(ctx, leases, t0, time.Minute)
+	if len(lost) != 1 || lost[0] != leases[0] || err != nil {
+		t.Fatalf("Renew = %v, %v; want the evicted %v", lost, err, leases[0])
 	}
 }

@@ -9,6 +9,7 @@ import (
 
 func TestMemoryConformance(t *testing.T) {
 	t.Parallel()
+	// No limitstest.WithLeases: Memory keeps a slot until Release.
 	limitstest.StoreConformance(t, func() limits.Store { return limits.NewMemory(0) })
 }
 

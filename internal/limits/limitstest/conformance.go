@@ -6,6 +6,8 @@ package limitstest
 import (
 	"context"
 	"errors"
+	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -17,11 +19,30 @@ import (
 // t0 is a whole millisecond: a store may keep times in milliseconds.
 var t0 = time.Date(2025, 1, 2, 3, 4, 5, 0, time.UTC)
 
+// lease is the session lease of the tests that do not test leases.
+const lease = time.Minute
+
+// Option changes what StoreConformance expects of a store.
+type Option func(*options)
+
+type options struct {
+	leases bool
+}
+
+// WithLeases tests that session leases end: a slot whose holder does not
+// renew it is free again at the end of its lease. Give it for stores that
+// keep leases; [limits.Memory] ignores them.
+func WithLeases() Option { return func(o *options) { o.leases = true } }
+
 // StoreConformance runs the rules of [limits.Store] against stores made by
 // newStore, a fresh one per subtest. Subtests run in parallel.
-func StoreConformance(t *testing.T, newStore func() limits.Store) {
+func StoreConformance(t *testing.T, newStore func() limits.Store, opts ...Option) {
 	t.Helper()
 	ctx := context.Background()
+	var o options
+	for _, opt := range opts {
+		opt(&o)
+	}
 
 	t.Run("Acquire", func(t *testing.T) {
 		t.Parallel()
@@ -39,7 +60,7 @@ func StoreConformance(t *testing.T, newStore func() limits.Store) {
 				t.Parallel()
 				s := newStore()
 				for i, want := range tc.want {
-					if ok, err := s.Acquire(ctx, "ip:192.0.2.1", tc.max); ok != want || err != nil {
+					if ok, err := s.Acquire(ctx, "ip:192.0.2.1", fmt.Sprint("s", i), tc.max, t0, lease); ok != want || err != nil {
 						t.Fatalf("Acquire %d = %v, %v; want %v, nil", i, ok, err, want)
 					}
 				}
@@ -47,23 +68,121 @@ func StoreConformance(t *testing.T, newStore func() limits.Store) {
 		}
 	})
 
+	t.Run("a holder is counted once", func(t *testing.T) {
+		t.Parallel()
+		s := newStore()
+		const k = "user:alice"
+		mustAcquire(t, s, k, "a", 2, true)
+		mustAcquire(t, s, k, "a", 2, true)
+		mustAcquire(t, s, k, "b", 2, true)
+		mustAcquire(t, s, k, "a", 2, true) // present: renewed, not refused
+		mustAcquire(t, s, k, "c", 2, false)
+		mustRelease(t, s, k, "a")
+		mustAcquire(t, s, k, "c", 2, true)
+	})
+
 	t.Run("Release", func(t *testing.T) {
 		t.Parallel()
 		s := newStore()
 		const k = "user:alice"
-		mustAcquire(t, s, k, 2, true)
-		mustAcquire(t, s, k, 2, true)
-		mustAcquire(t, s, k, 2, false)
-		mustRelease(t, s, k)
-		mustAcquire(t, s, k, 2, true)
-		mustAcquire(t, s, k, 2, false)
-		mustRelease(t, s, k)
-		mustRelease(t, s, k)
-		mustRelease(t, s, k) // below zero: nothing to release
-		mustRelease(t, s, "user:nobody")
-		mustAcquire(t, s, k, 1, true) // the counter restarted at zero, not below
-		mustAcquire(t, s, k, 1, false)
+		mustAcquire(t, s, k, "a", 2, true)
+		mustAcquire(t, s, k, "b", 2, true)
+		mustAcquire(t, s, k, "c", 2, false)
+		mustRelease(t, s, k, "a")
+		mustAcquire(t, s, k, "c", 2, true)
+		mustAcquire(t, s, k, "d", 2, false)
+		mustRelease(t, s, k, "b")
+		mustRelease(t, s, k, "c")
+		mustRelease(t, s, k, "c") // released twice: nothing more to release
+		mustRelease(t, s, k, "x") // never acquired
+		mustRelease(t, s, "user:nobody", "a")
+		mustAcquire(t, s, k, "a", 1, true) // the counter restarted at zero, not below
+		mustAcquire(t, s, k, "b", 1, false)
 	})
+
+	t.Run("Acquire rejects an empty holder or a lease of no length", func(t *testing.T) {
+		t.Parallel()
+		s := newStore()
+		for _, a := range []struct {
+			holder string
+			lease  time.Duration
+		}{{"", lease}, {"a", 0}, {"a", -time.Second}} {
+			if _, err := s.Acquire(ctx, "k", a.holder, 1, t0, a.lease); !errors.Is(err, limits.ErrInvalid) {
+				t.Errorf("Acquire(holder %q, lease %v) error = %v; want ErrInvalid", a.holder, a.lease, err)
+			}
+		}
+		if _, err := s.Renew(ctx, []limits.Lease{{Key: "k", Holder: "a"}}, t0, 0); !errors.Is(err, limits.ErrInvalid) {
+			t.Errorf("Renew(lease 0) error = %v; want ErrInvalid", err)
+		}
+		mustAcquire(t, s, "k", "a", 1, true) // the refusals took nothing
+	})
+
+	t.Run("Renew reports the slots that are gone", func(t *testing.T) {
+		t.Parallel()
+		s := newStore()
+		mustAcquire(t, s, "ip:192.0.2.1", "a", 2, true)
+		mustAcquire(t, s, "user:alice", "a", 2, true)
+		mustAcquire(t, s, "user:alice", "b", 2, true)
+		mustRelease(t, s, "user:alice", "b")
+		leases := []limits.Lease{
+			{Key: "ip:192.0.2.1", Holder: "a"},
+			{Key: "user:alice", Holder: "b"}, // released
+			{Key: "user:alice", Holder: "a"},
+			{Key: "user:nobody", Holder: "a"}, // never acquired
+		}
+		lost, err := s.Renew(ctx, leases, t0.Add(time.Second), lease)
+		if want := []limits.Lease{leases[1], leases[3]}; !slices.Equal(lost, want) || err != nil {
+			t.Fatalf("Renew = %v, %v; want %v, nil", lost, err, want)
+		}
+		if lost, err := s.Renew(ctx, nil, t0, lease); len(lost) != 0 || err != nil {
+			t.Fatalf("Renew(nothing) = %v, %v", lost, err)
+		}
+		mustAcquire(t, s, "user:alice", "c", 2, true) // Renew did not take b's slot again
+		mustAcquire(t, s, "user:alice", "d", 2, false)
+	})
+
+	if o.leases {
+		t.Run("leases", func(t *testing.T) {
+			t.Parallel()
+			for _, tc := range []struct {
+				name  string
+				max   int64
+				steps []leaseStep
+			}{
+				{"an unrenewed slot is free at the end of its lease", 1, []leaseStep{
+					{0, acquire, "a", true}, {lease - time.Millisecond, acquire, "b", false}, {lease, acquire, "b", true},
+				}},
+				{"Renew moves the end", 1, []leaseStep{
+					{0, acquire, "a", true}, {lease / 2, renew, "a", true},
+					{lease, acquire, "b", false}, {lease + lease/2 - time.Millisecond, acquire, "b", false},
+					{lease + lease/2, acquire, "b", true},
+				}},
+				{"Acquire of a present holder renews it", 1, []leaseStep{
+					{0, acquire, "a", true}, {lease / 2, acquire, "a", true},
+					{lease, acquire, "b", false}, {lease + lease/2, acquire, "b", true},
+				}},
+				{"an expired slot is lost, not renewed", 1, []leaseStep{
+					{0, acquire, "a", true}, {lease, renew, "a", false}, {lease, acquire, "b", true},
+				}},
+				{"one holder's lease ends, another's holds", 2, []leaseStep{
+					{0, acquire, "a", true}, {lease / 2, acquire, "b", true}, {lease / 2, acquire, "c", false},
+					{lease, acquire, "c", true}, {lease, acquire, "d", false},
+				}},
+			} {
+				t.Run(tc.name, func(t *testing.T) {
+					t.Parallel()
+					s := newStore()
+					const k = "user:alice"
+					for i, st := range tc.steps {
+						ok, err := st.do(s, k, tc.max)
+						if ok != st.want || err != nil {
+							t.Fatalf("step %d at +%v: %s %q = %v, %v; want %v, nil", i, st.at, st.verb, st.holder, ok, err, st.want)
+						}
+					}
+				})
+			}
+		})
+	}
 
 	t.Run("Acquire concurrently never exceeds max", func(t *testing.T) {
 		t.Parallel()
@@ -71,9 +190,9 @@ func StoreConformance(t *testing.T, newStore func() limits.Store) {
 		const max, workers = 10, 100
 		var ok atomic.Int64
 		var wg sync.WaitGroup
-		for range workers {
+		for i := range workers {
 			wg.Go(func() {
-				got, err := s.Acquire(ctx, "ip:192.0.2.9", max)
+				got, err := s.Acquire(ctx, "ip:192.0.2.9", fmt.Sprint("s", i), max, t0, lease)
 				if err != nil {
 					t.Error(err)
 				}
@@ -214,17 +333,23 @@ func StoreConformance(t *testing.T, newStore func() limits.Store) {
 			{"free at until", blockUntil("ip:192.0.2.1", until), 5 * time.Second, false, time.Time{}},
 			{"another key is free", blockUntil("ip:192.0.2.2", until), 0, false, time.Time{}},
 			{"unblocked", func(s limits.Store) error {
-				if err := s.Block(ctx, "ip:192.0.2.1", until); err != nil {
+				if err := s.Block(ctx, "ip:192.0.2.1", until, t0); err != nil {
 					return err
 				}
 				return s.Unblock(ctx, "ip:192.0.2.1")
 			}, 0, false, time.Time{}},
 			{"a later Block shortens", func(s limits.Store) error {
-				if err := s.Block(ctx, "ip:192.0.2.1", t0.Add(time.Hour)); err != nil {
+				if err := s.Block(ctx, "ip:192.0.2.1", t0.Add(time.Hour), t0); err != nil {
 					return err
 				}
-				return s.Block(ctx, "ip:192.0.2.1", until)
+				return s.Block(ctx, "ip:192.0.2.1", until, t0)
 			}, 0, true, until},
+			{"a Block that ends by now lifts", func(s limits.Store) error {
+				if err := s.Block(ctx, "ip:192.0.2.1", t0.Add(time.Hour), t0); err != nil {
+					return err
+				}
+				return s.Block(ctx, "ip:192.0.2.1", t0, t0)
+			}, 0, false, time.Time{}},
 			{"unblocking a free key", func(s limits.Store) error { return s.Unblock(ctx, "ip:192.0.2.1") }, 0, false, time.Time{}},
 		} {
 			t.Run(tc.name, func(t *testing.T) {
@@ -243,7 +368,7 @@ func StoreConformance(t *testing.T, newStore func() limits.Store) {
 
 	t.Run("Block rejects a zero time", func(t *testing.T) {
 		t.Parallel()
-		if err := newStore().Block(ctx, "k", time.Time{}); !errors.Is(err, limits.ErrInvalid) {
+		if err := newStore().Block(ctx, "k", time.Time{}, t0); !errors.Is(err, limits.ErrInvalid) {
 			t.Fatalf("Block(zero time) error = %v; want ErrInvalid", err)
 		}
 	})
@@ -258,7 +383,7 @@ func StoreConformance(t *testing.T, newStore func() limits.Store) {
 			"userip:bob|192.0.2.1": t0.Add(2 * time.Second),
 			"user:alice":           t0.Add(time.Minute),
 		} {
-			if err := s.Block(ctx, k, until); err != nil {
+			if err := s.Block(ctx, k, until, t0); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -286,9 +411,9 @@ func StoreConformance(t *testing.T, newStore func() limits.Store) {
 		t.Parallel()
 		s := newStore()
 		const k = "ip:192.0.2.1"
-		mustAcquire(t, s, k, 1, true)
+		mustAcquire(t, s, k, "a", 1, true)
 		mustFail(t, s, k, 0)
-		if err := s.Block(ctx, k, t0.Add(time.Hour)); err != nil {
+		if err := s.Block(ctx, k, t0.Add(time.Hour), t0); err != nil {
 			t.Fatal(err)
 		}
 		if ok, err := s.Allow(ctx, k, 1, time.Minute, t0); !ok || err != nil {
@@ -300,8 +425,31 @@ func StoreConformance(t *testing.T, newStore func() limits.Store) {
 		if _, blocked, _ := s.Blocked(ctx, k, t0); !blocked {
 			t.Fatal("Reset lifted a block")
 		}
-		mustAcquire(t, s, k, 1, false)
+		mustAcquire(t, s, k, "b", 1, false)
 	})
+}
+
+// leaseStep is one call of the lease tests: at t0+at, verb (acquire or
+// renew) for holder, which should succeed or not.
+type leaseStep struct {
+	at     time.Duration
+	verb   string
+	holder string
+	want   bool
+}
+
+const (
+	acquire = "Acquire"
+	renew   = "Renew"
+)
+
+// do runs the step on key; a Renew succeeds when it lost nothing.
+func (st leaseStep) do(s limits.Store, key string, max int64) (bool, error) {
+	if st.verb == renew {
+		lost, err := s.Renew(context.Background(), []limits.Lease{{Key: key, Holder: st.holder}}, t0.Add(st.at), lease)
+		return len(lost) == 0, err
+	}
+	return s.Acquire(context.Background(), key, st.holder, max, t0.Add(st.at), lease)
 }
 
 type step struct {
@@ -310,7 +458,7 @@ type step struct {
 }
 
 func blockUntil(key string, until time.Time) func(limits.Store) error {
-	return func(s limits.Store) error { return s.Block(context.Background(), key, until) }
+	return func(s limits.Store) error { return s.Block(context.Background(), key, until, t0) }
 }
 
 func equalBlocks(a, b []limits.Block) bool {
@@ -325,17 +473,17 @@ func equalBlocks(a, b []limits.Block) bool {
 	return true
 }
 
-func mustAcquire(t *testing.T, s limits.Store, key string, max int64, want bool) {
+func mustAcquire(t *testing.T, s limits.Store, key, holder string, max int64, want bool) {
 	t.Helper()
-	if ok, err := s.Acquire(context.Background(), key, max); ok != want || err != nil {
-		t.Fatalf("Acquire(%q, %d) = %v, %v; want %v, nil", key, max, ok, err, want)
+	if ok, err := s.Acquire(context.Background(), key, holder, max, t0, lease); ok != want || err != nil {
+		t.Fatalf("Acquire(%q, %q, %d) = %v, %v; want %v, nil", key, holder, max, ok, err, want)
 	}
 }
 
-func mustRelease(t *testing.T, s limits.Store, key string) {
+func mustRelease(t *testing.T, s limits.Store, key, holder string) {
 	t.Helper()
-	if err := s.Release(context.Background(), key); err != nil {
-		t.Fatalf("Release(%q): %v", key, err)
+	if err := s.Release(context.Background(), key, holder); err != nil {
+		t.Fatalf("Release(%q, %q): %v", key, holder, err)
 	}
 }
 
