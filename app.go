@@ -5,16 +5,20 @@ package pop3
 // the process, as without the app.
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"strconv"
 	"time"
 
+	"github.com/caddy-pop3/caddy-pop3/internal/limits"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
 )
 
 func init() {
@@ -50,6 +54,12 @@ type App struct {
 	// HMAC key for the auth cache's shared keys; the same on every
 	// instance. Placeholders such as {env.POP3_SHARED_KEY} work.
 	SharedKey string `json:"shared_key,omitempty"`
+
+	client   redis.UniversalClient // nil without redis
+	redisKey string                // the client's key in redisClients
+	logger   *zap.Logger
+	stop     chan struct{} // ends the lease renewal
+	proc     *processState
 }
 
 // RedisConfig says how to reach Redis. Several addresses make a Redis
@@ -75,8 +85,13 @@ func (*App) CaddyModule() caddy.ModuleInfo {
 	return caddy.ModuleInfo{ID: "pop3", New: func() caddy.Module { return new(App) }}
 }
 
-// Provision applies defaults and resolves placeholders.
-func (a *App) Provision(caddy.Context) error {
+// Provision applies defaults, resolves placeholders and connects to Redis
+// (lazily: an unreachable Redis does not fail the config).
+func (a *App) Provision(ctx caddy.Context) error {
+	a.logger = ctx.Logger()
+	if a.proc == nil {
+		a.proc = theProcess
+	}
 	repl := caddy.NewReplacer()
 	if a.OnStoreFailure == "" {
 		a.OnStoreFailure = StoreFailureOpen
@@ -95,7 +110,26 @@ func (a *App) Provision(caddy.Context) error {
 			r.Timeout = caddy.Duration(defaultRedisTimeout)
 		}
 	}
-	return a.Validate()
+	if err := a.Validate(); err != nil {
+		return err
+	}
+	if a.Redis != nil {
+		var err error
+		if a.client, a.redisKey, err = a.connectRedis(ctx); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Cleanup lets go of the Redis client; the next config keeps it when its
+// redis block is the same.
+func (a *App) Cleanup() error {
+	if a.client != nil {
+		_, err := redisClients.Delete(a.redisKey)
+		return err
+	}
+	return nil
 }
 
 // Validate checks the configuration; no secret goes into its errors.
@@ -122,11 +156,53 @@ func (a *App) Validate() error {
 	return nil
 }
 
-// Start implements caddy.App.
-func (a *App) Start() error { return nil }
+// Start implements caddy.App: with Redis, it renews the leases of the
+// session slots this instance's sessions hold.
+func (a *App) Start() error {
+	if a.client != nil {
+		a.stop = make(chan struct{})
+		go a.renewLeases(a.stop)
+	}
+	return nil
+}
 
 // Stop implements caddy.App.
-func (a *App) Stop() error { return nil }
+func (a *App) Stop() error {
+	if a.stop != nil {
+		close(a.stop)
+		a.stop = nil
+	}
+	return nil
+}
+
+// renewLeases renews every sharedLease/3 the slots the process's sessions
+// hold in shared zones, so that they outlive the lease only while this
+// instance lives.
+func (a *App) renewLeases(stop chan struct{}) {
+	t := time.NewTicker(sharedLease / 3)
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-t.C:
+		}
+		byZone := map[*limitZone][]limits.Lease{}
+		for _, s := range a.proc.sessions.matching(func(s *session) bool { return s.edge != nil && s.edge.limits.zone.instance != "" }) {
+			z := s.edge.limits.zone
+			byZone[z] = s.edge.leases(byZone[z])
+		}
+		for z, leases := range byZone {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			lost, err := z.store.Renew(ctx, leases, now(), z.lease)
+			cancel()
+			if len(lost) > 0 {
+				a.logger.Debug("session slots lost in the shared store", zap.String("zone", z.name), zap.Int("lost", len(lost)))
+			}
+			_ = err // counted and warned by the failover store
+		}
+	}
+}
 
 // parseAppCaddyfile reads the global option
 //
@@ -268,6 +344,7 @@ func (r *RedisConfig) unmarshalCaddyfile(d *caddyfile.Dispenser, wrapper string)
 var (
 	_ caddy.App             = (*App)(nil)
 	_ caddy.Provisioner     = (*App)(nil)
+	_ caddy.CleanerUpper    = (*App)(nil)
 	_ caddy.Validator       = (*App)(nil)
 	_ caddyfile.Unmarshaler = (*App)(nil)
 )

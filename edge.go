@@ -20,6 +20,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-pop3/caddy-pop3/internal/limits"
+	"github.com/caddy-pop3/caddy-pop3/internal/limits/redisstore"
 )
 
 // Limits is the handler's limits option. Every limit is off unless set.
@@ -92,6 +93,9 @@ const (
 	limitFailuresPerUser    = "failures_per_user"
 	limitMinInputRate       = "min_input_rate"
 	limitMaxSessionLifetime = "max_session_lifetime"
+	// limitStoreUnavailable: the shared store is down and on_store_failure
+	// is closed.
+	limitStoreUnavailable = "store_unavailable"
 )
 
 // knownGoodFor is how long an address a user logged in from stays one that
@@ -175,6 +179,10 @@ type limitZone struct {
 	name  string
 	store limits.Store
 	known limits.Store
+	// lease of a session slot; instance prefixes the holders in a store
+	// that other instances share.
+	lease    time.Duration
+	instance string
 
 	mu       sync.Mutex
 	unblocks map[string]*time.Timer // pop3_unblocked at a block's end, by block key
@@ -183,22 +191,40 @@ type limitZone struct {
 	events atomic.Pointer[Handler]
 }
 
-// zones holds the process's limit zones by name.
+// zones holds the process's limit zones by name, and by the Redis
+// configuration that holds their state when the pop3 app shares it.
 type zones struct {
 	mu sync.Mutex
 	m  map[string]*limitZone
 }
 
-func (z *zones) get(name string) *limitZone {
+// get returns the zone name, in Redis when app has a redis block.
+func (z *zones) get(name string, app *App, logger *zap.Logger, metrics *pop3Metrics) *limitZone {
+	key := name
+	if app != nil && app.client != nil {
+		key = app.redisKey + "\x00" + name
+	}
 	z.mu.Lock()
 	defer z.mu.Unlock()
 	if z.m == nil {
 		z.m = make(map[string]*limitZone)
 	}
-	zone := z.m[name]
+	zone := z.m[key]
 	if zone == nil {
-		zone = &limitZone{name: name, store: limits.NewMemory(0), known: limits.NewMemory(0), unblocks: make(map[string]*time.Timer)}
-		z.m[name] = zone
+		zone = &limitZone{name: name, store: limits.NewMemory(0), known: limits.NewMemory(0), unblocks: make(map[string]*time.Timer), lease: sessionLease}
+		if app != nil && app.client != nil {
+			zone.instance, zone.lease = app.Instance, sharedLease
+			warned := new(onceAMinute)
+			shared := func(suffix string, local limits.Store) limits.Store {
+				return &failoverStore{
+					shared: redisstore.New(app.client, redisstore.Options{KeyPrefix: app.Redis.KeyPrefix + "zone:" + name + suffix, Timeout: time.Duration(app.Redis.Timeout)}),
+					local:  local, closed: app.OnStoreFailure == StoreFailureClosed, warned: warned, logger: logger,
+					errors: func() { metrics.storeError() },
+				}
+			}
+			zone.store, zone.known = shared(":", zone.store), shared(":known:", zone.known)
+		}
+		z.m[key] = zone
 	}
 	return zone
 }
@@ -240,6 +266,7 @@ func blockSubject(key string) (limit, addr, user string) {
 // edgeState is what a session holds of its zone: the address it counts
 // under and the session slots it took, given back at its end.
 type edgeState struct {
+	mu       sync.Mutex // held: the lease renewal reads it
 	limits   *Limits
 	addr     string   // limits.AddressKey of the client
 	holder   string   // the session id, which holds the slots
@@ -261,6 +288,9 @@ func (h *Handler) admit(cx net.Conn, id string) (*edgeState, *replyError, string
 		return nil, nil, ""
 	}
 	e := &edgeState{limits: l, addr: limits.AddressKey(ip, l.IPv6Prefix), holder: id}
+	if l.zone.instance != "" {
+		e.holder = l.zone.instance + ":" + id
+	}
 	if r := l.MinInputRate; r != nil {
 		e.guard = &inputGuard{bytes: r.Bytes, window: time.Duration(r.Window)}
 	}
@@ -269,13 +299,19 @@ func (h *Handler) admit(cx net.Conn, id string) (*edgeState, *replyError, string
 	t := now()
 	if r := l.ConnectionsPerIP; r != nil {
 		ok, err := l.zone.store.Allow(ctx, ipKey(e.addr), r.Count, time.Duration(r.Window), t)
+		if errors.Is(err, errStoreDown) {
+			return nil, errUnavailable, limitStoreUnavailable
+		}
 		if err == nil && !ok {
 			return nil, errTooManyConnections, limitConnectionsPerIP
 		}
 	}
 	if n := l.SessionsPerIP; n > 0 {
 		key := ipKey(e.addr)
-		ok, err := l.zone.store.Acquire(ctx, key, e.holder, n, t, sessionLease)
+		ok, err := l.zone.store.Acquire(ctx, key, e.holder, n, t, l.zone.lease)
+		if errors.Is(err, errStoreDown) {
+			return nil, errUnavailable, limitStoreUnavailable
+		}
 		if err == nil && !ok {
 			return nil, errTooManySessionsFromIP, limitSessionsPerIP
 		}
@@ -296,10 +332,23 @@ func (e *edgeState) release() {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
 	defer cancel()
-	for _, key := range e.held {
+	e.mu.Lock()
+	held := e.held
+	e.held = nil
+	e.mu.Unlock()
+	for _, key := range held {
 		_ = e.limits.zone.store.Release(ctx, key, e.holder)
 	}
-	e.held = nil
+}
+
+// leases appends the slots the session holds.
+func (e *edgeState) leases(to []limits.Lease) []limits.Lease {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, key := range e.held {
+		to = append(to, limits.Lease{Key: key, Holder: e.holder})
+	}
+	return to
 }
 
 // startEdge starts the session's timers: max_session_lifetime, and the
@@ -327,7 +376,7 @@ func (h *Handler) limitReached(s *session, limit string, fields ...zap.Field) {
 
 // blockedBy reports which block, if any, stops user's login from this
 // session's address.
-func (s *session) blockedBy(user string) string {
+func (s *session) blockedBy(user string) (limit string) {
 	e := s.edge
 	if e == nil {
 		return ""
@@ -336,10 +385,17 @@ func (s *session) blockedBy(user string) string {
 	ctx, cancel := context.WithTimeout(s.ctx, storeTimeout)
 	defer cancel()
 	t := now()
+	down := false
 	blocked := func(key string) bool {
 		_, b, err := l.zone.store.Blocked(ctx, key, t)
+		down = down || errors.Is(err, errStoreDown)
 		return err == nil && b
 	}
+	defer func() {
+		if down && limit == "" {
+			limit = limitStoreUnavailable
+		}
+	}()
 	switch {
 	case l.FailuresPerIP != nil && blocked(ipKey(e.addr)):
 		return limitFailuresPerIP
@@ -482,10 +538,13 @@ func (s *session) takeUserSessions(mailbox string) string {
 		if c.max <= 0 {
 			continue
 		}
-		ok, err := l.zone.store.Acquire(ctx, c.key, e.holder, c.max, t, sessionLease)
-		if err == nil && !ok {
+		ok, err := l.zone.store.Acquire(ctx, c.key, e.holder, c.max, t, l.zone.lease)
+		if err == nil && !ok || errors.Is(err, errStoreDown) {
 			for _, key := range taken { // the client may try again
 				_ = l.zone.store.Release(ctx, key, e.holder)
+			}
+			if err != nil {
+				return limitStoreUnavailable
 			}
 			return c.limit
 		}
@@ -493,7 +552,9 @@ func (s *session) takeUserSessions(mailbox string) string {
 			taken = append(taken, c.key)
 		}
 	}
+	e.mu.Lock()
 	e.held = append(e.held, taken...)
+	e.mu.Unlock()
 	return ""
 }
 

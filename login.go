@@ -93,7 +93,9 @@ func (s *session) login(req loginRequest) error {
 		req.creds = sasl.Credentials{Username: truncate(req.creds.Username, 64), Identity: truncate(req.creds.Identity, 64)}
 		return s.loginFailed(req, "", errBadCredentials)
 	}
-	if limit := s.blockedBy(req.creds.Username); limit != "" {
+	if limit := s.blockedBy(req.creds.Username); limit == limitStoreUnavailable {
+		return s.loginUnavailable(req, limit)
+	} else if limit != "" {
 		return s.loginBlocked(req, limit)
 	}
 
@@ -223,7 +225,13 @@ func (s *session) loginDone(req loginRequest, up *upstreamClient, actingAs, text
 		return reply
 	}
 	s.loginSucceeded(req.creds.Username)
-	if limit := s.takeUserSessions(actingAs); limit != "" {
+	if limit := s.takeUserSessions(actingAs); limit == limitStoreUnavailable {
+		if s.early != nil {
+			s.early = nil
+		}
+		up.quit()
+		return s.loginUnavailable(req, limit)
+	} else if limit != "" {
 		// A digest made over this upstream's challenge works nowhere else.
 		relayed := s.early != nil
 		s.early = nil
@@ -345,6 +353,15 @@ func (s *session) loginFailed(req loginRequest, upstream string, err error) erro
 	}
 	s.result = "upstream_unavailable"
 	return errUnavailable
+}
+
+// loginUnavailable refuses a login that needs the shared limits store
+// while it is down and on_store_failure is closed.
+func (s *session) loginUnavailable(req loginRequest, limit string) error {
+	s.log(zap.WarnLevel, "login refused: limits store unavailable", zap.String("user", req.creds.Username), zap.String("method", req.method))
+	s.h.proc.metrics.limitRefused(limit)
+	s.h.proc.metrics.login(req.method, "unavailable", -1)
+	return errLimitsUnavailable
 }
 
 // loginBlocked answers a login that a block stops, without checking the
@@ -587,6 +604,7 @@ var (
 	errTooManySessionsFromIP = &replyError{code: codeSysTemp, text: "Too many sessions from your address, try again later", fatal: true}
 	errUserSessions          = &replyError{code: codeInUse, text: "Too many sessions for this user, try again later"}
 	errUserSessionsFatal     = &replyError{code: codeInUse, text: errUserSessions.text, fatal: true}
+	errLimitsUnavailable     = &replyError{code: codeSysTemp, text: "Service temporarily unavailable, try again later"}
 	errTooSlow               = &replyError{text: "Input too slow, closing connection", fatal: true} // with the session id
 )
 

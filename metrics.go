@@ -24,6 +24,7 @@ type pop3Metrics struct {
 	authCache          *prometheus.CounterVec
 	limitRefusals      *prometheus.CounterVec
 	blocks             *prometheus.CounterVec
+	storeErrors        prometheus.Counter
 }
 
 func newPOP3Metrics() *pop3Metrics {
@@ -78,6 +79,10 @@ func newPOP3Metrics() *pop3Metrics {
 			Namespace: ns, Subsystem: sub, Name: "limit_refusals_total",
 			Help: "Connections, sessions and logins refused by the limits option, by limit (a blocked login counts under its failures_* limit).",
 		}, []string{"limit"}),
+		storeErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "store_errors_total",
+			Help: "Calls to the shared limits store (Redis) that failed; each was decided by on_store_failure.",
+		}),
 		blocks: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub, Name: "blocks_total",
 			Help: "Blocks started by the failures_* limits, by limit.",
@@ -91,7 +96,7 @@ func (m *pop3Metrics) register(reg *prometheus.Registry) error {
 	if m == nil || reg == nil {
 		return nil
 	}
-	for _, c := range []prometheus.Collector{m.sessions, m.activeSessions, m.parkedSessions, m.logins, m.loginDuration, m.dialErrors, m.upstreamHealthy, m.bytes, m.stls, m.implicitHandshakes, m.authCache, m.limitRefusals, m.blocks} {
+	for _, c := range []prometheus.Collector{m.sessions, m.activeSessions, m.parkedSessions, m.logins, m.loginDuration, m.dialErrors, m.upstreamHealthy, m.bytes, m.stls, m.implicitHandshakes, m.authCache, m.limitRefusals, m.blocks, m.storeErrors} {
 		if err := reg.Register(c); err != nil && !errors.As(err, new(prometheus.AlreadyRegisteredError)) {
 			return err
 		}
@@ -145,6 +150,12 @@ func (m *pop3Metrics) login(method, result string, seconds float64) {
 func (m *pop3Metrics) limitRefused(limit string) {
 	if m != nil {
 		m.limitRefusals.WithLabelValues(limit).Inc()
+	}
+}
+
+func (m *pop3Metrics) storeError() {
+	if m != nil {
+		m.storeErrors.Inc()
 	}
 }
 

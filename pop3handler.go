@@ -202,6 +202,7 @@ type Handler struct {
 	pool           *pool
 	events         *caddyevents.App // nil: no events app
 	proc           *processState    // theProcess unless a test gives its own
+	app            *App             // the pop3 app, if configured
 }
 
 // Upstream is one upstream POP3 server.
@@ -234,6 +235,11 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 // Provision sets defaults and prepares TLS for STLS and implicit_tls.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.ctx, h.logger = ctx, ctx.Logger()
+	if app, err := ctx.AppIfConfigured("pop3"); err == nil {
+		h.app = app.(*App)
+	} else if !errors.Is(err, caddy.ErrNotConfigured) {
+		return err
+	}
 	if err := h.loadAuthenticators(ctx); err != nil {
 		return err
 	}
@@ -441,7 +447,7 @@ func (h *Handler) setup() error {
 		h.proc = theProcess
 	}
 	if h.Limits != nil {
-		h.Limits.zone = h.proc.zones.get(h.Limits.Zone)
+		h.Limits.zone = h.proc.zones.get(h.Limits.Zone, h.app, h.logger, h.proc.metrics)
 		h.Limits.zone.events.Store(h)
 	}
 	h.tlsOn = h.StartTLS != StartTLSOff || h.ImplicitTLS
