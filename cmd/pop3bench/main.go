@@ -529,7 +529,8 @@ type loginPath struct {
 // roundOrder is the order of the paths in round i (from 0): those without
 // beside rotated to start at the i-th, so that none always runs first or
 // last, each followed (even rounds) or preceded (odd rounds) by those that
-// run beside it.
+// run beside it, and these in turn by those beside them (a path beside the
+// one beside another runs next to it, on the far side from the first).
 func roundOrder(paths []loginPath, i int) []loginPath {
 	var main []loginPath
 	for _, p := range paths {
@@ -537,20 +538,22 @@ func roundOrder(paths []loginPath, i int) []loginPath {
 			main = append(main, p)
 		}
 	}
-	var out []loginPath
-	for j := range main {
-		p := main[(i+j)%len(main)]
+	var place func(p loginPath) []loginPath
+	place = func(p loginPath) []loginPath {
 		var next []loginPath
 		for _, q := range paths {
 			if q.beside == p.t.name {
-				next = append(next, q)
+				next = append(next, place(q)...)
 			}
 		}
 		if i%2 == 0 {
-			out = append(append(out, p), next...)
-		} else {
-			out = append(append(out, next...), p)
+			return append([]loginPath{p}, next...)
 		}
+		return append(next, p)
+	}
+	var out []loginPath
+	for j := range main {
+		out = append(out, place(main[(i+j)%len(main)])...)
 	}
 	return out
 }
