@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -69,14 +71,21 @@ func (adminAPI) CaddyModule() caddy.ModuleInfo {
 
 // Routes implements caddy.AdminRouter.
 func (a adminAPI) Routes() []caddy.AdminRoute {
-	return []caddy.AdminRoute{{Pattern: "/pop3/sessions", Handler: caddy.AdminHandlerFunc(a.handleSessions)}}
+	return []caddy.AdminRoute{
+		{Pattern: "/pop3/sessions", Handler: caddy.AdminHandlerFunc(a.handleSessions)},
+		{Pattern: "/pop3/blocks", Handler: caddy.AdminHandlerFunc(a.handleBlocks)},
+	}
+}
+
+func (a adminAPI) process() *processState {
+	if a.proc == nil {
+		return theProcess
+	}
+	return a.proc
 }
 
 func (a adminAPI) handleSessions(w http.ResponseWriter, r *http.Request) error {
-	proc := a.proc
-	if proc == nil {
-		proc = theProcess
-	}
+	proc := a.process()
 	q := r.URL.Query()
 	id, user, remote := q.Get("id"), q.Get("user"), q.Get("remote")
 	views := []sessionView{}
@@ -109,6 +118,79 @@ func (a adminAPI) handleSessions(w http.ResponseWriter, r *http.Request) error {
 		return json.NewEncoder(w).Encode(map[string]int{"closed": len(kicked)})
 	}
 	return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method %s not allowed", r.Method)}
+}
+
+// blockView is what the admin API shows of a block of the limits option.
+type blockView struct {
+	Zone    string    `json:"zone"`
+	Limit   string    `json:"limit"`
+	Address string    `json:"address,omitempty"`
+	User    string    `json:"user,omitempty"`
+	Until   time.Time `json:"until"`
+}
+
+// handleBlocks serves /pop3/blocks: GET lists the blocks that hold now in
+// every zone; DELETE lifts those that match every filter given (address,
+// user, limit, zone; at least one of the first three).
+func (a adminAPI) handleBlocks(w http.ResponseWriter, r *http.Request) error {
+	q := r.URL.Query()
+	address, user, limit, zone := q.Get("address"), strings.ToLower(q.Get("user")), q.Get("limit"), q.Get("zone")
+	_, zoneGiven := q["zone"]
+	if address != "" {
+		// An address names its own entry: an IPv6 address its prefix's.
+		if ip, err := netip.ParseAddr(address); err == nil {
+			address = ip.Unmap().String()
+		}
+	}
+	if r.Method == http.MethodDelete && address == "" && user == "" && limit == "" {
+		return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: fmt.Errorf("name the blocks to lift with address, user or limit")}
+	}
+	if r.Method != http.MethodGet && r.Method != http.MethodDelete {
+		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method %s not allowed", r.Method)}
+	}
+	views, removed := []blockView{}, 0
+	for _, z := range a.process().zones.all() {
+		if zoneGiven && z.name != zone {
+			continue
+		}
+		blocks, err := z.store.Blocks(r.Context(), now())
+		if err != nil {
+			return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: err}
+		}
+		for _, b := range blocks {
+			v := blockView{Zone: z.name, Until: b.Until}
+			v.Limit, v.Address, v.User = blockSubject(b.Key)
+			if address != "" && !addressMatches(v.Address, address) || user != "" && v.User != user || limit != "" && v.Limit != limit {
+				continue
+			}
+			if r.Method == http.MethodDelete {
+				if err := z.unblock(r.Context(), b.Key); err != nil {
+					return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: err}
+				}
+				removed++
+				z.unblocked(b.Key, "admin")
+				continue
+			}
+			views = append(views, v)
+		}
+	}
+	w.Header().Set("Content-Type", "application/json")
+	if r.Method == http.MethodDelete {
+		return json.NewEncoder(w).Encode(map[string]int{"removed": removed})
+	}
+	sort.Slice(views, func(i, j int) bool { return views[i].Until.Before(views[j].Until) })
+	return json.NewEncoder(w).Encode(views)
+}
+
+// addressMatches reports whether a block's address (an IPv4 address or an
+// IPv6 prefix) is the one the admin named, or holds it.
+func addressMatches(blocked, named string) bool {
+	if blocked == named {
+		return true
+	}
+	p, err := netip.ParsePrefix(blocked)
+	ip, ierr := netip.ParseAddr(named)
+	return err == nil && ierr == nil && p.Contains(ip)
 }
 
 // Interface guards

@@ -49,6 +49,19 @@ const (
 //			size <n>                  # default 10000
 //		}
 //		auth_failure_delay <duration>
+//		limits [<zone>] {            # handlers naming the same zone share counters
+//			sessions_per_ip <n>
+//			sessions_per_user <n>
+//			sessions_per_user_ip <n>
+//			connections_per_ip <n> <window>
+//			failures_per_user_ip <n> <window> <block>
+//			failures_per_ip <n> <window> <block>
+//			failures_per_user <n> <window> <block>
+//			ipv6_prefix <bits>          # default 64
+//			exempt <cidr>...
+//			min_input_rate <bytes> <window>
+//			max_session_lifetime <duration>
+//		}
 //		drain_timeout <duration>
 //		capabilities <extensions...>
 //		starttls <off|on|only>
@@ -242,6 +255,13 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				}
 			}
 			h.AuthCache = c
+			continue // its block is consumed
+		case "limits":
+			l, err := unmarshalLimits(d, wrapper)
+			if err != nil {
+				return err
+			}
+			h.Limits = l
 			continue // its block is consumed
 		case "master_login":
 			if d.CountRemainingArgs() != 2 {
@@ -602,4 +622,106 @@ func (u *Upstream) unmarshalCaddyfile(d *caddyfile.Dispenser, wrapper string) er
 		}
 	}
 	return nil
+}
+
+// unmarshalLimits reads "limits [<zone>] { ... }" at the dispenser's
+// current token.
+func unmarshalLimits(d *caddyfile.Dispenser, wrapper string) (*Limits, error) {
+	l := new(Limits)
+	switch d.CountRemainingArgs() {
+	case 0:
+	case 1:
+		d.NextArg()
+		l.Zone = d.Val()
+	default:
+		return nil, d.ArgErr()
+	}
+	seen := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		sub := d.Val()
+		name := "limits " + sub
+		if seen[sub] && sub != "exempt" {
+			return nil, d.Errf("duplicate %s option '%s'", wrapper, name)
+		}
+		seen[sub] = true
+		args := d.RemainingArgs()
+		count := func(i int) (int64, error) {
+			n, err := strconv.ParseInt(args[i], 10, 64)
+			if err != nil || n < 1 {
+				return 0, d.Errf("parsing %s option '%s': want a whole number of at least 1, got '%s'", wrapper, name, args[i])
+			}
+			return n, nil
+		}
+		duration := func(i int) (caddy.Duration, error) {
+			dur, err := caddy.ParseDuration(args[i])
+			if err != nil || dur <= 0 {
+				return 0, d.Errf("parsing %s option '%s': want a duration greater than zero, got '%s'", wrapper, name, args[i])
+			}
+			return caddy.Duration(dur), nil
+		}
+		want := map[string]int{
+			"sessions_per_ip": 1, "sessions_per_user": 1, "sessions_per_user_ip": 1,
+			"connections_per_ip": 2, "min_input_rate": 2,
+			"failures_per_user_ip": 3, "failures_per_ip": 3, "failures_per_user": 3,
+			"ipv6_prefix": 1, "max_session_lifetime": 1,
+		}
+		if n, ok := want[sub]; ok && len(args) != n {
+			return nil, d.Errf("parsing %s option '%s': want %d arguments, got %d", wrapper, name, n, len(args))
+		}
+		var err error
+		switch sub {
+		case "sessions_per_ip", "sessions_per_user", "sessions_per_user_ip":
+			var n int64
+			if n, err = count(0); err == nil {
+				*map[string]*int64{"sessions_per_ip": &l.SessionsPerIP, "sessions_per_user": &l.SessionsPerUser, "sessions_per_user_ip": &l.SessionsPerUserIP}[sub] = n
+			}
+		case "connections_per_ip":
+			r := new(RateLimit)
+			if r.Count, err = count(0); err == nil {
+				r.Window, err = duration(1)
+			}
+			l.ConnectionsPerIP = r
+		case "min_input_rate":
+			r := new(InputRate)
+			if r.Bytes, err = count(0); err == nil {
+				r.Window, err = duration(1)
+			}
+			l.MinInputRate = r
+		case "failures_per_user_ip", "failures_per_ip", "failures_per_user":
+			f := new(FailureLimit)
+			if f.Count, err = count(0); err == nil {
+				if f.Window, err = duration(1); err == nil {
+					f.Block, err = duration(2)
+				}
+			}
+			*map[string]**FailureLimit{"failures_per_user_ip": &l.FailuresPerUserIP, "failures_per_ip": &l.FailuresPerIP, "failures_per_user": &l.FailuresPerUser}[sub] = f
+		case "ipv6_prefix":
+			bits, perr := strconv.Atoi(args[0])
+			if perr != nil || bits < 1 || bits > 128 {
+				return nil, d.Errf("parsing %s option '%s': want a prefix length between 1 and 128, got '%s'", wrapper, name, args[0])
+			}
+			l.IPv6Prefix = bits
+		case "max_session_lifetime":
+			l.MaxSessionLifetime, err = duration(0)
+		case "exempt":
+			if len(args) == 0 {
+				return nil, d.ArgErr()
+			}
+			for _, a := range args {
+				if _, perr := parsePrefix(a); perr != nil {
+					return nil, d.Errf("parsing %s option '%s': '%s' is no network or address", wrapper, name, a)
+				}
+			}
+			l.Exempt = append(l.Exempt, args...)
+		default:
+			return nil, d.Errf("unrecognized %s option '%s'", wrapper, name)
+		}
+		if err != nil {
+			return nil, err
+		}
+		if d.NextBlock(nesting + 1) {
+			return nil, d.Errf("malformed %s option '%s': blocks are not supported", wrapper, name)
+		}
+	}
+	return l, nil
 }

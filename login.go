@@ -93,6 +93,9 @@ func (s *session) login(req loginRequest) error {
 		req.creds = sasl.Credentials{Username: truncate(req.creds.Username, 64), Identity: truncate(req.creds.Identity, 64)}
 		return s.loginFailed(req, "", errBadCredentials)
 	}
+	if limit := s.blockedBy(req.creds.Username); limit != "" {
+		return s.loginBlocked(req, limit)
+	}
 
 	if up := s.early; up != nil {
 		up.setDeadline(deadline)
@@ -219,6 +222,19 @@ func (s *session) loginDone(req loginRequest, up *upstreamClient, actingAs, text
 		}
 		return reply
 	}
+	s.loginSucceeded(req.creds.Username)
+	if limit := s.takeUserSessions(actingAs); limit != "" {
+		// A digest made over this upstream's challenge works nowhere else.
+		relayed := s.early != nil
+		s.early = nil
+		up.quit()
+		s.h.limitReached(s, limit, zap.String("user", req.creds.Username))
+		s.h.proc.metrics.login(req.method, "in_use", -1)
+		if relayed {
+			return errUserSessionsFatal
+		}
+		return errUserSessions
+	}
 	up.setDeadline(time.Time{})
 	s.upstream, s.early = up, nil
 	s.loginUser, s.upstreamUser, s.method = req.creds.Username, actingAs, req.method
@@ -331,9 +347,27 @@ func (s *session) loginFailed(req loginRequest, upstream string, err error) erro
 	return errUnavailable
 }
 
-// authFailed records refused credentials for metrics and for event
-// subscribers (fail2ban-style blocking). Never a password.
+// loginBlocked answers a login that a block stops, without checking the
+// credentials anywhere: as a wrong password, after the same delay, so that
+// a guesser cannot tell a block from a miss.
+func (s *session) loginBlocked(req loginRequest, limit string) error {
+	s.log(zap.InfoLevel, "login blocked", zap.String("user", req.creds.Username), zap.String("method", req.method),
+		zap.Int("attempt", req.attempt), zap.String("limit", limit))
+	s.h.proc.metrics.limitRefused(limit)
+	s.h.proc.metrics.login(req.method, "blocked", -1)
+	s.failedUser = req.creds.Username
+	s.h.emit("pop3_auth_failed", func() map[string]any {
+		return map[string]any{"session": s.id, "remote": s.remote, "user": req.creds.Username, "method": req.method, "blocked": limit}
+	})
+	s.failureDelay(0, false)
+	return errAuthFailed
+}
+
+// authFailed records refused credentials for metrics, for event
+// subscribers (fail2ban-style blocking) and for the failures_* limits.
+// Never a password.
 func (s *session) authFailed(req loginRequest) {
+	s.countFailure(req.creds.Username)
 	s.failedUser = req.creds.Username // for the penalty in failureDelay
 	s.h.proc.metrics.login(req.method, "failed", -1)
 	s.h.emit("pop3_auth_failed", func() map[string]any {
@@ -455,6 +489,7 @@ func (e *replyError) Error() string {
 const (
 	codeAuth    = "AUTH"
 	codeSysTemp = "SYS/TEMP"
+	codeInUse   = "IN-USE"
 )
 
 // isResponseCode accepts RFC 2449 §8 response codes: atoms joined by "/".
@@ -546,6 +581,13 @@ var (
 	errInactive    = &replyError{text: "Disconnected for inactivity", fatal: true} // with the session id
 	// errTooManySessions is written before any session exists: no id.
 	errTooManySessions = &replyError{code: codeSysTemp, text: "Too many connections, try again later", fatal: true}
+
+	// Edge limits (see Limits). Those refused at accept get no id either.
+	errTooManyConnections    = &replyError{code: codeSysTemp, text: "Too many connections from your address, try again later", fatal: true}
+	errTooManySessionsFromIP = &replyError{code: codeSysTemp, text: "Too many sessions from your address, try again later", fatal: true}
+	errUserSessions          = &replyError{code: codeInUse, text: "Too many sessions for this user, try again later"}
+	errUserSessionsFatal     = &replyError{code: codeInUse, text: errUserSessions.text, fatal: true}
+	errTooSlow               = &replyError{text: "Input too slow, closing connection", fatal: true} // with the session id
 )
 
 // errLoginTimeout ends a session that has not logged in by login_timeout.

@@ -22,6 +22,8 @@ type pop3Metrics struct {
 	stls               *prometheus.CounterVec
 	implicitHandshakes *prometheus.CounterVec
 	authCache          *prometheus.CounterVec
+	limitRefusals      *prometheus.CounterVec
+	blocks             *prometheus.CounterVec
 }
 
 func newPOP3Metrics() *pop3Metrics {
@@ -72,6 +74,14 @@ func newPOP3Metrics() *pop3Metrics {
 			Namespace: ns, Subsystem: sub, Name: "auth_cache_total",
 			Help: "Lookups in the auth cache by result: hit (an authenticator's answer reused), negative_hit (a refusal reused), miss.",
 		}, []string{"result"}),
+		limitRefusals: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "limit_refusals_total",
+			Help: "Connections, sessions and logins refused by the limits option, by limit (a blocked login counts under its failures_* limit).",
+		}, []string{"limit"}),
+		blocks: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "blocks_total",
+			Help: "Blocks started by the failures_* limits, by limit.",
+		}, []string{"limit"}),
 	}
 }
 
@@ -81,7 +91,7 @@ func (m *pop3Metrics) register(reg *prometheus.Registry) error {
 	if m == nil || reg == nil {
 		return nil
 	}
-	for _, c := range []prometheus.Collector{m.sessions, m.activeSessions, m.parkedSessions, m.logins, m.loginDuration, m.dialErrors, m.upstreamHealthy, m.bytes, m.stls, m.implicitHandshakes, m.authCache} {
+	for _, c := range []prometheus.Collector{m.sessions, m.activeSessions, m.parkedSessions, m.logins, m.loginDuration, m.dialErrors, m.upstreamHealthy, m.bytes, m.stls, m.implicitHandshakes, m.authCache, m.limitRefusals, m.blocks} {
 		if err := reg.Register(c); err != nil && !errors.As(err, new(prometheus.AlreadyRegisteredError)) {
 			return err
 		}
@@ -128,6 +138,19 @@ func (m *pop3Metrics) login(method, result string, seconds float64) {
 	m.logins.WithLabelValues(method, result).Inc()
 	if seconds >= 0 {
 		m.loginDuration.WithLabelValues(method).Observe(seconds)
+	}
+}
+
+// limitRefused counts a refusal by one of the limits option's limits.
+func (m *pop3Metrics) limitRefused(limit string) {
+	if m != nil {
+		m.limitRefusals.WithLabelValues(limit).Inc()
+	}
+}
+
+func (m *pop3Metrics) blockStarted(limit string) {
+	if m != nil {
+		m.blocks.WithLabelValues(limit).Inc()
 	}
 }
 

@@ -178,6 +178,10 @@ type Handler struct {
 	// bounded by max_line_length. Default: 255; at least 255, at most
 	// max_line_length.
 	MaxCommandLength int `json:"max_command_length,omitempty"`
+	// Limits per client address, per user and per user+address: sessions,
+	// new connections, failed logins (with blocks), slow input before
+	// login and session lifetime. Off when unset.
+	Limits *Limits `json:"limits,omitempty"`
 
 	ctx       caddy.Context // Handle gets no context; l4tls and l4proxy keep it the same way
 	logger    *zap.Logger
@@ -436,6 +440,10 @@ func (h *Handler) setup() error {
 	if h.proc == nil {
 		h.proc = theProcess
 	}
+	if h.Limits != nil {
+		h.Limits.zone = h.proc.zones.get(h.Limits.Zone)
+		h.Limits.zone.events.Store(h)
+	}
 	h.tlsOn = h.StartTLS != StartTLSOff || h.ImplicitTLS
 	h.warnAlreadyTLS = new(sync.Once)
 	h.drained = new(atomic.Bool)
@@ -623,6 +631,11 @@ func (h *Handler) Validate() error {
 	if maxLine == 0 {
 		maxLine = defaultMaxLineLength
 	}
+	if h.Limits != nil {
+		if err := h.Limits.validate(); err != nil {
+			return err
+		}
+	}
 	if h.MaxCommandLength < 0 || (h.MaxCommandLength > 0 && h.MaxCommandLength < defaultMaxCommandLength) || h.MaxCommandLength > maxLine {
 		return fmt.Errorf("max_command_length: must be between %d and max_line_length (%d) bytes", defaultMaxCommandLength, maxLine)
 	}
@@ -726,27 +739,39 @@ func (h *Handler) Cleanup() error {
 // Handle serves one POP3 client connection. It returns nil for ordinary
 // ends (QUIT, client EOF, timeouts) since caddy-l4 logs any error at ERROR.
 func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
+	edge, refusal, limit := h.admit(cx)
+	if refusal != nil {
+		h.refuse(cx, refusal, limit)
+		return nil
+	}
 	if !h.proc.slots.take() {
-		h.refuseFull(cx)
+		edge.release()
+		h.proc.slots.warnFull(h.logger)
+		h.refuse(cx, errTooManySessions, "too_many_sessions")
 		return nil
 	}
 	growStack()
-	s := newSession(h, cx)
+	s := newSession(h, cx, edge)
 	return s.run()
 }
 
-// refuseFull answers a client that finds the process at its session limit
-// (see slotCounter) and lets caddy-l4 close the connection. Nothing is
-// read; on an implicit_tls port, where a plaintext -ERR would be garbage,
-// the connection is only closed.
-func (h *Handler) refuseFull(cx *layer4.Connection) {
-	h.proc.slots.warnFull(h.logger)
-	h.proc.metrics.sessionRefused("too_many_sessions")
+// refuse answers a client turned away before its session starts (see
+// slotCounter and Limits) and lets caddy-l4 close the connection. Nothing
+// is read; on an implicit_tls port, where a plaintext -ERR would be
+// garbage, the connection is only closed.
+func (h *Handler) refuse(cx *layer4.Connection, re *replyError, result string) {
+	h.proc.metrics.sessionRefused(result)
+	if result != "too_many_sessions" {
+		h.proc.metrics.limitRefused(result)
+		if ce := h.logger.Check(zap.InfoLevel, "limit reached"); ce != nil {
+			ce.Write(zap.String("remote", cx.RemoteAddr().String()), zap.String("limit", result))
+		}
+	}
 	if h.ImplicitTLS {
 		return
 	}
 	_ = cx.SetWriteDeadline(now().Add(refuseWriteTimeout))
-	_, _ = cx.Write([]byte(errTooManySessions.line() + "\r\n"))
+	_, _ = cx.Write([]byte(re.line() + "\r\n"))
 }
 
 // growStack makes the goroutine's stack big enough for a login in one

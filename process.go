@@ -23,6 +23,7 @@ type processState struct {
 	capas     *capaCache
 	metrics   *pop3Metrics
 	events    *eventQueue
+	zones     *zones // the limits option's state by zone name
 	// lookupHost resolves configured upstream host names for auth_http's
 	// named upstreams.
 	lookupHost func(ctx context.Context, network, host string) ([]netip.Addr, error)
@@ -37,6 +38,7 @@ func newProcessState() *processState {
 		capas:      &capaCache{m: make(map[capaKey]capaEntry)},
 		metrics:    newPOP3Metrics(),
 		events:     newEventQueue(),
+		zones:      new(zones),
 		lookupHost: net.DefaultResolver.LookupNetIP,
 	}
 }

@@ -73,7 +73,7 @@ func (s *session) relay() error {
 	quiet := r.quiet
 	s.shared.relay.Store(r)
 	if _, kicked := s.kicked(); kicked {
-		s.result = "closed_by_admin"
+		s.result = s.kickResult()
 		return nil
 	}
 	if testHookRelayFlush != nil {
@@ -89,7 +89,7 @@ func (s *session) relay() error {
 	if err != nil {
 		s.result = "upstream_error"
 		if _, kicked := s.kicked(); kicked {
-			s.result = "closed_by_admin" // kick closed the connections
+			s.result = s.kickResult() // kick closed the connections
 		}
 		return nil
 	}

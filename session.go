@@ -74,14 +74,26 @@ type session struct {
 	upstreamUser string
 
 	notReading bool // the last words found the client not reading: no close_notify either
+
+	edge *edgeState // the limits that apply to the session; nil: none
 }
 
-func newSession(h *Handler, cx *layer4.Connection) *session {
+// newReader reads the client's commands from s.cx, through the input
+// guard of min_input_rate if there is one.
+func (s *session) newReader() *pop3wire.Reader {
+	if s.edge != nil && s.edge.guard != nil {
+		s.edge.guard.Conn = s.cx
+		return pop3wire.NewReader(s.edge.guard, s.h.MaxLineLength)
+	}
+	return pop3wire.NewReader(s.cx, s.h.MaxLineLength)
+}
+
+func newSession(h *Handler, cx *layer4.Connection, edge *edgeState) *session {
 	id, remote := newSessionID(), cx.RemoteAddr().String()
 	s := &session{
 		h:      h,
 		cx:     cx,
-		r:      pop3wire.NewReader(cx, h.MaxLineLength),
+		edge:   edge,
 		w:      pop3wire.NewWriter(cx),
 		start:  now(),
 		secure: len(l4tls.GetConnectionStates(cx)) > 0,
@@ -90,6 +102,7 @@ func newSession(h *Handler, cx *layer4.Connection) *session {
 		raw:    cx.Conn,
 	}
 	s.shared.tls = s.secure
+	s.r = s.newReader()
 	// Not from cx.Context: its replacer holds the whole connection, which a
 	// parked session, whose handler has returned, must not keep alive.
 	s.ctx, s.cancel = context.WithDeadline(context.Background(), s.loginDeadline())
@@ -120,6 +133,9 @@ func (s *session) ioDeadline() time.Time {
 // the deadlines, so a kick that this call undid is seen here.
 func (s *session) setDeadline(t time.Time) bool {
 	_ = s.cx.SetDeadline(t)
+	if s.edge != nil && s.edge.guard != nil {
+		s.edge.guard.deadline = t
+	}
 	_, kicked := s.kicked()
 	return !kicked
 }
@@ -146,6 +162,7 @@ func (s *session) closeOnKick(c net.Conn) (stop func() bool) {
 func (s *session) run() error {
 	s.h.proc.sessions.add(s)
 	s.h.proc.metrics.sessionStarted()
+	s.startEdge()
 	defer func() {
 		if !s.detached { // else the relay ends the session
 			s.closeNotify()
@@ -176,6 +193,9 @@ func (s *session) run() error {
 			if err := s.w.Flush(); err != nil {
 				return s.ioError(err)
 			}
+			if s.edge != nil && s.edge.guard != nil {
+				s.edge.guard.waiting()
+			}
 		}
 		line, err := s.r.ReadLine()
 		if errors.Is(err, pop3wire.ErrLineTooLong) {
@@ -196,6 +216,9 @@ func (s *session) run() error {
 		}
 	}
 	if s.state == stateRelay {
+		if s.edge != nil && s.edge.guard != nil {
+			s.edge.guard.off = true
+		}
 		if s.stopEarlyWatch != nil {
 			s.stopEarlyWatch() // early is the upstream now
 		}
@@ -348,12 +371,16 @@ func (s *session) idSuffix() string { return " (session " + s.id + ")" }
 func (s *session) ioError(err error) error {
 	var ne net.Error
 	if reason, ok := s.kicked(); ok {
-		s.setResult("closed_by_admin")
+		s.setResult(s.kickResult())
 		s.lastWords(errKicked(reason))
 		s.log(zap.InfoLevel, "session closed", zap.String("reason", reason))
 		return nil
 	}
 	switch {
+	case errors.Is(err, errInputTooSlow):
+		s.setResult("too_slow")
+		s.h.limitReached(s, limitMinInputRate)
+		s.lastWords(errTooSlow)
 	case errors.Is(err, io.EOF), errors.Is(err, net.ErrClosed), errors.Is(err, io.ErrUnexpectedEOF):
 		s.setResult("client_closed")
 	case s.state == stateAuthorization && !now().Before(s.loginDeadline()) &&
@@ -402,6 +429,7 @@ func (s *session) logEnd() {
 	s.releaseBuffers()
 	s.h.proc.sessions.remove(s)
 	s.h.proc.slots.release()
+	s.edge.release()
 	if s.upstream != nil {
 		s.upstream.close()
 	}
@@ -489,19 +517,26 @@ type shared struct {
 	// TCP_INFO counts of the client socket at login; wireOK says they exist.
 	wireIn, wireOut int64
 	wireOK          bool
-	kickReason      atomic.Pointer[string]
+	kickReason      atomic.Pointer[kickCause]
 	relay           atomic.Pointer[relay] // set once relaying, for kick
 }
 
 // kick ends the session from another goroutine, whatever it waits for.
 // Before login the session answers -ERR [SYS/TEMP] with reason and closes;
 // after it both connections are closed.
-func (s *session) kick(reason string) {
-	if !s.shared.kickReason.CompareAndSwap(nil, &reason) {
+func (s *session) kick(reason string) { s.kickFor(reason, "closed_by_admin") }
+
+// kickCause is why a session was ended from outside: the reason the
+// client reads, and the result of the session line.
+type kickCause struct{ reason, result string }
+
+// kickFor is kick with the session line's result.
+func (s *session) kickFor(reason, result string) {
+	if !s.shared.kickReason.CompareAndSwap(nil, &kickCause{reason, result}) {
 		return
 	}
 	if r := s.shared.relay.Load(); r != nil {
-		r.end("closed_by_admin")
+		r.end(result)
 		return
 	}
 	// The deadlines wake a read, or a write that a client which stopped
@@ -516,8 +551,16 @@ func (s *session) kick(reason string) {
 }
 
 func (s *session) kicked() (string, bool) {
-	if r := s.shared.kickReason.Load(); r != nil {
-		return *r, true
+	if c := s.shared.kickReason.Load(); c != nil {
+		return c.reason, true
 	}
 	return "", false
+}
+
+// kickResult is the session line's result of a kicked session.
+func (s *session) kickResult() string {
+	if c := s.shared.kickReason.Load(); c != nil {
+		return c.result
+	}
+	return "closed_by_admin"
 }

@@ -113,7 +113,11 @@ func handleOn(t *testing.T, h *Handler, logs *observer.ObservedLogs, tcp bool) *
 
 func newBufioReader(c net.Conn) *bufio.Reader { return bufio.NewReader(c) }
 
-func tcpPair(t *testing.T) (net.Conn, net.Conn) {
+func tcpPair(t *testing.T) (net.Conn, net.Conn) { return tcpPairFrom(t, "") }
+
+// tcpPairFrom is tcpPair with the client bound to the loopback address
+// from (all of 127.0.0.0/8 reaches lo); "" lets the kernel choose.
+func tcpPairFrom(t *testing.T, from string) (net.Conn, net.Conn) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -125,7 +129,11 @@ func tcpPair(t *testing.T) (net.Conn, net.Conn) {
 		c, _ := ln.Accept()
 		accepted <- c
 	}()
-	client, err := net.Dial("tcp", ln.Addr().String())
+	var d net.Dialer
+	if from != "" {
+		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(from)}
+	}
+	client, err := d.Dial("tcp", ln.Addr().String())
 	if err != nil {
 		t.Fatal(err)
 	}

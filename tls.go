@@ -45,7 +45,7 @@ func (s *session) handleStartTLS() error {
 		s.debug("STLS handshake failed", zap.Error(err))
 		s.state, s.result = stateDone, "tls_handshake_failed"
 		if _, kicked := s.kicked(); kicked {
-			s.result = "closed_by_admin"
+			s.result = s.kickResult()
 		}
 		return nil
 	}
@@ -76,7 +76,7 @@ func (s *session) startImplicitTLS() bool {
 		s.debug("TLS handshake failed", zap.Error(err))
 		s.state, s.result = stateDone, "tls_handshake_failed"
 		if _, kicked := s.kicked(); kicked {
-			s.result = "closed_by_admin"
+			s.result = s.kickResult()
 		}
 		return false
 	}
@@ -117,7 +117,7 @@ func (s *session) handshakeTLS() (*tls.ConnectionState, error) {
 	s.shared.mu.Unlock()
 	s.cx = s.cx.Wrap(tc)
 	s.releaseBuffers()
-	s.r = pop3wire.NewReader(s.cx, s.h.MaxLineLength)
+	s.r = s.newReader()
 	s.w = pop3wire.NewWriter(s.cx)
 	s.secure = true
 	return &st, nil
