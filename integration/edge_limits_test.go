@@ -268,6 +268,28 @@ func expectBlocks(t *testing.T, a *adminCaddy, want ...blockView) []blockView {
 	return got
 }
 
+// --- metrics -------------------------------------------------------------------
+
+// limitMetricPrefix is the spec's (issue 14) prefix of the limits' metrics,
+// limit_refusals_total and blocks_total.
+const limitMetricPrefix = "caddy_pop3_"
+
+// limitMetric returns the sample of the limits' metric name (without its
+// prefix) with labels. A metric found only under the prefix of the
+// handler's other metrics (pfx) fails the test, and its value is returned
+// so that the counts are checked all the same.
+func limitMetric(t *testing.T, m metricSet, name string, labels ...string) float64 {
+	t.Helper()
+	if m.has(limitMetricPrefix+name, labels...) {
+		return m.get(limitMetricPrefix+name, labels...)
+	}
+	if m.has(pfx+name, labels...) {
+		t.Errorf("metric %s%s is named %s%s, want %s%s as issue 14 specifies", limitMetricPrefix, name, pfx, name, limitMetricPrefix, name)
+		return m.get(pfx+name, labels...)
+	}
+	return 0
+}
+
 // --- log ---------------------------------------------------------------------
 
 // handlerEntries returns the pop3 handler's log entries with message msg
@@ -392,7 +414,7 @@ func TestEdgeSessionsPerIP(t *testing.T) {
 		t.Errorf("limit reached: remote %q, want %s:PORT", r, ip)
 	}
 	m := a.metrics(t)
-	if got := m.get("caddy_pop3_limit_refusals_total", "limit", "sessions_per_ip"); got != float64(refusals) {
+	if got := limitMetric(t, m, "limit_refusals_total", "limit", "sessions_per_ip"); got != float64(refusals) {
 		t.Errorf("caddy_pop3_limit_refusals_total{limit=sessions_per_ip} = %v, want %d", got, refusals)
 	}
 }
@@ -571,7 +593,7 @@ func TestEdgeConnectionsPerIP(t *testing.T) {
 	if r, _ := e["remote"].(string); !strings.HasPrefix(r, ip+":") {
 		t.Errorf("limit reached: remote %q, want %s:PORT", r, ip)
 	}
-	if got := a.metrics(t).get("caddy_pop3_limit_refusals_total", "limit", "connections_per_ip"); got != 3 {
+	if got := limitMetric(t, a.metrics(t), "limit_refusals_total", "limit", "connections_per_ip"); got != 3 {
 		t.Errorf("caddy_pop3_limit_refusals_total{limit=connections_per_ip} = %v, want 3", got)
 	}
 
@@ -643,16 +665,15 @@ func TestEdgeFailures(t *testing.T) {
 		c := dialPOP3From(t, perUserIP, ip, nil)
 		// A good login resets carol's failures from the address: two, a
 		// login, two more leave her unblocked.
-		c.failLogin(carol)
-		c.failLogin(carol)
-		g := dialPOP3From(t, perUserIP, ip, nil)
-		g.login(carol, carolPass)
-		g.quit()
-		c.failLogin(carol)
-		c.failLogin(carol)
-		g = dialPOP3From(t, perUserIP, ip, nil)
-		g.login(carol, carolPass)
-		g.quit()
+		for i := range 2 {
+			c.failLogin(carol)
+			c.failLogin(carol)
+			g := dialPOP3From(t, perUserIP, ip, nil)
+			if got := g.tryLogin(carol, carolPass); !strings.HasPrefix(got, "+OK") {
+				t.Fatalf("carol after %d wrong passwords (%d since her last good login): %q", 2*(i+1), 2, got)
+			}
+			g.quit()
+		}
 
 		// Three in a row block her there.
 		c.failLogin(carol)
@@ -753,10 +774,15 @@ func TestEdgeFailures(t *testing.T) {
 		if n := a.unblock(t, "address="+ip2+"&zone=fuip"); n != 0 {
 			t.Errorf("DELETE ?address=%s&zone=fuip: removed %d, want 0 (the block is in zone fip)", ip2, n)
 		}
-		if n := a.unblock(t, "limit=failures_per_ip"); n != 1 {
-			t.Errorf("DELETE ?limit=failures_per_ip: removed %d, want 1", n)
+		// The spec's address=<ip or prefix>: a network lifts the blocks of
+		// the addresses in it.
+		if n := a.unblock(t, "address=127.0.0.0/24"); n != 1 {
+			t.Errorf("DELETE ?address=127.0.0.0/24: removed %d, want 1 (the block of %s)", n, ip2)
 		}
 		if got := c2.tryLogin(dave, davePass); !strings.HasPrefix(got, "+OK") {
+			if sansID(got) == replyAuthFailed {
+				blockedAttempts.Add(1) // still blocked: counted as a refusal
+			}
 			t.Fatalf("dave from %s after DELETE /pop3/blocks: %q", ip2, got)
 		}
 		c2.quit()
@@ -764,12 +790,12 @@ func TestEdgeFailures(t *testing.T) {
 
 	m := a.metrics(t)
 	for _, limit := range []string{"failures_per_user_ip", "failures_per_ip"} {
-		if got := m.get("caddy_pop3_blocks_total", "limit", limit); got != 2 {
+		if got := limitMetric(t, m, "blocks_total", "limit", limit); got != 2 {
 			t.Errorf("caddy_pop3_blocks_total{limit=%s} = %v, want 2", limit, got)
 		}
 	}
-	refusals := m.get("caddy_pop3_limit_refusals_total", "limit", "failures_per_user_ip") +
-		m.get("caddy_pop3_limit_refusals_total", "limit", "failures_per_ip")
+	refusals := limitMetric(t, m, "limit_refusals_total", "limit", "failures_per_user_ip") +
+		limitMetric(t, m, "limit_refusals_total", "limit", "failures_per_ip")
 	if want := blockedAttempts.Load(); refusals != float64(want) {
 		t.Errorf("caddy_pop3_limit_refusals_total of the failures_* limits = %v, want %d (one per blocked attempt)", refusals, want)
 	}
@@ -877,27 +903,11 @@ func TestEdgeMinInputRate(t *testing.T) {
 
 	drip := dialPOP3From(t, addr, "127.0.0.18", nil)
 	start := time.Now()
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for _, b := range []byte("USER " + alice + "\r\n") {
-			if _, err := drip.conn.Write([]byte{b}); err != nil {
-				return
-			}
-			select {
-			case <-stop:
-				return
-			case <-time.After(time.Second):
-			}
-		}
-	}()
+	stop := dripBytes(drip.conn, []byte("USER "+alice+"\r\n"), time.Second)
 	drip.deadline(20 * time.Second)
 	l, err := drip.r.ReadString('\n')
 	took := time.Since(start)
-	close(stop)
-	wg.Wait()
+	stop()
 	if err != nil {
 		t.Fatalf("the dripping client after %v: %v (got %q), want %q", took.Round(time.Millisecond), err, l, replyTooSlow)
 	}
@@ -915,9 +925,83 @@ func TestEdgeMinInputRate(t *testing.T) {
 	// The normal session has been quiet for longer than the window.
 	normal.ok("STAT")
 	normal.quit()
-	if got := a.metrics(t).get("caddy_pop3_limit_refusals_total", "limit", "min_input_rate"); got != 1 {
+	if got := limitMetric(t, a.metrics(t), "limit_refusals_total", "limit", "min_input_rate"); got != 1 {
 		t.Errorf("caddy_pop3_limit_refusals_total{limit=min_input_rate} = %v, want 1", got)
 	}
+}
+
+// TestEdgeMinInputRateTLSHandshake: before login the proxy also waits for
+// the client during a TLS handshake; a client that drips its ClientHello
+// at two bytes a second on an implicit TLS port, under min_input_rate 10
+// 2s, must be closed like one that drips a command (with nothing written:
+// there is no plaintext to write on that port), not held until timeout.
+func TestEdgeMinInputRateTLSHandshake(t *testing.T) {
+	need(t)
+	addr := freePortT(t)
+	startEdgeCaddy(t, "edge-input-rate-tls", edgeServer{addr: addr, tls: true, limits: "min_input_rate 10 2s", extra: "timeout 15s"})
+	hello := clientHello(t)
+
+	c := connectFrom(t, addr, "127.0.0.18")
+	start := time.Now()
+	stop := dripBytes(c.conn, hello, 500*time.Millisecond)
+	defer stop()
+	c.deadline(8 * time.Second)
+	got, err := io.ReadAll(c.r)
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		t.Fatalf("a client dripping its ClientHello (%d of %d bytes sent) is still connected after %v, want a close after about 2s",
+			min(int(time.Since(start)/(500*time.Millisecond))+1, len(hello)), len(hello), time.Since(start).Round(time.Millisecond))
+	}
+	if len(got) > 0 {
+		t.Errorf("the dripping TLS client got %q before the close, want nothing", got)
+	}
+	if took := time.Since(start); took < 1500*time.Millisecond {
+		t.Errorf("the dripping TLS client was closed after %v, want about the 2s window", took.Round(time.Millisecond))
+	}
+}
+
+// dripBytes writes data to conn one byte at a time, every apart, until
+// all is written, a write fails or the returned stop is called; stop
+// returns once the writing has ended.
+func dripBytes(conn net.Conn, data []byte, every time.Duration) (stop func()) {
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for _, b := range data {
+			if _, err := conn.Write([]byte{b}); err != nil {
+				return
+			}
+			select {
+			case <-done:
+				return
+			case <-time.After(every):
+			}
+		}
+	}()
+	var once sync.Once
+	return func() {
+		once.Do(func() { close(done) })
+		wg.Wait()
+	}
+}
+
+// clientHello returns the first flight of a TLS client: a ClientHello
+// record for localhost.
+func clientHello(t *testing.T) []byte {
+	t.Helper()
+	client, server := net.Pipe()
+	defer client.Close()
+	go func() { _ = tls.Client(client, &tls.Config{ServerName: "localhost"}).Handshake() }()
+	_ = server.SetReadDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 16<<10)
+	n, err := server.Read(buf)
+	server.Close()
+	if err != nil || n < 5 || buf[0] != 0x16 {
+		t.Fatalf("capturing a ClientHello: %d bytes %x, %v", n, buf[:min(n, 8)], err)
+	}
+	return buf[:n]
 }
 
 // --- 7. max_session_lifetime -------------------------------------------------------
@@ -1079,7 +1163,18 @@ func TestEdgePasswordSpray(t *testing.T) {
 		c.expectBlocked(u.user, u.pass)
 		c.quit()
 	}
-	if got := a.metrics(t).get("caddy_pop3_blocks_total", "limit", "failures_per_user"); got != float64(len(users)) {
+	// The admin lifts bob's block (by user and limit): he logs in from
+	// anywhere again, the others stay blocked.
+	if n := a.unblock(t, "user="+bob+"&limit=failures_per_user"); n != 1 {
+		t.Errorf("DELETE ?user=%s&limit=failures_per_user: removed %d, want 1", bob, n)
+	}
+	c := dialPOP3From(t, addr, "127.0.0.51", nil)
+	c.login(bob, bobPass)
+	c.quit()
+	if n := len(a.blocks(t)); n != len(users)-1 {
+		t.Errorf("%d blocks after lifting bob's, want %d", n, len(users)-1)
+	}
+	if got := limitMetric(t, a.metrics(t), "blocks_total", "limit", "failures_per_user"); got != float64(len(users)) {
 		t.Errorf("caddy_pop3_blocks_total{limit=failures_per_user} = %v, want %d", got, len(users))
 	}
 }
