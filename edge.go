@@ -396,6 +396,8 @@ func (h *Handler) blocked(zone *limitZone, key string, until time.Time) {
 	defer zone.mu.Unlock()
 	if t := zone.unblocks[key]; t != nil {
 		t.Stop()
+	} else if len(zone.unblocks) >= limits.DefaultMaxEntries {
+		return // as many as the store keeps: this block ends without an event
 	}
 	zone.unblocks[key] = time.AfterFunc(until.Sub(now()), func() {
 		zone.mu.Lock()
@@ -508,8 +510,10 @@ func (g *inputGuard) Read(p []byte) (int, error) {
 	if g.off {
 		return g.Conn.Read(p)
 	}
-	if g.windowEnd.IsZero() {
-		g.windowEnd = now().Add(g.window)
+	if t := now(); g.windowEnd.IsZero() || !t.Before(g.windowEnd) {
+		// A window that ended while the proxy was busy (dialling for a
+		// CRAM-MD5 challenge, asking an auth server) was not the client's.
+		g.got, g.windowEnd = 0, t.Add(g.window)
 	}
 	dl := g.windowEnd
 	if !g.deadline.IsZero() && g.deadline.Before(dl) {

@@ -3,8 +3,13 @@ package pop3
 import (
 	"bufio"
 	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
 	"net/http/httptest"
+	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -12,20 +17,24 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/mholt/caddy-l4/layer4"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 // limitedHandler is a handler on a fake upstream with the given limits.
 func limitedHandler(t *testing.T, l *Limits, mod func(*Handler)) (*Handler, func() []string) {
 	t.Helper()
 	u, addr := fakeUpstream(t, nil)
-	h, _ := newTestHandler(t, addr, func(h *Handler) {
+	h, logs := newTestHandler(t, addr, func(h *Handler) {
 		h.Limits = l
 		if mod != nil {
 			mod(h)
 		}
 	})
+	limitedLogs.Store(h, logs)
 	return h, u.Lines
 }
+
+var limitedLogs sync.Map // *Handler → *observer.ObservedLogs
 
 // sessionFrom runs Handle on a TCP connection from the loopback address
 // from (all of 127.0.0.0/8 is on lo) and reads the greeting or refusal.
@@ -33,6 +42,9 @@ func sessionFrom(t *testing.T, h *Handler, from string) *testSession {
 	t.Helper()
 	client, server := tcpPairFrom(t, from)
 	ts := &testSession{t: t, conn: client, r: bufio.NewReader(client), done: make(chan error, 1), handle: h}
+	if logs, ok := limitedLogs.Load(h); ok {
+		ts.logs = logs.(*observer.ObservedLogs)
+	}
 	go func() {
 		err := h.Handle(layer4.WrapConnection(server, nil, zap.NewNop()), nil)
 		_ = server.Close()
@@ -126,7 +138,15 @@ func TestLimitsBlockAnswersLikeAWrongPassword(t *testing.T) {
 	if rec := blocksRequest(t, h.proc, "DELETE", "?user=ALICE&address=127.0.0.1"); !strings.Contains(rec.Body.String(), `"removed":1`) {
 		t.Fatalf("DELETE: %s", rec.Body)
 	}
-	sessionFrom(t, h, "127.0.0.1").loginAndQuit()
+	last := sessionFrom(t, h, "127.0.0.1")
+	last.loginAndQuit()
+	last.assertNoSecret("secret-pw", "wrong", "p@ss")
+	if !strings.Contains(fmt.Sprint(last.logs.FilterMessage("login blocked").All()), "failures_per_user_ip") {
+		t.Error("no login blocked line naming the limit")
+	}
+	if n := last.logs.FilterMessage("blocked").Len(); n != 1 {
+		t.Errorf("%d lines of a block starting, want 1", n)
+	}
 }
 
 func blocksRequest(t *testing.T, proc *processState, method, query string) *httptest.ResponseRecorder {
@@ -185,8 +205,11 @@ func TestLimitsSessionsPerUser(t *testing.T) {
 	if got := b.expect("-ERR"); !strings.HasPrefix(got, "-ERR [IN-USE] Too many sessions for this user, try again later") {
 		t.Fatalf("second session of the user: %q", got)
 	}
-	if !strings.Contains(strings.Join(upstreamLines(), "\n"), "QUIT") {
-		t.Error("the refused session's upstream got no QUIT")
+	for deadline := time.Now().Add(5 * time.Second); !strings.Contains(strings.Join(upstreamLines(), "\n"), "QUIT"); {
+		if time.Now().After(deadline) {
+			t.Fatal("the refused session's upstream got no QUIT")
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 	a.send("QUIT")
 	a.expect("+OK")
@@ -242,6 +265,15 @@ func TestLimitsMaxSessionLifetime(t *testing.T) {
 	in.expect("+OK")
 	in.expect("+OK")
 	in.closed()
+	n := 0
+	for _, e := range in.logs.FilterMessage("session").All() {
+		if e.ContextMap()["result"] == "lifetime" {
+			n++
+		}
+	}
+	if n != 2 {
+		t.Errorf("%d sessions ended with result lifetime, want 2", n)
+	}
 }
 
 func TestLimitsCaddyfile(t *testing.T) {
@@ -306,5 +338,116 @@ func TestLimitsValidate(t *testing.T) {
 		if err := l.validate(); err == nil {
 			t.Errorf("%+v: no error", l)
 		}
+	}
+}
+
+// After STLS the guard reads through TLS: a client that logs in works, one
+// that goes quiet is closed, and the session line says why.
+func TestLimitsMinInputRateAfterSTLS(t *testing.T) {
+	t.Parallel()
+	h, _ := limitedHandler(t, &Limits{MinInputRate: &InputRate{Bytes: 8, Window: caddy.Duration(300 * time.Millisecond)}}, func(h *Handler) {
+		h.StartTLS = StartTLSOn
+	})
+	ok := sessionFrom(t, h, "127.0.0.1")
+	ok.startTLS()
+	ok.loginAndQuit()
+
+	quiet := sessionFrom(t, h, "127.0.0.1")
+	quiet.startTLS()
+	if got := withoutSessionID(t, quiet.expect("-ERR")); got != "-ERR Input too slow, closing connection" {
+		t.Fatalf("quiet client after STLS: %q", got)
+	}
+	quiet.closed()
+	var results []string
+	for _, e := range quiet.logs.FilterMessage("session").All() {
+		results = append(results, e.ContextMap()["result"].(string))
+	}
+	if !slices.Contains(results, "too_slow") {
+		t.Errorf("session results %v, want one too_slow", results)
+	}
+}
+
+// A relayed APOP login refused by sessions_per_user ends the session: its
+// digest was made over the one upstream connection that now got QUIT.
+func TestLimitsSessionsPerUserWithRelayedAPOP(t *testing.T) {
+	t.Parallel()
+	_, addr := challengeUpstream(t)
+	h, _ := newTestHandler(t, addr, func(h *Handler) {
+		h.Auth = []string{AuthAPOP}
+		h.Limits = &Limits{SessionsPerUser: 1}
+	})
+	first := sessionFrom(t, h, "127.0.0.1")
+	first.send("APOP alice " + apopDigest(upstreamTimestamp, "secret-pw"))
+	first.expect("+OK")
+	second := sessionFrom(t, h, "127.0.0.1")
+	second.send("APOP alice " + apopDigest(upstreamTimestamp, "secret-pw"))
+	second.expect("-ERR [IN-USE] Too many sessions for this user")
+	second.closed()
+}
+
+// Handlers of one process share the default zone (a reload keeps its
+// counts and blocks); a named zone counts apart.
+func TestLimitsZones(t *testing.T) {
+	t.Parallel()
+	_, addr := fakeUpstream(t, nil)
+	block := &FailureLimit{Count: 1, Window: caddy.Duration(time.Hour), Block: caddy.Duration(time.Hour)}
+	before, _ := newTestHandler(t, addr, func(h *Handler) { h.Limits = &Limits{FailuresPerIP: block, SessionsPerIP: 1} })
+	held := sessionFrom(t, before, "127.0.0.1")
+	held.send("USER alice", "PASS wrong")
+	held.expect("+OK")
+	held.expect("-ERR [AUTH]")
+
+	after, _ := newTestHandler(t, addr, func(h *Handler) {
+		h.proc = before.proc // a reload: the process's state
+		h.Limits = &Limits{FailuresPerIP: block, SessionsPerIP: 1}
+	})
+	if s := sessionFrom(t, after, "127.0.0.1"); !strings.HasPrefix(s.greeting, "-ERR [SYS/TEMP] Too many sessions") {
+		t.Fatalf("the new config's session beside the old one's: %q", s.greeting)
+	}
+	held.send("QUIT")
+	held.expect("+OK")
+	held.closed()
+	s := sessionFrom(t, after, "127.0.0.1")
+	s.send("USER alice", "PASS secret-pw")
+	s.expect("+OK")
+	s.expect("-ERR [AUTH] Authentication failed")
+
+	other, _ := newTestHandler(t, addr, func(h *Handler) {
+		h.proc = before.proc
+		h.Limits = &Limits{Zone: "other", FailuresPerIP: block, SessionsPerIP: 1}
+	})
+	sessionFrom(t, other, "127.0.0.1").loginAndQuit()
+}
+
+// The proxy's own time between two reads (a CRAM-MD5 challenge fetched
+// from the upstream, an auth server) is not held against the client.
+func TestInputGuardCountsOnlyTheClientsTime(t *testing.T) {
+	t.Parallel()
+	client, server := tcpPair(t)
+	defer server.Close()
+	g := &inputGuard{Conn: server, bytes: 8, window: 200 * time.Millisecond}
+	buf := make([]byte, 16)
+	_, _ = client.Write([]byte("AUTH"))
+	if n, err := g.Read(buf); n != 4 || err != nil {
+		t.Fatalf("first read: %d, %v", n, err)
+	}
+	time.Sleep(300 * time.Millisecond) // the proxy is busy
+	_, _ = client.Write([]byte("+ xy"))
+	if n, err := g.Read(buf); n != 4 || err != nil {
+		t.Fatalf("read after the proxy was busy: %d, %v", n, err)
+	}
+	start := time.Now()
+	if _, err := g.Read(buf); !errors.Is(err, errInputTooSlow) {
+		t.Fatalf("a quiet client: %v", err)
+	}
+	if d := time.Since(start); d < 150*time.Millisecond || d > 2*time.Second {
+		t.Fatalf("quiet client refused after %v, want about the window", d)
+	}
+	// The session's own deadline, when earlier, is a plain timeout.
+	g.waiting()
+	g.deadline = time.Now().Add(50 * time.Millisecond)
+	var ne net.Error
+	if _, err := g.Read(buf); !errors.As(err, &ne) || !ne.Timeout() || errors.Is(err, errInputTooSlow) {
+		t.Fatalf("at the session's deadline: %v", err)
 	}
 }
