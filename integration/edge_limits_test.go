@@ -25,6 +25,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/caddy-pop3/caddy-pop3/internal/dovecot"
 )
 
 // The replies of the limits, without the session id of those that carry one.
@@ -43,6 +45,7 @@ const (
 // plaintext, or implicit TLS with a certificate from Caddy's local CA.
 type edgeServer struct {
 	addr     string
+	upstream string // "": the package's Dovecot
 	tls      bool
 	greeting string // "": "edge"
 	zone     string // "": the default zone
@@ -64,9 +67,12 @@ func edgeCaddyfile(admin string, servers ...edgeServer) string {
 	}
 	b.WriteString("\tlayer4 {\n")
 	for _, s := range servers {
-		greeting := s.greeting
+		greeting, upstream := s.greeting, s.upstream
 		if greeting == "" {
 			greeting = "edge"
+		}
+		if upstream == "" {
+			upstream = env.dc.POP3Addr
 		}
 		var h strings.Builder
 		if s.tls {
@@ -86,7 +92,7 @@ func edgeCaddyfile(admin string, servers ...edgeServer) string {
 		h.WriteString(s.limits + "\n}\n")
 		// indent flattens the nested blocks, which Caddy does not mind.
 		fmt.Fprintf(&b, "\t\t%s {\n\t\t\troute {\n\t\t\t\tpop3 %s {\n%s\n\t\t\t\t}\n\t\t\t}\n\t\t}\n",
-			s.addr, env.dc.POP3Addr, indent(h.String(), "\t\t\t\t\t"))
+			s.addr, upstream, indent(h.String(), "\t\t\t\t\t"))
 	}
 	b.WriteString("\t}\n}\n")
 	return b.String()
@@ -519,6 +525,48 @@ func TestEdgeSessionsPerUser(t *testing.T) {
 	})
 }
 
+// TestEdgeSessionsPerUserChallengeRelay: with APOP relayed from the
+// upstream (no auth server: the greeting carries the upstream's timestamp),
+// a login refused by sessions_per_user stays in the AUTHORIZATION state
+// like any other, and logs in once the user's other session ended.
+func TestEdgeSessionsPerUserChallengeRelay(t *testing.T) {
+	need(t)
+	dc := startTestDovecot(t, "edge-apop", []dovecot.User{{Name: alice, Password: alicePass, Messages: env.aliceMsgs}}, challengeMechs)
+	addr := freePortT(t)
+	a := startEdgeCaddy(t, "edge-apop", edgeServer{addr: addr, upstream: dc.POP3Addr, extra: "auth plain apop", limits: "sessions_per_user 1"})
+	usedSecret(alice, alicePass)
+	apop := func(c *client) string {
+		digest := apopDigest(greetingTimestamp(t, c.greeting), alicePass)
+		usedSecretValue(digest, "APOP digest of alice's password")
+		return c.cmd("APOP " + alice + " " + digest)
+	}
+
+	first := dialPOP3From(t, addr, "127.0.0.5", nil)
+	if got := apop(first); !strings.HasPrefix(got, "+OK") {
+		t.Fatalf("APOP: %q", got)
+	}
+	second := dialPOP3From(t, addr, "127.0.0.6", nil)
+	if got := apop(second); sansID(got) != replyInUse {
+		t.Fatalf("a second APOP login of alice: %q, want %q", got, replyInUse)
+	}
+	second.deadline(5 * time.Second)
+	second.write("CAPA\r\n")
+	if l, err := second.r.ReadString('\n'); err != nil || !strings.HasPrefix(l, "+OK") {
+		t.Fatalf("CAPA after the [IN-USE] refusal of a relayed APOP login: %q, %v; want +OK: the session should stay in the AUTHORIZATION state and may try again", l, err)
+	}
+	second.multi()
+	second.deadline(30 * time.Second)
+	first.quit()
+	waitGone(t, a, first)
+	// Its greeting's timestamp belonged to the upstream connection that got
+	// QUIT; USER/PASS needs none.
+	if got := second.tryLogin(alice, alicePass); !strings.HasPrefix(got, "+OK") {
+		t.Fatalf("alice's retry after her other session ended: %q", got)
+	}
+	second.ok("STAT")
+	second.quit()
+}
+
 // --- 3. connections_per_ip ------------------------------------------------------
 
 // TestEdgeConnectionsPerIP: with connections_per_ip 3 3s, of a burst of
@@ -704,9 +752,12 @@ func TestEdgeFailures(t *testing.T) {
 		if e != nil && e["until"] == nil {
 			t.Errorf("blocked entry without until: %v", e)
 		}
-		expectEntry(t, a.caddyProc, "login blocked", map[string]string{"limit": "failures_per_user_ip", "remote": remoteOf(c), "user": carol, "method": "plain"})
+		if e := expectEntry(t, a.caddyProc, "login blocked", map[string]string{"limit": "failures_per_user_ip", "remote": remoteOf(c), "user": carol, "method": "plain"}); e != nil && e["session"] == nil {
+			t.Errorf("login blocked entry without session: %v", e)
+		}
 
 		waitExpiry(t, perUserIP, ip, carol, carolPass, since)
+		expectEvent(t, a.caddyProc, "pop3_unblocked", map[string]string{"zone": "fuip", "limit": "failures_per_user_ip", "address": ip, "user": carol, "reason": "expired"})
 		// The blocked right passwords reached nobody: Dovecot saw only the
 		// logins after the block (one from 127.0.0.12, one after expiry).
 		if got := waitLogLines(env.dc, "Login: user=<"+carol+">", before+2); got != before+2 {
