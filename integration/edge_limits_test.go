@@ -112,9 +112,9 @@ func startEdgeCaddy(t *testing.T, name string, servers ...edgeServer) *adminCadd
 
 // firstLine connects to addr from local and reads the first line the proxy
 // sends, within 5s: a greeting or a refusal.
-func firstLine(t *testing.T, addr, local string) (*client, string) {
+func firstLine(t *testing.T, local, addr string) (*client, string) {
 	t.Helper()
-	c := connectFrom(t, addr, local)
+	c := connectFrom(t, local, addr)
 	c.deadline(5 * time.Second)
 	l, err := c.r.ReadString('\n')
 	if err != nil {
@@ -126,9 +126,9 @@ func firstLine(t *testing.T, addr, local string) (*client, string) {
 
 // expectRefused checks that a connection from local gets exactly want as
 // its first line, and then the close.
-func expectRefused(t *testing.T, addr, local, want string) {
+func expectRefused(t *testing.T, local, addr, want string) {
 	t.Helper()
-	c, l := firstLine(t, addr, local)
+	c, l := firstLine(t, local, addr)
 	if l != want {
 		t.Errorf("a connection from %s: first line %q, want %q and the close", local, l, want)
 		return
@@ -139,11 +139,11 @@ func expectRefused(t *testing.T, addr, local, want string) {
 // waitAccepted connects from local until the proxy greets, for up to 5s,
 // and returns the greeted client and how many connections were refused
 // with refusal before.
-func waitAccepted(t *testing.T, addr, local, refusal string) (*client, int) {
+func waitAccepted(t *testing.T, local, addr, refusal string) (*client, int) {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
 	for refused := 0; ; refused++ {
-		c, l := firstLine(t, addr, local)
+		c, l := firstLine(t, local, addr)
 		if strings.HasPrefix(l, "+OK") {
 			c.greeting = l
 			return c, refused
@@ -388,27 +388,27 @@ func TestEdgeSessionsPerIP(t *testing.T) {
 	a := startEdgeCaddy(t, "edge-sessions-ip", edgeServer{addr: addr, limits: "sessions_per_ip 2"})
 	const ip, other = "127.0.0.3", "127.0.0.4"
 
-	loggedIn := dialPOP3From(t, addr, ip, nil)
+	loggedIn := dialPOP3From(t, ip, addr, nil)
 	loggedIn.login(alice, alicePass)
-	greeted := dialPOP3From(t, addr, ip, nil)
-	expectRefused(t, addr, ip, replyTooManySessions)
+	greeted := dialPOP3From(t, ip, addr, nil)
+	expectRefused(t, ip, addr, replyTooManySessions)
 	refusals := 1
-	o := dialPOP3From(t, addr, other, nil)
+	o := dialPOP3From(t, other, addr, nil)
 	o.login(alice, alicePass)
 	o.quit()
 
 	// A logged-in session ends: one more fits, and no more.
 	loggedIn.ok("STAT")
 	loggedIn.quit()
-	c, n := waitAccepted(t, addr, ip, replyTooManySessions)
+	c, n := waitAccepted(t, ip, addr, replyTooManySessions)
 	refusals += n
-	expectRefused(t, addr, ip, replyTooManySessions)
+	expectRefused(t, ip, addr, replyTooManySessions)
 	refusals++
 	// A session ends before login: the same.
 	greeted.quit()
-	d, n := waitAccepted(t, addr, ip, replyTooManySessions)
+	d, n := waitAccepted(t, ip, addr, replyTooManySessions)
 	refusals += n
-	expectRefused(t, addr, ip, replyTooManySessions)
+	expectRefused(t, ip, addr, replyTooManySessions)
 	refusals++
 	c.login(alice, alicePass)
 	c.ok("STAT")
@@ -441,11 +441,11 @@ func TestEdgeSessionsPerUser(t *testing.T) {
 		edgeServer{addr: perUserIP, zone: "userip", limits: "sessions_per_user_ip 1", extra: "max_errors 2"})
 
 	t.Run("sessions_per_user", func(t *testing.T) {
-		c1 := dialPOP3From(t, perUser, "127.0.0.5", nil)
+		c1 := dialPOP3From(t, "127.0.0.5", perUser, nil)
 		c1.login(alice, alicePass)
-		c2 := dialPOP3From(t, perUser, "127.0.0.6", nil)
+		c2 := dialPOP3From(t, "127.0.0.6", perUser, nil)
 		c2.login("ALICE", alicePass) // Dovecot's auth_username_format %Lu: the same mailbox
-		c3 := dialPOP3From(t, perUser, "127.0.0.7", nil)
+		c3 := dialPOP3From(t, "127.0.0.7", perUser, nil)
 		// Dovecot's line for a session that ended with QUIT.
 		upstreamQuits := func() int {
 			n := 0
@@ -468,7 +468,7 @@ func TestEdgeSessionsPerUser(t *testing.T) {
 		waitFor(t, 5*time.Second, "Dovecot to log the refused login's upstream session ending with QUIT",
 			func() bool { return upstreamQuits() > quits })
 		// Other users are not limited by alice's sessions.
-		b := dialPOP3From(t, perUser, "127.0.0.7", nil)
+		b := dialPOP3From(t, "127.0.0.7", perUser, nil)
 		b.login(bob, bobPass)
 		b.quit()
 
@@ -478,7 +478,7 @@ func TestEdgeSessionsPerUser(t *testing.T) {
 			t.Fatalf("alice's retry after one of her sessions ended: %q", got)
 		}
 		c3.ok("STAT")
-		c4 := dialPOP3From(t, perUser, "127.0.0.5", nil)
+		c4 := dialPOP3From(t, "127.0.0.5", perUser, nil)
 		if got := c4.tryLogin(alice, alicePass); sansID(got) != replyInUse {
 			t.Errorf("a third login of alice again: %q, want %q", got, replyInUse)
 		}
@@ -489,20 +489,20 @@ func TestEdgeSessionsPerUser(t *testing.T) {
 
 	t.Run("sessions_per_user_ip", func(t *testing.T) {
 		const ip = "127.0.0.5"
-		d1 := dialPOP3From(t, perUserIP, ip, nil)
+		d1 := dialPOP3From(t, ip, perUserIP, nil)
 		d1.login(alice, alicePass)
 		// Another user from the address, the user from another address.
-		dBob := dialPOP3From(t, perUserIP, ip, nil)
+		dBob := dialPOP3From(t, ip, perUserIP, nil)
 		dBob.login(bob, bobPass)
-		dOther := dialPOP3From(t, perUserIP, "127.0.0.6", nil)
+		dOther := dialPOP3From(t, "127.0.0.6", perUserIP, nil)
 		dOther.login(alice, alicePass)
 
-		d2 := dialPOP3From(t, perUserIP, ip, nil)
+		d2 := dialPOP3From(t, ip, perUserIP, nil)
 		if got := d2.tryLogin(alice, alicePass); sansID(got) != replyInUse {
 			t.Fatalf("a second login of alice from %s: %q, want %q", ip, got, replyInUse)
 		}
 		// Two refusals reach max_errors 2.
-		d3 := dialPOP3From(t, perUserIP, ip, nil)
+		d3 := dialPOP3From(t, ip, perUserIP, nil)
 		for i := 1; i <= 2; i++ {
 			if got := d3.tryLogin(alice, alicePass); sansID(got) != replyInUse {
 				t.Fatalf("refusal %d: %q, want %q", i, got, replyInUse)
@@ -541,11 +541,11 @@ func TestEdgeSessionsPerUserChallengeRelay(t *testing.T) {
 		return c.cmd("APOP " + alice + " " + digest)
 	}
 
-	first := dialPOP3From(t, addr, "127.0.0.5", nil)
+	first := dialPOP3From(t, "127.0.0.5", addr, nil)
 	if got := apop(first); !strings.HasPrefix(got, "+OK") {
 		t.Fatalf("APOP: %q", got)
 	}
-	second := dialPOP3From(t, addr, "127.0.0.6", nil)
+	second := dialPOP3From(t, "127.0.0.6", addr, nil)
 	if got := apop(second); sansID(got) != replyInUse {
 		t.Fatalf("a second APOP login of alice: %q, want %q", got, replyInUse)
 	}
@@ -596,7 +596,7 @@ func TestEdgeConnectionsPerIP(t *testing.T) {
 		start := time.Now()
 		var refused []*client
 		for i := range 5 {
-			c, l := firstLine(t, plain, ip)
+			c, l := firstLine(t, ip, plain)
 			want := "+OK edge"
 			if i >= 3 {
 				want = replyTooManyConnections
@@ -617,7 +617,7 @@ func TestEdgeConnectionsPerIP(t *testing.T) {
 	end := burst(t)
 
 	// The implicit TLS listener, same zone: closed before the handshake.
-	conn := connectFrom(t, implicit, ip)
+	conn := connectFrom(t, ip, implicit)
 	counted := &countingConn{Conn: conn.tcp}
 	_ = conn.tcp.SetDeadline(time.Now().Add(5 * time.Second))
 	herr := tls.Client(counted, cfg).Handshake()
@@ -632,10 +632,10 @@ func TestEdgeConnectionsPerIP(t *testing.T) {
 	}
 
 	// Another address is not limited, on either listener.
-	o := dialPOP3From(t, plain, other, nil)
+	o := dialPOP3From(t, other, plain, nil)
 	o.login(alice, alicePass)
 	o.quit()
-	o = dialPOP3From(t, implicit, other, cfg)
+	o = dialPOP3From(t, other, implicit, cfg)
 	o.login(alice, alicePass)
 	o.quit()
 
@@ -686,7 +686,7 @@ func TestEdgeFailures(t *testing.T) {
 	// works, which must be 2s (the block) after since, and not much later.
 	waitExpiry := func(t *testing.T, addr, ip, user, pass string, since time.Time) {
 		t.Helper()
-		c := dialPOP3From(t, addr, ip, nil)
+		c := dialPOP3From(t, ip, addr, nil)
 		time.Sleep(time.Until(since.Add(1500 * time.Millisecond)))
 		for {
 			got := c.tryLogin(user, pass)
@@ -712,13 +712,13 @@ func TestEdgeFailures(t *testing.T) {
 	t.Run("failures_per_user_ip", func(t *testing.T) {
 		const ip = "127.0.0.11"
 		n0 := dovecotLogins(carol)
-		c := dialPOP3From(t, perUserIP, ip, nil)
+		c := dialPOP3From(t, ip, perUserIP, nil)
 		// A good login resets carol's failures from the address: two, a
 		// login, two more leave her unblocked.
 		for i := range 2 {
 			c.failLogin(carol)
 			c.failLogin(carol)
-			g := dialPOP3From(t, perUserIP, ip, nil)
+			g := dialPOP3From(t, ip, perUserIP, nil)
 			if got := g.tryLogin(carol, carolPass); !strings.HasPrefix(got, "+OK") {
 				t.Fatalf("carol after %d wrong passwords (%d since her last good login): %q", 2*(i+1), 2, got)
 			}
@@ -737,10 +737,10 @@ func TestEdgeFailures(t *testing.T) {
 		}
 		blockedAttempts.Add(2)
 		// Others from the address and carol from another address log in.
-		o := dialPOP3From(t, perUserIP, ip, nil)
+		o := dialPOP3From(t, ip, perUserIP, nil)
 		o.login(alice, alicePass)
 		o.quit()
-		o = dialPOP3From(t, perUserIP, "127.0.0.12", nil)
+		o = dialPOP3From(t, "127.0.0.12", perUserIP, nil)
 		o.login(carol, carolPass)
 		o.quit()
 
@@ -769,7 +769,7 @@ func TestEdgeFailures(t *testing.T) {
 
 		// Blocked again from another address, and lifted by the admin API.
 		const ip2 = "127.0.0.16"
-		c2 := dialPOP3From(t, perUserIP, ip2, nil)
+		c2 := dialPOP3From(t, ip2, perUserIP, nil)
 		for range 3 {
 			c2.failLogin(carol)
 		}
@@ -797,7 +797,7 @@ func TestEdgeFailures(t *testing.T) {
 
 	t.Run("failures_per_ip", func(t *testing.T) {
 		const ip = "127.0.0.13"
-		c := dialPOP3From(t, perIP, ip, nil)
+		c := dialPOP3From(t, ip, perIP, nil)
 		c.failLogin(alice)
 		c.failLogin(bob)
 		since := time.Now()
@@ -807,7 +807,7 @@ func TestEdgeFailures(t *testing.T) {
 			c.expectBlocked(u.user, u.pass)
 			blockedAttempts.Add(1)
 		}
-		o := dialPOP3From(t, perIP, "127.0.0.14", nil)
+		o := dialPOP3From(t, "127.0.0.14", perIP, nil)
 		o.login(dave, davePass)
 		o.quit()
 		expectBlocks(t, a, blockView{Zone: "fip", Limit: "failures_per_ip", Address: ip})
@@ -817,7 +817,7 @@ func TestEdgeFailures(t *testing.T) {
 		expectBlocks(t, a)
 
 		const ip2 = "127.0.0.15"
-		c2 := dialPOP3From(t, perIP, ip2, nil)
+		c2 := dialPOP3From(t, ip2, perIP, nil)
 		for _, u := range []string{alice, bob, carol} {
 			c2.failLogin(u)
 		}
@@ -881,11 +881,11 @@ exempt 127.0.0.2 127.0.1.0/24`})
 	var loggedIn, silent []*client
 	for _, ip := range exempt {
 		for range 2 {
-			c := dialPOP3From(t, addr, ip, nil)
+			c := dialPOP3From(t, ip, addr, nil)
 			c.login(alice, alicePass)
 			loggedIn = append(loggedIn, c)
 		}
-		c := dialPOP3From(t, addr, ip, nil)
+		c := dialPOP3From(t, ip, addr, nil)
 		for range 3 {
 			c.failLogin(alice)
 		}
@@ -893,18 +893,18 @@ exempt 127.0.0.2 127.0.1.0/24`})
 			t.Fatalf("alice from exempt %s after three wrong passwords: %q", ip, got)
 		}
 		loggedIn = append(loggedIn, c)
-		silent = append(silent, dialPOP3From(t, addr, ip, nil))
+		silent = append(silent, dialPOP3From(t, ip, addr, nil))
 	}
 
 	// A client from elsewhere: alice's exempt sessions and failures did
 	// not count, so she logs in; then the limits hold for that address.
-	ctl := dialPOP3From(t, addr, ctlIP, nil)
+	ctl := dialPOP3From(t, ctlIP, addr, nil)
 	ctlStart := time.Now()
 	if got := ctl.tryLogin(alice, alicePass); !strings.HasPrefix(got, "+OK") {
 		t.Fatalf("alice from %s beside her exempt sessions and failures: %q", ctlIP, got)
 	}
 	ctl.ok("STAT")
-	if c, l := firstLine(t, addr, ctlIP); l != replyTooManyConnections && l != replyTooManySessions {
+	if c, l := firstLine(t, ctlIP, addr); l != replyTooManyConnections && l != replyTooManySessions {
 		t.Errorf("a second connection from %s: %q, want the connections_per_ip or sessions_per_ip refusal", ctlIP, l)
 	} else {
 		c.expectClosed()
@@ -951,10 +951,10 @@ func TestEdgeMinInputRate(t *testing.T) {
 	addr := freePortT(t)
 	a := startEdgeCaddy(t, "edge-input-rate", edgeServer{addr: addr, limits: "min_input_rate 10 2s"})
 
-	normal := dialPOP3From(t, addr, "127.0.0.17", nil)
+	normal := dialPOP3From(t, "127.0.0.17", addr, nil)
 	normal.login(alice, alicePass)
 
-	drip := dialPOP3From(t, addr, "127.0.0.18", nil)
+	drip := dialPOP3From(t, "127.0.0.18", addr, nil)
 	start := time.Now()
 	stop := dripBytes(drip.conn, []byte("USER "+alice+"\r\n"), time.Second)
 	drip.deadline(20 * time.Second)
@@ -994,7 +994,7 @@ func TestEdgeMinInputRateTLSHandshake(t *testing.T) {
 	startEdgeCaddy(t, "edge-input-rate-tls", edgeServer{addr: addr, tls: true, limits: "min_input_rate 10 2s", extra: "timeout 15s"})
 	hello := clientHello(t)
 
-	c := connectFrom(t, addr, "127.0.0.18")
+	c := connectFrom(t, "127.0.0.18", addr)
 	start := time.Now()
 	stop := dripBytes(c.conn, hello, 500*time.Millisecond)
 	defer stop()
@@ -1069,10 +1069,10 @@ func TestEdgeMaxSessionLifetime(t *testing.T) {
 	const ip = "127.0.0.19"
 
 	start := time.Now()
-	in := dialPOP3From(t, addr, ip, nil)
+	in := dialPOP3From(t, ip, addr, nil)
 	in.login(alice, alicePass)
 	preStart := time.Now()
-	pre := dialPOP3From(t, addr, ip, nil)
+	pre := dialPOP3From(t, ip, addr, nil)
 
 	// Busy, so that only its age can end it.
 	var closedAfter time.Duration
@@ -1207,12 +1207,12 @@ func TestEdgePasswordSpray(t *testing.T) {
 	if got := waitLogLines(env.dc, "Login: user=<"+victim+">", n0+2); got != n0+2 {
 		t.Errorf("Dovecot logged %d logins of %s, want 2: the sprayed right password reached it", got-n0, victim)
 	}
-	x := dialPOP3From(t, addr, "127.0.0.2", nil)
+	x := dialPOP3From(t, "127.0.0.2", addr, nil)
 	x.login(bob, bobPass)
 	x.ok("STAT")
 	x.quit()
 	for _, u := range []struct{ user, pass string }{{victim, victimPass}, {bob, bobPass}} {
-		c := dialPOP3From(t, addr, "127.0.0.51", nil)
+		c := dialPOP3From(t, "127.0.0.51", addr, nil)
 		c.expectBlocked(u.user, u.pass)
 		c.quit()
 	}
@@ -1221,7 +1221,7 @@ func TestEdgePasswordSpray(t *testing.T) {
 	if n := a.unblock(t, "user="+bob+"&limit=failures_per_user"); n != 1 {
 		t.Errorf("DELETE ?user=%s&limit=failures_per_user: removed %d, want 1", bob, n)
 	}
-	c := dialPOP3From(t, addr, "127.0.0.51", nil)
+	c := dialPOP3From(t, "127.0.0.51", addr, nil)
 	c.login(bob, bobPass)
 	c.quit()
 	if n := len(a.blocks(t)); n != len(users)-1 {
@@ -1248,30 +1248,30 @@ func TestEdgeReloadKeepsState(t *testing.T) {
 	const blockedIP, sessionsIP, countedIP = "127.0.0.20", "127.0.0.21", "127.0.0.22"
 
 	// carol blocked from blockedIP.
-	c := dialPOP3From(t, addr, blockedIP, nil)
+	c := dialPOP3From(t, blockedIP, addr, nil)
 	c.failLogin(carol)
 	c.failLogin(carol)
 	c.expectBlocked(carol, carolPass)
 	// sessionsIP at its two sessions.
-	s1 := dialPOP3From(t, addr, sessionsIP, nil)
+	s1 := dialPOP3From(t, sessionsIP, addr, nil)
 	s1.login(alice, alicePass)
-	s2 := dialPOP3From(t, addr, sessionsIP, nil)
-	expectRefused(t, addr, sessionsIP, replyTooManySessions)
+	s2 := dialPOP3From(t, sessionsIP, addr, nil)
+	expectRefused(t, sessionsIP, addr, replyTooManySessions)
 	// countedIP one failure short of its block.
-	f := dialPOP3From(t, addr, countedIP, nil)
+	f := dialPOP3From(t, countedIP, addr, nil)
 	f.failLogin(alice)
 	f.failLogin(bob)
 
 	srv.greeting = "edge 2"
 	a.loadCaddyfile(t, edgeCaddyfile(admin, srv))
 
-	n := dialPOP3From(t, addr, blockedIP, nil)
+	n := dialPOP3From(t, blockedIP, addr, nil)
 	if n.greeting != "+OK edge 2" {
 		t.Errorf("greeting after the reload: %q, want \"+OK edge 2\"", n.greeting)
 	}
 	n.expectBlocked(carol, carolPass)
-	expectRefused(t, addr, sessionsIP, replyTooManySessions)
-	f2 := dialPOP3From(t, addr, countedIP, nil)
+	expectRefused(t, sessionsIP, addr, replyTooManySessions)
+	f2 := dialPOP3From(t, countedIP, addr, nil)
 	f2.failLogin(dave)
 	f2.expectBlocked(dave, davePass)
 	f2.expectBlocked(alice, alicePass)
@@ -1281,17 +1281,17 @@ func TestEdgeReloadKeepsState(t *testing.T) {
 
 	// The old sessions give their slots back after the reload.
 	s2.quit()
-	s3, _ := waitAccepted(t, addr, sessionsIP, replyTooManySessions)
+	s3, _ := waitAccepted(t, sessionsIP, addr, replyTooManySessions)
 	if s3.greeting != "+OK edge 2" {
 		t.Errorf("greeting after the reload: %q, want \"+OK edge 2\"", s3.greeting)
 	}
-	expectRefused(t, addr, sessionsIP, replyTooManySessions)
+	expectRefused(t, sessionsIP, addr, replyTooManySessions)
 	s1.ok("STAT")
 	s1.quit()
-	s4, _ := waitAccepted(t, addr, sessionsIP, replyTooManySessions)
+	s4, _ := waitAccepted(t, sessionsIP, addr, replyTooManySessions)
 	s3.login(alice, alicePass)
 	s4.login(bob, bobPass)
-	expectRefused(t, addr, sessionsIP, replyTooManySessions)
+	expectRefused(t, sessionsIP, addr, replyTooManySessions)
 	s3.quit()
 	s4.quit()
 }
@@ -1344,7 +1344,7 @@ func TestEdgeJSONConfig(t *testing.T) {
 	const ip = "127.0.0.30"
 	var c *client
 	waitFor(t, 5*time.Second, "the JSON config's greeting", func() bool {
-		c = dialPOP3From(t, addr, ip, nil)
+		c = dialPOP3From(t, ip, addr, nil)
 		if c.greeting == "+OK json" {
 			return true
 		}
@@ -1353,10 +1353,10 @@ func TestEdgeJSONConfig(t *testing.T) {
 	})
 	check := func(t *testing.T) {
 		t.Helper()
-		expectRefused(t, addr, ip, replyTooManySessions)
+		expectRefused(t, ip, addr, replyTooManySessions)
 		expectBlocks(t, a, blockView{Zone: "j", Limit: "failures_per_ip", Address: ip})
 		for range 2 { // exempt
-			x := dialPOP3From(t, addr, "127.0.0.2", nil)
+			x := dialPOP3From(t, "127.0.0.2", addr, nil)
 			x.login(alice, alicePass)
 			defer x.quit()
 		}

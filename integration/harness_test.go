@@ -718,33 +718,14 @@ type client struct {
 // greeting, which must be +OK.
 func dialPOP3(t *testing.T, addr string, cfg *tls.Config) *client {
 	t.Helper()
-	return dialPOP3From(t, addr, "", cfg)
+	return dialPOP3From(t, "", addr, cfg)
 }
 
-// connectFrom connects to addr from the local IP (any when empty; Linux
-// routes all of 127.0.0.0/8 to lo, so a test may act as many clients) and
-// reads nothing.
-func connectFrom(t *testing.T, addr, local string) *client {
+// dialPOP3From is dialPOP3 from the source IP local, such as 127.0.0.2
+// or ::1 ("" for any).
+func dialPOP3From(t *testing.T, local, addr string, cfg *tls.Config) *client {
 	t.Helper()
-	d := net.Dialer{Timeout: 5 * time.Second}
-	if local != "" {
-		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(local)}
-	}
-	tcp, err := d.Dial("tcp", addr)
-	if err != nil {
-		t.Fatalf("dial %s from %q: %v", addr, local, err)
-	}
-	t.Cleanup(func() { tcp.Close() })
-	c := &client{t: t, name: addr, conn: tcp, tcp: tcp}
-	c.r = bufio.NewReaderSize(c.conn, 64*1024)
-	c.deadline(30 * time.Second)
-	return c
-}
-
-// dialPOP3From is dialPOP3 from the local IP.
-func dialPOP3From(t *testing.T, addr, local string, cfg *tls.Config) *client {
-	t.Helper()
-	c := connectFrom(t, addr, local)
+	c := connectFrom(t, local, addr)
 	if cfg != nil {
 		tc := tls.Client(c.tcp, cfg)
 		if err := tc.Handshake(); err != nil {
@@ -757,6 +738,26 @@ func dialPOP3From(t *testing.T, addr, local string, cfg *tls.Config) *client {
 	if !strings.HasPrefix(c.greeting, "+OK") {
 		t.Fatalf("%s: greeting %q", addr, c.greeting)
 	}
+	return c
+}
+
+// connectFrom connects to addr from the source IP local ("" for any; Linux
+// routes all of 127.0.0.0/8 to lo, so a test may act as many clients) and
+// reads nothing.
+func connectFrom(t *testing.T, local, addr string) *client {
+	t.Helper()
+	d := net.Dialer{Timeout: 5 * time.Second}
+	if local != "" {
+		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(local)}
+	}
+	tcp, err := d.Dial("tcp", addr)
+	if err != nil {
+		t.Fatalf("dial %s from %s: %v", addr, local, err)
+	}
+	t.Cleanup(func() { tcp.Close() })
+	c := &client{t: t, name: addr, conn: tcp, tcp: tcp}
+	c.r = bufio.NewReaderSize(c.conn, 64*1024)
+	c.deadline(30 * time.Second)
 	return c
 }
 

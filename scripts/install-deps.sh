@@ -2,7 +2,8 @@
 # Installs what the tests and the demo need on Debian 12, if missing:
 # Dovecot (core + POP3), curl, fetchmail, python3 with poplib, pebble
 # (an ACME test server, with pebble-challtestsrv) for the ACME test, and
-# GNU SASL's gsasl (a SCRAM client for internal/sasl's interop tests), plus
+# GNU SASL's gsasl (a SCRAM client for internal/sasl's interop tests),
+# fail2ban (fail2ban-regex and fail2ban-client check contrib/fail2ban), plus
 # any Debian packages named as arguments (scripts/bench.sh adds NGINX).
 # Idempotent; runs `apt-get update` only when something is missing.
 # No system service is started: a temporary policy-rc.d refuses it.
@@ -22,7 +23,7 @@ dovecot_version() {
 	"$bin" --version 2>/dev/null | cut -d' ' -f1
 }
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
-for pkg in dovecot-core dovecot-pop3d curl fetchmail pebble gsasl "$@"; do
+for pkg in dovecot-core dovecot-pop3d curl fetchmail pebble gsasl fail2ban "$@"; do
 	have_pkg "$pkg" || missing+=("$pkg")
 done
 # Any python3 will do (pyenv's included) as long as it has poplib.
@@ -31,7 +32,7 @@ if ! python3 -c 'import poplib' >/dev/null 2>&1; then
 fi
 
 if [ "${#missing[@]}" -eq 0 ]; then
-	log "all present: dovecot $(dovecot_version), curl, fetchmail, python3 with poplib, pebble, gsasl${*:+, $*}"
+	log "all present: dovecot $(dovecot_version), curl, fetchmail, python3 with poplib, pebble, gsasl, fail2ban${*:+, $*}"
 	exit 0
 fi
 

@@ -12,9 +12,9 @@ command -v go >/dev/null || PATH=$PATH:/usr/local/go/bin
 
 step() { printf '\n=== %s\n' "$*"; }
 
-# A missing Dovecot, NGINX or gsasl fails the tests; the opt-outs are for
-# a developer's own machine only, never for CI.
-for optout in POP3_TEST_NO_DOVECOT POP3_TEST_NO_NGINX POP3_TEST_NO_GSASL; do
+# A missing Dovecot, NGINX, gsasl or fail2ban fails the tests; the opt-outs
+# are for a developer's own machine only, never for CI.
+for optout in POP3_TEST_NO_DOVECOT POP3_TEST_NO_NGINX POP3_TEST_NO_GSASL POP3_TEST_NO_FAIL2BAN; do
 	if [ -n "${CI:-}" ] && [ -n "${!optout:-}" ]; then
 		echo "test.sh: ignoring $optout in CI"
 		unset "$optout"

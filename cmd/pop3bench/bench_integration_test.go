@@ -13,7 +13,8 @@ import (
 
 // TestQuick runs `pop3bench -quick` end to end: it builds Caddy, starts
 // Dovecot, Caddy and NGINX, and checks that every phase ran without an
-// error and that the report and the chart were written. scripts/test.sh
+// error (the plain logins through the listener with every limit on
+// included) and that the report and the chart were written. scripts/test.sh
 // installs NGINX with its mail module; a developer without them may opt
 // out with POP3_TEST_NO_NGINX=1 (never in CI).
 func TestQuick(t *testing.T) {
@@ -48,7 +49,9 @@ func TestQuick(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"## RETR throughput", "## Proxy CPU per GB relayed", "| TLS (995) | caddy-pop3 |", "| STLS | NGINX |", "| 100 | plain | caddy-pop3 |", "| 100 | plain | NGINX |", "| 50 | TLS (995) | caddy-pop3 |", "| 50 | TLS (995) | NGINX |", "## Login latency with one client", "| caddy-pop3 | ", "## Login rate with passwd_file at the proxy", "| caddy-pop3 pass-through | ", "| caddy-pop3 passwd_file | ", "| caddy-pop3 passwd_file + auth_cache | "} {
+	for _, want := range []string{"## RETR throughput", "## Proxy CPU per GB relayed", "| TLS (995) | caddy-pop3 |", "| STLS | NGINX |", "| 100 | plain | caddy-pop3 |", "| 100 | plain | NGINX |", "| 50 | TLS (995) | caddy-pop3 |", "| 50 | TLS (995) | NGINX |", "## Login latency with one client", "| caddy-pop3 | ", "## Login rate with passwd_file at the proxy", "| caddy-pop3 pass-through | ", "| caddy-pop3 passwd_file | ", "| caddy-pop3 passwd_file + auth_cache | ",
+		// The plain listener with every limit on logs in, and none refuses.
+		"| plain | caddy-pop3 limits on | ", "## Plain logins with limits on", "| errors | 0 | 0 | |"} {
 		if !strings.Contains(string(md), want) {
 			t.Errorf("results.md lacks %q", want)
 		}

@@ -285,14 +285,21 @@ func (b *bench) report() (failed bool, err error) {
 			dRate, dP50, dP99 := median(d.rates), ms(percentile(d.lat, 50)), ms(percentile(d.lat, 99))
 			nRate := median(aggs[nameNginx].rates)
 			var ps []series
+			var names []string
 			for _, t := range b.targets {
-				a := aggs[t.name]
+				names = append(names, t.name)
+			}
+			if _, ok := aggs[nameCaddyLimits]; ok {
+				names = append(names, nameCaddyLimits)
+			}
+			for _, name := range names {
+				a := aggs[name]
 				rate, p50, p99 := median(a.rates), ms(percentile(a.lat, 50)), ms(percentile(a.lat, 99))
 				vsRate, cn, vs50, vs99 := "", "", "", ""
-				if t.name != nameDirect {
+				if name != nameDirect {
 					vsRate, vs50, vs99 = x(ratio(rate, dRate)), x(ratio(p50, dP50)), x(ratio(p99, dP99))
 				}
-				if t.name == nameCaddy {
+				if name == nameCaddy {
 					cn = x(ratio(rate, nRate))
 				}
 				resumed := "–"
@@ -309,26 +316,32 @@ func (b *bench) report() (failed bool, err error) {
 					tlsDesc = "–"
 				}
 				cpu := ""
-				if t.name != nameDirect {
+				if name != nameDirect {
 					cpu = f2(a.cpuPerSession())
-					if t.name == nameCaddy {
+					if name == nameCaddy {
 						cpu += " (" + x(ratio(a.cpuPerSession(), aggs[nameNginx].cpuPerSession())) + " NGINX)"
 					}
 				}
 				machine := f2(a.machinePerSession())
-				if t.name != nameDirect {
+				if name != nameDirect {
 					machine += fmt.Sprintf(" (%+.2f)", a.machinePerSession()-d.machinePerSession())
 				}
-				p("| %v | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |", m, t.name, f0(rate), f2(p50), f2(p99), vsRate, cn, vs50, vs99, cpu, machine, errs, resumed, tlsDesc)
-				ps = append(ps, series{name: t.name, lat: a.lat, col: pathColor[t.name]})
+				p("| %v | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |", m, name, f0(rate), f2(p50), f2(p99), vsRate, cn, vs50, vs99, cpu, machine, errs, resumed, tlsDesc)
+				// The chart compares the three servers.
+				if col, ok := pathColor[name]; ok {
+					ps = append(ps, series{name: name, lat: a.lat, col: col})
+				}
 			}
 			panels = append(panels, panel{title: m.String(), series: ps})
 		}
 		p("")
 		p("![login latency CDF](login-latency.png)")
 		p("")
-		p("`login-latency.png`: the cumulative distribution of session latencies per mode (y: share of sessions that finished within x ms). With %d clients, sessions/s ≈ %d / mean latency: a path whose CDF starts far from 0 (a fixed wait in every session) is limited by that wait, not by CPU; a larger -c tells the two apart.", cfg.conc, cfg.conc)
+		p("`login-latency.png`: the cumulative distribution of session latencies per mode (y: share of sessions that finished within x ms) of the three servers. With %d clients, sessions/s ≈ %d / mean latency: a path whose CDF starts far from 0 (a fixed wait in every session) is limited by that wait, not by CPU; a larger -c tells the two apart.", cfg.conc, cfg.conc)
 		p("")
+		if on, ok := r.login[modePlain][nameCaddyLimits]; ok {
+			b.limitsReport(p, r.login[modePlain][nameCaddy], on)
+		}
 	}
 
 	if r.passwd != nil {
@@ -485,6 +498,35 @@ func (b *bench) report() (failed bool, err error) {
 		fmt.Printf("wrote %s\n", png)
 	}
 	return failed, nil
+}
+
+// limitsReport writes the section that compares caddy-pop3's plain logins
+// with every limit on (none reached) with its plain logins without limits,
+// from the same rounds of the login-rate table (whose rows show the errors
+// in full).
+func (b *bench) limitsReport(p func(string, ...any), off, on *loginAgg) {
+	p("## Plain logins with limits on")
+	p("")
+	p("caddy-pop3's plain listener as above with a `limits` block that sets every option (below) to values the benchmark's clients never reach: they all come from 127.0.0.1 as %d users, at most %d sessions at once, and every login succeeds, so no session is refused, no failure counted and nothing blocked; 127.0.0.1 is not exempt, so every limit is evaluated for every session. Its runs are the `%s` row of the login-rate table, each right beside a run of the `%s` row (limits off) in the same round, after it in even rounds and before it in odd ones. on / off is the ratio of the two.", len(b.users), b.cfg.conc, nameCaddyLimits, nameCaddy)
+	p("")
+	p("| plain, %d clients | limits off | limits on | on / off |", b.cfg.conc)
+	p("|---|---:|---:|---:|")
+	row := func(what string, f func(float64) string, vOff, vOn float64) {
+		p("| %s | %s | %s | %s |", what, f(vOff), f(vOn), x(ratio(vOn, vOff)))
+	}
+	row("sessions/s", f0, median(off.rates), median(on.rates))
+	row("p50 ms", f2, ms(percentile(off.lat, 50)), ms(percentile(on.lat, 50)))
+	row("p99 ms", f2, ms(percentile(off.lat, 99)), ms(percentile(on.lat, 99)))
+	row("proxy CPU ms per session", f2, off.cpuPerSession(), on.cpuPerSession())
+	row("machine CPU ms per session", f2, off.machinePerSession(), on.machinePerSession())
+	p("| errors | %d | %d | |", off.errors, on.errors)
+	p("")
+	p("```")
+	for _, l := range limitsBlock {
+		p("%s", l)
+	}
+	p("```")
+	p("")
 }
 
 func onOff(b bool) string {

@@ -270,12 +270,37 @@ type caddyProxy struct {
 	// the second with auth_cache.
 	passwd      *passwdSetup
 	passwdAddrs [2]string // uncached, cached
+	// limitsAddr: a plain listener like addrs[modePlain] with limitsBlock.
+	limitsAddr string
+}
+
+// limitsBlock is the pop3 handler's limits block on the "limits on" plain
+// listener: every option, with values that the benchmark's clients never
+// reach. They all come from 127.0.0.1 as a few users, so the per-address
+// and per-user caps are far above any -c, and their logins all succeed, so
+// no failure is counted; 127.0.0.1 is not exempt (the exempt network is
+// TEST-NET-1), so every limit is evaluated for every session.
+var limitsBlock = []string{
+	"limits {",
+	"\tsessions_per_ip 100000",
+	"\tsessions_per_user 100000",
+	"\tsessions_per_user_ip 100000",
+	"\tconnections_per_ip 1000000 1s",
+	"\tfailures_per_user_ip 5 15m 15m",
+	"\tfailures_per_ip 50 15m 1h",
+	"\tfailures_per_user 20 15m 15m",
+	"\tipv6_prefix 56",
+	"\texempt 192.0.2.0/24",
+	"\tmin_input_rate 1 10s",
+	"\tmax_session_lifetime 1h",
+	"}",
 }
 
 // caddyfile writes the configuration: a plain listener (starttls off), an
 // STLS listener (starttls only) and an implicit TLS listener (pop3 with
 // implicit_tls), all to Dovecot's plain port, or through the auth_http
-// stand-in when authURL is set. Certificates come from Caddy's internal CA.
+// stand-in when authURL is set, and a second plain listener that is the
+// first with limitsBlock. Certificates come from Caddy's internal CA.
 // With p.passwd two plain listeners follow whose users caddy-pop3 checks in
 // a passwd_file and logs in to Dovecot's plain port as the master user,
 // without and with auth_cache.
@@ -349,23 +374,30 @@ func (p *caddyProxy) caddyfile(upstream, authURL, logLevel string) string {
 				%s
 			}
 		}
+		# plain as the first, with every limit on and none reached
+		%s {
+			route {
+				%s
+			}
+		}
 %s	}
 }
 `, p.adminAddr, logLevel,
 		p.addrs[modePlain], pop3("starttls off"),
 		p.addrs[modeSTLS], pop3(append([]string{"starttls only"}, policy...)...),
 		p.addrs[modeTLS], pop3(append([]string{"implicit_tls"}, policy...)...),
+		p.limitsAddr, pop3(append([]string{"starttls off"}, limitsBlock...)...),
 		passwd)
 }
 
 func newCaddyProxy(bin, dir, upstream, authURL, logLevel string, extraEnv []string, pw *passwdSetup) (*caddyProxy, error) {
-	addrs, err := freeAddrs(6)
+	addrs, err := freeAddrs(7)
 	if err != nil {
 		return nil, err
 	}
-	p := &caddyProxy{bin: bin, dir: dir, adminAddr: addrs[3], extraEnv: extraEnv, passwd: pw}
+	p := &caddyProxy{bin: bin, dir: dir, adminAddr: addrs[3], extraEnv: extraEnv, passwd: pw, limitsAddr: addrs[6]}
 	copy(p.addrs[:], addrs[:3])
-	copy(p.passwdAddrs[:], addrs[4:])
+	copy(p.passwdAddrs[:], addrs[4:6])
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err
 	}

@@ -1,0 +1,35 @@
+package main
+
+import (
+	"strings"
+	"testing"
+)
+
+// TestRoundOrder: the paths without beside rotate as before; a path beside
+// another runs right after it in even rounds and right before it in odd ones.
+func TestRoundOrder(t *testing.T) {
+	path := func(name, beside string) loginPath { return loginPath{t: &target{name: name}, beside: beside} }
+	paths := []loginPath{path("D", ""), path("C", ""), path("N", ""), path("L", "C")}
+	want := []string{"D C L N", "L C N D", "N D C L", "D L C N", "C L N D"}
+	for i, w := range want {
+		var got []string
+		for _, p := range roundOrder(paths, i) {
+			got = append(got, p.t.name)
+		}
+		if g := strings.Join(got, " "); g != w {
+			t.Errorf("round %d: %s, want %s", i, g, w)
+		}
+	}
+	plain := paths[:3]
+	for i := range 3 {
+		got := roundOrder(plain, i)
+		if len(got) != 3 {
+			t.Fatalf("round %d: %d paths", i, len(got))
+		}
+		for j, p := range got {
+			if p.t != plain[(i+j)%3].t {
+				t.Errorf("round %d: %s at %d, want the rotation", i, p.t.name, j)
+			}
+		}
+	}
+}
