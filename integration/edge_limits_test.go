@@ -944,8 +944,8 @@ exempt 127.0.0.2 127.0.1.0/24`})
 
 // TestEdgeMinInputRate: with min_input_rate 10 2s a client that drips a
 // USER line at a byte a second is closed before it completes the line,
-// with the -ERR; a normal client logs in and, logged in, is not subject to
-// the rate.
+// with the -ERR, and so is one that sends nothing; a normal client logs in
+// and, logged in, is not subject to the rate.
 func TestEdgeMinInputRate(t *testing.T) {
 	need(t)
 	addr := freePortT(t)
@@ -954,6 +954,8 @@ func TestEdgeMinInputRate(t *testing.T) {
 	normal := dialPOP3From(t, "127.0.0.17", addr, nil)
 	normal.login(alice, alicePass)
 
+	silent := dialPOP3From(t, "127.0.0.19", addr, nil)
+	silentStart := time.Now()
 	drip := dialPOP3From(t, "127.0.0.18", addr, nil)
 	start := time.Now()
 	stop := dripBytes(drip.conn, []byte("USER "+alice+"\r\n"), time.Second)
@@ -975,11 +977,21 @@ func TestEdgeMinInputRate(t *testing.T) {
 	}
 	expectEntry(t, a.caddyProc, "limit reached", map[string]string{"limit": "min_input_rate", "remote": remoteOf(drip)})
 
+	// A client that sends nothing at all is as slow as one can be.
+	silent.deadline(10 * time.Second)
+	l, err = silent.r.ReadString('\n')
+	took = time.Since(silentStart)
+	if err != nil || sansID(strings.TrimSuffix(l, "\r\n")) != replyTooSlow {
+		t.Errorf("a silent client after %v: %q, %v; want %q", took.Round(time.Millisecond), l, err, replyTooSlow)
+	} else if took > 8*time.Second {
+		t.Errorf("the silent client was closed after %v, want about the 2s window", took.Round(time.Millisecond))
+	}
+
 	// The normal session has been quiet for longer than the window.
 	normal.ok("STAT")
 	normal.quit()
-	if got := limitMetric(t, a.metrics(t), "limit_refusals_total", "limit", "min_input_rate"); got != 1 {
-		t.Errorf("caddy_pop3_limit_refusals_total{limit=min_input_rate} = %v, want 1", got)
+	if got := limitMetric(t, a.metrics(t), "limit_refusals_total", "limit", "min_input_rate"); got != 2 {
+		t.Errorf("caddy_pop3_limit_refusals_total{limit=min_input_rate} = %v, want 2", got)
 	}
 }
 
