@@ -1072,17 +1072,23 @@ func clientHello(t *testing.T) []byte {
 // --- 7. max_session_lifetime -------------------------------------------------------
 
 // TestEdgeMaxSessionLifetime: with max_session_lifetime 2s a logged-in
-// session that keeps sending commands is closed 2s after it began, and one
-// that has not logged in gets the -ERR and the close.
+// session that keeps sending commands is closed 2s after it began, so is
+// a quiet one (parked by the relay after 1s), and one that has not logged
+// in gets the -ERR and the close; their sessions_per_ip and
+// sessions_per_user slots are free again afterwards.
 func TestEdgeMaxSessionLifetime(t *testing.T) {
 	need(t)
 	addr := freePortT(t)
-	a := startEdgeCaddy(t, "edge-lifetime", edgeServer{addr: addr, limits: "max_session_lifetime 2s"})
+	a := startEdgeCaddy(t, "edge-lifetime", edgeServer{addr: addr, limits: "max_session_lifetime 2s\nsessions_per_ip 3\nsessions_per_user 1"})
 	const ip = "127.0.0.19"
 
 	start := time.Now()
 	in := dialPOP3From(t, ip, addr, nil)
 	in.login(alice, alicePass)
+	quietStart := time.Now()
+	quiet := dialPOP3From(t, ip, addr, nil)
+	quiet.login(bob, bobPass)
+	quiet.ok("STAT")
 	preStart := time.Now()
 	pre := dialPOP3From(t, ip, addr, nil)
 
@@ -1107,7 +1113,14 @@ func TestEdgeMaxSessionLifetime(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 	if closedAfter < 2*time.Second || closedAfter > 6*time.Second {
-		t.Errorf("the logged-in session was closed %v after it began, want 2s", closedAfter.Round(time.Millisecond))
+		t.Errorf("the busy logged-in session was closed %v after it began, want 2s", closedAfter.Round(time.Millisecond))
+	}
+
+	if rest, _ := closedWithin(t, quiet, 6*time.Second); len(rest) > 0 {
+		t.Errorf("the quiet logged-in session got %q before its close, want nothing", rest)
+	}
+	if took := time.Since(quietStart); took < 2*time.Second {
+		t.Errorf("the quiet logged-in session was closed %v after it began, want 2s", took.Round(time.Millisecond))
 	}
 
 	pre.deadline(10 * time.Second)
@@ -1121,6 +1134,16 @@ func TestEdgeMaxSessionLifetime(t *testing.T) {
 	}
 	pre.expectClosed()
 	expectEntry(t, a.caddyProc, "limit reached", map[string]string{"limit": "max_session_lifetime", "remote": remoteOf(pre)})
+
+	// The slots of the ended sessions are free: three sessions from the
+	// address, alice and bob logged in again.
+	waitFor(t, 5*time.Second, "the ended sessions to leave the admin API's list", func() bool { return len(a.sessions(t, "")) == 0 })
+	for _, u := range []struct{ user, pass string }{{alice, alicePass}, {bob, bobPass}, {dave, davePass}} {
+		c := dialPOP3From(t, ip, addr, nil)
+		if got := c.tryLogin(u.user, u.pass); !strings.HasPrefix(got, "+OK") {
+			t.Errorf("%s from %s after the sessions ended: %q", u.user, ip, got)
+		}
+	}
 }
 
 // --- 8. password spray --------------------------------------------------------------
