@@ -11,6 +11,7 @@ package integration
 // own, away from 127.0.0.1, where the harness's listener probes come from.
 
 import (
+	"bufio"
 	"bytes"
 	"crypto/tls"
 	"encoding/json"
@@ -157,6 +158,43 @@ func waitAccepted(t *testing.T, local, addr, refusal string) (*client, int) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// burstFirstLines opens n connections from local to addr at once, reads
+// the first line of each and closes them all once every one has its line
+// (so that the greeted ones hold their sessions until then). Lines come
+// back sorted, without CRLF; a connection that fails has its error instead.
+func burstFirstLines(local, addr string, n int) []string {
+	lines := make([]string, n)
+	var read, done sync.WaitGroup
+	release := make(chan struct{})
+	for i := range n {
+		read.Add(1)
+		done.Add(1)
+		go func() {
+			defer done.Done()
+			d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(local)}}
+			conn, err := d.Dial("tcp", addr)
+			if err != nil {
+				lines[i] = "dial: " + err.Error()
+				read.Done()
+				return
+			}
+			defer conn.Close()
+			_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+			s := &rawSession{conn: conn, r: bufio.NewReader(conn)}
+			if lines[i], err = s.line(); err != nil {
+				lines[i] = err.Error()
+			}
+			read.Done()
+			<-release
+		}()
+	}
+	read.Wait()
+	close(release)
+	done.Wait()
+	slices.Sort(lines)
+	return lines
 }
 
 // tryLogin sends USER and PASS and returns the reply to PASS.
@@ -415,6 +453,15 @@ func TestEdgeSessionsPerIP(t *testing.T) {
 	d.login(bob, bobPass)
 	d.ok("STAT")
 
+	// Twenty at once from a fresh address: exactly two get in.
+	lines := burstFirstLines("127.0.0.40", addr, 20)
+	want := append(slices.Repeat([]string{replyTooManySessions}, 18), "+OK edge", "+OK edge")
+	slices.Sort(want)
+	if !slices.Equal(lines, want) {
+		t.Errorf("20 connections at once from one address under sessions_per_ip 2: %q, want 2 greetings and 18 refusals", lines)
+	}
+	refusals += 18
+
 	e := expectEntry(t, a.caddyProc, "limit reached", map[string]string{"limit": "sessions_per_ip"})
 	if r, _ := e["remote"].(string); !strings.HasPrefix(r, ip+":") {
 		t.Errorf("limit reached: remote %q, want %s:PORT", r, ip)
@@ -639,12 +686,20 @@ func TestEdgeConnectionsPerIP(t *testing.T) {
 	o.login(alice, alicePass)
 	o.quit()
 
+	// Ten at once from a fresh address: exactly three get in.
+	lines := burstFirstLines("127.0.0.41", plain, 10)
+	want := append(slices.Repeat([]string{replyTooManyConnections}, 7), "+OK edge", "+OK edge", "+OK edge")
+	slices.Sort(want)
+	if !slices.Equal(lines, want) {
+		t.Errorf("10 connections at once from one address under connections_per_ip 3: %q, want 3 greetings and 7 refusals", lines)
+	}
+
 	e := expectEntry(t, a.caddyProc, "limit reached", map[string]string{"limit": "connections_per_ip"})
 	if r, _ := e["remote"].(string); !strings.HasPrefix(r, ip+":") {
 		t.Errorf("limit reached: remote %q, want %s:PORT", r, ip)
 	}
-	if got := limitMetric(t, a.metrics(t), "limit_refusals_total", "limit", "connections_per_ip"); got != 3 {
-		t.Errorf("caddy_pop3_limit_refusals_total{limit=connections_per_ip} = %v, want 3", got)
+	if got := limitMetric(t, a.metrics(t), "limit_refusals_total", "limit", "connections_per_ip"); got != 3+7 {
+		t.Errorf("caddy_pop3_limit_refusals_total{limit=connections_per_ip} = %v, want 10", got)
 	}
 
 	// After the window the bucket is full again.
