@@ -160,41 +160,47 @@ func waitAccepted(t *testing.T, local, addr, refusal string) (*client, int) {
 	}
 }
 
-// burstFirstLines opens n connections from local to addr at once, reads
-// the first line of each and closes them all once every one has its line
-// (so that the greeted ones hold their sessions until then). Lines come
-// back sorted, without CRLF; a connection that fails has its error instead.
-func burstFirstLines(local, addr string, n int) []string {
-	lines := make([]string, n)
-	var read, done sync.WaitGroup
-	release := make(chan struct{})
+// atOnce runs f(0) … f(n-1) at the same time and returns their results,
+// sorted. Each f returns its result and what to close (or nil), which is
+// closed only once every f has returned: sessions are held until then.
+func atOnce(n int, f func(i int) (string, io.Closer)) []string {
+	results := make([]string, n)
+	closers := make([]io.Closer, n)
+	var wg sync.WaitGroup
 	for i := range n {
-		read.Add(1)
-		done.Add(1)
+		wg.Add(1)
 		go func() {
-			defer done.Done()
-			d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(local)}}
-			conn, err := d.Dial("tcp", addr)
-			if err != nil {
-				lines[i] = "dial: " + err.Error()
-				read.Done()
-				return
-			}
-			defer conn.Close()
-			_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
-			s := &rawSession{conn: conn, r: bufio.NewReader(conn)}
-			if lines[i], err = s.line(); err != nil {
-				lines[i] = err.Error()
-			}
-			read.Done()
-			<-release
+			defer wg.Done()
+			results[i], closers[i] = f(i)
 		}()
 	}
-	read.Wait()
-	close(release)
-	done.Wait()
-	slices.Sort(lines)
-	return lines
+	wg.Wait()
+	for _, c := range closers {
+		if c != nil {
+			c.Close()
+		}
+	}
+	slices.Sort(results)
+	return results
+}
+
+// burstFirstLines opens n connections from local to addr at once and
+// returns the first line of each (or its error), sorted, without CRLF;
+// the greeted ones hold their sessions until every line is in.
+func burstFirstLines(local, addr string, n int) []string {
+	return atOnce(n, func(int) (string, io.Closer) {
+		d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(local)}}
+		conn, err := d.Dial("tcp", addr)
+		if err != nil {
+			return "dial: " + err.Error(), nil
+		}
+		_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+		l, err := (&rawSession{conn: conn, r: bufio.NewReader(conn)}).line()
+		if err != nil {
+			return err.Error(), conn
+		}
+		return l, conn
+	})
 }
 
 // tryLogin sends USER and PASS and returns the reply to PASS.
@@ -532,6 +538,27 @@ func TestEdgeSessionsPerUser(t *testing.T) {
 		expectEntry(t, a.caddyProc, "limit reached", map[string]string{"limit": "sessions_per_user", "remote": remoteOf(c4)})
 		c2.quit()
 		c3.quit()
+	})
+
+	t.Run("at-once", func(t *testing.T) {
+		// Ten logins of one user at once from ten addresses: exactly two
+		// get in.
+		usedSecret(dave, davePass)
+		replies := atOnce(10, func(i int) (string, io.Closer) {
+			reply, s, err := loginFrom(perUser, dave, davePass, sessionOpts{local: fmt.Sprintf("127.0.0.%d", 60+i)})
+			if err != nil {
+				return err.Error(), nil
+			}
+			if strings.HasPrefix(reply, "-ERR") {
+				reply = sansID(reply)
+			}
+			return reply, s.conn
+		})
+		want := append(slices.Repeat([]string{replyInUse}, 8), "+OK Logged in.", "+OK Logged in.")
+		slices.Sort(want)
+		if !slices.Equal(replies, want) {
+			t.Errorf("ten logins of %s at once under sessions_per_user 2: %q, want 2 logged in and 8 [IN-USE]", dave, replies)
+		}
 	})
 
 	t.Run("sessions_per_user_ip", func(t *testing.T) {
