@@ -756,10 +756,12 @@ func (c *countingConn) Read(b []byte) (int, error) {
 // failures from its address.
 func TestEdgeFailures(t *testing.T) {
 	need(t)
-	perUserIP, perIP := freePortT(t), freePortT(t)
+	perUserIP, perIP, perIP2 := freePortT(t), freePortT(t), freePortT(t)
 	a := startEdgeCaddy(t, "edge-failures",
 		edgeServer{addr: perUserIP, zone: "fuip", limits: "failures_per_user_ip 3 1m 2s", extra: "max_errors 20"},
-		edgeServer{addr: perIP, zone: "fip", limits: "failures_per_ip 3 1m 2s", extra: "max_errors 20"})
+		edgeServer{addr: perIP, zone: "fip", limits: "failures_per_ip 3 1m 2s", extra: "max_errors 20"},
+		// a second port of zone fip (a POP3S port beside POP3, say)
+		edgeServer{addr: perIP2, zone: "fip", limits: "failures_per_ip 3 1m 2s", extra: "max_errors 20"})
 	usedSecret(carol, carolPass)
 	var blockedAttempts atomic.Int64 // right passwords refused by a block
 	dovecotLogins := func(user string) int { return logLines(env.dc, "Login: user=<"+user+">") }
@@ -889,7 +891,11 @@ func TestEdgeFailures(t *testing.T) {
 			c.expectBlocked(u.user, u.pass)
 			blockedAttempts.Add(1)
 		}
-		o := dialPOP3From(t, "127.0.0.14", perIP, nil)
+		// The zone's other port knows the block; another address is free.
+		o := dialPOP3From(t, ip, perIP2, nil)
+		o.expectBlocked(dave, davePass)
+		blockedAttempts.Add(1)
+		o = dialPOP3From(t, "127.0.0.14", perIP, nil)
 		o.login(dave, davePass)
 		o.quit()
 		expectBlocks(t, a, blockView{Zone: "fip", Limit: "failures_per_ip", Address: ip})
@@ -898,11 +904,14 @@ func TestEdgeFailures(t *testing.T) {
 		waitExpiry(t, perIP, ip, dave, davePass, since)
 		expectBlocks(t, a)
 
+		// Failures on both ports of the zone count together.
 		const ip2 = "127.0.0.15"
 		c2 := dialPOP3From(t, ip2, perIP, nil)
-		for _, u := range []string{alice, bob, carol} {
-			c2.failLogin(u)
-		}
+		c2.failLogin(alice)
+		c2.failLogin(bob)
+		o = dialPOP3From(t, ip2, perIP2, nil)
+		o.failLogin(carol)
+		o.quit()
 		c2.expectBlocked(dave, davePass)
 		blockedAttempts.Add(1)
 		expectBlocks(t, a, blockView{Zone: "fip", Limit: "failures_per_ip", Address: ip2})
@@ -934,6 +943,51 @@ func TestEdgeFailures(t *testing.T) {
 	if want := blockedAttempts.Load(); refusals != float64(want) {
 		t.Errorf("caddy_pop3_limit_refusals_total of the failures_* limits = %v, want %d (one per blocked attempt)", refusals, want)
 	}
+}
+
+// TestEdgeBehindProxyProtocol: behind caddy-l4's proxy_protocol handler
+// (a load balancer in front), the limits count the client address of the
+// PROXY header, not the load balancer's: a second session of one client
+// is refused while another client through the same balancer is greeted,
+// and a block names the client.
+func TestEdgeBehindProxyProtocol(t *testing.T) {
+	need(t)
+	addr := freePortT(t)
+	const l4proxy = "\t\t\t\tproxy_protocol {\n\t\t\t\t\tallow 127.0.0.0/8\n\t\t\t\t\ttimeout 2s\n\t\t\t\t}\n"
+	body := "upstream " + env.dc.POP3Addr + "\nlimits {\nsessions_per_ip 1\nfailures_per_ip 1 1m 1m\n}"
+	// The listener greets only after a PROXY header: no harness probe.
+	a := startAdminCaddy(t, "edge-proxy-protocol", func(admin string) string { return poolCaddyfile(admin, poolServer(addr, body, l4proxy)) })
+	header := func(client string) string {
+		return fmt.Sprintf("PROXY TCP4 %s 127.0.0.1 4242 %s\r\n", client, port(addr))
+	}
+	waitGreeting(t, a.caddyProc, addr, header("192.0.2.99"))
+	// via is a connection from the balancer (127.0.0.1) for client.
+	via := func(client string) (*client, string) {
+		c := connectFrom(t, "127.0.0.1", addr)
+		c.write(header(client))
+		c.deadline(5 * time.Second)
+		l := c.line()
+		c.deadline(30 * time.Second)
+		c.greeting = l
+		return c, l
+	}
+
+	held, l := via("192.0.2.55")
+	if !strings.HasPrefix(l, "+OK") {
+		t.Fatalf("the first session of 192.0.2.55: %q", l)
+	}
+	if _, l := via("192.0.2.55"); l != replyTooManySessions {
+		t.Errorf("a second session of 192.0.2.55: %q, want %q", l, replyTooManySessions)
+	}
+	other, l := via("192.0.2.56")
+	if !strings.HasPrefix(l, "+OK") {
+		t.Fatalf("a session of 192.0.2.56 beside one of 192.0.2.55, both through 127.0.0.1: %q, want a greeting", l)
+	}
+	other.failLogin(alice)
+	other.expectBlocked(alice, alicePass)
+	expectBlocks(t, a, blockView{Limit: "failures_per_ip", Address: "192.0.2.56"})
+	held.login(alice, alicePass)
+	held.quit()
 }
 
 // --- 5. exempt ----------------------------------------------------------------
