@@ -47,7 +47,8 @@ const (
 type edgeServer struct {
 	addr     string
 	upstream string // "": the package's Dovecot
-	tls      bool
+	tls      bool   // implicit TLS
+	stls     bool   // STLS offered, plaintext logins allowed
 	greeting string // "": "edge"
 	zone     string // "": the default zone
 	limits   string // the lines of the limits block, one option a line
@@ -61,7 +62,7 @@ func edgeCaddyfile(admin string, servers ...edgeServer) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "{\n\tadmin %s\n\tlog {\n\t\tlevel DEBUG\n\t}\n", admin)
 	for _, s := range servers {
-		if s.tls {
+		if s.tls || s.stls {
 			b.WriteString("\tlocal_certs\n\tskip_install_trust\n\ttls_automate_names localhost\n")
 			break
 		}
@@ -76,9 +77,12 @@ func edgeCaddyfile(admin string, servers ...edgeServer) string {
 			upstream = env.dc.POP3Addr
 		}
 		var h strings.Builder
-		if s.tls {
+		switch {
+		case s.tls:
 			h.WriteString("implicit_tls\nconnection_policy {\n\tdefault_sni localhost\n}\n")
-		} else {
+		case s.stls:
+			h.WriteString("starttls on\nconnection_policy {\n\tdefault_sni localhost\n}\n")
+		default:
 			h.WriteString("starttls off\n")
 		}
 		fmt.Fprintf(&h, "auth_failure_delay 1ms\ngreeting %q\n", greeting)
@@ -104,7 +108,7 @@ func startEdgeCaddy(t *testing.T, name string, servers ...edgeServer) *adminCadd
 	t.Helper()
 	var ls []listener
 	for _, s := range servers {
-		ls = append(ls, listener{addr: s.addr, tls: s.tls})
+		ls = append(ls, listener{addr: s.addr, tls: s.tls}) // STLS: the plaintext greeting
 	}
 	return startAdminCaddy(t, name, func(admin string) string { return edgeCaddyfile(admin, servers...) }, ls...)
 }
@@ -1132,32 +1136,50 @@ func TestEdgeMinInputRate(t *testing.T) {
 }
 
 // TestEdgeMinInputRateTLSHandshake: before login the proxy also waits for
-// the client during a TLS handshake; a client that drips its ClientHello
-// at two bytes a second on an implicit TLS port, under min_input_rate 10
-// 2s, must be closed like one that drips a command (with nothing written:
-// there is no plaintext to write on that port), not held until timeout.
+// the client during a TLS handshake, on an implicit TLS port or after
+// STLS; a client that drips its ClientHello at two bytes a second, under
+// min_input_rate 10 2s, must be closed like one that drips a command (with
+// nothing written: no plaintext can go out once TLS started), not held
+// until timeout.
 func TestEdgeMinInputRateTLSHandshake(t *testing.T) {
 	need(t)
-	addr := freePortT(t)
-	startEdgeCaddy(t, "edge-input-rate-tls", edgeServer{addr: addr, tls: true, limits: "min_input_rate 10 2s", extra: "timeout 15s"})
+	implicit, stls := freePortT(t), freePortT(t)
+	const limits, extra = "min_input_rate 10 2s", "timeout 15s"
+	a := startEdgeCaddy(t, "edge-input-rate-tls",
+		edgeServer{addr: implicit, tls: true, limits: limits, extra: extra},
+		edgeServer{addr: stls, stls: true, limits: limits, extra: extra})
+	waitSTLS(t, a.caddyProc, stls)
 	hello := clientHello(t)
 
-	c := connectFrom(t, "127.0.0.18", addr)
-	start := time.Now()
-	stop := dripBytes(c.conn, hello, 500*time.Millisecond)
-	defer stop()
-	c.deadline(8 * time.Second)
-	got, err := io.ReadAll(c.r)
-	var ne net.Error
-	if errors.As(err, &ne) && ne.Timeout() {
-		t.Fatalf("a client dripping its ClientHello (%d of %d bytes sent) is still connected after %v, want a close after about 2s",
-			min(int(time.Since(start)/(500*time.Millisecond))+1, len(hello)), len(hello), time.Since(start).Round(time.Millisecond))
-	}
-	if len(got) > 0 {
-		t.Errorf("the dripping TLS client got %q before the close, want nothing", got)
-	}
-	if took := time.Since(start); took < 1500*time.Millisecond {
-		t.Errorf("the dripping TLS client was closed after %v, want about the 2s window", took.Round(time.Millisecond))
+	for _, tc := range []struct {
+		name, addr string
+		stls       bool
+	}{{"implicit_tls", implicit, false}, {"STLS", stls, true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			var c *client
+			if tc.stls {
+				c = dialPOP3From(t, "127.0.0.18", tc.addr, nil)
+				c.ok("STLS")
+			} else {
+				c = connectFrom(t, "127.0.0.18", tc.addr)
+			}
+			start := time.Now()
+			stop := dripBytes(c.conn, hello, 500*time.Millisecond)
+			defer stop()
+			c.deadline(8 * time.Second)
+			got, err := io.ReadAll(c.r)
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				t.Fatalf("a client dripping its ClientHello (%d of %d bytes sent) is still connected after %v, want a close after about 2s",
+					min(int(time.Since(start)/(500*time.Millisecond))+1, len(hello)), len(hello), time.Since(start).Round(time.Millisecond))
+			}
+			if len(got) > 0 {
+				t.Errorf("the dripping TLS client got %q before the close, want nothing", got)
+			}
+			if took := time.Since(start); took < 1500*time.Millisecond {
+				t.Errorf("the dripping TLS client was closed after %v, want about the 2s window", took.Round(time.Millisecond))
+			}
+		})
 	}
 }
 
