@@ -50,14 +50,15 @@ type edgeServer struct {
 	tls      bool   // implicit TLS
 	stls     bool   // STLS offered, plaintext logins allowed
 	greeting string // "": "edge"
+	delay    string // auth_failure_delay; "": 1ms
 	zone     string // "": the default zone
 	limits   string // the lines of the limits block, one option a line
 	extra    string // more lines for the handler
 }
 
 // edgeCaddyfile is the Caddyfile of a Caddy with an admin endpoint and the
-// servers; logins fail fast (auth_failure_delay 1ms) so that tests that
-// fail many stay quick.
+// servers; logins fail fast (auth_failure_delay 1ms unless the server says
+// otherwise) so that tests that fail many stay quick.
 func edgeCaddyfile(admin string, servers ...edgeServer) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "{\n\tadmin %s\n\tlog {\n\t\tlevel DEBUG\n\t}\n", admin)
@@ -85,7 +86,11 @@ func edgeCaddyfile(admin string, servers ...edgeServer) string {
 		default:
 			h.WriteString("starttls off\n")
 		}
-		fmt.Fprintf(&h, "auth_failure_delay 1ms\ngreeting %q\n", greeting)
+		delay := s.delay
+		if delay == "" {
+			delay = "1ms"
+		}
+		fmt.Fprintf(&h, "auth_failure_delay %s\ngreeting %q\n", delay, greeting)
 		if s.extra != "" {
 			h.WriteString(strings.TrimSpace(s.extra) + "\n")
 		}
@@ -992,6 +997,35 @@ func TestEdgeBehindProxyProtocol(t *testing.T) {
 	expectBlocks(t, a, blockView{Limit: "failures_per_ip", Address: "192.0.2.56"})
 	held.login(alice, alicePass)
 	held.quit()
+}
+
+// TestEdgeBlockedAttemptDelay: a blocked attempt is answered after the
+// failure delay, as a wrong password is, so that its timing does not tell
+// a guesser that the address is blocked.
+func TestEdgeBlockedAttemptDelay(t *testing.T) {
+	need(t)
+	addr := freePortT(t)
+	startEdgeCaddy(t, "edge-blocked-delay", edgeServer{addr: addr, delay: "300ms", limits: "failures_per_user_ip 1 1m 1m"})
+	c := dialPOP3From(t, "127.0.0.23", addr, nil)
+	timed := func(pass string) (string, time.Duration) {
+		c.ok("USER " + carol)
+		start := time.Now()
+		return c.cmd("PASS " + pass), time.Since(start)
+	}
+	usedSecret(carol, wrongPass)
+	usedSecret(carol, carolPass)
+	wrong, wrongTook := timed(wrongPass)
+	blocked, blockedTook := timed(carolPass)
+	if sansID(wrong) != replyAuthFailed || sansID(blocked) != replyAuthFailed {
+		t.Fatalf("a wrong password: %q; then the right one, blocked: %q; want %q for both", wrong, blocked, replyAuthFailed)
+	}
+	t.Logf("wrong password answered after %v, blocked attempt after %v", wrongTook.Round(time.Millisecond), blockedTook.Round(time.Millisecond))
+	if wrongTook < 300*time.Millisecond {
+		t.Errorf("a wrong password was answered after %v, want at least auth_failure_delay 300ms", wrongTook.Round(time.Millisecond))
+	}
+	if blockedTook < 300*time.Millisecond {
+		t.Errorf("a blocked attempt was answered after %v, want at least auth_failure_delay 300ms, as a wrong password", blockedTook.Round(time.Millisecond))
+	}
 }
 
 // --- 5. exempt ----------------------------------------------------------------
