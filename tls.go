@@ -94,11 +94,13 @@ func (s *session) handshakeTLS() (*tls.ConnectionState, error) {
 		return nil, net.ErrClosed
 	}
 	sw := &swapConn{Conn: s.cx} // cx, not cx.Conn: it may hold prefetched bytes
+	var handshakeGuard *inputGuard
 	if s.edge != nil && s.edge.guard != nil {
 		// min_input_rate holds for the handshake's bytes too; the guard of
 		// the command reader counts the plaintext after it.
 		g := s.edge.guard
-		sw.Conn = &inputGuard{Conn: s.cx, bytes: g.bytes, window: g.window, deadline: g.deadline}
+		handshakeGuard = &inputGuard{Conn: s.cx, bytes: g.bytes, window: g.window, deadline: g.deadline}
+		sw.Conn = handshakeGuard
 	}
 	tc := tls.Server(sw, s.h.tlsConfig)
 	// The connection's own context carries its replacer, which SNI
@@ -107,7 +109,9 @@ func (s *session) handshakeTLS() (*tls.ConnectionState, error) {
 	defer stop()
 	defer context.AfterFunc(s.ctx, stop)()
 	err := tc.HandshakeContext(hctx)
-	sw.Conn = s.cx
+	if handshakeGuard != nil {
+		handshakeGuard.off = true // not swapped out: the handshake's canceller may be closing it
+	}
 	if err != nil {
 		return nil, err
 	}
