@@ -183,14 +183,19 @@ func (a adminAPI) handleBlocks(w http.ResponseWriter, r *http.Request) error {
 }
 
 // addressMatches reports whether a block's address (an IPv4 address or an
-// IPv6 prefix) is the one the admin named, or holds it.
+// IPv6 prefix) and the address or network the admin named overlap: the
+// network holds the blocked address, or the blocked prefix holds the
+// address.
 func addressMatches(blocked, named string) bool {
 	if blocked == named {
 		return true
 	}
-	p, err := netip.ParsePrefix(blocked)
-	ip, ierr := netip.ParseAddr(named)
-	return err == nil && ierr == nil && p.Contains(ip)
+	b, err1 := parsePrefix(blocked)
+	n, err2 := parsePrefix(named)
+	if err1 != nil || err2 != nil {
+		return false
+	}
+	return n.Bits() <= b.Bits() && n.Contains(b.Addr()) || b.Bits() <= n.Bits() && b.Contains(n.Addr())
 }
 
 // Interface guards

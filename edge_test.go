@@ -365,6 +365,17 @@ func TestLimitsMinInputRateAfterSTLS(t *testing.T) {
 	if !slices.Contains(results, "too_slow") {
 		t.Errorf("session results %v, want one too_slow", results)
 	}
+
+	// A client that sends STLS and then no handshake is closed at the
+	// window, not at timeout (5s here).
+	silent := sessionFrom(t, h, "127.0.0.1")
+	silent.send("STLS")
+	silent.expect("+OK")
+	start := time.Now()
+	silent.closed()
+	if d := time.Since(start); d > 2*time.Second {
+		t.Errorf("a client silent in the TLS handshake was closed after %v", d)
+	}
 }
 
 // A relayed APOP login refused by sessions_per_user ends the session: its
@@ -449,5 +460,26 @@ func TestInputGuardCountsOnlyTheClientsTime(t *testing.T) {
 	var ne net.Error
 	if _, err := g.Read(buf); !errors.As(err, &ne) || !ne.Timeout() || errors.Is(err, errInputTooSlow) {
 		t.Fatalf("at the session's deadline: %v", err)
+	}
+}
+
+func TestAddressMatches(t *testing.T) {
+	t.Parallel()
+	for _, c := range []struct {
+		blocked, named string
+		want           bool
+	}{
+		{"192.0.2.7", "192.0.2.7", true},
+		{"192.0.2.7", "192.0.2.0/24", true},
+		{"192.0.2.7", "192.0.3.0/24", false},
+		{"192.0.2.7", "192.0.2.8", false},
+		{"2001:db8::/64", "2001:db8::1", true},
+		{"2001:db8::/64", "2001:db8::/48", true},
+		{"2001:db8::/64", "2001:db8:1::/64", false},
+		{"2001:db8::/64", "nonsense", false},
+	} {
+		if got := addressMatches(c.blocked, c.named); got != c.want {
+			t.Errorf("addressMatches(%q, %q) = %v", c.blocked, c.named, got)
+		}
 	}
 }

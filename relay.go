@@ -270,6 +270,9 @@ func clientSocket(c net.Conn) (*net.TCPConn, *swapConn) {
 			return nil, nil
 		}
 		under := sw.Conn
+		if g, ok := under.(*inputGuard); ok { // min_input_rate's, off since the handshake
+			under = g.Conn
+		}
 		if cx, ok := under.(*layer4.Connection); ok {
 			if len(cx.MatchingBytes()) > 0 {
 				return nil, nil

@@ -3,6 +3,7 @@ package pop3
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"net"
 	"time"
 
@@ -43,10 +44,7 @@ func (s *session) handleStartTLS() error {
 	if _, err := s.handshakeTLS(); err != nil {
 		s.h.proc.metrics.startTLS("failed")
 		s.debug("STLS handshake failed", zap.Error(err))
-		s.state, s.result = stateDone, "tls_handshake_failed"
-		if _, kicked := s.kicked(); kicked {
-			s.result = s.kickResult()
-		}
+		s.state, s.result = stateDone, s.handshakeFailure(err)
 		return nil
 	}
 	s.h.proc.metrics.startTLS("ok")
@@ -74,10 +72,7 @@ func (s *session) startImplicitTLS() bool {
 	if err != nil {
 		s.h.proc.metrics.implicitTLS("failed")
 		s.debug("TLS handshake failed", zap.Error(err))
-		s.state, s.result = stateDone, "tls_handshake_failed"
-		if _, kicked := s.kicked(); kicked {
-			s.result = s.kickResult()
-		}
+		s.state, s.result = stateDone, s.handshakeFailure(err)
 		return false
 	}
 	if st.DidResume {
@@ -98,13 +93,26 @@ func (s *session) handshakeTLS() (*tls.ConnectionState, error) {
 	if !s.setDeadline(s.ioDeadline()) {
 		return nil, net.ErrClosed
 	}
-	tc := tls.Server(&swapConn{Conn: s.cx}, s.h.tlsConfig) // cx, not cx.Conn: it may hold prefetched bytes
+	sw := &swapConn{Conn: s.cx} // cx, not cx.Conn: it may hold prefetched bytes
+	var handshakeGuard *inputGuard
+	if s.edge != nil && s.edge.guard != nil {
+		// min_input_rate holds for the handshake's bytes too; the guard of
+		// the command reader counts the plaintext after it.
+		g := s.edge.guard
+		handshakeGuard = &inputGuard{Conn: s.cx, bytes: g.bytes, window: g.window, deadline: g.deadline}
+		sw.Conn = handshakeGuard
+	}
+	tc := tls.Server(sw, s.h.tlsConfig)
 	// The connection's own context carries its replacer, which SNI
 	// matchers of the connection policy read; the session's ends it.
 	hctx, stop := context.WithCancel(s.cx.Context)
 	defer stop()
 	defer context.AfterFunc(s.ctx, stop)()
-	if err := tc.HandshakeContext(hctx); err != nil {
+	err := tc.HandshakeContext(hctx)
+	if handshakeGuard != nil {
+		handshakeGuard.off = true // not swapped out: the handshake's canceller may be closing it
+	}
+	if err != nil {
 		return nil, err
 	}
 	_ = s.cx.SetDeadline(time.Time{})
@@ -121,4 +129,16 @@ func (s *session) handshakeTLS() (*tls.ConnectionState, error) {
 	s.w = pop3wire.NewWriter(s.cx)
 	s.secure = true
 	return &st, nil
+}
+
+// handshakeFailure is the session line's result of a failed handshake.
+func (s *session) handshakeFailure(err error) string {
+	if _, kicked := s.kicked(); kicked {
+		return s.kickResult()
+	}
+	if errors.Is(err, errInputTooSlow) {
+		s.h.limitReached(s, limitMinInputRate)
+		return "too_slow"
+	}
+	return "tls_handshake_failed"
 }

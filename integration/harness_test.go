@@ -725,6 +725,27 @@ func dialPOP3(t *testing.T, addr string, cfg *tls.Config) *client {
 // or ::1 ("" for any).
 func dialPOP3From(t *testing.T, local, addr string, cfg *tls.Config) *client {
 	t.Helper()
+	c := connectFrom(t, local, addr)
+	if cfg != nil {
+		tc := tls.Client(c.tcp, cfg)
+		if err := tc.Handshake(); err != nil {
+			t.Fatalf("TLS handshake with %s: %v", addr, err)
+		}
+		c.conn = tc
+		c.r = bufio.NewReaderSize(c.conn, 64*1024)
+	}
+	c.greeting = c.line()
+	if !strings.HasPrefix(c.greeting, "+OK") {
+		t.Fatalf("%s: greeting %q", addr, c.greeting)
+	}
+	return c
+}
+
+// connectFrom connects to addr from the source IP local ("" for any; Linux
+// routes all of 127.0.0.0/8 to lo, so a test may act as many clients) and
+// reads nothing.
+func connectFrom(t *testing.T, local, addr string) *client {
+	t.Helper()
 	d := net.Dialer{Timeout: 5 * time.Second}
 	if local != "" {
 		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(local)}
@@ -735,19 +756,8 @@ func dialPOP3From(t *testing.T, local, addr string, cfg *tls.Config) *client {
 	}
 	t.Cleanup(func() { tcp.Close() })
 	c := &client{t: t, name: addr, conn: tcp, tcp: tcp}
-	c.deadline(30 * time.Second)
-	if cfg != nil {
-		tc := tls.Client(tcp, cfg)
-		if err := tc.Handshake(); err != nil {
-			t.Fatalf("TLS handshake with %s: %v", addr, err)
-		}
-		c.conn = tc
-	}
 	c.r = bufio.NewReaderSize(c.conn, 64*1024)
-	c.greeting = c.line()
-	if !strings.HasPrefix(c.greeting, "+OK") {
-		t.Fatalf("%s: greeting %q", addr, c.greeting)
-	}
+	c.deadline(30 * time.Second)
 	return c
 }
 
@@ -986,6 +996,86 @@ func (c *client) login(user, pass string) {
 	if r := c.cmd("PASS " + pass); !strings.HasPrefix(r, "+OK") {
 		c.t.Fatalf("%s: login as %s: %q", c.name, user, r)
 	}
+}
+
+// --- sessions for workers ---------------------------------------------------
+
+// sessionOpts are the choices of loginFrom.
+type sessionOpts struct {
+	local  string // source IP, e.g. 127.0.0.7; "" for any
+	header string // sent first, before the greeting (a PROXY header)
+}
+
+// rawSession is a POP3 connection for goroutines other than the test's:
+// its methods report errors instead of failing the test.
+type rawSession struct {
+	conn net.Conn
+	r    *bufio.Reader
+}
+
+// line reads one line and returns it without its CRLF.
+func (s *rawSession) line() (string, error) {
+	l, err := s.r.ReadString('\n')
+	if err != nil {
+		return "", fmt.Errorf("reading a line: %w (got %q)", err, l)
+	}
+	return strings.TrimSuffix(l, "\r\n"), nil
+}
+
+// cmd sends one command and reads the one-line reply.
+func (s *rawSession) cmd(line string) (string, error) {
+	if _, err := io.WriteString(s.conn, line+"\r\n"); err != nil {
+		return "", err
+	}
+	return s.line()
+}
+
+// quit sends QUIT, expects +OK and a clean close with nothing after it.
+func (s *rawSession) quit() error {
+	if l, err := s.cmd("QUIT"); err != nil || !strings.HasPrefix(l, "+OK") {
+		return fmt.Errorf("QUIT: %q: %v", l, err)
+	}
+	if rest, err := io.ReadAll(s.r); err != nil || len(rest) > 0 {
+		return fmt.Errorf("after QUIT: %q: %v", rest, err)
+	}
+	return nil
+}
+
+// loginFrom connects to addr as o says, expects a +OK greeting and sends
+// USER and PASS. It returns the reply to PASS and the session, still open,
+// which the caller closes; nil on error. It records no secret: callers
+// that send one password for many users record it once (usedSecretValue).
+func loginFrom(addr, user, pass string, o sessionOpts) (string, *rawSession, error) {
+	d := net.Dialer{Timeout: 5 * time.Second}
+	if o.local != "" {
+		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(o.local)}
+	}
+	conn, err := d.Dial("tcp", addr)
+	if err != nil {
+		return "", nil, err
+	}
+	_ = conn.SetDeadline(time.Now().Add(20 * time.Second))
+	s := &rawSession{conn: conn, r: bufio.NewReader(conn)}
+	fail := func(err error) (string, *rawSession, error) {
+		conn.Close()
+		return "", nil, err
+	}
+	if o.header != "" {
+		if _, err := io.WriteString(conn, o.header); err != nil {
+			return fail(err)
+		}
+	}
+	if g, err := s.line(); err != nil || !strings.HasPrefix(g, "+OK") {
+		return fail(fmt.Errorf("greeting %q: %v", g, err))
+	}
+	if l, err := s.cmd("USER " + user); err != nil || !strings.HasPrefix(l, "+OK") {
+		return fail(fmt.Errorf("USER: %q: %v", l, err))
+	}
+	reply, err := s.cmd("PASS " + pass)
+	if err != nil {
+		return fail(fmt.Errorf("PASS: %w", err))
+	}
+	return reply, s, nil
 }
 
 // --- targets ---------------------------------------------------------------

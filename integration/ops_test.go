@@ -149,17 +149,22 @@ func bySession(list []adminSession, c *client) *adminSession {
 // many it closed.
 func (a *adminCaddy) kick(t *testing.T, query string) int {
 	t.Helper()
-	code, b := a.do(t, http.MethodDelete, "/pop3/sessions?"+query, "", nil)
+	return a.deleteCounting(t, "/pop3/sessions?"+query, "closed")
+}
+
+// deleteCounting sends DELETE path, which must answer 200 with a JSON
+// object holding a count in field, and returns the count.
+func (a *adminCaddy) deleteCounting(t *testing.T, path, field string) int {
+	t.Helper()
+	code, b := a.do(t, http.MethodDelete, path, "", nil)
 	if code != http.StatusOK {
-		t.Fatalf("DELETE ?%s: %d %s", query, code, b)
+		t.Fatalf("DELETE %s: %d %s", path, code, b)
 	}
-	var r struct {
-		Closed *int `json:"closed"`
+	var r map[string]*int
+	if err := json.Unmarshal(b, &r); err != nil || r[field] == nil {
+		t.Fatalf("DELETE %s: %q, want {%q:N}", path, b, field)
 	}
-	if err := json.Unmarshal(b, &r); err != nil || r.Closed == nil {
-		t.Fatalf("DELETE ?%s: %q, want {\"closed\":N}", query, b)
-	}
-	return *r.Closed
+	return *r[field]
 }
 
 func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {

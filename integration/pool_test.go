@@ -254,73 +254,33 @@ func waitCaddyEntry(p *caddyProc, d time.Duration, match func(e map[string]any) 
 
 // --- clients -----------------------------------------------------------------
 
-// sessionOpts are the choices of poolSession.
-type sessionOpts struct {
-	local  string // source IP, e.g. 127.0.0.7; "" for any
-	header string // sent first, before the greeting (a PROXY header)
-}
-
 // poolSession logs in on addr as user with USER/PASS, reads which backend
 // serves it and quits. It returns the reply to PASS and the backend (-1
 // when the login failed); err is for everything else that went wrong. It
 // reports instead of failing the test, so that workers may run it.
 func poolSession(addr, user, pass string, o sessionOpts) (reply string, backend int, err error) {
 	usedSecret(user, pass)
-	d := net.Dialer{Timeout: 5 * time.Second}
-	if o.local != "" {
-		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(o.local)}
-	}
-	conn, err := d.Dial("tcp", addr)
+	reply, s, err := loginFrom(addr, user, pass, o)
 	if err != nil {
 		return "", -1, err
 	}
-	defer conn.Close()
-	_ = conn.SetDeadline(time.Now().Add(20 * time.Second))
-	r := bufio.NewReader(conn)
-	line := func() (string, error) {
-		l, err := r.ReadString('\n')
-		if err != nil {
-			return "", fmt.Errorf("reading a line: %w (got %q)", err, l)
-		}
-		return strings.TrimSuffix(l, "\r\n"), nil
-	}
-	cmd := func(s string) (string, error) {
-		if _, err := io.WriteString(conn, s+"\r\n"); err != nil {
-			return "", err
-		}
-		return line()
-	}
-	if o.header != "" {
-		if _, err := io.WriteString(conn, o.header); err != nil {
-			return "", -1, err
-		}
-	}
-	if g, err := line(); err != nil || !strings.HasPrefix(g, "+OK") {
-		return "", -1, fmt.Errorf("greeting %q: %v", g, err)
-	}
-	if l, err := cmd("USER " + user); err != nil || !strings.HasPrefix(l, "+OK") {
-		return "", -1, fmt.Errorf("USER: %q: %v", l, err)
-	}
-	reply, err = cmd("PASS " + pass)
-	if err != nil {
-		return "", -1, fmt.Errorf("PASS: %w", err)
-	}
+	defer s.conn.Close()
 	if !strings.HasPrefix(reply, "+OK") {
 		// A refused login. An unavailable upstream also ends the session:
 		// a clean close with nothing after the -ERR.
 		if strings.HasPrefix(reply, "-ERR [SYS/TEMP]") {
-			if rest, err := io.ReadAll(r); err != nil || len(rest) > 0 {
+			if rest, err := io.ReadAll(s.r); err != nil || len(rest) > 0 {
 				return reply, -1, fmt.Errorf("after %q: got %q: %v, want the close", reply, rest, err)
 			}
 		}
 		return reply, -1, nil
 	}
-	if l, err := cmd("TOP 1 0"); err != nil || !strings.HasPrefix(l, "+OK") {
+	if l, err := s.cmd("TOP 1 0"); err != nil || !strings.HasPrefix(l, "+OK") {
 		return reply, -1, fmt.Errorf("TOP 1 0: %q: %v", l, err)
 	}
 	backend = -1
 	for {
-		l, err := line()
+		l, err := s.line()
 		if err != nil {
 			return reply, -1, err
 		}
@@ -334,11 +294,8 @@ func poolSession(addr, user, pass string, o sessionOpts) (reply string, backend 
 	if backend < 0 {
 		return reply, -1, fmt.Errorf("message 1 names no backend")
 	}
-	if l, err := cmd("QUIT"); err != nil || !strings.HasPrefix(l, "+OK") {
-		return reply, backend, fmt.Errorf("QUIT: %q: %v", l, err)
-	}
-	if rest, err := io.ReadAll(r); err != nil || len(rest) > 0 {
-		return reply, backend, fmt.Errorf("after QUIT: %q: %v", rest, err)
+	if err := s.quit(); err != nil {
+		return reply, backend, err
 	}
 	return reply, backend, nil
 }
