@@ -8,10 +8,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"strconv"
 	"time"
 
 	"github.com/caddy-pop3/caddy-pop3/internal/limits"
+	"github.com/caddy-pop3/caddy-pop3/internal/limits/redisstore"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -56,6 +58,7 @@ type App struct {
 	SharedKey string `json:"shared_key,omitempty"`
 
 	client   redis.UniversalClient // nil without redis
+	penalty  limits.Store          // the login penalty's failures per address, with redis
 	redisKey string                // the client's key in redisClients
 	logger   *zap.Logger
 	stop     chan struct{} // ends the lease renewal
@@ -118,6 +121,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		if a.client, a.redisKey, err = a.connectRedis(ctx); err != nil {
 			return err
 		}
+		a.penalty = redisstore.New(a.client, redisstore.Options{KeyPrefix: a.Redis.KeyPrefix + "penalty:", Timeout: time.Duration(a.Redis.Timeout)})
 	}
 	return nil
 }
@@ -348,3 +352,18 @@ var (
 	_ caddy.Validator       = (*App)(nil)
 	_ caddyfile.Unmarshaler = (*App)(nil)
 )
+
+// sharedFailures counts a failed login from ip in the cluster's login
+// penalty and returns the failures of the last penaltyForget from its
+// address (IPv6 by /64), 0 without redis or while Redis fails: the
+// instance's own count then stands alone.
+func (a *App) sharedFailures(ctx context.Context, ip netip.Addr) int64 {
+	if a == nil || a.penalty == nil || !ip.IsValid() {
+		return 0
+	}
+	n, err := a.penalty.Fail(ctx, penaltyKey(ip).String(), penaltyForget, now())
+	if err != nil {
+		return 0
+	}
+	return n
+}

@@ -117,3 +117,28 @@ func TestSharedLimitsStoreFailure(t *testing.T) {
 	c.expect("+OK")
 	c.closed()
 }
+
+// The login penalty counts failures from an address at every instance:
+// after three failures at one, the next at another waits as the fourth.
+func TestSharedLoginPenalty(t *testing.T) {
+	t.Parallel()
+	srv := redistest.Run(t)
+	a := instanceHandler(t, sharedApp(t, srv.Addr, "a", ""), nil)
+	b := instanceHandler(t, sharedApp(t, srv.Addr, "b", ""), nil)
+	a.AuthFailureDelay = caddy.Duration(50 * time.Millisecond)
+	b.AuthFailureDelay = a.AuthFailureDelay
+	for range 3 {
+		s := sessionFrom(t, a, "127.0.0.1")
+		s.send("USER alice", "PASS wrong")
+		s.expect("+OK")
+		s.expect("-ERR [AUTH]")
+	}
+	s := sessionFrom(t, b, "127.0.0.1")
+	s.send("USER alice", "PASS wrong")
+	s.expect("+OK")
+	start := time.Now()
+	s.expect("-ERR [AUTH]")
+	if d := time.Since(start); d < 350*time.Millisecond { // the fourth failure: 8 × 50ms; b's own first would be 50ms
+		t.Fatalf("failure at the second instance waited %v, want about 400ms", d)
+	}
+}
