@@ -59,6 +59,7 @@ type App struct {
 
 	client   redis.UniversalClient // nil without redis
 	penalty  limits.Store          // the login penalty's failures per address, with redis
+	breaker  *storeBreaker         // when Redis last failed
 	redisKey string                // the client's key in redisClients
 	logger   *zap.Logger
 	stop     chan struct{} // ends the lease renewal
@@ -118,9 +119,11 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	if a.Redis != nil {
 		var err error
-		if a.client, a.redisKey, err = a.connectRedis(ctx); err != nil {
+		var c redisClient
+		if c, a.redisKey, err = a.connectRedis(ctx); err != nil {
 			return err
 		}
+		a.client, a.breaker = c.UniversalClient, c.breaker
 		a.penalty = redisstore.New(a.client, redisstore.Options{KeyPrefix: a.Redis.KeyPrefix + "penalty:", Timeout: time.Duration(a.Redis.Timeout)})
 	}
 	return nil
@@ -358,7 +361,7 @@ var (
 // address (IPv6 by /64), 0 without redis or while Redis fails: the
 // instance's own count then stands alone.
 func (a *App) sharedFailures(ctx context.Context, ip netip.Addr) int64 {
-	if a == nil || a.penalty == nil || !ip.IsValid() {
+	if a == nil || a.penalty == nil || !ip.IsValid() || now().UnixNano() < a.breaker.downUntil.Load() {
 		return 0
 	}
 	n, err := a.penalty.Fail(ctx, penaltyKey(ip).String(), penaltyForget, now())
