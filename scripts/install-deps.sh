@@ -4,7 +4,8 @@
 # (an ACME test server, with pebble-challtestsrv) for the ACME test, and
 # GNU SASL's gsasl (a SCRAM client for internal/sasl's interop tests),
 # fail2ban (fail2ban-regex and fail2ban-client check contrib/fail2ban),
-# redis-server (the shared limits store's tests run a private one), plus
+# redis-server (the shared limits store's tests run a private one),
+# HAProxy (the cluster test runs one in front of three instances), plus
 # any Debian packages named as arguments (scripts/bench.sh adds NGINX).
 # Idempotent; runs `apt-get update` only when something is missing.
 # No system service is started: a temporary policy-rc.d refuses it.
@@ -24,7 +25,7 @@ dovecot_version() {
 	"$bin" --version 2>/dev/null | cut -d' ' -f1
 }
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
-for pkg in dovecot-core dovecot-pop3d curl fetchmail pebble gsasl fail2ban redis-server "$@"; do
+for pkg in dovecot-core dovecot-pop3d curl fetchmail pebble gsasl fail2ban redis-server haproxy "$@"; do
 	have_pkg "$pkg" || missing+=("$pkg")
 done
 # Any python3 will do (pyenv's included) as long as it has poplib.
@@ -33,7 +34,7 @@ if ! python3 -c 'import poplib' >/dev/null 2>&1; then
 fi
 
 if [ "${#missing[@]}" -eq 0 ]; then
-	log "all present: dovecot $(dovecot_version), curl, fetchmail, python3 with poplib, pebble, gsasl, fail2ban, redis-server${*:+, $*}"
+	log "all present: dovecot $(dovecot_version), curl, fetchmail, python3 with poplib, pebble, gsasl, fail2ban, redis-server, haproxy${*:+, $*}"
 	exit 0
 fi
 
@@ -65,9 +66,9 @@ export DEBIAN_FRONTEND=noninteractive
 "${SUDO[@]}" apt-get update -qq
 "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 
-# Tests run their own Dovecot and redis-server; system ones would only hold
-# ports.
-for svc in dovecot redis-server; do
+# Tests run their own Dovecot, redis-server and HAProxy; system ones would
+# only hold ports.
+for svc in dovecot redis-server haproxy; do
 	if command -v systemctl >/dev/null && systemctl is-active --quiet "$svc" 2>/dev/null; then
 		log "stopping the system $svc service"
 		"${SUDO[@]}" systemctl stop "$svc" || true
