@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"net/netip"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -149,6 +150,15 @@ func (a adminAPI) handleSessions(w http.ResponseWriter, r *http.Request) error {
 	if r.Method == http.MethodDelete && f.empty() {
 		return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: fmt.Errorf("name the sessions to close with id, user or remote")}
 	}
+	if q.Has("cluster") {
+		cluster, err := strconv.ParseBool(q.Get("cluster"))
+		if err != nil {
+			return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: fmt.Errorf("cluster: want 1 or 0, got %q", q.Get("cluster"))}
+		}
+		if cluster {
+			return a.handleClusterSessions(w, r, f)
+		}
+	}
 	w.Header().Set("Content-Type", "application/json")
 	if r.Method == http.MethodDelete {
 		return json.NewEncoder(w).Encode(map[string]int{"closed": kickLocal(proc, f)})
@@ -162,6 +172,35 @@ func (a adminAPI) handleSessions(w http.ResponseWriter, r *http.Request) error {
 	})
 	sort.Slice(views, func(i, j int) bool { return views[i].Start.Before(views[j].Start) })
 	return json.NewEncoder(w).Encode(views)
+}
+
+// handleClusterSessions serves /pop3/sessions?cluster=1: the sessions of
+// every instance that shares the pop3 app's Redis. Without a redis block
+// (or without a pop3 app) the process is the whole cluster and the answer
+// is its own sessions, with the instance's name, so that a script works
+// the same against one proxy or several.
+func (a adminAPI) handleClusterSessions(w http.ResponseWriter, r *http.Request, f sessionFilter) error {
+	proc := a.process()
+	app := proc.cluster.Load()
+	if app == nil {
+		app = &App{Instance: hostname, proc: proc}
+	}
+	w.Header().Set("Content-Type", "application/json")
+	if r.Method == http.MethodDelete {
+		n, err := app.kickCluster(r.Context(), f)
+		if err != nil {
+			return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: fmt.Errorf("closing the cluster's sessions: %w; none was closed (without cluster=1 this instance's close)", err)}
+		}
+		return json.NewEncoder(w).Encode(map[string]int{"closed": n})
+	}
+	list, err := app.clusterSessions(r.Context(), f)
+	if err != nil {
+		return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: fmt.Errorf("listing the cluster's sessions: %w (without cluster=1 this instance's are listed)", err)}
+	}
+	if list == nil {
+		list = []clusterSession{}
+	}
+	return json.NewEncoder(w).Encode(list)
 }
 
 // blockView is what the admin API shows of a block of the limits option.
