@@ -8,11 +8,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"strconv"
 	"sync"
 	"time"
 
 	"github.com/caddy-pop3/caddy-pop3/internal/limits"
+	"github.com/caddy-pop3/caddy-pop3/internal/limits/redisstore"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -57,6 +59,8 @@ type App struct {
 	SharedKey string `json:"shared_key,omitempty"`
 
 	client   redis.UniversalClient // nil without redis
+	penalty  limits.Store          // the login penalty's failures per address, with redis
+	breaker  *storeBreaker         // when Redis last failed
 	redisKey string                // the client's key in redisClients
 	logger   *zap.Logger
 	stop     context.CancelFunc // ends the loops Start started
@@ -129,9 +133,12 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	if a.Redis != nil {
 		var err error
-		if a.client, a.redisKey, err = a.connectRedis(ctx); err != nil {
+		var c redisClient
+		if c, a.redisKey, err = a.connectRedis(ctx); err != nil {
 			return err
 		}
+		a.client, a.breaker = c.UniversalClient, c.breaker
+		a.penalty = redisstore.New(a.client, redisstore.Options{KeyPrefix: a.Redis.KeyPrefix + "penalty:", Timeout: time.Duration(a.Redis.Timeout)})
 	}
 	return nil
 }
@@ -375,3 +382,18 @@ var (
 	_ caddy.Validator       = (*App)(nil)
 	_ caddyfile.Unmarshaler = (*App)(nil)
 )
+
+// sharedFailures counts a failed login from ip in the cluster's login
+// penalty and returns the failures of the last penaltyForget from its
+// address (IPv6 by /64), 0 without redis or while Redis fails: the
+// instance's own count then stands alone.
+func (a *App) sharedFailures(ctx context.Context, ip netip.Addr) int64 {
+	if a == nil || a.penalty == nil || !ip.IsValid() || now().UnixNano() < a.breaker.downUntil.Load() {
+		return 0
+	}
+	n, err := a.penalty.Fail(ctx, penaltyKey(ip).String(), penaltyForget, now())
+	if err != nil {
+		return 0
+	}
+	return n
+}

@@ -214,11 +214,10 @@ func (z *zones) get(name string, app *App, logger *zap.Logger, metrics *pop3Metr
 		zone = &limitZone{name: name, store: limits.NewMemory(0), known: limits.NewMemory(0), unblocks: make(map[string]*time.Timer), lease: sessionLease}
 		if app != nil && app.client != nil {
 			zone.instance, zone.lease = app.Instance, sharedLease
-			warned := new(onceAMinute)
 			shared := func(suffix string, local limits.Store) limits.Store {
 				return &failoverStore{
 					shared: redisstore.New(app.client, redisstore.Options{KeyPrefix: app.Redis.KeyPrefix + "zone:" + name + suffix, Timeout: time.Duration(app.Redis.Timeout)}),
-					local:  local, closed: app.OnStoreFailure == StoreFailureClosed, warned: warned, logger: logger,
+					local:  local, closed: app.OnStoreFailure == StoreFailureClosed, breaker: app.breaker, logger: logger,
 					errors: func() { metrics.storeError() },
 				}
 			}

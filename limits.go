@@ -261,9 +261,16 @@ func (p *penaltyTable) fail(ip netip.Addr, user string, base time.Duration) time
 	p.pushNewest(e)
 	e.countUser(h)
 
+	return penaltyDelay(int64(e.failures), base)
+}
+
+// penaltyDelay is the delay after failures recent failures: base for the
+// first, doubling for each further one, up to penaltyFactor times base and
+// at most penaltyMax.
+func penaltyDelay(failures int64, base time.Duration) time.Duration {
 	limit := max(base, min(base*penaltyFactor, penaltyMax))
 	d := base
-	for i := 1; i < e.failures && d < limit; i++ {
+	for i := int64(1); i < failures && d < limit; i++ {
 		d *= 2
 	}
 	return min(d, limit)

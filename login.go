@@ -398,7 +398,11 @@ func (s *session) authFailed(req loginRequest) {
 func (s *session) failureDelay(wait time.Duration, hasWait bool) {
 	d := wait
 	if !hasWait {
-		d = s.h.proc.penalties.fail(s.clientIP(), s.failedUser, time.Duration(s.h.AuthFailureDelay))
+		base := time.Duration(s.h.AuthFailureDelay)
+		d = s.h.proc.penalties.fail(s.clientIP(), s.failedUser, base)
+		if n := s.h.app.sharedFailures(s.ctx, s.clientIP()); n > 0 {
+			d = max(d, penaltyDelay(n, base)) // failures at other instances count too
+		}
 	}
 	d = min(d, maxFailureDelay, s.loginDeadline().Sub(now()))
 	if d > 0 {

@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -30,13 +31,16 @@ const sharedLease = time.Minute
 // the replaced config still release their slots through them.
 var redisClients = caddy.NewUsagePool()
 
-type redisClient struct{ redis.UniversalClient }
+type redisClient struct {
+	redis.UniversalClient
+	breaker *storeBreaker
+}
 
 func (c redisClient) Destruct() error { return c.Close() }
 
 // connectRedis returns the client for the app's redis block and the key
 // it is kept under in redisClients.
-func (a *App) connectRedis(ctx caddy.Context) (redis.UniversalClient, string, error) {
+func (a *App) connectRedis(ctx caddy.Context) (redisClient, string, error) {
 	r := a.Redis
 	raw, _ := json.Marshal(r) // with the password resolved: the key never leaves the process
 	key := string(raw)
@@ -58,153 +62,146 @@ func (a *App) connectRedis(ctx caddy.Context) (redis.UniversalClient, string, er
 			}
 			opts.TLSConfig = cfg
 		}
-		return redisClient{redis.NewUniversalClient(opts)}, nil
+		return redisClient{redis.NewUniversalClient(opts), new(storeBreaker)}, nil
 	})
 	if err != nil {
-		return nil, "", err
+		return redisClient{}, "", err
 	}
-	return v.(redisClient).UniversalClient, key, nil
+	return v.(redisClient), key, nil
 }
 
 // errStoreDown refuses what needs the shared state while Redis cannot
 // answer and on_store_failure is closed.
 var errStoreDown = errors.New("limits store unavailable")
 
-// failoverStore is a zone's store with Redis: each call goes to Redis and,
-// when Redis fails, to the instance's own memory (open) or fails with
-// errStoreDown (closed). A WARN at most once a minute and a metric tell the
-// operator; go-redis reconnects by itself.
-type failoverStore struct {
-	shared limits.Store
-	local  limits.Store
-	closed bool
-	warned *onceAMinute
-	logger *zap.Logger
-	errors func()
+// storeRetryAfter is how long a failed Redis is left alone: calls in that
+// time decide at once without it, so that a hung Redis costs a login at
+// most one timeout, and only the first login after each pause.
+const storeRetryAfter = 2 * time.Second
+
+// storeBreaker is the state of one Redis client that every zone's stores
+// share: when it failed last.
+type storeBreaker struct {
+	downUntil atomic.Int64 // unix nanoseconds
+	warned    onceAMinute
 }
 
-func (f *failoverStore) failed(err error) error {
-	if f.errors != nil {
-		f.errors()
-	}
-	if f.warned.allow() {
-		f.logger.Warn("limits store (redis) unavailable: deciding with this instance's own state until it answers", zap.Error(err), zap.Bool("closed", f.closed))
+// failoverStore is a zone's store with Redis: each call goes to Redis and,
+// when Redis fails or failed within storeRetryAfter, to the instance's own
+// memory (open) or fails with errStoreDown (closed). A WARN at most once a
+// minute and a metric tell the operator; go-redis reconnects by itself.
+type failoverStore struct {
+	shared  limits.Store
+	local   limits.Store
+	closed  bool
+	breaker *storeBreaker
+	logger  *zap.Logger
+	errors  func()
+}
+
+// viaShared runs call on Redis unless the breaker is open. It reports
+// whether the answer stands; if not, the caller decides locally unless err
+// (errStoreDown, when closed) says to refuse.
+func (f *failoverStore) viaShared(call func() error) (done bool, err error) {
+	if now().UnixNano() >= f.breaker.downUntil.Load() {
+		cerr := call()
+		if cerr == nil {
+			return true, nil
+		}
+		f.breaker.downUntil.Store(now().Add(storeRetryAfter).UnixNano())
+		if f.errors != nil {
+			f.errors()
+		}
+		if f.breaker.warned.allow() {
+			f.logger.Warn("limits store (redis) unavailable: deciding with this instance's own state until it answers",
+				zap.Error(cerr), zap.String("on_store_failure", map[bool]string{false: StoreFailureOpen, true: StoreFailureClosed}[f.closed]))
+		}
 	}
 	if f.closed {
-		return errStoreDown
+		return false, errStoreDown
 	}
-	return nil
+	return false, nil
 }
 
-func (f *failoverStore) Acquire(ctx context.Context, key, holder string, max int64, now time.Time, lease time.Duration) (bool, error) {
-	ok, err := f.shared.Acquire(ctx, key, holder, max, now, lease)
-	if err == nil {
-		return ok, nil
-	}
-	if err := f.failed(err); err != nil {
-		return false, err
+func (f *failoverStore) Acquire(ctx context.Context, key, holder string, max int64, now time.Time, lease time.Duration) (ok bool, err error) {
+	if done, err := f.viaShared(func() (err error) { ok, err = f.shared.Acquire(ctx, key, holder, max, now, lease); return }); done || err != nil {
+		return ok, err
 	}
 	return f.local.Acquire(ctx, key, holder, max, now, lease)
 }
 
 func (f *failoverStore) Release(ctx context.Context, key, holder string) error {
 	_ = f.local.Release(ctx, key, holder) // taken there if Redis was down at Acquire
-	if err := f.shared.Release(ctx, key, holder); err != nil {
-		return f.failed(err)
-	}
-	return nil
+	_, err := f.viaShared(func() error { return f.shared.Release(ctx, key, holder) })
+	return err
 }
 
-func (f *failoverStore) Renew(ctx context.Context, leases []limits.Lease, now time.Time, lease time.Duration) ([]limits.Lease, error) {
-	lost, err := f.shared.Renew(ctx, leases, now, lease)
-	if err != nil {
-		return nil, f.failed(err)
-	}
-	return lost, nil
+func (f *failoverStore) Renew(ctx context.Context, leases []limits.Lease, now time.Time, lease time.Duration) (lost []limits.Lease, err error) {
+	_, err = f.viaShared(func() (err error) { lost, err = f.shared.Renew(ctx, leases, now, lease); return })
+	return lost, err
 }
 
-func (f *failoverStore) Allow(ctx context.Context, key string, rate int64, window time.Duration, now time.Time) (bool, error) {
-	ok, err := f.shared.Allow(ctx, key, rate, window, now)
-	if err == nil {
-		return ok, nil
-	}
-	if err := f.failed(err); err != nil {
-		return false, err
+func (f *failoverStore) Allow(ctx context.Context, key string, rate int64, window time.Duration, now time.Time) (ok bool, err error) {
+	if done, err := f.viaShared(func() (err error) { ok, err = f.shared.Allow(ctx, key, rate, window, now); return }); done || err != nil {
+		return ok, err
 	}
 	return f.local.Allow(ctx, key, rate, window, now)
 }
 
-func (f *failoverStore) Fail(ctx context.Context, key string, window time.Duration, now time.Time) (int64, error) {
-	n, err := f.shared.Fail(ctx, key, window, now)
-	if err == nil {
-		return n, nil
-	}
-	if err := f.failed(err); err != nil {
-		return 0, err
+func (f *failoverStore) Fail(ctx context.Context, key string, window time.Duration, now time.Time) (n int64, err error) {
+	if done, err := f.viaShared(func() (err error) { n, err = f.shared.Fail(ctx, key, window, now); return }); done || err != nil {
+		return n, err
 	}
 	return f.local.Fail(ctx, key, window, now)
 }
 
 func (f *failoverStore) Reset(ctx context.Context, key string) error {
 	_ = f.local.Reset(ctx, key)
-	if err := f.shared.Reset(ctx, key); err != nil {
-		return f.failed(err)
-	}
-	return nil
+	_, err := f.viaShared(func() error { return f.shared.Reset(ctx, key) })
+	return err
 }
 
 func (f *failoverStore) Block(ctx context.Context, key string, until, now time.Time) error {
-	if err := f.shared.Block(ctx, key, until, now); err != nil {
-		if err := f.failed(err); err != nil {
-			return err
-		}
-		return f.local.Block(ctx, key, until, now)
+	if done, err := f.viaShared(func() error { return f.shared.Block(ctx, key, until, now) }); done || err != nil {
+		return err
 	}
-	return nil
+	return f.local.Block(ctx, key, until, now)
 }
 
-func (f *failoverStore) Blocked(ctx context.Context, key string, now time.Time) (time.Time, bool, error) {
-	until, blocked, err := f.shared.Blocked(ctx, key, now)
-	if err == nil {
-		if !blocked { // a block set while Redis was down holds here
-			if u, b, _ := f.local.Blocked(ctx, key, now); b {
-				return u, true, nil
-			}
-		}
-		return until, blocked, nil
-	}
-	if err := f.failed(err); err != nil {
+func (f *failoverStore) Blocked(ctx context.Context, key string, now time.Time) (until time.Time, blocked bool, err error) {
+	done, err := f.viaShared(func() (err error) { until, blocked, err = f.shared.Blocked(ctx, key, now); return })
+	if err != nil {
 		return time.Time{}, false, err
 	}
+	if done && blocked {
+		return until, true, nil
+	}
+	// Not blocked in Redis, or Redis is down: a block set here while it
+	// was down still holds.
 	return f.local.Blocked(ctx, key, now)
 }
 
 func (f *failoverStore) Unblock(ctx context.Context, key string) error {
 	_ = f.local.Unblock(ctx, key)
-	if err := f.shared.Unblock(ctx, key); err != nil {
-		return f.failed(err)
-	}
-	return nil
+	_, err := f.viaShared(func() error { return f.shared.Unblock(ctx, key) })
+	return err
 }
 
-func (f *failoverStore) Blocks(ctx context.Context, now time.Time) ([]limits.Block, error) {
-	shared, err := f.shared.Blocks(ctx, now)
-	if err != nil {
-		if err := f.failed(err); err != nil {
-			return nil, err
-		}
+func (f *failoverStore) Blocks(ctx context.Context, now time.Time) (blocks []limits.Block, err error) {
+	if _, err := f.viaShared(func() (err error) { blocks, err = f.shared.Blocks(ctx, now); return }); err != nil {
+		return nil, err
 	}
 	local, _ := f.local.Blocks(ctx, now)
-	seen := make(map[string]bool, len(shared))
-	for _, b := range shared {
+	seen := make(map[string]bool, len(blocks))
+	for _, b := range blocks {
 		seen[b.Key] = true
 	}
 	for _, b := range local {
 		if !seen[b.Key] {
-			shared = append(shared, b)
+			blocks = append(blocks, b)
 		}
 	}
-	return shared, nil
+	return blocks, nil
 }
 
 var _ limits.Store = (*failoverStore)(nil)

@@ -111,9 +111,76 @@ func TestSharedLimitsStoreFailure(t *testing.T) {
 	if err := srv.Restart(); err != nil {
 		t.Fatal(err)
 	}
-	c.send("USER alice", "PASS secret-pw", "QUIT")
-	c.expect("+OK")
-	c.expect("+OK")
-	c.expect("+OK")
-	c.closed()
+	// Redis is tried again storeRetryAfter after it last failed.
+	for deadline := time.Now().Add(storeRetryAfter + 3*time.Second); ; {
+		c := sessionFrom(t, closed, "127.0.0.1")
+		c.send("USER alice", "PASS secret-pw")
+		c.expect("+OK")
+		if strings.HasPrefix(c.readLine(), "+OK") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("logins still refused after Redis came back")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// A hung Redis costs a login at most one timeout, and only the first
+// login after each storeRetryAfter: the others decide at once.
+func TestSharedLimitsHungRedis(t *testing.T) {
+	t.Parallel()
+	srv := redistest.Run(t)
+	l := &Limits{
+		ConnectionsPerIP: &RateLimit{Count: 100, Window: caddy.Duration(time.Minute)},
+		SessionsPerIP:    100, SessionsPerUser: 100,
+		FailuresPerIP: &FailureLimit{Count: 100, Window: caddy.Duration(time.Hour), Block: caddy.Duration(time.Hour)},
+	}
+	h := instanceHandler(t, sharedApp(t, srv.Addr, "a", ""), l)
+	sessionFrom(t, h, "127.0.0.1").loginAndQuit() // connected
+	if err := srv.Pause(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = srv.Continue() }()
+	var took []time.Duration
+	for range 5 {
+		start := time.Now()
+		sessionFrom(t, h, "127.0.0.1").loginAndQuit()
+		took = append(took, time.Since(start))
+	}
+	timeout := defaultRedisTimeout
+	if took[0] > timeout+time.Second {
+		t.Errorf("first login with Redis hung took %v, want at most about one timeout (%v)", took[0], timeout)
+	}
+	for _, d := range took[1:] {
+		if d > timeout {
+			t.Errorf("logins after the first waited for Redis again: %v", took)
+			break
+		}
+	}
+}
+
+// The login penalty counts failures from an address at every instance:
+// after three failures at one, the next at another waits as the fourth.
+func TestSharedLoginPenalty(t *testing.T) {
+	t.Parallel()
+	srv := redistest.Run(t)
+	a := instanceHandler(t, sharedApp(t, srv.Addr, "a", ""), nil)
+	b := instanceHandler(t, sharedApp(t, srv.Addr, "b", ""), nil)
+	a.AuthFailureDelay = caddy.Duration(50 * time.Millisecond)
+	b.AuthFailureDelay = a.AuthFailureDelay
+	for range 3 {
+		s := sessionFrom(t, a, "127.0.0.1")
+		s.send("USER alice", "PASS wrong")
+		s.expect("+OK")
+		s.expect("-ERR [AUTH]")
+	}
+	s := sessionFrom(t, b, "127.0.0.1")
+	s.send("USER alice", "PASS wrong")
+	s.expect("+OK")
+	start := time.Now()
+	s.expect("-ERR [AUTH]")
+	if d := time.Since(start); d < 350*time.Millisecond { // the fourth failure: 8 × 50ms; b's own first would be 50ms
+		t.Fatalf("failure at the second instance waited %v, want about 400ms", d)
+	}
 }

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # bench.sh: caddy-pop3 against Dovecot directly and NGINX's mail proxy, in
 # one run (cmd/pop3bench). On a fresh Debian machine (root or sudo) it
-# installs NGINX with its mail module and Dovecot with apt, without letting
-# their system services start, builds bin/caddy and bin/pop3bench, raises
-# the open files limit and runs the benchmark. Results: bench/results.md and
+# installs NGINX with its mail module, Dovecot and redis-server (for
+# caddy-pop3's limits in Redis) with apt, without letting their system
+# services start, builds bin/caddy and bin/pop3bench, raises the open files
+# limit and runs the benchmark. Results: bench/results.md and
 # bench/login-latency.png (bench/pop3bench.log has the whole output).
 #
 #   scripts/bench.sh              # the full run, a few minutes
@@ -57,24 +58,28 @@ stop_service() {
 # Services that run now are someone else's: they are left alone. The ones
 # the install below brings must neither run nor start at boot: the
 # benchmark runs private instances.
+services=(nginx dovecot redis-server)
 was_active=()
-for svc in nginx dovecot; do
+for svc in "${services[@]}"; do
 	service_active "$svc" && was_active+=("$svc")
 done
+# install-deps.sh installs Dovecot and redis-server (among what the tests
+# need), and NGINX with its mail module as asked.
 scripts/install-deps.sh nginx libnginx-mod-mail
-for svc in nginx dovecot; do
+for svc in "${services[@]}"; do
 	if [[ " ${was_active[*]} " != *" $svc "* ]] && service_active "$svc"; then
 		stop_service "$svc"
 		service_active "$svc" && fail "the system $svc service is still running; stop it and run again"
 	fi
 done
-for svc in nginx dovecot; do
+for svc in "${services[@]}"; do
 	if service_active "$svc"; then
 		log "note: a system $svc service is running (left alone); it shares the CPUs with the benchmark"
 	fi
 done
 [ -e /usr/lib/nginx/modules/ngx_mail_module.so ] || fail "/usr/lib/nginx/modules/ngx_mail_module.so is missing (libnginx-mod-mail)"
-log "$(/usr/sbin/nginx -v 2>&1), dovecot $(/usr/sbin/dovecot --version)"
+command -v redis-server >/dev/null || fail "redis-server is missing (apt-get install redis-server)"
+log "$(/usr/sbin/nginx -v 2>&1), dovecot $(/usr/sbin/dovecot --version), $(redis-server --version | cut -d' ' -f1-3)"
 
 log "building bin/caddy and bin/pop3bench"
 go build -o bin/caddy ./cmd/caddy

@@ -14,9 +14,11 @@ import (
 // TestQuick runs `pop3bench -quick` end to end: it builds Caddy, starts
 // Dovecot, Caddy and NGINX, and checks that every phase ran without an
 // error (the plain logins through the listener with every limit on
-// included) and that the report and the chart were written. scripts/test.sh
-// installs NGINX with its mail module; a developer without them may opt
-// out with POP3_TEST_NO_NGINX=1 (never in CI).
+// included, and through a second Caddy with those limits in a private
+// redis-server) and that the report and the chart were written.
+// scripts/test.sh installs NGINX with its mail module and redis-server; a
+// developer without NGINX may opt out with POP3_TEST_NO_NGINX=1 (never in
+// CI).
 func TestQuick(t *testing.T) {
 	if testing.Short() {
 		t.Skip("-short")
@@ -51,7 +53,10 @@ func TestQuick(t *testing.T) {
 	}
 	for _, want := range []string{"## RETR throughput", "## Proxy CPU per GB relayed", "| TLS (995) | caddy-pop3 |", "| STLS | NGINX |", "| 100 | plain | caddy-pop3 |", "| 100 | plain | NGINX |", "| 50 | TLS (995) | caddy-pop3 |", "| 50 | TLS (995) | NGINX |", "## Login latency with one client", "| caddy-pop3 | ", "## Login rate with passwd_file at the proxy", "| caddy-pop3 pass-through | ", "| caddy-pop3 passwd_file | ", "| caddy-pop3 passwd_file + auth_cache | ",
 		// The plain listener with every limit on logs in, and none refuses.
-		"| plain | caddy-pop3 limits on | ", "## Plain logins with limits on", "| errors | 0 | 0 | |"} {
+		"| plain | caddy-pop3 limits on | ", "## Plain logins with limits on", "| errors | 0 | 0 | |",
+		// So does the second Caddy with the same limits in Redis, which
+		// holds its zone: no Redis call failed (run fails otherwise).
+		"| plain | caddy-pop3 limits in Redis | ", "## Plain logins with limits in Redis", "| failed Redis calls (`caddy_layer4_pop3_store_errors_total`) | | 0 | |"} {
 		if !strings.Contains(string(md), want) {
 			t.Errorf("results.md lacks %q", want)
 		}

@@ -47,6 +47,9 @@ type target struct {
 	pids func() ([]int, error)
 	// restart, when set, starts the proxy afresh (memory measurements).
 	restart func() error
+	// store, when set, reads what the proxy's shared store (redis-server)
+	// did so far; its CPU is counted apart from the proxy's.
+	store func() (storeStats, error)
 }
 
 // tlsConfig is the configuration for one TLS connection in mode m: with

@@ -8,7 +8,9 @@
 //     session;
 //   - the plain login rate through caddy-pop3 with every edge limit on
 //     (values no client reaches, none exempt), against limits off in the
-//     same interleaved rounds;
+//     same interleaved rounds, and with the same limits in Redis (a
+//     redis-server of its own, a second Caddy with the pop3 app's redis
+//     block) against them in process;
 //   - the login rate through caddy-pop3 when it checks the users itself in a
 //     passwd_file of bcrypt hashes and logs in to Dovecot as a master user
 //     (master_login), without and with auth_cache, against its pass-through
@@ -58,6 +60,8 @@ const (
 	nameNginx  = "NGINX"
 	// caddy-pop3's plain listener with every limit on, none reached.
 	nameCaddyLimits = "caddy-pop3 limits on"
+	// The same limits in a zone in Redis (a second Caddy, see redis.go).
+	nameCaddyRedis = "caddy-pop3 limits in Redis"
 	// caddy-pop3 checking the users in a passwd_file, master_login upstream.
 	namePasswd       = "caddy-pop3 passwd_file"
 	namePasswdCached = "caddy-pop3 passwd_file + auth_cache"
@@ -258,16 +262,20 @@ func runCleanups() {
 
 // bench holds what one run set up.
 type bench struct {
-	cfg      *config
-	dir      string
-	targets  []*target // direct, caddy-pop3, NGINX
-	caddy    *caddyProxy
-	nginx    *nginxProxy
-	users    []userCred // login and idle-session users
-	passwd   *passwdSetup
-	retrUser userCred
-	want     [32]byte
-	res      results
+	cfg     *config
+	dir     string
+	targets []*target // direct, caddy-pop3, NGINX
+	caddy   *caddyProxy
+	nginx   *nginxProxy
+	// redis: the second Caddy with its limits in Redis (plain phase only),
+	// and its path.
+	redis       *redisProxy
+	redisTarget *target
+	users       []userCred // login and idle-session users
+	passwd      *passwdSetup
+	retrUser    userCred
+	want        [32]byte
+	res         results
 }
 
 func run(cfg *config) (failed bool, err error) {
@@ -358,6 +366,13 @@ func run(cfg *config) (failed bool, err error) {
 		return false, err
 	}
 	atExit(b.caddy.stop)
+	if cfg.phases["plain"] {
+		log.Print("starting redis-server and a second Caddy with the limits in Redis")
+		if b.redis, err = newRedisProxy(caddyBin, dir, dc.POP3Addr, authURL, cfg.caddyLog, cfg.caddyEnv); err != nil {
+			return false, err
+		}
+		atExit(b.redis.stop)
+	}
 
 	log.Print("starting NGINX")
 	b.nginx, err = newNginxProxy(cfg.nginxBin, filepath.Join(dir, "nginx"), auth.addr, dc.CACertFile,
@@ -396,6 +411,12 @@ func run(cfg *config) (failed bool, err error) {
 		newTarget(nameNginx, b.nginx.addrs, b.nginx.pids, b.nginx.restart),
 	}
 	b.res.versions = versions(caddyBin, cfg.nginxBin)
+	if b.redis != nil {
+		b.redisTarget = newTarget(nameCaddyRedis, b.redis.addrs, b.redis.pids, nil)
+		b.redisTarget.store = b.redis.stats
+		b.res.versions = append(b.res.versions, "Redis: "+redisVersion())
+		b.res.redis = &redisResult{caddyfile: b.redis.conf}
+	}
 	b.res.dovecotConf = dovecotExtra(maxSessions)
 	if b.passwd != nil {
 		b.res.dovecotConf += masterExtra(b.passwd.mastersFile)
@@ -418,7 +439,9 @@ func run(cfg *config) (failed bool, err error) {
 			}
 			var extra []loginPath
 			if m == modePlain {
-				extra = append(extra, loginPath{t: b.caddyListener(nameCaddyLimits, b.caddy.limitsAddr), users: b.users, beside: nameCaddy})
+				extra = append(extra,
+					loginPath{t: b.caddyListener(nameCaddyLimits, b.caddy.limitsAddr), users: b.users, beside: nameCaddy},
+					loginPath{t: b.redisTarget, users: b.users, beside: nameCaddyLimits})
 			}
 			if b.res.login[m], err = b.loginPhase(m, cfg.conc, 0, extra...); err != nil {
 				return false, err
@@ -426,6 +449,11 @@ func run(cfg *config) (failed bool, err error) {
 			if m == modePlain {
 				aggs := b.res.login[m]
 				log.Printf("  %s vs off: %s", nameCaddyLimits, vsLine(aggs[nameCaddyLimits], aggs[nameCaddy]))
+				if err := b.redisChecks(); err != nil {
+					return false, err
+				}
+				red := aggs[nameCaddyRedis]
+				log.Printf("  %s vs in process: %s; redis-server CPU %.2f ms, %.1f commands and %.1f scripts per login", nameCaddyRedis, vsLine(red, aggs[nameCaddyLimits]), red.storeCPUPerSession(), red.storePerSession(red.store.commands), red.storePerSession(red.store.scripts))
 			}
 		}
 	}
@@ -529,7 +557,8 @@ type loginPath struct {
 // roundOrder is the order of the paths in round i (from 0): those without
 // beside rotated to start at the i-th, so that none always runs first or
 // last, each followed (even rounds) or preceded (odd rounds) by those that
-// run beside it.
+// run beside it, and these in turn by those beside them (a path beside the
+// one beside another runs next to it, on the far side from the first).
 func roundOrder(paths []loginPath, i int) []loginPath {
 	var main []loginPath
 	for _, p := range paths {
@@ -537,20 +566,22 @@ func roundOrder(paths []loginPath, i int) []loginPath {
 			main = append(main, p)
 		}
 	}
-	var out []loginPath
-	for j := range main {
-		p := main[(i+j)%len(main)]
+	var place func(p loginPath) []loginPath
+	place = func(p loginPath) []loginPath {
 		var next []loginPath
 		for _, q := range paths {
 			if q.beside == p.t.name {
-				next = append(next, q)
+				next = append(next, place(q)...)
 			}
 		}
 		if i%2 == 0 {
-			out = append(append(out, p), next...)
-		} else {
-			out = append(append(out, next...), p)
+			return append([]loginPath{p}, next...)
 		}
+		return append(next, p)
+	}
+	var out []loginPath
+	for j := range main {
+		out = append(out, place(main[(i+j)%len(main)])...)
 	}
 	return out
 }
@@ -695,6 +726,12 @@ func (b *bench) loginRuns(paths []loginPath, m mode, conc, count int) (aggs map[
 					return nil, err
 				}
 			}
+			var store0 storeStats
+			if t.store != nil {
+				if store0, err = t.store(); err != nil {
+					return nil, err
+				}
+			}
 			busy0, err := machineBusyTicks()
 			if err != nil {
 				return nil, err
@@ -705,6 +742,16 @@ func (b *bench) loginRuns(paths []loginPath, m mode, conc, count int) (aggs map[
 				return nil, err
 			}
 			a.busy += busy1 - busy0
+			if t.store != nil {
+				store1, err := t.store()
+				if err != nil {
+					return nil, err
+				}
+				// Less the INFO command of the first reading.
+				a.store.cpuTicks += store1.cpuTicks - store0.cpuTicks
+				a.store.commands += store1.commands - store0.commands - 1
+				a.store.scripts += store1.scripts - store0.scripts
+			}
 			if t.pids != nil {
 				cpu1, err := t.cpu()
 				if err != nil {

@@ -30,6 +30,7 @@ type results struct {
 	passwd             map[string]*loginAgg // pass-through and passwd_file logins through caddy-pop3
 	latency            map[string]*loginAgg // plain sessions one at a time
 	memory             []*memResult
+	redis              *redisResult // with the plain phase
 	profiles           []string
 }
 
@@ -57,6 +58,27 @@ type loginAgg struct {
 	tls      string
 	cpuTicks uint64 // the proxy's CPU during the measured runs
 	busy     uint64 // the whole machine's busy CPU during the measured runs
+	// The shared store's (redis-server's) CPU and commands during the
+	// measured runs, for a target with a store.
+	store storeStats
+}
+
+// storeCPUPerSession is the shared store's CPU milliseconds per completed
+// session.
+func (a *loginAgg) storeCPUPerSession() float64 {
+	if a.sessions == 0 {
+		return math.NaN()
+	}
+	return float64(a.store.cpuTicks) * 1000 / clockTicks / float64(a.sessions)
+}
+
+// storePerSession is n (commands or scripts of the shared store) per
+// completed session.
+func (a *loginAgg) storePerSession(n uint64) float64 {
+	if a.sessions == 0 {
+		return math.NaN()
+	}
+	return float64(n) / float64(a.sessions)
 }
 
 // machinePerSession is the whole machine's busy CPU milliseconds (client,
@@ -228,7 +250,11 @@ func (b *bench) report() (failed bool, err error) {
 	p("- %s", strings.Join(r.versions, "; "))
 	p("- Open files limit: %s", r.fdLimit)
 	p("")
-	p("Everything runs on loopback on this machine: a private Dovecot, Caddy with caddy-pop3, a private NGINX with its mail module, and the Go client, which is the same for the three paths. Rounds interleave the paths, starting with a different one each round, so that noise from the machine hits all three alike. Medians are over rounds.")
+	also := ""
+	if r.redis != nil {
+		also = " (for caddy-pop3's limits in Redis, a private redis-server and a second Caddy)"
+	}
+	p("Everything runs on loopback on this machine: a private Dovecot, Caddy with caddy-pop3, a private NGINX with its mail module%s, and the Go client, which is the same for the three paths. Rounds interleave the paths, starting with a different one each round, so that noise from the machine hits all three alike. Medians are over rounds.", also)
 	p("")
 
 	if r.retr != nil {
@@ -289,8 +315,10 @@ func (b *bench) report() (failed bool, err error) {
 			for _, t := range b.targets {
 				names = append(names, t.name)
 			}
-			if _, ok := aggs[nameCaddyLimits]; ok {
-				names = append(names, nameCaddyLimits)
+			for _, name := range []string{nameCaddyLimits, nameCaddyRedis} {
+				if _, ok := aggs[name]; ok {
+					names = append(names, name)
+				}
 			}
 			for _, name := range names {
 				a := aggs[name]
@@ -341,6 +369,9 @@ func (b *bench) report() (failed bool, err error) {
 		p("")
 		if on, ok := r.login[modePlain][nameCaddyLimits]; ok {
 			b.limitsReport(p, r.login[modePlain][nameCaddy], on)
+			if red, ok := r.login[modePlain][nameCaddyRedis]; ok && b.redisReport(p, on, red) {
+				failed = true
+			}
 		}
 	}
 
@@ -467,6 +498,15 @@ func (b *bench) report() (failed bool, err error) {
 	p("```")
 	p("</details>")
 	p("")
+	if r.redis != nil {
+		p("<details><summary>Caddyfile of the second Caddy (limits in Redis)</summary>")
+		p("")
+		p("```")
+		w.WriteString(r.redis.caddyfile)
+		p("```")
+		p("</details>")
+		p("")
+	}
 	p("<details><summary>nginx.conf</summary>")
 	p("")
 	p("```nginx")
@@ -509,15 +549,7 @@ func (b *bench) limitsReport(p func(string, ...any), off, on *loginAgg) {
 	p("")
 	p("caddy-pop3's plain listener as above with a `limits` block that sets every option (below) to values the benchmark's clients never reach: they all come from 127.0.0.1 as %d users, at most %d sessions at once, and every login succeeds, so no session is refused, no failure counted and nothing blocked; 127.0.0.1 is not exempt, so every limit is evaluated for every session. Its runs are the `%s` row of the login-rate table, each right beside a run of the `%s` row (limits off) in the same round, after it in even rounds and before it in odd ones. on / off is the ratio of the two.", len(b.users), b.cfg.conc, nameCaddyLimits, nameCaddy)
 	p("")
-	p("| plain, %d clients | limits off | limits on | on / off |", b.cfg.conc)
-	p("|---|---:|---:|---:|")
-	row := func(what string, f func(float64) string, vOff, vOn float64) {
-		p("| %s | %s | %s | %s |", what, f(vOff), f(vOn), x(ratio(vOn, vOff)))
-	}
-	row("sessions/s", f0, median(off.rates), median(on.rates))
-	row("p50 ms", f2, ms(percentile(off.lat, 50)), ms(percentile(on.lat, 50)))
-	row("p99 ms", f2, ms(percentile(off.lat, 99)), ms(percentile(on.lat, 99)))
-	row("proxy CPU ms per session", f2, off.cpuPerSession(), on.cpuPerSession())
+	row := b.compareTable(p, "limits off", "limits on", "on / off", off, on)
 	row("machine CPU ms per session", f2, off.machinePerSession(), on.machinePerSession())
 	p("| errors | %d | %d | |", off.errors, on.errors)
 	p("")
@@ -527,6 +559,62 @@ func (b *bench) limitsReport(p func(string, ...any), off, on *loginAgg) {
 	}
 	p("```")
 	p("")
+}
+
+// compareTable starts a table that compares the plain logins of path
+// other with those of path base: its head, then rows of sessions/s, p50,
+// p99 and proxy CPU per session with the ratio other / base. row adds
+// another.
+func (b *bench) compareTable(p func(string, ...any), baseName, otherName, ratioName string, base, other *loginAgg) (row func(what string, f func(float64) string, vBase, vOther float64)) {
+	p("| plain, %d clients | %s | %s | %s |", b.cfg.conc, baseName, otherName, ratioName)
+	p("|---|---:|---:|---:|")
+	row = func(what string, f func(float64) string, vBase, vOther float64) {
+		p("| %s | %s | %s | %s |", what, f(vBase), f(vOther), x(ratio(vOther, vBase)))
+	}
+	row("sessions/s", f0, median(base.rates), median(other.rates))
+	row("p50 ms", f2, ms(percentile(base.lat, 50)), ms(percentile(other.lat, 50)))
+	row("p99 ms", f2, ms(percentile(base.lat, 99)), ms(percentile(other.lat, 99)))
+	row("proxy CPU ms per session", f2, base.cpuPerSession(), other.cpuPerSession())
+	return row
+}
+
+// redisReport writes the section that compares the plain logins through
+// the second Caddy, whose limits zone is in Redis, with the same limits in
+// process (the "limits on" listener of the first Caddy), from the same
+// rounds of the login-rate table. failed is true when the second Caddy
+// did not keep its zone in Redis throughout: a Redis call failed (and was
+// decided in its own memory), or Redis holds no key of the zone.
+func (b *bench) redisReport(p func(string, ...any), local, red *loginAgg) (failed bool) {
+	res := b.res.redis
+	p("## Plain logins with limits in Redis")
+	p("")
+	p("The limits block above in a zone named `%s` that lives in Redis: a second Caddy process with one plain listener (the same pop3 handler and limits, to the same Dovecot) and the `pop3` app's `redis` block, to a redis-server that pop3bench runs on loopback (internal/redistest: no persistence). Every zone of a Caddy with that block is in Redis, so the same limits in process are the `%s` listener of the first Caddy, which has no `pop3` app, and only the two processes' rows are compared here. Its runs are the `%s` row of the login-rate table, each right beside a run of `%s` in the same round (after it in even rounds, before it in odd ones; that one runs beside limits off in turn). Redis / in process is the ratio of the two. Proxy CPU is Caddy's alone; redis-server's is its own row (utime+stime from /proc), and machine CPU counts both; Redis commands per session are redis-server's `total_commands_processed` during the runs (INFO), which counts the commands that Lua scripts run as well as those that Caddy sends; script runs are the calls of EVALSHA and EVAL (`cmdstat_evalsha`, `cmdstat_eval`), each one call from Caddy that runs several commands at once.", redisZone, nameCaddyLimits, nameCaddyRedis, nameCaddyLimits)
+	p("")
+	row := b.compareTable(p, "in process", "Redis", "Redis / in process", local, red)
+	p("| redis-server CPU ms per session | | %s | |", f2(red.storeCPUPerSession()))
+	row("proxy + redis-server CPU ms per session", f2, local.cpuPerSession(), red.cpuPerSession()+red.storeCPUPerSession())
+	row("machine CPU ms per session", f2, local.machinePerSession(), red.machinePerSession())
+	p("| Redis commands per session (those its Lua scripts run included) | | %s | |", f1(red.storePerSession(red.store.commands)))
+	p("| Lua script runs per session (EVALSHA, EVAL) | | %s | |", f1(red.storePerSession(red.store.scripts)))
+	p("| errors | %d | %d | |", local.errors, red.errors)
+	p("| failed Redis calls (`%s`) | | %.0f | |", storeErrorsMetric, res.storeErrors)
+	p("| keys of the zone in Redis after the runs | | %d | |", res.zoneKeys)
+	p("")
+	p("```")
+	p("pop3 {")
+	p("\tredis %s", b.redis.server.Addr)
+	p("}")
+	for _, l := range redisLimitsBlock() {
+		p("%s", l)
+	}
+	p("```")
+	p("")
+	if res.storeErrors != 0 || res.zoneKeys == 0 || red.store.commands == 0 {
+		p("**The zone did not stay in Redis throughout** (failed calls were decided in the second Caddy's own memory): these figures are not Redis's.")
+		p("")
+		return true
+	}
+	return false
 }
 
 func onOff(b bool) string {

@@ -296,6 +296,23 @@ var limitsBlock = []string{
 	"}",
 }
 
+// pop3Handler is a pop3 handler in a layer4 route of a global layer4
+// block, with its options extra: to upstream, or asking the auth_http
+// stand-in at authURL when that is set.
+func pop3Handler(upstream, authURL string, extra ...string) string {
+	var b strings.Builder
+	if authURL != "" {
+		b.WriteString("pop3 {\n\t\t\t\t\tauth_http " + authURL + "\n")
+	} else {
+		b.WriteString("pop3 " + upstream + " {\n")
+	}
+	for _, e := range extra {
+		b.WriteString("\t\t\t\t\t" + e + "\n")
+	}
+	b.WriteString("\t\t\t\t}")
+	return b.String()
+}
+
 // caddyfile writes the configuration: a plain listener (starttls off), an
 // STLS listener (starttls only) and an implicit TLS listener (pop3 with
 // implicit_tls), all to Dovecot's plain port, or through the auth_http
@@ -305,32 +322,12 @@ var limitsBlock = []string{
 // a passwd_file and logs in to Dovecot's plain port as the master user,
 // without and with auth_cache.
 func (p *caddyProxy) caddyfile(upstream, authURL, logLevel string) string {
-	pop3 := func(extra ...string) string {
-		var b strings.Builder
-		if authURL != "" {
-			b.WriteString("pop3 {\n\t\t\t\t\tauth_http " + authURL + "\n")
-		} else {
-			b.WriteString("pop3 " + upstream + " {\n")
-		}
-		for _, e := range extra {
-			b.WriteString("\t\t\t\t\t" + e + "\n")
-		}
-		b.WriteString("\t\t\t\t}")
-		return b.String()
-	}
+	pop3 := func(extra ...string) string { return pop3Handler(upstream, authURL, extra...) }
 	policy := []string{"connection_policy {", "\talpn pop3", "\tdefault_sni localhost", "}"}
 	passwd := ""
 	if pw := p.passwd; pw != nil {
 		auth := []string{"starttls off", "passwd_file " + pw.file, "master_login " + pw.masterUser + " " + pw.masterPw}
-		static := func(extra ...string) string {
-			var b strings.Builder
-			b.WriteString("pop3 " + upstream + " {\n")
-			for _, e := range extra {
-				b.WriteString("\t\t\t\t\t" + e + "\n")
-			}
-			b.WriteString("\t\t\t\t}")
-			return b.String()
-		}
+		static := func(extra ...string) string { return pop3Handler(upstream, "", extra...) }
 		passwd = fmt.Sprintf(`		# plain, users checked at the proxy (passwd_file, bcrypt), master login upstream
 		%s {
 			route {
@@ -429,6 +426,9 @@ func (p *caddyProxy) start() error {
 		p.stop()
 		return err
 	}
+	if p.addrs[modeTLS] == "" { // a Caddy with plain listeners only
+		return nil
+	}
 	// The internal CA writes its root at start; the certificate for
 	// localhost follows in the background: wait for a TLS handshake.
 	deadline := time.Now().Add(60 * time.Second)
@@ -518,7 +518,8 @@ func (p *caddyProxy) goroutines() (int, error) {
 // collector's go_memstats_stack_inuse_bytes on the admin endpoint's /metrics.
 func (p *caddyProxy) goStack() (float64, error) { return p.goMetric("go_memstats_stack_inuse_bytes") }
 
-// goMetric reads one unlabelled sample of the Go collector from /metrics.
+// goMetric reads one unlabelled sample (of the Go collector, or a counter
+// without labels) from /metrics.
 func (p *caddyProxy) goMetric(name string) (float64, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()

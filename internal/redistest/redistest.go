@@ -116,6 +116,17 @@ func (s *Server) Pause() error { return s.signal(syscall.SIGSTOP) }
 // Continue resumes a paused server.
 func (s *Server) Continue() error { return s.signal(syscall.SIGCONT) }
 
+// Pid is the running redis-server's process id (0 when it is not
+// running), e.g. to read its CPU time from /proc.
+func (s *Server) Pid() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.running() {
+		return 0
+	}
+	return s.cmd.Process.Pid
+}
+
 // Log returns what redis-server wrote so far.
 func (s *Server) Log() string {
 	b, _ := os.ReadFile(s.LogFile)

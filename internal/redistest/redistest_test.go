@@ -8,6 +8,9 @@ func TestStopPauseRestart(t *testing.T) {
 	if err := ping(s.Addr); err != nil {
 		t.Fatalf("PING after Start: %v", err)
 	}
+	if s.Pid() <= 0 {
+		t.Fatalf("Pid of a running server: %d", s.Pid())
+	}
 	if err := s.Pause(); err != nil {
 		t.Fatal(err)
 	}
@@ -29,6 +32,9 @@ func TestStopPauseRestart(t *testing.T) {
 	}
 	if err := ping(addr); err == nil {
 		t.Fatal("a stopped server answered PING")
+	}
+	if pid := s.Pid(); pid != 0 {
+		t.Fatalf("Pid of a stopped server: %d", pid)
 	}
 	if err := s.Restart(); err != nil {
 		t.Fatal(err)
