@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"net/netip"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -19,8 +20,9 @@ func init() {
 	caddy.RegisterModule(adminAPI{})
 }
 
-// sessionView is what the admin API shows of a session, like doveadm who.
-type sessionView struct {
+// sessionInfo is what the admin API shows of a session in this process's
+// list and in the cluster's.
+type sessionInfo struct {
 	ID   string `json:"id"`
 	User string `json:"user,omitempty"`
 	// UpstreamUser is whose mailbox the session acts as, when that is not
@@ -31,20 +33,41 @@ type sessionView struct {
 	State        string    `json:"state"`
 	TLS          bool      `json:"tls"`
 	Start        time.Time `json:"start"`
-	FromClient   int64     `json:"bytes_from_client"`
-	ToClient     int64     `json:"bytes_to_client"`
+}
+
+// sessionView is what the admin API shows of a session of this process,
+// like doveadm who.
+type sessionView struct {
+	sessionInfo
+	FromClient int64 `json:"bytes_from_client"`
+	ToClient   int64 `json:"bytes_to_client"`
+}
+
+// info is what the admin API shows of s, without the socket's byte
+// counts that view asks the kernel for.
+func (s *session) info() sessionInfo {
+	s.shared.mu.Lock()
+	defer s.shared.mu.Unlock()
+	return s.infoLocked()
+}
+
+// infoLocked is info with s.shared.mu held.
+func (s *session) infoLocked() sessionInfo {
+	i := sessionInfo{
+		ID: s.id, User: s.shared.user, UpstreamUser: s.shared.upstreamUser, Remote: s.remote,
+		Upstream: s.shared.upstream, State: "authorization", TLS: s.shared.tls, Start: s.start,
+	}
+	if s.shared.relaying {
+		i.State = "relay"
+	}
+	return i
 }
 
 func (s *session) view() sessionView {
 	s.shared.mu.Lock()
 	defer s.shared.mu.Unlock()
-	v := sessionView{
-		ID: s.id, User: s.shared.user, Remote: s.remote, Upstream: s.shared.upstream, State: "authorization",
-		TLS: s.shared.tls, Start: s.start, FromClient: s.shared.fromClient.Load(), ToClient: s.shared.toClient.Load(),
-		UpstreamUser: s.shared.upstreamUser,
-	}
+	v := sessionView{sessionInfo: s.infoLocked(), FromClient: s.shared.fromClient.Load(), ToClient: s.shared.toClient.Load()}
 	if s.shared.relaying {
-		v.State = "relay"
 		// The relay's own counts grow in chunks; the kernel's are live (on
 		// the wire, so TLS records count whole).
 		if in, out, ok := sockopt.WireBytes(s.raw); ok && s.shared.wireOK {
@@ -52,6 +75,39 @@ func (s *session) view() sessionView {
 		}
 	}
 	return v
+}
+
+// kickReason is what the client of a session closed through the admin
+// API reads before login.
+const kickReason = "Session closed by the administrator"
+
+// sessionFilter is the admin API's id, user and remote: a session matches
+// when it matches every one given.
+type sessionFilter struct {
+	ID     string `json:"id,omitempty"`
+	User   string `json:"user,omitempty"`   // the login or the upstream user
+	Remote string `json:"remote,omitempty"` // the client's IP, or IP and port
+}
+
+func (f sessionFilter) empty() bool { return f.ID == "" && f.User == "" && f.Remote == "" }
+
+// matches: user matches the login name or the mailbox acted as, since
+// kicking a mailbox's sessions must reach those that logged in for it.
+func (f sessionFilter) matches(i sessionInfo) bool {
+	host, _, _ := net.SplitHostPort(i.Remote)
+	return (f.ID == "" || i.ID == f.ID) &&
+		(f.User == "" || i.User == f.User || i.UpstreamUser == f.User) &&
+		(f.Remote == "" || host == f.Remote || i.Remote == f.Remote)
+}
+
+// kickLocal kicks this process's sessions that match f and returns how
+// many.
+func kickLocal(proc *processState, f sessionFilter) int {
+	kicked := proc.sessions.matching(func(s *session) bool { return f.matches(s.info()) })
+	for _, s := range kicked {
+		s.kick(kickReason)
+	}
+	return len(kicked)
 }
 
 // adminAPI serves /pop3/sessions on Caddy's admin endpoint: GET lists the
@@ -87,37 +143,64 @@ func (a adminAPI) process() *processState {
 func (a adminAPI) handleSessions(w http.ResponseWriter, r *http.Request) error {
 	proc := a.process()
 	q := r.URL.Query()
-	id, user, remote := q.Get("id"), q.Get("user"), q.Get("remote")
+	f := sessionFilter{ID: q.Get("id"), User: q.Get("user"), Remote: q.Get("remote")}
+	if r.Method != http.MethodGet && r.Method != http.MethodDelete {
+		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method %s not allowed", r.Method)}
+	}
+	if r.Method == http.MethodDelete && f.empty() {
+		return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: fmt.Errorf("name the sessions to close with id, user or remote")}
+	}
+	if q.Has("cluster") {
+		cluster, err := strconv.ParseBool(q.Get("cluster"))
+		if err != nil {
+			return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: fmt.Errorf("cluster: want 1 or 0, got %q", q.Get("cluster"))}
+		}
+		if cluster {
+			return a.handleClusterSessions(w, r, f)
+		}
+	}
+	w.Header().Set("Content-Type", "application/json")
+	if r.Method == http.MethodDelete {
+		return json.NewEncoder(w).Encode(map[string]int{"closed": kickLocal(proc, f)})
+	}
 	views := []sessionView{}
-	filter := func(s *session) bool {
-		v := s.view()
-		host, _, _ := net.SplitHostPort(v.Remote)
-		// user matches the login name or the mailbox acted as: kicking a
-		// mailbox's sessions must reach those that logged in for it.
-		if (id == "" || v.ID == id) && (user == "" || v.User == user || v.UpstreamUser == user) && (remote == "" || host == remote || v.Remote == remote) {
+	proc.sessions.matching(func(s *session) bool {
+		if v := s.view(); f.matches(v.sessionInfo) {
 			views = append(views, v)
-			return true
 		}
 		return false
+	})
+	sort.Slice(views, func(i, j int) bool { return views[i].Start.Before(views[j].Start) })
+	return json.NewEncoder(w).Encode(views)
+}
+
+// handleClusterSessions serves /pop3/sessions?cluster=1: the sessions of
+// every instance that shares the pop3 app's Redis. Without a redis block
+// (or without a pop3 app) the process is the whole cluster and the answer
+// is its own sessions, with the instance's name, so that a script works
+// the same against one proxy or several.
+func (a adminAPI) handleClusterSessions(w http.ResponseWriter, r *http.Request, f sessionFilter) error {
+	proc := a.process()
+	app := proc.cluster.Load()
+	if app == nil {
+		app = &App{Instance: hostname, proc: proc}
 	}
-	switch r.Method {
-	case http.MethodGet:
-		proc.sessions.matching(filter)
-		sort.Slice(views, func(i, j int) bool { return views[i].Start.Before(views[j].Start) })
-		w.Header().Set("Content-Type", "application/json")
-		return json.NewEncoder(w).Encode(views)
-	case http.MethodDelete:
-		if id == "" && user == "" && remote == "" {
-			return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: fmt.Errorf("name the sessions to close with id, user or remote")}
+	w.Header().Set("Content-Type", "application/json")
+	if r.Method == http.MethodDelete {
+		n, err := app.kickCluster(r.Context(), f)
+		if err != nil {
+			return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: fmt.Errorf("closing the cluster's sessions: %w; none was closed (without cluster=1 this instance's close)", err)}
 		}
-		kicked := proc.sessions.matching(filter)
-		for _, s := range kicked {
-			s.kick("Session closed by the administrator")
-		}
-		w.Header().Set("Content-Type", "application/json")
-		return json.NewEncoder(w).Encode(map[string]int{"closed": len(kicked)})
+		return json.NewEncoder(w).Encode(map[string]int{"closed": n})
 	}
-	return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method %s not allowed", r.Method)}
+	list, err := app.clusterSessions(r.Context(), f)
+	if err != nil {
+		return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: fmt.Errorf("listing the cluster's sessions: %w (without cluster=1 this instance's are listed)", err)}
+	}
+	if list == nil {
+		list = []clusterSession{}
+	}
+	return json.NewEncoder(w).Encode(list)
 }
 
 // blockView is what the admin API shows of a block of the limits option.

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net/netip"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/caddy-pop3/caddy-pop3/internal/limits"
@@ -62,8 +63,15 @@ type App struct {
 	breaker  *storeBreaker         // when Redis last failed
 	redisKey string                // the client's key in redisClients
 	logger   *zap.Logger
-	stop     chan struct{} // ends the lease renewal
+	stop     context.CancelFunc // ends the loops Start started
+	wg       sync.WaitGroup     // the loops
 	proc     *processState
+
+	// The session registry (clustersessions.go): how often changes are
+	// written and how long an instance's sessions outlive its last write.
+	sessionSync, sessionTTL time.Duration
+	pubsub                  *redis.PubSub // other instances' kicks
+	sessionsWarned          onceAMinute
 }
 
 // RedisConfig says how to reach Redis. Several addresses make a Redis
@@ -112,6 +120,12 @@ func (a *App) Provision(ctx caddy.Context) error {
 		}
 		if r.Timeout == 0 {
 			r.Timeout = caddy.Duration(defaultRedisTimeout)
+		}
+		if a.sessionSync == 0 {
+			a.sessionSync = defaultSessionSync
+		}
+		if a.sessionTTL == 0 {
+			a.sessionTTL = defaultSessionTTL
 		}
 	}
 	if err := a.Validate(); err != nil {
@@ -163,21 +177,34 @@ func (a *App) Validate() error {
 	return nil
 }
 
-// Start implements caddy.App: with Redis, it renews the leases of the
-// session slots this instance's sessions hold.
+// Start implements caddy.App: the app becomes the process's running one
+// (the admin API's cluster view). With Redis, it renews the leases of the
+// session slots this instance's sessions hold, registers the sessions and
+// subscribes to other instances' kicks.
 func (a *App) Start() error {
+	a.proc.cluster.Store(a)
 	if a.client != nil {
-		a.stop = make(chan struct{})
-		go a.renewLeases(a.stop)
+		ctx, cancel := context.WithCancel(context.Background())
+		a.stop = cancel
+		a.wg.Add(1)
+		go func() {
+			defer a.wg.Done()
+			a.renewLeases(ctx.Done())
+		}()
+		a.startSessions(ctx)
 	}
 	return nil
 }
 
-// Stop implements caddy.App.
+// Stop implements caddy.App. A reload starts the new config's app before
+// it stops the old one, which then leaves the sessions to its successor.
 func (a *App) Stop() error {
+	a.proc.cluster.CompareAndSwap(a, nil)
 	if a.stop != nil {
-		close(a.stop)
+		a.stop()
 		a.stop = nil
+		a.wg.Wait() // no write of the loop may follow stopSessions' removal
+		a.stopSessions(a.proc.cluster.Load())
 	}
 	return nil
 }
@@ -185,7 +212,7 @@ func (a *App) Stop() error {
 // renewLeases renews every sharedLease/3 the slots the process's sessions
 // hold in shared zones, so that they outlive the lease only while this
 // instance lives.
-func (a *App) renewLeases(stop chan struct{}) {
+func (a *App) renewLeases(stop <-chan struct{}) {
 	t := time.NewTicker(sharedLease / 3)
 	defer t.Stop()
 	for {

@@ -32,7 +32,7 @@ func TestAppCaddyfile(t *testing.T) {
 	if err := a.UnmarshalCaddyfile(d); err != nil {
 		t.Fatal(err)
 	}
-	got, _ := json.Marshal(a)
+	got, _ := json.Marshal(&a)
 	want := `{"redis":{"addresses":["10.0.0.1:26379","10.0.0.2:26379"],"username":"proxy","password":"{env.REDIS_PASSWORD}","db":2,"tls":{"server_name":"redis.internal"},"sentinel":"mymaster","key_prefix":"site1:","timeout":150000000},"on_store_failure":"closed","instance":"pop3-a","shared_key":"{env.POP3_SHARED_KEY}"}`
 	if string(got) != want {
 		t.Fatalf("app:\n got %s\nwant %s", got, want)

@@ -254,6 +254,7 @@ func (s *session) loginDone(req loginRequest, up *upstreamClient, actingAs, text
 	}
 	s.shared.wireIn, s.shared.wireOut, s.shared.wireOK = sockopt.WireBytes(s.raw)
 	s.shared.mu.Unlock()
+	s.h.proc.sessions.changed(s)
 	s.loginTook = now().Sub(started)
 	s.h.proc.metrics.login(req.method, "ok", s.loginTook.Seconds())
 	s.h.emit("pop3_login", func() map[string]any {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"net"
 	"net/netip"
+	"sync/atomic"
 
 	"github.com/caddyserver/caddy/v2"
 )
@@ -24,6 +25,11 @@ type processState struct {
 	metrics   *pop3Metrics
 	events    *eventQueue
 	zones     *zones // the limits option's state by zone name
+	// cluster is the running config's pop3 app, which shares the sessions
+	// with other instances; nil: none. token tells this process's kick
+	// messages from other instances'.
+	cluster atomic.Pointer[App]
+	token   string
 	// lookupHost resolves configured upstream host names for auth_http's
 	// named upstreams.
 	lookupHost func(ctx context.Context, network, host string) ([]netip.Addr, error)
@@ -39,6 +45,7 @@ func newProcessState() *processState {
 		metrics:    newPOP3Metrics(),
 		events:     newEventQueue(),
 		zones:      new(zones),
+		token:      newSessionID(),
 		lookupHost: net.DefaultResolver.LookupNetIP,
 	}
 }

@@ -464,18 +464,63 @@ func (s *session) logEnd() {
 type sessionRegistry struct {
 	mu sync.Mutex
 	m  map[string]*session
+	// dirty holds, while the pop3 app registers the sessions in Redis, the
+	// sessions that started or changed (nil: ended) since its last look:
+	// the login only notes that here, and the app's loop writes them.
+	dirty map[string]*session // nil: not tracking
 }
 
 func (r *sessionRegistry) add(s *session) {
 	r.mu.Lock()
 	r.m[s.id] = s
+	if r.dirty != nil {
+		r.dirty[s.id] = s
+	}
 	r.mu.Unlock()
 }
 
 func (r *sessionRegistry) remove(s *session) {
 	r.mu.Lock()
 	delete(r.m, s.id)
+	if r.dirty != nil {
+		r.dirty[s.id] = nil
+	}
 	r.mu.Unlock()
+}
+
+// changed notes that what the cluster's session list shows of s (user,
+// upstream, state, TLS) changed.
+func (r *sessionRegistry) changed(s *session) {
+	r.mu.Lock()
+	if r.dirty != nil && r.m[s.id] == s {
+		r.dirty[s.id] = s
+	}
+	r.mu.Unlock()
+}
+
+// track starts (on) or stops noting changes for takeChanges.
+func (r *sessionRegistry) track(on bool) {
+	r.mu.Lock()
+	switch {
+	case on && r.dirty == nil:
+		r.dirty = make(map[string]*session)
+	case !on:
+		r.dirty = nil
+	}
+	r.mu.Unlock()
+}
+
+// takeChanges returns the sessions noted since the last call, by id (nil:
+// ended), and starts a new set.
+func (r *sessionRegistry) takeChanges() map[string]*session {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.dirty) == 0 {
+		return nil
+	}
+	d := r.dirty
+	r.dirty = make(map[string]*session)
+	return d
 }
 
 // matching returns the sessions for which keep is true. keep runs after

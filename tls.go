@@ -123,6 +123,7 @@ func (s *session) handshakeTLS() (*tls.ConnectionState, error) {
 	s.shared.mu.Lock()
 	s.shared.tls = true
 	s.shared.mu.Unlock()
+	s.h.proc.sessions.changed(s)
 	s.cx = s.cx.Wrap(tc)
 	s.releaseBuffers()
 	s.r = s.newReader()
