@@ -78,7 +78,8 @@ type clusterInstance struct {
 // TestCluster runs the cluster and, in order: one certificate for all
 // three, a brute force spread over them blocked at the cluster-wide
 // threshold, sessions_per_user across instances, user_hash from every
-// instance, Redis killed and restarted under a login load, and one
+// instance, the cluster's sessions listed and closed from one instance's
+// admin API, Redis killed and restarted under a login load, and one
 // instance killed under load.
 func TestCluster(t *testing.T) {
 	need(t)
@@ -93,6 +94,7 @@ func TestCluster(t *testing.T) {
 	})
 	t.Run("SessionsPerUserAcrossInstances", cl.testSessionsPerUser)
 	t.Run("UserHashSameUpstreamFromEveryInstance", cl.testUserHash)
+	t.Run("SessionsListedAndClosedAcrossInstances", cl.testClusterSessions) // before c is killed
 	t.Run("RedisKilledAndRestartedUnderLoad", cl.testRedisOutage)
 	t.Run("InstanceKilledUnderLoad", cl.testInstanceKilled)
 	t.Logf("TestCluster took %v", time.Since(start).Round(time.Millisecond))
@@ -102,6 +104,9 @@ func TestCluster(t *testing.T) {
 
 func clusterUsers() []string {
 	names := []string{"cl-bf-1", "cl-bf-2", "cl-other", "cl-spu"}
+	for _, name := range clusterInstances {
+		names = append(names, "cl-adm-"+name)
+	}
 	for i := range 16 {
 		names = append(names, fmt.Sprintf("cl-hash-%02d", i))
 	}
@@ -830,6 +835,222 @@ func (cl *cluster) testUserHash(t *testing.T) {
 	t.Logf("mailboxes per upstream: %v", perUpstream)
 	if len(perUpstream) != len(cl.ups) {
 		t.Errorf("16 mailboxes went to upstreams %v, want both of %v", perUpstream, cl.ups)
+	}
+}
+
+// --- the cluster's sessions in the admin API ---------------------------------------
+
+// clusterListed is one entry of GET /pop3/sessions?cluster=1: a session's
+// fields without byte counts, and its instance.
+type clusterListed struct {
+	ID           string    `json:"id"`
+	User         string    `json:"user"`
+	UpstreamUser string    `json:"upstream_user"`
+	Remote       string    `json:"remote"`
+	Upstream     string    `json:"upstream"`
+	State        string    `json:"state"`
+	TLS          bool      `json:"tls"`
+	Start        time.Time `json:"start"`
+	Instance     string    `json:"instance"`
+}
+
+// clusterSessions lists the cluster's sessions through the instance's
+// admin API, GET /pop3/sessions?cluster=1, with filters ("&id=...", or ""
+// for all).
+func (ci *clusterInstance) clusterSessions(t *testing.T, filters string) []clusterListed {
+	t.Helper()
+	return getList[clusterListed](t, ci.adminCaddy, "/pop3/sessions?cluster=1"+filters)
+}
+
+// clusterHeld is a session held open through HAProxy, with the id that its
+// instance's own list gives it.
+type clusterHeld struct {
+	*clSession
+	id    string
+	user  string // "" before login
+	state string // "relay" after login, else "authorization"
+}
+
+func (h clusterHeld) String() string {
+	return fmt.Sprintf("%s session %s (%s, instance %s)", h.state, h.id, h.local(), h.instance)
+}
+
+// testClusterSessions holds, through HAProxy, a logged-in session and one
+// before login on each instance, and works on them through instance a's
+// admin API only: ?cluster=1 lists all six with their instance (c's as c
+// last wrote them to Redis), the list without it a's own only; DELETE
+// ?cluster=1&id= closes each of c's two on c, through Redis pub/sub, as a
+// kick on c would (a close after login, the administrator's -ERR before),
+// after which no instance lists them, while a's and b's work on.
+func (cl *cluster) testClusterSessions(t *testing.T) {
+	const owner, asker = "c", "a"
+	var held []clusterHeld
+	have := map[string]int{} // instance → sessions held there (logged in first)
+	for i := 0; i < 4*len(clusterInstances) && len(held) < 2*len(clusterInstances); i++ {
+		s := cl.dial(t, "")
+		h := clusterHeld{clSession: s, state: "authorization"}
+		switch have[s.instance] {
+		case 0:
+			h.user, h.state = "cl-adm-"+s.instance, "relay"
+			reply, _, err := s.login(h.user, poolPass)
+			if err != nil || !strings.HasPrefix(reply, "+OK") {
+				t.Fatalf("login of %s on instance %s: %q %v", h.user, s.instance, reply, err)
+			}
+		case 1: // stays before login
+		default:
+			mustQuit(t, s)
+			continue
+		}
+		have[s.instance]++
+		local := s.local()
+		for _, a := range cl.inst[s.instance].sessions(t, "") {
+			if a.Remote == local {
+				h.id = a.ID
+			}
+		}
+		if h.id == "" {
+			t.Fatalf("instance %s does not list its session from %s", s.instance, local)
+		}
+		held = append(held, h)
+	}
+	if len(held) != 2*len(clusterInstances) {
+		t.Fatalf("sessions through HAProxy by instance: %v, want two on each of %v", have, clusterInstances)
+	}
+	var ownerLogged, ownerPre clusterHeld
+	var others []clusterHeld // on a and b
+	for _, h := range held {
+		switch {
+		case h.instance != owner:
+			others = append(others, h)
+		case h.user != "":
+			ownerLogged = h
+		default:
+			ownerPre = h
+		}
+	}
+	t.Logf("held: %v", held)
+
+	// listedAs finds h in list; it must be listed as its instance has it.
+	listedAs := func(list []clusterListed, h clusterHeld) (bool, error) {
+		for _, l := range list {
+			if l.ID != h.id {
+				continue
+			}
+			if l.Instance != h.instance || l.Remote != h.local() || l.User != h.user || l.State != h.state {
+				return true, fmt.Errorf("%v listed as %+v", h, l)
+			}
+			return true, nil
+		}
+		return false, nil
+	}
+	// The registry is written about once a second: within ~3s instance a
+	// lists every held session with its instance.
+	start := time.Now()
+	for {
+		list := cl.inst[asker].clusterSessions(t, "")
+		var missing []clusterHeld
+		for _, h := range held {
+			found, err := listedAs(list, h)
+			if err != nil {
+				t.Fatalf("instance %s, GET ?cluster=1: %v", asker, err)
+			}
+			if !found {
+				missing = append(missing, h)
+			}
+		}
+		if len(missing) == 0 {
+			break
+		}
+		if time.Since(start) > 3*time.Second {
+			t.Fatalf("instance %s, GET ?cluster=1 after %v does not list %v; it lists %+v", asker, time.Since(start).Round(time.Millisecond), missing, list)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Logf("instance %s listed the sessions of all instances %v after they opened", asker, time.Since(start).Round(time.Millisecond))
+	// Without cluster=1: a's own only.
+	own := cl.inst[asker].sessions(t, "")
+	for _, h := range held {
+		listed := slices.ContainsFunc(own, func(a adminSession) bool { return a.ID == h.id })
+		if listed != (h.instance == asker) {
+			t.Errorf("instance %s, GET without cluster=1: listed %v for %v", asker, listed, h)
+		}
+	}
+	// The filter of ?cluster=1 by id.
+	if got := cl.inst[asker].clusterSessions(t, "&id="+ownerLogged.id); len(got) != 1 || got[0].Instance != owner {
+		t.Errorf("instance %s, GET ?cluster=1&id=%s: %+v, want %v", asker, ownerLogged.id, got, ownerLogged)
+	}
+
+	// closed kicks h from instance a and expects the end that connection
+	// sees: after the -ERR line want, if any, a clean close with nothing
+	// else.
+	closed := func(h clusterHeld, want string) {
+		t.Helper()
+		kicked := time.Now()
+		if n := cl.inst[asker].kick(t, "cluster=1&id="+h.id); n != 1 {
+			t.Errorf("instance %s, DELETE ?cluster=1&id=%s (%v): closed %d, want 1", asker, h.id, h, n)
+		}
+		_ = h.conn.SetDeadline(time.Now().Add(5 * time.Second))
+		if want != "" {
+			if l, err := h.line(); l != want {
+				t.Errorf("%v after the DELETE: %q %v, want %q", h, l, err, want)
+			}
+		}
+		rest, err := io.ReadAll(h.r)
+		if ne, ok := err.(net.Error); ok && ne.Timeout() {
+			t.Fatalf("%v: still open 5s after the DELETE on instance %s (read %q)", h, asker, rest)
+		}
+		if len(rest) > 0 || err != nil {
+			t.Errorf("%v: %q then %v before the close, want nothing and a clean close", h, rest, err)
+		}
+		t.Logf("%v closed %v after the DELETE on instance %s", h, time.Since(kicked).Round(time.Millisecond), asker)
+	}
+	closed(ownerLogged, "")
+	// The other session of c is not closed by that DELETE.
+	if !slices.ContainsFunc(cl.inst[owner].sessions(t, ""), func(a adminSession) bool { return a.ID == ownerPre.id }) {
+		t.Errorf("instance %s no longer lists %v after the DELETE of another session", owner, ownerPre)
+	}
+	closed(ownerPre, "-ERR [SYS/TEMP] Session closed by the administrator (session "+ownerPre.id+")")
+
+	// No instance lists c's two any more (within ~3s: the registry), and
+	// each lists a's and b's.
+	start = time.Now()
+	for _, name := range clusterInstances {
+		for {
+			list := cl.inst[name].clusterSessions(t, "")
+			var wrong []string
+			for _, h := range held {
+				found, err := listedAs(list, h)
+				switch {
+				case err != nil:
+					t.Fatalf("instance %s, GET ?cluster=1: %v", name, err)
+				case found && h.instance == owner:
+					wrong = append(wrong, "still lists closed "+h.String())
+				case !found && h.instance != owner:
+					wrong = append(wrong, "does not list "+h.String())
+				}
+			}
+			if len(wrong) == 0 {
+				break
+			}
+			if time.Since(start) > 3*time.Second {
+				t.Fatalf("instance %s, GET ?cluster=1 %v after the DELETEs: %v", name, time.Since(start).Round(time.Millisecond), wrong)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	t.Logf("the closed sessions left every instance's list within %v", time.Since(start).Round(time.Millisecond))
+
+	// a's and b's sessions work on.
+	for _, h := range others {
+		cmd := "STAT"
+		if h.user == "" {
+			cmd = "USER cl-adm-" + h.instance
+		}
+		if l, err := h.cmd(cmd); err != nil || !strings.HasPrefix(l, "+OK") {
+			t.Errorf("%v after the DELETEs on instance %s: %s: %q %v", h, asker, cmd, l, err)
+			continue
+		}
+		mustQuit(t, h.clSession)
 	}
 }
 

@@ -119,13 +119,20 @@ func (a *adminCaddy) sessions(t *testing.T, query string) []adminSession {
 	if query != "" {
 		path += "?" + query
 	}
+	return getList[adminSession](t, a, path)
+}
+
+// getList sends GET path, which must answer 200 with a JSON list of T
+// whose entries hold no field that T lacks.
+func getList[T any](t *testing.T, a *adminCaddy, path string) []T {
+	t.Helper()
 	code, b := a.do(t, http.MethodGet, path, "", nil)
 	if code != http.StatusOK {
 		t.Fatalf("GET %s: %d %s", path, code, b)
 	}
 	dec := json.NewDecoder(bytes.NewReader(b))
 	dec.DisallowUnknownFields()
-	var out []adminSession
+	var out []T
 	if err := dec.Decode(&out); err != nil {
 		t.Fatalf("GET %s: %v\n%s", path, err, b)
 	}
