@@ -274,7 +274,7 @@ func (cl *cluster) probeInstance(ci *clusterInstance, name string) error {
 	}
 	defer conn.Close()
 	_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
-	s := &clSession{conn: conn, r: bufio.NewReader(conn)}
+	s := &clSession{rawSession: rawSession{conn: conn, r: bufio.NewReader(conn)}}
 	if _, err := io.WriteString(conn, "PROXY UNKNOWN\r\n"); err != nil { // a LOCAL connection, like HAProxy's checks
 		return err
 	}
@@ -439,8 +439,7 @@ func (h *haproxyProc) status() (map[string]string, error) {
 // clSession is a POP3 client through the cluster that reports errors
 // instead of failing the test, for workers.
 type clSession struct {
-	conn     net.Conn
-	r        *bufio.Reader
+	rawSession
 	greeting string
 	instance string // from the greeting
 }
@@ -457,7 +456,7 @@ func clusterDial(addr, local string) (*clSession, error) {
 		return nil, err
 	}
 	_ = conn.SetDeadline(time.Now().Add(20 * time.Second))
-	s := &clSession{conn: conn, r: bufio.NewReader(conn)}
+	s := &clSession{rawSession: rawSession{conn: conn, r: bufio.NewReader(conn)}}
 	if err := s.greet(); err != nil {
 		conn.Close()
 		return nil, err
@@ -481,21 +480,6 @@ func (s *clSession) greet() error {
 
 func (s *clSession) local() string { return s.conn.LocalAddr().String() }
 
-func (s *clSession) line() (string, error) {
-	l, err := s.r.ReadString('\n')
-	if err != nil {
-		return "", fmt.Errorf("reading a line: %w (got %q)", err, l)
-	}
-	return strings.TrimSuffix(l, "\r\n"), nil
-}
-
-func (s *clSession) cmd(line string) (string, error) {
-	if _, err := io.WriteString(s.conn, line+"\r\n"); err != nil {
-		return "", err
-	}
-	return s.line()
-}
-
 // login sends USER and PASS and returns the reply to PASS and how long
 // the login took from USER on.
 func (s *clSession) login(user, pass string) (string, time.Duration, error) {
@@ -510,13 +494,7 @@ func (s *clSession) login(user, pass string) (string, time.Duration, error) {
 // quit sends QUIT, expects +OK and a clean close with nothing after it.
 func (s *clSession) quit() error {
 	defer s.conn.Close()
-	if l, err := s.cmd("QUIT"); err != nil || !strings.HasPrefix(l, "+OK") {
-		return fmt.Errorf("QUIT: %q: %v", l, err)
-	}
-	if rest, err := io.ReadAll(s.r); err != nil || len(rest) > 0 {
-		return fmt.Errorf("after QUIT: %q: %v", rest, err)
-	}
-	return nil
+	return s.rawSession.quit()
 }
 
 // stls upgrades with STLS and a verified handshake, and returns the
